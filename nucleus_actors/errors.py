@@ -1,0 +1,134 @@
+"""Every error nucleus_actors raises, in one hierarchy.
+
+```
+NucleusError
+├── InvalidRecord            (also ValueError)  bad record: type, size, kind, number range
+├── LifecycleError           wrong phase for the call (carries phase)
+│   └── LedgerFailed         escalation: restart intensity exceeded (cause = last crash)
+├── RegistryError            duplicate/unknown id, dependency cycle, bad factory, bad dynamic op
+├── ModuleError              module_id; a module failed a call (cause chained)
+│   └── RecordRejected       a before_append veto (reason)
+└── StorageError             backend failure, lock held, wrong ledger id, unknown format
+    └── IntegrityError       chain mismatch (seq of the first bad entry)
+```
+
+Catch `NucleusError` to catch everything raised on purpose by this package. Each message says
+which rule was broken and with which value; the structured fields (`module_id`, `seq`, `phase`,
+`path`, ...) carry the same facts for programs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = [
+    "IntegrityError",
+    "InvalidRecord",
+    "LedgerFailed",
+    "LifecycleError",
+    "ModuleError",
+    "NucleusError",
+    "RecordRejected",
+    "RegistryError",
+    "StorageError",
+]
+
+
+class NucleusError(Exception):
+    """Base class of every error raised on purpose by nucleus_actors."""
+
+
+class InvalidRecord(NucleusError, ValueError):
+    """A record breaks a validation rule (type, size, kind, number range).
+
+    Attributes:
+        path: JSON path of the offending value (`$` is the record itself, `$.payload.items[2]`
+            a nested value), or `None` when the rule concerns the record as a whole.
+    """
+
+    def __init__(self, message: str, *, path: str | None = None) -> None:
+        super().__init__(message if path is None else f"{message} (at {path})")
+        self.path = path
+
+
+class LifecycleError(NucleusError):
+    """A call was made in a phase that does not allow it.
+
+    Attributes:
+        phase: the phase the ledger was in (a `Phase`), or `None` when not applicable.
+    """
+
+    def __init__(self, message: str, *, phase: Any = None) -> None:
+        super().__init__(message)
+        self.phase = phase
+
+
+class LedgerFailed(LifecycleError):
+    """The supervisor escalated: restarts ran away, every module was stopped.
+
+    The ledger is `FAILED`; `__cause__` is the last crash that exceeded the restart intensity.
+    """
+
+
+class RegistryError(NucleusError):
+    """A registry rule was broken: duplicate or unknown id, cycle, bad factory, bad dynamic op.
+
+    Attributes:
+        module_id: the module id concerned, when there is one.
+    """
+
+    def __init__(self, message: str, *, module_id: str | None = None) -> None:
+        super().__init__(message)
+        self.module_id = module_id
+
+
+class ModuleError(NucleusError):
+    """A module failed a call (crashed, timed out, or is not available); cause chained.
+
+    Attributes:
+        module_id: id of the module that failed.
+    """
+
+    def __init__(self, message: str, *, module_id: str | None = None) -> None:
+        super().__init__(message)
+        self.module_id = module_id
+
+
+class RecordRejected(ModuleError):
+    """A module's `before_append` vetoed the record; nothing was stored.
+
+    Raise it from `before_append` with a reason; the runtime fills in `module_id` (and, for
+    `append_many`, `index`, the position of the vetoed record in the batch).
+
+    Attributes:
+        reason: why the module refused the record.
+        module_id: id of the module that refused (set by the runtime).
+        index: position of the refused record in an `append_many` batch, else `None`.
+    """
+
+    def __init__(self, reason: str, *, module_id: str | None = None) -> None:
+        self.reason = reason
+        self.index: int | None = None
+        super().__init__(reason, module_id=module_id)
+
+    def __str__(self) -> str:
+        where = f" (record {self.index} of the batch)" if self.index is not None else ""
+        if self.module_id is None:
+            return self.reason
+        return f"module {self.module_id!r} rejected the record{where}: {self.reason}"
+
+
+class StorageError(NucleusError):
+    """The storage backend failed, or refused to open (lock held, wrong ledger, format)."""
+
+
+class IntegrityError(StorageError):
+    """The stored chain does not verify.
+
+    Attributes:
+        seq: seq of the first entry that fails verification.
+    """
+
+    def __init__(self, message: str, *, seq: int) -> None:
+        super().__init__(message)
+        self.seq = seq

@@ -1,0 +1,53 @@
+r"""The two lifecycle vocabularies: ledger `Phase` and `ModuleState`.
+
+```
+Phase:        CREATED -> INITIALIZED -> RUNNING -> STOPPING -> STOPPED
+                   \____________\___________\________________-> FAILED
+ModuleState:  REGISTERED -> INITIALIZED -> RUNNING <-> RESTARTING
+                                              \-> STOPPING -> STOPPED      (FAILED on a crash
+                                                                            that is not restarted)
+```
+docs/lifecycle.md draws both as state diagrams.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+__all__ = ["ModuleState", "Phase"]
+
+
+class Phase(StrEnum):
+    """Phase of a ledger (`engine.state.phase`)."""
+
+    CREATED = "created"
+    """Modules may be registered; nothing runs yet."""
+    INITIALIZED = "initialized"
+    """`init_all` ran: every module's `init` succeeded."""
+    RUNNING = "running"
+    """`start_all` ran: appends are accepted, modules run and are supervised."""
+    STOPPING = "stopping"
+    """`stop_all` is draining and stopping modules; new appends fail fast."""
+    STOPPED = "stopped"
+    """Every module stopped; reads still work until the engine is closed."""
+    FAILED = "failed"
+    """Startup rolled back, or the supervisor escalated; every module was stopped."""
+
+
+class ModuleState(StrEnum):
+    """State of one module (`handle.state`)."""
+
+    REGISTERED = "registered"
+    """Registered, not initialized yet."""
+    INITIALIZED = "initialized"
+    """`init` succeeded; waiting for `start`."""
+    RUNNING = "running"
+    """`start` succeeded; receiving hooks and asks."""
+    RESTARTING = "restarting"
+    """Crashed (or part of a group restart); the supervisor is restarting it."""
+    STOPPING = "stopping"
+    """Draining its inbox and running `stop`."""
+    STOPPED = "stopped"
+    """Stopped cleanly, or cancelled after overstaying `shutdown`, or exited normally."""
+    FAILED = "failed"
+    """Crashed and will not be restarted (TEMPORARY, startup failure, escalation, stop error)."""

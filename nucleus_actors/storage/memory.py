@@ -1,0 +1,112 @@
+"""`MemoryStorage`: the default backend, keeping entries in process memory."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+
+import trio
+
+from ..errors import StorageError
+from ..hashing import decode_entry, genesis
+from ..record import Entry, Hash
+from ._base import check_range
+
+__all__ = ["MemoryStorage"]
+
+_YIELD_EVERY = 256
+
+
+class MemoryStorage:
+    """Entries in a list in memory: fast, and gone when the process ends.
+
+    Like a file, one `MemoryStorage` can be opened again by a later engine (the chain
+    continues) but by one engine at a time, and only for the ledger id it was first opened for.
+    It stores each entry's exact canonical bytes and chain hash, and decodes records on read.
+    """
+
+    def __init__(self) -> None:
+        self._ledger_id: str | None = None
+        self._is_open = False
+        self._rows: list[tuple[bytes, Hash]] = []
+        self._head: Hash | None = None
+
+    async def open(self, ledger_id: str) -> None:
+        """Claim the store for `ledger_id` (a checkpoint; nothing to undo if cancelled).
+
+        Raises:
+            StorageError: already open, or it holds another ledger.
+        """
+        await trio.lowlevel.checkpoint()
+        if self._is_open:
+            raise StorageError(
+                f"MemoryStorage of ledger {self._ledger_id!r} is already open by another engine"
+            )
+        if self._ledger_id is not None and self._ledger_id != ledger_id:
+            raise StorageError(
+                f"MemoryStorage belongs to ledger {self._ledger_id!r}, cannot open it as "
+                f"{ledger_id!r}"
+            )
+        self._ledger_id = ledger_id
+        if self._head is None:
+            self._head = genesis(ledger_id)
+        self._is_open = True
+
+    def _check_open(self, what: str) -> None:
+        if not self._is_open:
+            raise StorageError(f"cannot {what}: MemoryStorage is not open")
+
+    async def head(self) -> tuple[int, Hash]:
+        """`(length, head hash)`. A checkpoint."""
+        await trio.lowlevel.checkpoint()
+        self._check_open("read the head")
+        assert self._head is not None
+        return len(self._rows), self._head
+
+    async def append(self, entries: Sequence[Entry]) -> None:
+        """Store a batch; atomic (no checkpoint between check and store), then a checkpoint.
+
+        Raises:
+            StorageError: not open, or seqs are not contiguous with the head.
+        """
+        self._check_open("append")
+        expected = len(self._rows)
+        for offset, entry in enumerate(entries):
+            if entry.seq != expected + offset:
+                raise StorageError(
+                    f"append out of order: entry seq {entry.seq}, expected {expected + offset}"
+                )
+        if entries:
+            self._rows.extend((entry.canonical, entry.hash) for entry in entries)
+            self._head = entries[-1].hash
+        await trio.lowlevel.checkpoint()
+
+    async def read(self, start: int, stop: int | None = None) -> AsyncIterator[Entry]:
+        """Entries `start <= seq < stop` (`None`: up to the head when the read began).
+
+        Raises:
+            ValueError: bad range. StorageError: not open. IntegrityError: undecodable entry.
+        """
+        check_range(start, stop)
+        self._check_open("read")
+        end = len(self._rows) if stop is None else min(stop, len(self._rows))
+        rows = self._rows
+        for seq in range(start, end):
+            if (seq - start) % _YIELD_EVERY == 0:
+                await trio.lowlevel.checkpoint()
+            canonical, digest = rows[seq]
+            yield decode_entry(seq, canonical, digest)
+
+    async def close(self) -> None:
+        """Release the store for the next engine (idempotent, no checkpoint)."""
+        self._is_open = False
+
+    # -- test support ----------------------------------------------------------------------
+    def _tamper(
+        self, seq: int, *, canonical: bytes | None = None, hash: bytes | None = None
+    ) -> None:
+        """Overwrite a stored field (for tamper-detection tests only)."""
+        old_canonical, old_hash = self._rows[seq]
+        self._rows[seq] = (
+            old_canonical if canonical is None else canonical,
+            old_hash if hash is None else Hash(hash),
+        )
