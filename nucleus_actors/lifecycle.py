@@ -12,9 +12,12 @@ docs/lifecycle.md draws both as state diagrams.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from enum import StrEnum
 
-__all__ = ["ModuleState", "Phase"]
+from .record import Hash
+
+__all__ = ["LedgerState", "ModuleState", "Phase"]
 
 
 class Phase(StrEnum):
@@ -51,3 +54,15 @@ class ModuleState(StrEnum):
     """Stopped cleanly, or cancelled after overstaying `shutdown`, or exited normally."""
     FAILED = "failed"
     """Crashed and will not be restarted (TEMPORARY, startup failure, escalation, stop error)."""
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerState:
+    """Snapshot of a ledger: its phase, its length and its head hash."""
+
+    phase: Phase
+    """Lifecycle phase of the ledger."""
+    length: int
+    """Number of committed entries (the next seq)."""
+    head: Hash
+    """Chain hash after the last entry; the genesis hash `CHAIN_-1` when empty."""

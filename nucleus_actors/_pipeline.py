@@ -1,0 +1,298 @@
+"""The append pipeline: one task that carries batches of appends through hooks into storage.
+
+Appends that arrive while a batch is in the hooks or in storage queue up and travel together as
+the next batch: one `before_append` message per module per batch (each record still seen one at
+a time, in order), one storage transaction per batch (group commit), and the after_append
+deliveries of a batch queued to each module in one go. Commit order is the order in which
+records passed the pipeline.
+
+Invariants:
+* A request is either failed with nothing stored, or stored and then answered with receipts.
+* A request withdrawn by its cancelled caller before the storage stage is never stored.
+* After storage, every record is queued to each running module's inbox before its request is
+  answered (so an `ask` sent afterwards sees it).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import TYPE_CHECKING
+
+import trio
+
+from .errors import (
+    InvalidRecord,
+    LifecycleError,
+    ModuleError,
+    NucleusError,
+    RecordRejected,
+    StorageError,
+)
+from .hashing import chain_hash, leaf_hash
+from .lifecycle import Phase
+from .module._mailbox import Before
+from .record import Entry, Receipt, Record
+
+if TYPE_CHECKING:
+    from .engine import LedgerEngine
+    from .module._actor import Child
+
+__all__ = ["Pipeline", "Request"]
+
+_MAX_SAFE = 2**53 - 1
+
+
+class Request:
+    """One `append` (one record) or `append_many` (all-or-nothing) waiting for the pipeline."""
+
+    __slots__ = ("_event", "error", "receipts", "records", "storing", "withdrawn")
+
+    def __init__(self, records: list[Record]) -> None:
+        self.records = records
+        self.error: BaseException | None = None
+        self.receipts: list[Receipt] | None = None
+        self.storing = False  # handed to storage: no longer withdrawable
+        self.withdrawn = False  # the caller was cancelled before storage: skip it
+        self._event = trio.Event()
+
+    @property
+    def live(self) -> bool:
+        return self.error is None and not self.withdrawn
+
+    def fail(self, error: BaseException) -> None:
+        if self.error is None and self.receipts is None:
+            self.error = error
+        self._event.set()
+
+    def finish(self) -> None:
+        self._event.set()
+
+    async def wait(self) -> list[Receipt]:
+        """Wait for the outcome. Cancelled before storage: withdrawn (nothing stored)."""
+        try:
+            await self._event.wait()
+        except BaseException:
+            if not self.storing:
+                self.withdrawn = True
+            raise
+        if self.error is not None:
+            raise self.error
+        assert self.receipts is not None
+        return self.receipts
+
+
+def _copy_module_error(err: ModuleError) -> ModuleError:
+    copy = ModuleError(str(err), module_id=err.module_id)
+    copy.__cause__ = err.__cause__
+    return copy
+
+
+class Pipeline:
+    """The sequencer task and its queue."""
+
+    def __init__(self, engine: LedgerEngine) -> None:
+        self._engine = engine
+        self._queue: deque[Request] = deque()
+        self._queued_records = 0
+        self._lot = trio.lowlevel.ParkingLot()
+        self._current: list[Request] = []
+        self._idle = trio.Event()
+        self._idle.set()
+
+    def submit(self, request: Request) -> None:
+        self._queue.append(request)
+        self._queued_records += len(request.records)
+        self._idle = trio.Event() if self._idle.is_set() else self._idle
+        self._lot.unpark()
+
+    @property
+    def pending_records(self) -> int:
+        return self._queued_records + sum(len(r.records) for r in self._current)
+
+    async def wait_idle(self) -> None:
+        """Wait until every submitted request has been answered."""
+        while self._queue or self._current:
+            await self._idle.wait()
+
+    def _take(self) -> list[Request]:
+        limit = self._engine.config.max_batch
+        batch = [self._queue.popleft()]
+        size = len(batch[0].records)
+        while self._queue and size + len(self._queue[0].records) <= limit:
+            request = self._queue.popleft()
+            size += len(request.records)
+            batch.append(request)
+        self._queued_records -= size
+        return batch
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        try:
+            while True:
+                while not self._queue:
+                    self._idle.set()
+                    await self._lot.park()
+                self._current = self._take()
+                await self._process(self._current)
+                self._current = []
+                if not self._queue:
+                    self._idle.set()
+        finally:
+            # The engine is closing or failed: nothing queued will run.
+            phase = self._engine.phase
+            for request in [*self._current, *self._queue]:
+                if request.receipts is not None:
+                    request.finish()  # stored: the append succeeded
+                else:
+                    request.fail(
+                        LifecycleError(
+                            f"append withdrawn: ledger {self._engine.config.ledger_id!r} is "
+                            f"{phase.name} and its pipeline stopped",
+                            phase=phase,
+                        )
+                    )
+            self._queue.clear()
+            self._current = []
+            self._idle.set()
+
+    async def _process(self, batch: list[Request]) -> None:
+        engine = self._engine
+        registry = engine.modules
+        live = [r for r in batch if r.live]
+        for child in registry.before_children():
+            live = [r for r in live if r.live]
+            if not live:
+                break
+            await self._before(child, live)
+        live = [r for r in live if r.live]
+        phase = engine.phase
+        if phase not in (Phase.RUNNING, Phase.STOPPING):
+            for request in live:
+                request.fail(
+                    LifecycleError(
+                        f"append failed: ledger {engine.config.ledger_id!r} is {phase.name}",
+                        phase=phase,
+                    )
+                )
+            live = []
+        if live:
+            await self._commit(live)
+        for request in batch:
+            request.finish()
+
+    async def _before(self, child: Child, requests: list[Request]) -> None:
+        """Run one module's before_append over the batch, resending after a restart."""
+        counters = self._engine.modules.counters
+        pending = [(r, i) for r in requests for i in range(len(r.records))]
+        while True:
+            pending = [(r, i) for r, i in pending if r.live]
+            if not pending or child.removed:
+                return
+            msg = Before([r.records[i] for r, i in pending])
+            child.mailbox.put(msg)
+            try:
+                await msg.reply.wait()
+            except ModuleError as down:  # failed, stopped or removed: fail-closed
+                for request, _ in pending:
+                    request.fail(_copy_module_error(down))
+                return
+            for (request, index), result in zip(pending, msg.results, strict=False):
+                if isinstance(result, Record):
+                    request.records[index] = result
+                elif isinstance(result, RecordRejected):
+                    counters.rejects += 1
+                    if len(request.records) > 1:
+                        result.index = index
+                    request.fail(result)
+                else:
+                    request.fail(result)
+            # Fewer results than records: the module crashed or was stopped part-way; the
+            # rest go to its next incarnation (appends wait while it restarts).
+            pending = pending[len(msg.results) :]
+
+    def _timestamp(self) -> int:
+        engine = self._engine
+        now = engine.config.wall_clock()
+        if type(now) is not int or not 0 <= now <= _MAX_SAFE:
+            raise NucleusError(
+                f"LedgerConfig.wall_clock returned {now!r}; it must return an int of UTC "
+                "microseconds since the epoch"
+            )
+        if now < engine._last_ts:
+            now = engine._last_ts  # the wall clock stepped back: keep timestamps monotonic
+        return now
+
+    async def _commit(self, live: list[Request]) -> None:
+        engine = self._engine
+        max_bytes = engine.config.max_record_bytes
+        try:
+            ts = self._timestamp()
+        except NucleusError as exc:
+            for request in live:
+                request.fail(exc)
+            return
+        seq = engine._length
+        head = engine._head
+        entries: list[Entry] = []
+        committing: list[tuple[Request, int]] = []
+        for request in live:
+            datas: list[bytes] = []
+            for index, record in enumerate(request.records):
+                data = b'%s,"seq":%d,"ts":%d}' % (record._body, seq + len(datas), ts)
+                if len(data) > max_bytes:
+                    where = f" (record {index} of the batch)" if len(request.records) > 1 else ""
+                    request.fail(
+                        InvalidRecord(
+                            f"record is {len(data)} canonical bytes after before_append, over "
+                            f"max_record_bytes={max_bytes}{where}"
+                        )
+                    )
+                    break
+                datas.append(data)
+            else:
+                start = len(entries)
+                for record, data in zip(request.records, datas, strict=True):
+                    head = chain_hash(head, seq, leaf_hash(data))
+                    entries.append(Entry(seq, record._commit(seq, ts), head, data))
+                    seq += 1
+                committing.append((request, start))
+        if not entries:
+            return
+        for request, _ in committing:
+            request.storing = True
+        # Storage is never interrupted half-way: a batch is stored or not, and we learn which.
+        with trio.CancelScope(shield=True):
+            error = await self._store(entries)
+        if error is not None:
+            for request, _ in committing:
+                failure = StorageError(f"append failed, nothing stored: {error}")
+                failure.__cause__ = error
+                request.fail(failure)
+            return
+        engine._length = seq
+        engine._head = head
+        engine._last_ts = ts
+        engine.modules.counters.appends += len(entries)
+        for request, start in committing:
+            request.receipts = [
+                Receipt(e.seq, e.hash, ts) for e in entries[start : start + len(request.records)]
+            ]
+        items = [(e.record, e.hash) for e in entries]
+        for child in engine.modules.after_children():
+            await child.mailbox.deliver(items, child.spec.overflow)
+
+    async def _store(self, entries: list[Entry]) -> BaseException | None:
+        """Append to storage; on failure, check whether the batch landed anyway."""
+        engine = self._engine
+        storage = engine.storage
+        try:
+            await storage.append(entries)
+        except Exception as exc:
+            try:
+                length, head = await storage.head()
+            except Exception:
+                return exc
+            if length == entries[-1].seq + 1 and head == entries[-1].hash:
+                return None  # committed although the backend reported an error
+            return exc
+        return None

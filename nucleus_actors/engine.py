@@ -1,0 +1,556 @@
+"""`LedgerEngine` and `open_ledger`: a ledger, its storage, its modules and its supervisor.
+
+```python
+async with LedgerEngine(LedgerConfig(ledger_id="orders")) as engine:
+    engine.register(Audit())
+    await engine.init_all()
+    await engine.start_all()
+    receipt = await engine.append(Record("order.created", {"id": 7}))
+```
+
+The engine owns a trio nursery (opened by `async with`) in which every module actor, the append
+pipeline and the supervisor run. Leaving the block stops everything (see `__aexit__`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from contextlib import AsyncExitStack, asynccontextmanager
+from types import TracebackType
+from typing import Any, NoReturn, TypeVar, overload
+
+import trio
+from trio_util import AsyncValue
+
+from ._pipeline import Pipeline, Request
+from .config import LedgerConfig
+from .errors import IntegrityError, InvalidRecord, LedgerFailed, LifecycleError
+from .hashing import ChainVerifier, genesis
+from .lifecycle import LedgerState, Phase
+from .module._base import Module
+from .module._context import LedgerReader
+from .module._spec import ModuleSpec
+from .record import Entry, Hash, Receipt, Record
+from .registry import ModuleHandle, ModuleRegistry, Statistics
+from .storage import MemoryStorage, StorageBackend
+
+__all__ = ["LedgerEngine", "open_ledger"]
+
+M = TypeVar("M", bound=Module)
+
+
+class _ReadOnlyLedger:
+    """`ctx.ledger`: what a module may do with its ledger (read, never write)."""
+
+    __slots__ = ("_engine",)
+
+    def __init__(self, engine: LedgerEngine) -> None:
+        self._engine = engine
+
+    @property
+    def state(self) -> LedgerState:
+        return self._engine.state
+
+    async def get(self, seq: int) -> Entry:
+        return await self._engine.get(seq)
+
+    def read(self, start: int = 0, stop: int | None = None) -> AsyncIterator[Entry]:
+        return self._engine.read(start, stop)
+
+    async def verify(self) -> Hash:
+        return await self._engine.verify()
+
+
+def _is_cancellation(exc: BaseException) -> bool:
+    if isinstance(exc, BaseExceptionGroup):
+        return any(_is_cancellation(e) for e in exc.exceptions)
+    return isinstance(exc, (trio.Cancelled, KeyboardInterrupt))
+
+
+def _unwrap(group: BaseExceptionGroup[BaseException]) -> NoReturn:
+    """Raise what a nursery group carries, unwrapped when it is one error (trio >= 0.25 always
+    groups). A LedgerFailed wins; a group of several errors is raised as it is."""
+    leaves: list[BaseException] = []
+
+    def collect(e: BaseException) -> None:
+        if isinstance(e, BaseExceptionGroup):
+            for sub in e.exceptions:
+                collect(sub)
+        else:
+            leaves.append(e)
+
+    collect(group)
+    failed = [e for e in leaves if isinstance(e, LedgerFailed)]
+    errors = [e for e in leaves if not isinstance(e, trio.Cancelled)]
+    chosen = failed[0] if failed else errors[0] if len(errors) == 1 else None
+    if chosen is None and len(leaves) == 1:
+        chosen = leaves[0]
+    if chosen is None:
+        raise group
+    raise chosen from chosen.__cause__
+
+
+class LedgerEngine:
+    """One ledger: append-only chained storage, modules run as supervised actors.
+
+    Use it as an async context manager; it can be opened once. Every public coroutine documents
+    what cancellation does to it.
+    """
+
+    def __init__(self, config: LedgerConfig, storage: StorageBackend | None = None) -> None:
+        if not isinstance(config, LedgerConfig):
+            raise TypeError(f"LedgerEngine needs a LedgerConfig, got {type(config).__name__}")
+        self.config = config
+        self.storage: StorageBackend = MemoryStorage() if storage is None else storage
+        self._phase = AsyncValue(Phase.CREATED)
+        self.ledger_reader: LedgerReader = _ReadOnlyLedger(self)
+        self._registry = ModuleRegistry(self)
+        self._pipeline = Pipeline(self)
+        self._nursery: trio.Nursery | None = None
+        self._stack: AsyncExitStack | None = None
+        self._used = False
+        self._open = False
+        self._transition: str | None = None
+        self._failure: LedgerFailed | None = None
+        self._length = 0
+        self._head = genesis(config.ledger_id)
+        self._last_ts = 0
+
+    def __repr__(self) -> str:
+        return f"<LedgerEngine {self.config.ledger_id!r} {self.phase.name} length={self._length}>"
+
+    # -- state -----------------------------------------------------------------------------
+    @property
+    def phase(self) -> Phase:
+        """Current lifecycle phase."""
+        value: Phase = self._phase.value
+        return value
+
+    def set_phase(self, phase: Phase) -> None:
+        if self.phase is not Phase.FAILED or phase is Phase.FAILED:
+            self._phase.value = phase
+
+    @property
+    def state(self) -> LedgerState:
+        """Snapshot: phase, length, head hash."""
+        return LedgerState(self.phase, self._length, self._head)
+
+    @property
+    def modules(self) -> ModuleRegistry:
+        """The module registry: `get`, iteration in start order, `status()`, `counts()`."""
+        return self._registry
+
+    def statistics(self) -> Statistics:
+        """Counters: committed appends, rejects, crashes, restarts."""
+        return self._registry.statistics()
+
+    async def wait_phase(self, phase: Phase, *more: Phase) -> Phase:
+        """Wait until the ledger is in one of the given phases; return it.
+
+        Cancellation: just stops waiting.
+        """
+        wanted = {phase, *more}
+        if self.phase in wanted:
+            await trio.lowlevel.checkpoint()
+            return self.phase
+        value: Phase = await self._phase.wait_value(lambda p: p in wanted)
+        return value
+
+    @property
+    def nursery(self) -> trio.Nursery:
+        if self._nursery is None:
+            raise self._not_open("run modules")
+        return self._nursery
+
+    def escalated(self, failure: LedgerFailed) -> None:
+        """Called by the supervisor once every module is stopped: end the block."""
+        self._failure = failure
+        if self._nursery is not None:
+            self._nursery.cancel_scope.cancel()
+
+    def _not_open(self, what: str) -> LifecycleError:
+        state = "closed" if self._used and not self._open else "not open"
+        return LifecycleError(
+            f"cannot {what}: ledger {self.config.ledger_id!r} engine is {state} "
+            "(use `async with engine:`)",
+            phase=self.phase,
+        )
+
+    def _require(self, what: str, *allowed: Phase) -> None:
+        phase = self.phase
+        if phase not in allowed:
+            needs = " or ".join(p.name for p in allowed)
+            raise LifecycleError(
+                f"cannot {what}: ledger {self.config.ledger_id!r} is {phase.name} "
+                f"({what} needs {needs})",
+                phase=phase,
+            )
+
+    # -- context manager -------------------------------------------------------------------
+    async def __aenter__(self) -> LedgerEngine:
+        """Open storage and the ledger's nursery.
+
+        Raises:
+            LifecycleError: the engine was already opened once.
+            StorageError: the storage cannot be opened (lock held, other ledger, ...).
+        """
+        if self._used:
+            raise LifecycleError(
+                f"ledger {self.config.ledger_id!r} engine was already opened; an engine is "
+                "opened once (create a new LedgerEngine on the same storage to reopen)",
+                phase=self.phase,
+            )
+        self._used = True
+        stack = AsyncExitStack()
+        await stack.enter_async_context(self._lifetime())
+        self._stack = stack
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool | None:
+        """Stop every module (shielded, bounded), close storage, re-raise unwrapped.
+
+        `stop_all` runs if the ledger is still INITIALIZED or RUNNING, bounded by each
+        module's `shutdown`; when leaving by cancellation (or KeyboardInterrupt) a `shutdown`
+        of None is capped by `LedgerConfig.exit_timeout`. If the supervisor escalated, this
+        raises `LedgerFailed` (the last crash as its cause).
+        """
+        assert self._stack is not None
+        return await self._stack.__aexit__(exc_type, exc, tb)
+
+    @asynccontextmanager
+    async def _lifetime(self) -> AsyncIterator[None]:
+        storage = self.storage
+        await storage.open(self.config.ledger_id)
+        try:
+            self._length, self._head = await storage.head()
+            if self._length:
+                async for last in storage.read(self._length - 1, self._length):
+                    self._last_ts = last.timestamp
+            try:
+                async with trio.open_nursery() as nursery:
+                    self._nursery = nursery
+                    await nursery.start(self._pipeline.run)
+                    await nursery.start(self._registry.supervise)
+                    self._open = True
+                    try:
+                        yield
+                    except BaseException as exc:
+                        await self._close_down(cancelled=_is_cancellation(exc))
+                        raise
+                    else:
+                        await self._close_down(cancelled=False)
+                    finally:
+                        nursery.cancel_scope.cancel()
+            except BaseExceptionGroup as group:
+                _unwrap(group)
+        finally:
+            self._open = False
+            self._nursery = None
+            with trio.CancelScope(shield=True):
+                await storage.close()
+        if self._failure is not None:
+            raise self._failure
+
+    async def _close_down(self, *, cancelled: bool) -> None:
+        cap = self.config.exit_timeout if cancelled else None
+        with trio.CancelScope(shield=True):
+            if self.phase in (Phase.INITIALIZED, Phase.RUNNING):
+                await self._stop(cap=cap)
+            elif self.phase is Phase.STOPPING:
+                with trio.move_on_after(self.config.exit_timeout):
+                    await self.wait_phase(Phase.STOPPED, Phase.FAILED)
+            self._registry.kill_all()
+
+    # -- lifecycle -------------------------------------------------------------------------
+    @overload
+    def register(self, module: ModuleSpec[M], /, **options: Any) -> ModuleHandle[M]: ...
+
+    @overload
+    def register(self, module: M | Callable[[], M], /, **options: Any) -> ModuleHandle[M]: ...
+
+    def register(self, module: Any, /, **options: Any) -> ModuleHandle[Any]:
+        """Register a module (instance, zero-argument factory or `ModuleSpec`).
+
+        Options are the `ModuleSpec` fields: `restart`, `shutdown`, `timeout`, `inbox`,
+        `overflow`, `depends_on`, `config`, `backoff` (they override a spec's).
+
+        Raises:
+            LifecycleError: the ledger is past CREATED (use `await engine.add(...)` while
+                RUNNING).
+            RegistryError: duplicate id, bad id, not a Module, failing factory.
+            ValueError / TypeError: an option is out of range or unknown.
+        """
+        if self.phase is not Phase.CREATED:
+            raise LifecycleError(
+                f"cannot register: ledger {self.config.ledger_id!r} is {self.phase.name} "
+                "(register needs CREATED; use `await engine.add(...)` while RUNNING)",
+                phase=self.phase,
+            )
+        child = self._registry.make_child(module, options)
+        self._registry.add_child(child)
+        return ModuleHandle(child)
+
+    def _begin(self, what: str, *allowed: Phase) -> None:
+        if not self._open:
+            raise self._not_open(what)
+        if self._transition is not None:
+            raise LifecycleError(
+                f"cannot {what}: {self._transition} is in progress", phase=self.phase
+            )
+        self._require(what, *allowed)
+        self._transition = what
+
+    async def init_all(self) -> None:
+        """Run every module's `init` in start order (registration order, after dependencies).
+
+        Cancellation: as a failure: the modules initialized so far are stopped in reverse
+        order (shielded, bounded) and the ledger ends FAILED.
+
+        Raises:
+            RegistryError: unknown dependency or a cycle (nothing ran).
+            ModuleError: a module's init failed, naming it (cause chained); every module
+                already initialized was stopped in reverse order; the ledger is FAILED.
+            LifecycleError: not CREATED, or not inside `async with`.
+        """
+        self._begin("init_all", Phase.CREATED)
+        try:
+            await self._registry.init_all()
+            self.set_phase(Phase.INITIALIZED)
+        finally:
+            self._transition = None
+
+    async def start_all(self) -> None:
+        """Run every module's `start` in start order; then appends are accepted.
+
+        Cancellation: as a failure (rolled back, ledger FAILED).
+
+        Raises:
+            ModuleError: a module's start failed, or a module crashed during startup; every
+                module was stopped in reverse order; the ledger is FAILED.
+            LifecycleError: not INITIALIZED.
+        """
+        self._begin("start_all", Phase.INITIALIZED)
+        try:
+            await self._registry.start_all()
+            self.set_phase(Phase.RUNNING)
+        finally:
+            self._transition = None
+
+    async def stop_all(self) -> None:
+        """Stop the ledger: refuse new appends, finish those in flight, stop modules.
+
+        New appends fail fast with `LifecycleError`; appends already in flight complete fully
+        (stored and delivered) or fail with nothing stored; then every module drains its inbox
+        and runs `stop`, in reverse start order, each within its `shutdown` deadline (an actor
+        that overstays is cancelled; its status says so). A crash now restarts nothing. No-op
+        when already STOPPED or FAILED; waits when another stop is in progress.
+
+        Cancellation: the modules not stopped yet are cancelled at once (their `stop` is not
+        called), the ledger ends STOPPED, and the cancellation propagates.
+        """
+        if self.phase in (Phase.STOPPED, Phase.FAILED):
+            await trio.lowlevel.checkpoint()
+            return
+        if self.phase is Phase.CREATED:
+            await trio.lowlevel.checkpoint()
+            self.set_phase(Phase.STOPPED)
+            return
+        if self.phase is Phase.STOPPING:
+            await self.wait_phase(Phase.STOPPED, Phase.FAILED)
+            return
+        await self._stop(cap=None)
+
+    async def _stop(self, *, cap: float | None) -> None:
+        self.set_phase(Phase.STOPPING)
+        try:
+            await self._registry.stop_supervising()
+            # In-flight appends finish while every module still runs, bounded by the longest
+            # shutdown (a module stuck in a hook cannot hold the stop forever).
+            bound = self._registry.longest_shutdown(cap)
+            with trio.move_on_after(math.inf if bound is None else bound):
+                await self._pipeline.wait_idle()
+            await self._registry.stop_all(cap=cap)
+        finally:
+            self.set_phase(Phase.STOPPED)
+
+    # -- dynamic control -------------------------------------------------------------------
+    @overload
+    async def add(self, module: ModuleSpec[M], /, **options: Any) -> ModuleHandle[M]: ...
+
+    @overload
+    async def add(self, module: M | Callable[[], M], /, **options: Any) -> ModuleHandle[M]: ...
+
+    async def add(self, module: Any, /, **options: Any) -> ModuleHandle[Any]:
+        """Register, init and start a module while RUNNING; it is last in start order.
+
+        Cancellation: the module is cancelled and forgotten, as if `add` failed.
+
+        Raises:
+            RegistryError: already present, bad id, unknown dependency, not a Module.
+            ModuleError: its init or start failed (it is not kept).
+            LifecycleError: the ledger is not RUNNING.
+        """
+        self._require("add a module", Phase.RUNNING)
+        child = self._registry.make_child(module, options)
+        await self._registry.add(child)
+        return ModuleHandle(child)
+
+    async def terminate(self, module_id: str) -> None:
+        """Stop a module (drain, `stop`, within `shutdown`), keeping its spec.
+
+        A terminated module that overrides before_append holds appends closed (they fail with
+        `ModuleError`) until `restart(id)` or `remove(id)`. No-op if already stopped.
+        Cancellation: waits for the supervisor lock first; once stopping, bounded by `shutdown`.
+
+        Raises:
+            RegistryError: not found. LifecycleError: the ledger is not RUNNING.
+        """
+        await self._registry.terminate(module_id)
+
+    async def restart(self, module_id: str) -> None:
+        """Start a STOPPED or FAILED module again (a fresh instance if it has a factory).
+
+        Raises:
+            RegistryError: not found, or it is running. ModuleError: init/start failed.
+            LifecycleError: the ledger is not RUNNING.
+        """
+        await self._registry.restart(module_id)
+
+    async def remove(self, module_id: str) -> None:
+        """Forget a STOPPED or FAILED module (appends no longer wait for it).
+
+        Raises:
+            RegistryError: not found, or still running. LifecycleError: not RUNNING.
+        """
+        await self._registry.remove(module_id)
+
+    # -- appends ---------------------------------------------------------------------------
+    def _check_record(self, record: object, where: str) -> Record:
+        if not isinstance(record, Record):
+            raise InvalidRecord(f"{where} takes a Record, got {type(record).__name__}")
+        limit = self.config.max_record_bytes
+        size = len(record._body) + len(b',"seq":%d,"ts":%d}' % (self._length, self._last_ts))
+        if size > limit:
+            raise InvalidRecord(f"record is {size} canonical bytes, over max_record_bytes={limit}")
+        return record
+
+    async def append(self, record: Record) -> Receipt:
+        """Append one record; return its receipt once it is stored and delivered.
+
+        The record is checked (size), passed through every module's before_append in start
+        order, chained, stored, and its after_append delivery queued in every running module's
+        inbox before this returns (so an `ask` sent afterwards sees it).
+
+        Cancellation: before the entry reaches storage the append is withdrawn (nothing is
+        stored); once handed to storage it may still commit although you see `Cancelled`, and
+        is then delivered normally.
+
+        Raises:
+            InvalidRecord: not a Record, or over `max_record_bytes` (before or after hooks).
+            RecordRejected: a module vetoed it (`module_id`, `reason`).
+            ModuleError: a module crashed or timed out in before_append, or a module with a
+                before_append is FAILED/terminated (fail-closed).
+            StorageError: storage failed; nothing was stored.
+            LifecycleError: the ledger is not RUNNING.
+        """
+        self._require("append", Phase.RUNNING)
+        request = Request([self._check_record(record, "append")])
+        self._pipeline.submit(request)
+        receipts = await request.wait()
+        return receipts[0]
+
+    async def append_many(self, records: Iterable[Record]) -> list[Receipt]:
+        """Append records all-or-nothing: every record is stored, contiguous, or none is.
+
+        One rejected or failed record fails the whole batch (a `RecordRejected` carries the
+        `index` of the refused record). Cancellation and errors as for `append`.
+        """
+        self._require("append", Phase.RUNNING)
+        batch = [self._check_record(r, "append_many") for r in records]
+        if not batch:
+            await trio.lowlevel.checkpoint()
+            return []
+        request = Request(batch)
+        self._pipeline.submit(request)
+        return await request.wait()
+
+    # -- reads -----------------------------------------------------------------------------
+    async def get(self, seq: int) -> Entry:
+        """The stored entry at `seq`.
+
+        Raises:
+            IndexError: no entry at `seq`. IntegrityError: it cannot be decoded.
+            LifecycleError: the engine is not open.
+        """
+        if not self._open:
+            raise self._not_open("get")
+        if type(seq) is not int or not 0 <= seq < self._length:
+            raise IndexError(
+                f"seq {seq!r} is not in ledger {self.config.ledger_id!r} (length {self._length})"
+            )
+        async for entry in self.storage.read(seq, seq + 1):
+            return entry
+        raise IndexError(f"seq {seq} is not in ledger {self.config.ledger_id!r}")
+
+    def read(self, start: int = 0, stop: int | None = None) -> AsyncIterator[Entry]:
+        """Entries with `start <= seq < stop` in order (`stop=None`: to the head now).
+
+        Raises:
+            ValueError: bad range. IntegrityError: an entry cannot be decoded.
+            LifecycleError: the engine is not open (raised at once).
+        """
+        if not self._open:
+            raise self._not_open("read")
+        return self.storage.read(start, stop)
+
+    async def verify(self) -> Hash:
+        """Recompute the whole chain from storage; return the verified head.
+
+        Streams entries (bounded memory). Cancellation: nothing to undo.
+
+        Raises:
+            IntegrityError: naming the seq of the first entry that does not verify.
+        """
+        if not self._open:
+            raise self._not_open("verify")
+        expected = self._length
+        verifier = ChainVerifier(genesis(self.config.ledger_id))
+        async for entry in self.storage.read(0, expected):
+            verifier.feed(entry)
+        if verifier.length != expected:
+            raise IntegrityError(
+                f"storage holds {verifier.length} entries, the ledger committed {expected}",
+                seq=verifier.length,
+            )
+        if expected and verifier.length == self._length and verifier.head != self._head:
+            raise IntegrityError(
+                f"entry {expected - 1}: stored chain head differs from the committed head",
+                seq=expected - 1,
+            )
+        return verifier.head
+
+
+@asynccontextmanager
+async def open_ledger(
+    config: LedgerConfig,
+    *,
+    storage: StorageBackend | None = None,
+    modules: Sequence[Module | Callable[[], Module] | ModuleSpec[Any]] = (),
+) -> AsyncIterator[LedgerEngine]:
+    """Open a ledger, register `modules`, `init_all`, `start_all`, and yield the engine.
+
+    Leaving the block stops it as `LedgerEngine.__aexit__` describes.
+    """
+    engine = LedgerEngine(config, storage)
+    for module in modules:
+        engine.register(module)
+    async with engine:
+        await engine.init_all()
+        await engine.start_all()
+        yield engine

@@ -1,0 +1,456 @@
+"""The actor behind each registered module: one task per incarnation, one mailbox for life.
+
+An incarnation is one run of a module instance, from `init` (or a restart's `boot`) until it
+stops, crashes, exits or is killed. The actor processes its mailbox one message at a time, so
+every callback of a module runs in that task, never two at once. It never changes the module's
+`state` itself: it reports how each incarnation ended to its host (the supervisor), which
+decides what happens next.
+"""
+
+from __future__ import annotations
+
+import enum
+import inspect
+import logging
+import math
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import trio
+from trio_util import AsyncValue
+
+from ..errors import ModuleError, RecordRejected
+from ..lifecycle import ModuleState
+from ..record import Record
+from ._base import Module
+from ._context import LedgerReader, ModuleContext
+from ._mailbox import Ask, Before, Delivery, Lifecycle, Mailbox
+from ._spec import ModuleSpec
+
+__all__ = ["Child", "ChildHost", "Outcome"]
+
+log = logging.getLogger("nucleus_actors.supervisor")
+
+
+class Outcome(enum.Enum):
+    """How an incarnation ended."""
+
+    STOPPED = "stopped"  # processed a stop message (`stop` ran; error set if it raised)
+    CRASHED = "crashed"  # a callback or background task raised, or a callback timed out
+    EXITED = "exited"  # ctx.exit(), or essential background work returned
+    KILLED = "killed"  # cancelled by the supervisor (shutdown 0 or deadline passed)
+    BOOT_FAILED = "boot_failed"  # init or start failed (the requester got the error)
+
+
+class ChildHost(Protocol):
+    """What an actor needs from its supervisor."""
+
+    ledger_id: str
+    ledger_reader: LedgerReader
+
+    @property
+    def registry_view(self) -> Any: ...
+
+    def child_ended(
+        self, child: Child, incarnation: int, outcome: Outcome, error: BaseException | None
+    ) -> None: ...
+
+
+class _Crash(Exception):
+    """Internal: unwinds an incarnation after a callback crashed (cause: the module's error)."""
+
+    def __init__(self, cause: BaseException) -> None:
+        super().__init__(repr(cause))
+        self.cause = cause
+
+
+def crash_cause(exc: BaseException) -> BaseException | None:
+    """The module error inside whatever an incarnation raised; None for pure cancellation.
+
+    Non-`Exception` errors other than `Cancelled` (KeyboardInterrupt, SystemExit) are not
+    crashes either: they must propagate, so None is returned for them too.
+    """
+    leaves: list[BaseException] = []
+
+    def collect(e: BaseException) -> None:
+        if isinstance(e, BaseExceptionGroup):
+            for sub in e.exceptions:
+                collect(sub)
+        else:
+            leaves.append(e)
+
+    collect(exc)
+    if any(not isinstance(e, (Exception, trio.Cancelled)) for e in leaves):
+        return None
+    for leaf in leaves:
+        if isinstance(leaf, _Crash):
+            return leaf.cause
+        if isinstance(leaf, Exception):
+            return leaf
+    return None
+
+
+def has_override(instance: Module, name: str) -> bool:
+    """Whether the instance's class overrides a `Module` callback."""
+    return getattr(type(instance), name) is not getattr(Module, name)
+
+
+class Child:
+    """One registered module: spec, current instance, mailbox, counters and its actor task."""
+
+    def __init__(
+        self,
+        *,
+        module_id: str,
+        spec: ModuleSpec[Any],
+        instance: Module,
+        factory: Callable[[], Module] | None,
+        host: ChildHost,
+    ) -> None:
+        self.id = module_id
+        self.spec = spec
+        self.factory = factory
+        self.instance = instance
+        self.host = host
+        self.mailbox = Mailbox(spec.inbox, self._overflowed)
+        self.state = ModuleState.REGISTERED
+        self.state_value = AsyncValue(ModuleState.REGISTERED)
+        self.restarts = 0
+        self.crashes = 0
+        self.processed = 0
+        self.last_error: str | None = None
+        self.stop_result: str | None = None
+        self.incarnation = 0
+        self.armed = False  # started at least once: before_append is fail-closed from then on
+        self.removed = False
+        self.consecutive = 0  # consecutive restarts, for backoff
+        self.running_since: float | None = None
+        self.alive = False
+        self._done = trio.Event()
+        self._done.set()
+        self._scope: trio.CancelScope | None = None
+        self._kill_requested = False
+        self._exit_requested = False
+        self._external_crash: BaseException | None = None
+        self._refresh_hooks()
+
+    # -- identity and hooks ----------------------------------------------------------------
+    @property
+    def version(self) -> str:
+        return str(getattr(self.instance, "version", "0.0.0"))
+
+    def _refresh_hooks(self) -> None:
+        self.has_before = has_override(self.instance, "before_append")
+        self.has_after = has_override(self.instance, "after_append")
+
+    def set_state(self, state: ModuleState) -> None:
+        if state is not self.state:
+            self.state = state
+            if state is ModuleState.RUNNING:
+                self.running_since = trio.current_time()
+            self.state_value.value = state
+
+    def settle_stopped(self) -> None:
+        """After a stop: STOPPED, unless the stop (or a crash while stopping) left it FAILED."""
+        if self.state is not ModuleState.FAILED:
+            self.set_state(ModuleState.STOPPED)
+
+    def renew_instance(self) -> None:
+        """A fresh instance from the factory (if any) for the next incarnation.
+
+        Raises:
+            Exception: whatever the factory raised, or TypeError/ValueError if it returned a
+                non-Module or a module with another id (the caller treats it as a crash).
+        """
+        if self.factory is None:
+            return
+        instance = self.factory()
+        if not isinstance(instance, Module):
+            raise TypeError(
+                f"factory of module {self.id!r} returned {type(instance).__name__}, not a Module"
+            )
+        new_id = getattr(instance, "id", None)
+        if new_id != self.id:
+            raise ValueError(
+                f"factory of module {self.id!r} returned a module with id {new_id!r}: "
+                "every incarnation must keep its id"
+            )
+        self.instance = instance
+        self._refresh_hooks()
+
+    def module_error(self, what: str, cause: BaseException | None) -> ModuleError:
+        detail = f": {cause!r}" if cause is not None else ""
+        err = ModuleError(f"module {self.id!r} {what}{detail}", module_id=self.id)
+        err.__cause__ = cause
+        return err
+
+    @property
+    def _timeout(self) -> float | None:
+        return self.spec.timeout
+
+    # -- control from the supervisor -------------------------------------------------------
+    async def launch(self, nursery: trio.Nursery) -> None:
+        """Start a new incarnation task (it waits for a lifecycle message)."""
+        assert not self.alive, f"module {self.id!r} already has a live incarnation"
+        self.incarnation += 1
+        self._kill_requested = False
+        self._exit_requested = False
+        self._external_crash = None
+        self._done = trio.Event()
+        self.alive = True
+        self.mailbox.reopen()
+        await nursery.start(self._run, self.incarnation, self.instance)
+
+    def kill(self) -> None:
+        """Cancel the live incarnation (no `stop`); see `wait_done`."""
+        if self.alive:
+            self._kill_requested = True
+            if self._scope is not None:
+                self._scope.cancel()
+
+    def crash_now(self, error: BaseException) -> None:
+        """Crash the live incarnation from outside (inbox overflow with Overflow.FAIL)."""
+        if self.alive and not self._kill_requested and self._external_crash is None:
+            self._external_crash = error
+            if self._scope is not None:
+                self._scope.cancel()
+
+    def _overflowed(self) -> None:
+        self.crash_now(
+            self.module_error(
+                f"overflowed its inbox of {self.spec.inbox} deliveries (overflow=FAIL)", None
+            )
+        )
+
+    def _request_exit(self, incarnation: int) -> None:
+        if self.alive and incarnation == self.incarnation and not self._exit_requested:
+            self._exit_requested = True
+            if self._scope is not None:
+                self._scope.cancel()
+
+    async def wait_done(self) -> None:
+        """Wait until no incarnation is running."""
+        await self._done.wait()
+
+    # -- the incarnation -------------------------------------------------------------------
+    async def _run(
+        self,
+        incarnation: int,
+        instance: Module,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        host = self.host
+        ctx = ModuleContext(
+            ledger_id=host.ledger_id,
+            module_id=self.id,
+            config=self.spec.config,
+            ledger=host.ledger_reader,
+            modules=host.registry_view,
+            incarnation=incarnation,
+            exit=lambda: self._request_exit(incarnation),
+        )
+        outcome: Outcome | None = None
+        error: BaseException | None = None
+        try:
+            with trio.CancelScope() as scope:
+                self._scope = scope
+                task_status.started()
+                try:
+                    async with trio.open_nursery() as background:
+                        ctx._nursery = background
+                        outcome, error = await self._serve(instance, ctx)
+                        background.cancel_scope.cancel()
+                except BaseException as exc:
+                    cause = crash_cause(exc)
+                    if cause is None:
+                        raise
+                    outcome, error = Outcome.CRASHED, cause
+                finally:
+                    ctx._nursery = None
+            if self._kill_requested:
+                outcome, error = Outcome.KILLED, None
+            elif outcome is None:
+                if self._external_crash is not None:
+                    outcome, error = Outcome.CRASHED, self._external_crash
+                elif self._exit_requested:
+                    outcome = Outcome.EXITED
+                else:  # pragma: no cover - our scope is only cancelled by the three above
+                    outcome = Outcome.KILLED
+            if outcome in (Outcome.CRASHED, Outcome.EXITED):
+                await self._best_effort_stop(instance, ctx)
+        finally:
+            self._scope = None
+            self.alive = False
+            self._done.set()
+        assert outcome is not None
+        host.child_ended(self, incarnation, outcome, error)
+
+    async def _best_effort_stop(self, instance: Module, ctx: ModuleContext) -> None:
+        """`stop` after a crash or exit: bounded by `shutdown`, errors logged, never raised."""
+        shutdown = self.spec.shutdown
+        if shutdown == 0 or self._kill_requested:
+            return
+        previous = self._scope
+        with trio.CancelScope() as scope:
+            self._scope = scope  # kill() during this stop cancels it
+            if shutdown is not None:
+                scope.deadline = trio.current_time() + shutdown
+            try:
+                await instance.stop(ctx)
+            except Exception:
+                log.warning("module %r: stop after a crash raised", self.id, exc_info=True)
+            finally:
+                self._scope = previous
+        if scope.cancelled_caught:
+            log.warning("module %r: stop after a crash overstayed shutdown=%s", self.id, shutdown)
+
+    async def _serve(
+        self, instance: Module, ctx: ModuleContext
+    ) -> tuple[Outcome, BaseException | None]:
+        mailbox = self.mailbox
+        handled = 0
+        while True:
+            msg = await mailbox.get()
+            kind = type(msg)
+            if kind is tuple:
+                await self._deliveries(instance, msg)
+            elif kind is Before:
+                await self._before(instance, msg)
+            elif kind is Ask:
+                await self._ask(instance, msg)
+            else:
+                ended = await self._lifecycle(instance, ctx, msg)
+                if ended is not None:
+                    return ended
+            handled += 1
+            if handled >= 32:  # a long queue of instant callbacks still lets others run
+                handled = 0
+                await trio.lowlevel.checkpoint()
+
+    def _deadline(self) -> float:
+        timeout = self.spec.timeout
+        return math.inf if timeout is None else trio.current_time() + timeout
+
+    def _timed_out(self, callback: str) -> TimeoutError:
+        return TimeoutError(f"{callback} exceeded the module's timeout of {self.spec.timeout} s")
+
+    async def _deliveries(self, instance: Module, first: Delivery) -> None:
+        mailbox = self.mailbox
+        hook = instance.after_append
+        current: Delivery | None = first
+        with trio.CancelScope() as scope:
+            try:
+                while current is not None:
+                    scope.deadline = self._deadline()
+                    await hook(current[0], current[1])
+                    self.processed += 1
+                    mailbox.delivered()
+                    current = mailbox.next_delivery()
+            except BaseException as exc:
+                assert current is not None
+                mailbox.put_front(current)  # redelivered first to the next incarnation
+                if isinstance(exc, Exception):
+                    raise _Crash(exc) from exc
+                raise
+        if scope.cancelled_caught:
+            raise _Crash(self._timed_out("after_append"))
+
+    async def _before(self, instance: Module, msg: Before) -> None:
+        hook = instance.before_append
+        results = msg.results
+        with trio.CancelScope() as scope:
+            try:
+                for record in msg.records:
+                    scope.deadline = self._deadline()
+                    try:
+                        out = await hook(record)
+                    except RecordRejected as rejected:
+                        rejected.module_id = self.id
+                        results.append(rejected)
+                        continue
+                    if out is None:
+                        results.append(record)
+                    elif isinstance(out, Record):
+                        results.append(out)
+                    else:
+                        raise TypeError(
+                            f"before_append must return a Record or None, got {type(out).__name__}"
+                        )
+            except BaseException as exc:
+                if isinstance(exc, Exception):
+                    results.append(self.module_error("crashed in before_append", exc))
+                    msg.reply.set()
+                    raise _Crash(exc) from exc
+                if not scope.cancel_called:
+                    msg.reply.set()  # partial: the rest waits for a restart (or fails)
+                raise
+        if scope.cancelled_caught:
+            cause = self._timed_out("before_append")
+            results.append(self.module_error("timed out in before_append", cause))
+            msg.reply.set()
+            raise _Crash(cause)
+        msg.reply.set()
+
+    async def _ask(self, instance: Module, msg: Ask) -> None:
+        reply = msg.reply
+        if reply.abandoned:
+            return
+        with trio.CancelScope(deadline=self._deadline()) as scope:
+            try:
+                value = msg.fn(instance, *msg.args)
+                if inspect.isawaitable(value):
+                    value = await value
+            except Exception as exc:
+                reply.fail(exc)  # the caller's error, not a crash of the module
+                return
+            except BaseException:
+                if not scope.cancel_called:
+                    reply.fail(self.module_error("was interrupted while answering an ask", None))
+                raise
+            reply.set(value)
+            return
+        cause = self._timed_out("ask")
+        reply.fail(self.module_error("timed out in ask", cause))
+        raise _Crash(cause)
+
+    async def _callback(
+        self, fn: Callable[[ModuleContext], Any], ctx: ModuleContext, name: str
+    ) -> BaseException | None:
+        with trio.CancelScope(deadline=self._deadline()) as scope:
+            try:
+                await fn(ctx)
+            except Exception as exc:
+                return exc
+            return None
+        assert scope.cancelled_caught
+        return self._timed_out(name)
+
+    async def _lifecycle(
+        self, instance: Module, ctx: ModuleContext, msg: Lifecycle
+    ) -> tuple[Outcome, BaseException | None] | None:
+        op, reply = msg.op, msg.reply
+        if op in ("init", "boot"):
+            err = await self._callback(instance.init, ctx, "init")
+            if err is not None:
+                reply.fail(self.module_error("failed in init", err))
+                return Outcome.BOOT_FAILED, err
+            if op == "init":
+                reply.set()
+                return None
+        if op in ("start", "boot"):
+            err = await self._callback(instance.start, ctx, "start")
+            if err is not None:
+                await self._best_effort_stop(instance, ctx)  # it was initialized
+                reply.fail(self.module_error("failed in start", err))
+                return Outcome.BOOT_FAILED, err
+            reply.set()
+            return None
+        assert op == "stop", op
+        try:
+            await instance.stop(ctx)
+        except Exception as exc:
+            reply.fail(self.module_error("failed in stop", exc))
+            return Outcome.STOPPED, exc
+        reply.set()
+        return Outcome.STOPPED, None

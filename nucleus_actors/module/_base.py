@@ -1,0 +1,67 @@
+"""`Module`: the base class of every plug-in module."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from ..record import Hash, Record
+
+if TYPE_CHECKING:
+    from ._context import ModuleContext
+
+__all__ = ["Module"]
+
+
+class Module:
+    """Base class of ledger modules: override the callbacks you need.
+
+    Every callback of one module runs inside that module's actor task, one message at a time:
+    two callbacks of the same module never run concurrently, so a module needs no locks for its
+    own state. Each callback (except `stop`, which `shutdown` bounds) is bounded by the module's
+    `timeout`; exceeding it is a crash.
+
+    Set `id` as a class attribute or in `__init__`; it must be unique within a ledger and match
+    `[A-Za-z0-9][A-Za-z0-9_.-]*` (at most 128 characters).
+    """
+
+    id: str
+    """Unique id within the ledger (class attribute or set in `__init__`)."""
+    version: str = "0.0.0"
+    """Version of the module, shown in statuses."""
+
+    async def init(self, ctx: ModuleContext) -> None:
+        """Prepare resources. Runs in registration/dependency order during `init_all`.
+
+        Raising fails `init_all` (startup rolls back); during a restart it is a new crash.
+        Cancellation: the module is being stopped or killed; clean up and let it propagate.
+        """
+
+    async def start(self, ctx: ModuleContext) -> None:
+        """Begin work (spawn background tasks with `ctx.spawn`). Runs after every `init`."""
+
+    async def stop(self, ctx: ModuleContext) -> None:
+        """Release resources. Runs in reverse start order, bounded by the `shutdown` deadline.
+
+        Called after the inbox drained (on `stop_all`/`terminate`), before a restart (best
+        effort, after a crash) and after `ctx.exit()`. Background tasks are still running while
+        `stop` runs and are cancelled after it returns. If `stop` overstays `shutdown`, the
+        actor is cancelled (the status records it).
+        """
+
+    async def before_append(self, record: Record) -> Record | None:
+        """Inspect or transform a record before it is stored.
+
+        Return `None` to keep the record, or a new `Record` (e.g. `record.with_meta(...)`) to
+        replace it; the next module sees your output. Raise `RecordRejected("reason")` to veto
+        the append; any other exception is a crash of this module and fails that append.
+        Do not mutate the record's payload in place: records are values.
+        """
+        return None
+
+    async def after_append(self, record: Record, hash: Hash) -> None:
+        """React to a committed record (with `seq` and `timestamp` set) and its chain hash.
+
+        Called for every committed entry in commit order: exactly once while nothing crashes,
+        at least once across a restart of this module (the delivery it crashed on is
+        redelivered to the new incarnation first).
+        """

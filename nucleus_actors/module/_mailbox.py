@@ -1,0 +1,222 @@
+"""A module's inbox: one FIFO of messages, bounded in `after_append` deliveries (records).
+
+Control messages (lifecycle, `before_append` batches, asks) are not counted against the capacity:
+each one has a caller waiting for its reply, so they are bounded by the number of waiting tasks.
+Deliveries are counted from the moment they are queued until the module has processed them, so
+`depth <= capacity` always holds for deliveries queued or in progress. The mailbox belongs to the
+registered module, not to one incarnation: it survives restarts.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import trio
+
+from ..errors import ModuleError
+from ..record import Hash, Record
+from ._spec import Overflow
+
+__all__ = ["Ask", "Before", "Delivery", "Lifecycle", "Mailbox", "Reply"]
+
+Delivery = tuple[Record, Hash]
+"""An `after_append` delivery: the committed record and its chain hash."""
+
+
+class Reply:
+    """A one-shot result slot that one waiter awaits."""
+
+    __slots__ = ("_event", "abandoned", "error", "value")
+
+    def __init__(self) -> None:
+        self._event = trio.Event()
+        self.value: Any = None
+        self.error: BaseException | None = None
+        self.abandoned = False
+        """Set by a waiter that was cancelled: the actor may skip the work."""
+
+    @property
+    def done(self) -> bool:
+        return self._event.is_set()
+
+    def set(self, value: Any = None) -> None:
+        if not self._event.is_set():
+            self.value = value
+            self._event.set()
+
+    def fail(self, error: BaseException) -> None:
+        if not self._event.is_set():
+            self.error = error
+            self._event.set()
+
+    async def wait(self) -> Any:
+        """Wait for the result; cancelling the wait abandons it (the work may still run)."""
+        try:
+            await self._event.wait()
+        except BaseException:
+            self.abandoned = True
+            raise
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+
+class Lifecycle:
+    """`init`, `start`, `boot` (init then start) or `stop`, with a reply."""
+
+    __slots__ = ("op", "reply")
+
+    def __init__(self, op: str) -> None:
+        self.op = op
+        self.reply = Reply()
+
+
+class Before:
+    """A batch of records for `before_append`; `results` grows as records are processed.
+
+    Each result is the record to pass on, or the exception that refused/failed that record.
+    Fewer results than records means the actor stopped part-way (crash, kill, shutdown): the
+    rest were not seen by this module.
+    """
+
+    __slots__ = ("records", "reply", "results")
+
+    def __init__(self, records: list[Record]) -> None:
+        self.records = records
+        self.results: list[Record | BaseException] = []
+        self.reply = Reply()
+
+
+class Ask:
+    """Run `fn(module, *args)` inside the actor and reply with its result."""
+
+    __slots__ = ("args", "fn", "reply")
+
+    def __init__(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
+        self.fn = fn
+        self.args = args
+        self.reply = Reply()
+
+
+class Mailbox:
+    """Bounded inbox of one module (see the module docstring for what is counted)."""
+
+    __slots__ = (
+        "_get_lot",
+        "_put_lot",
+        "_queue",
+        "_shut",
+        "capacity",
+        "depth",
+        "dropped",
+        "on_overflow",
+    )
+
+    def __init__(self, capacity: int, on_overflow: Callable[[], None]) -> None:
+        self.capacity = capacity
+        self.depth = 0
+        """Deliveries queued or being processed."""
+        self.dropped = 0
+        """Deliveries dropped by the overflow policy."""
+        self.on_overflow = on_overflow
+        self._queue: deque[Any] = deque()
+        self._get_lot = trio.lowlevel.ParkingLot()
+        self._put_lot = trio.lowlevel.ParkingLot()
+        self._shut: ModuleError | None = None
+
+    @property
+    def is_shut(self) -> bool:
+        return self._shut is not None
+
+    def _refuse(self, msg: Any) -> None:
+        assert self._shut is not None
+        err = ModuleError(str(self._shut), module_id=self._shut.module_id)
+        if isinstance(msg, (Before, Ask, Lifecycle)):
+            msg.reply.fail(err)
+
+    def put(self, msg: Any) -> None:
+        """Queue a control message at the back (behind every queued delivery)."""
+        if self._shut is not None:
+            self._refuse(msg)
+            return
+        self._queue.append(msg)
+        self._get_lot.unpark()
+
+    def put_front(self, msg: Any) -> None:
+        """Queue a message ahead of everything (lifecycle on restart, a redelivery)."""
+        if self._shut is not None:
+            self._refuse(msg)
+            return
+        self._queue.appendleft(msg)
+        self._get_lot.unpark()
+
+    async def deliver(self, items: Iterable[Delivery], overflow: Overflow) -> None:
+        """Queue deliveries, applying the overflow policy when the inbox is full.
+
+        With BLOCK this waits for room (a checkpoint only when it has to wait). Deliveries to a
+        shut mailbox are discarded. Cancellation: deliveries queued before it stay queued.
+        """
+        queue = self._queue
+        for item in items:
+            while True:
+                if self._shut is not None:
+                    return
+                if self.depth < self.capacity:
+                    queue.append(item)
+                    self.depth += 1
+                    break
+                if overflow is Overflow.BLOCK:
+                    self._get_lot.unpark()
+                    await self._put_lot.park()
+                    continue
+                if overflow is Overflow.DROP_OLDEST and self._drop_oldest():
+                    continue
+                self.dropped += 1
+                if overflow is Overflow.FAIL:
+                    self.on_overflow()
+                break
+        self._get_lot.unpark()
+
+    def _drop_oldest(self) -> bool:
+        for index, msg in enumerate(self._queue):
+            if type(msg) is tuple:
+                del self._queue[index]
+                self.depth -= 1
+                self.dropped += 1
+                return True
+        return False
+
+    async def get(self) -> Any:
+        """Next message; waits (a checkpoint) only when the inbox is empty."""
+        while not self._queue:
+            await self._get_lot.park()
+        return self._queue.popleft()
+
+    def next_delivery(self) -> Delivery | None:
+        """Pop the next message if it is a delivery (lets the actor run deliveries in a row)."""
+        queue = self._queue
+        if queue and type(queue[0]) is tuple:
+            item: Delivery = queue.popleft()
+            return item
+        return None
+
+    def delivered(self) -> None:
+        """One delivery was processed: free its place and wake a blocked producer."""
+        self.depth -= 1
+        if self._put_lot:
+            self._put_lot.unpark_all()
+
+    def shut(self, error: ModuleError) -> None:
+        """The module is down for good: refuse requests with `error`, discard deliveries."""
+        self._shut = error
+        queue, self._queue = self._queue, deque()
+        self.depth = 0
+        for msg in queue:
+            self._refuse(msg)
+        self._put_lot.unpark_all()
+
+    def reopen(self) -> None:
+        """Accept messages again (the module is being started again)."""
+        self._shut = None
