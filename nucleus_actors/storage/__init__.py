@@ -2,5 +2,6 @@
 
 from ._base import StorageBackend
 from .memory import MemoryStorage
+from .sqlite import SQLiteStorage, verify_file
 
-__all__ = ["MemoryStorage", "StorageBackend"]
+__all__ = ["MemoryStorage", "SQLiteStorage", "StorageBackend", "verify_file"]

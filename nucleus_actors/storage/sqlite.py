@@ -1,0 +1,574 @@
+"""`SQLiteStorage`: the embedded durable backend (stdlib `sqlite3`, WAL), and `verify_file`.
+
+File layout (format version 1), next to `<path>` itself:
+
+```
+<path>          the SQLite database (WAL mode)
+<path>-wal      SQLite's write-ahead log (present while open; merged into <path> on close)
+<path>-shm      SQLite's WAL index
+<path>.lock     sidecar file whose OS flock marks the single writer (never deleted)
+
+CREATE TABLE meta    (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
+    -- format_version '1', ledger_id, hash_scheme, created_by
+CREATE TABLE entries (seq INTEGER PRIMARY KEY, canonical BLOB NOT NULL, hash BLOB NOT NULL);
+    -- canonical: the exact RFC 8785 bytes hashed into LEAF_seq; hash: CHAIN_seq (32 bytes)
+```
+
+Threading: `sqlite3` blocks, so every call runs in a worker thread via `trio.to_thread.run_sync`,
+through one `trio.CapacityLimiter(1)` per open database (one thread at a time uses the
+connection). One batch is one transaction in one thread hop; reads fetch bounded chunks, one hop
+per chunk. Hops are never abandoned on cancellation: a thread that holds the connection always
+finishes before anything else touches it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import importlib.metadata
+import os
+import sqlite3
+import urllib.parse
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any, Final, Literal, TypeVar
+
+import trio
+
+from ..errors import IntegrityError, StorageError
+from ..hashing import ChainVerifier, decode_entry, genesis
+from ..record import Entry, Hash
+from ._base import check_range
+
+__all__ = ["SQLiteStorage", "verify_file"]
+
+FORMAT_VERSION: Final = 1
+HASH_SCHEME: Final = "blake3-jcs-chain/1"
+
+_T = TypeVar("_T")
+_Row = tuple[Any, Any, Any]
+
+# A read hop returns at most this many rows, and stops early once it holds this many bytes of
+# canonical data (always at least one row): a reader holds one chunk in memory at a time.
+_CHUNK_ROWS: Final = 512
+_CHUNK_BYTES: Final = 4 * 1024 * 1024
+_BUSY_TIMEOUT_MS: Final = 10_000
+
+_SCHEMA: Final = (
+    "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID",
+    "CREATE TABLE entries (seq INTEGER PRIMARY KEY, canonical BLOB NOT NULL, hash BLOB NOT NULL)",
+)
+_INSERT: Final = "INSERT INTO entries (seq, canonical, hash) VALUES (?, ?, ?)"
+_SELECT: Final = "SELECT seq, canonical, hash FROM entries WHERE seq >= ? AND seq < ? ORDER BY seq"
+_TAIL: Final = "SELECT seq, canonical, hash FROM entries ORDER BY seq DESC LIMIT 2"
+
+
+def _uri(path: Path, mode: str) -> str:
+    return f"file:{urllib.parse.quote(str(path))}?mode={mode}"
+
+
+def _check_path(path: str | os.PathLike[str]) -> Path:
+    if not isinstance(path, str | os.PathLike):
+        raise TypeError(f"SQLiteStorage path must be a str or os.PathLike, got {path!r}")
+    raw = os.fspath(path)
+    if not isinstance(raw, str):
+        raise TypeError(f"SQLiteStorage path must be a str path, got {raw!r}")
+    if raw in ("", ":memory:") or raw.startswith("file:"):
+        raise ValueError(
+            f"SQLiteStorage needs a file path, got {raw!r} (for a ledger kept in memory use "
+            "MemoryStorage; URIs are not accepted)"
+        )
+    return Path(os.path.abspath(raw))
+
+
+def _read_meta(conn: sqlite3.Connection, path: Path) -> dict[str, str]:
+    """The meta table of an existing ledger file, its format version checked first."""
+    tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    if "meta" not in tables or "entries" not in tables:
+        raise StorageError(
+            f"{path} is an SQLite database but not a nucleus_actors ledger file (it has no "
+            f"'meta' and 'entries' tables; tables found: {sorted(tables)})"
+        )
+    meta = {str(key): str(value) for key, value in conn.execute("SELECT key, value FROM meta")}
+    version = meta.get("format_version")
+    if version != str(FORMAT_VERSION):
+        raise StorageError(
+            f"ledger file {path} has format version {version!r}; this build of nucleus_actors "
+            f"reads format version {FORMAT_VERSION!r} only"
+        )
+    for key in ("ledger_id", "hash_scheme"):
+        if key not in meta:
+            raise StorageError(f"ledger file {path} has no {key!r} in its meta table")
+    if meta["hash_scheme"] != HASH_SCHEME:
+        raise StorageError(
+            f"ledger file {path} uses hash scheme {meta['hash_scheme']!r}; this build of "
+            f"nucleus_actors computes {HASH_SCHEME!r}"
+        )
+    return meta
+
+
+def _entry(row: _Row) -> Entry:
+    """Decode one stored row; IntegrityError (naming its seq) if it is not a valid entry."""
+    seq, canonical, digest = row
+    if not isinstance(canonical, bytes) or not isinstance(digest, bytes):
+        raise IntegrityError(
+            f"entry {seq}: stored canonical bytes and hash must be BLOBs, found "
+            f"{type(canonical).__name__} and {type(digest).__name__}",
+            seq=seq,
+        )
+    return decode_entry(seq, canonical, digest)
+
+
+def _fetch_chunk(conn: sqlite3.Connection, start: int, stop: int) -> list[_Row]:
+    """Rows `start <= seq < stop`, at most one bounded chunk (at least one row if any)."""
+    rows: list[_Row] = []
+    size = 0
+    cursor = conn.execute(_SELECT, (start, stop))
+    try:
+        for row in cursor:
+            rows.append(row)
+            canonical = row[1]
+            size += len(canonical) if isinstance(canonical, bytes | str) else 0
+            if len(rows) >= _CHUNK_ROWS or size >= _CHUNK_BYTES:
+                break
+    finally:
+        cursor.close()  # ends the statement, so no read transaction outlives the hop
+    return rows
+
+
+def _created_by() -> str:
+    try:
+        return f"nucleus_actors {importlib.metadata.version('nucleus_actors')}"
+    except importlib.metadata.PackageNotFoundError:
+        return "nucleus_actors"
+
+
+async def _stream(
+    fetch: Callable[[int, int], Awaitable[list[_Row]]],
+    start: int,
+    stop: int,
+    on_chunk: Callable[[int], None] | None = None,
+) -> AsyncIterator[Entry]:
+    """Yield entries `start <= seq < stop` chunk by chunk; a missing seq is an IntegrityError.
+
+    Rows are decoded one at a time as they are consumed, so an undecodable row is reported
+    only after every entry before it was handed out. `on_chunk(next_seq)` runs once the last
+    entry of each chunk has been consumed.
+    """
+    expected = start
+    while expected < stop:
+        rows = await fetch(expected, stop)
+        if not rows:
+            break
+        for row in rows:
+            if row[0] != expected:
+                raise IntegrityError(
+                    f"entry {expected} is missing from storage (next stored seq is {row[0]})",
+                    seq=expected,
+                )
+            yield _entry(row)
+            expected += 1
+        if on_chunk is not None:
+            on_chunk(expected)
+    if expected < stop:
+        raise IntegrityError(
+            f"entry {expected} is missing from storage (expected entries up to {stop - 1})",
+            seq=expected,
+        )
+
+
+class SQLiteStorage:
+    """A ledger in one SQLite file (WAL): durable, reopenable, one writer at a time.
+
+    `open` creates the file (and its `meta` table: ledger id, format version, hash scheme) or
+    checks that an existing one belongs to the ledger, has a format this build reads, and that
+    its last entry's chain hash recomputes from the one before. Each `append` batch is one
+    transaction, committed before `append` returns. See docs/storage.md.
+
+    Durability (`durability=`, SQLite's `synchronous` pragma in WAL mode):
+
+    * `"full"` (default): every commit is fsynced before `append` returns: an acknowledged
+      append survives a process crash, an OS crash and a power loss.
+    * `"normal"`: commits are written to the WAL but fsynced only at checkpoints. A process
+      crash loses nothing; an OS crash or power loss may lose the most recently acknowledged
+      appends (the file stays consistent, a valid prefix of the chain), and their seqs are then
+      reused by later appends, so receipts already handed out for them no longer match.
+
+    A sidecar `<path>.lock` holds an OS `flock` from `open` to `close`: a second writer, in
+    this process or another, gets `StorageError`; the OS releases it if the process dies.
+
+    Args:
+        path: the database file (created on first open; its directory must exist).
+        durability: `"full"` (default) or `"normal"`, as above.
+
+    Raises:
+        TypeError: `path` is not a str or path-like.
+        ValueError: `path` is empty, `":memory:"` or a URI, or `durability` is not one of
+            `"full"`, `"normal"`.
+    """
+
+    FORMAT_VERSION: Final = FORMAT_VERSION
+    """The file format version this build writes and reads."""
+
+    def __init__(
+        self, path: str | os.PathLike[str], *, durability: Literal["full", "normal"] = "full"
+    ) -> None:
+        if durability not in ("full", "normal"):
+            raise ValueError(f"durability must be 'full' or 'normal', got {durability!r}")
+        self.path: Final[Path] = _check_path(path)
+        """Absolute path of the database file (resolved at construction)."""
+        self.durability: Final[Literal["full", "normal"]] = durability
+        """The durability setting (`"full"` or `"normal"`)."""
+        self.lock_path: Final[Path] = self.path.with_name(self.path.name + ".lock")
+        """The sidecar lock file, `<path>.lock`."""
+        self._limiter = trio.CapacityLimiter(1)
+        self._conn: sqlite3.Connection | None = None
+        self._lock_fd: int | None = None
+        self._ledger_id: str | None = None
+        self._length = 0
+        self._head: Hash | None = None
+        self._stale = False  # a failed batch left the cached head unknown: re-read it
+
+    def __repr__(self) -> str:
+        state = "open" if self._conn is not None else "closed"
+        return f"<SQLiteStorage {str(self.path)!r} {self.durability} {state}>"
+
+    # -- threads ---------------------------------------------------------------------------
+    async def _hop(self, what: str, fn: Callable[..., _T], *args: Any) -> _T:
+        """Run `fn(*args)` in a worker thread under the limiter; sqlite errors -> StorageError."""
+        try:
+            return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter)
+        except sqlite3.Error as exc:
+            raise StorageError(f"SQLite ledger file {self.path}: {what} failed: {exc}") from exc
+
+    def _connection(self, what: str) -> sqlite3.Connection:
+        if self._conn is None:
+            raise StorageError(f"cannot {what}: SQLiteStorage {self.path} is not open")
+        return self._conn
+
+    # Test seam: the class of the connection (a subclass can inject failures).
+    _factory: type[sqlite3.Connection] = sqlite3.Connection
+
+    # -- open ------------------------------------------------------------------------------
+    async def open(self, ledger_id: str) -> None:
+        """Take the writer lock, then create the ledger file or check the existing one.
+
+        Checks, in order: the lock is free; the file is a ledger file of a format version this
+        build reads; it belongs to `ledger_id`; its last entry's chain hash recomputes from the
+        previous entry's (the full chain is checked by `LedgerEngine.verify` / `verify_file`).
+
+        Cancellation: while waiting for the worker thread nothing has happened; once the
+        thread runs, the open completes (or fails leaving nothing held) before the
+        cancellation is delivered.
+
+        Raises:
+            StorageError: already open; the lock is held by another writer; the file cannot be
+                opened, is not a ledger file, has an unknown format version, or belongs to
+                another ledger (all naming the file).
+            IntegrityError: the last entry does not verify (naming its seq).
+        """
+        if self._conn is not None:
+            raise StorageError(
+                f"SQLiteStorage {self.path} is already open (ledger {self._ledger_id!r})"
+            )
+        conn, length, head = await self._hop("open", self._open_sync, ledger_id)
+        self._conn = conn
+        self._ledger_id = ledger_id
+        self._length = length
+        self._head = head
+        self._stale = False
+
+    def _open_sync(self, ledger_id: str) -> tuple[sqlite3.Connection, int, Hash]:
+        fd = self._take_lock()
+        conn: sqlite3.Connection | None = None
+        try:
+            conn = sqlite3.connect(
+                _uri(self.path, "rwc"),
+                uri=True,
+                isolation_level=None,  # we issue BEGIN / COMMIT ourselves
+                check_same_thread=False,  # used from worker threads, one at a time
+                factory=self._factory,
+            )
+            conn.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                if conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0] == 0:
+                    for statement in _SCHEMA:
+                        conn.execute(statement)
+                    conn.executemany(
+                        "INSERT INTO meta (key, value) VALUES (?, ?)",
+                        [
+                            ("format_version", str(FORMAT_VERSION)),
+                            ("ledger_id", ledger_id),
+                            ("hash_scheme", HASH_SCHEME),
+                            ("created_by", _created_by()),
+                        ],
+                    )
+                meta = _read_meta(conn, self.path)
+                conn.execute("COMMIT")
+            finally:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+            if meta["ledger_id"] != ledger_id:
+                raise StorageError(
+                    f"ledger file {self.path} belongs to ledger {meta['ledger_id']!r}, cannot "
+                    f"open it as ledger {ledger_id!r}"
+                )
+            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if str(mode).lower() != "wal":
+                raise StorageError(
+                    f"ledger file {self.path}: SQLite refused WAL journal mode (got {mode!r}); "
+                    "is it on a filesystem without shared-memory support?"
+                )
+            conn.execute(f"PRAGMA synchronous = {self.durability.upper()}")
+            length, head = _check_tail(conn, ledger_id)
+        except BaseException:
+            if conn is not None:
+                conn.close()
+            os.close(fd)  # closing the descriptor releases the flock
+            raise
+        self._lock_fd = fd
+        return conn, length, head
+
+    def _take_lock(self) -> int:
+        try:
+            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            raise StorageError(
+                f"cannot open ledger file {self.path}: cannot create its lock file "
+                f"{self.lock_path} ({exc.strerror})"
+            ) from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            raise StorageError(
+                f"ledger file {self.path} is already open for writing (its lock "
+                f"{self.lock_path} is held by another SQLiteStorage, in this process or "
+                "another); a ledger file has one writer at a time"
+            ) from exc
+        return fd
+
+    # -- head ------------------------------------------------------------------------------
+    async def head(self) -> tuple[int, Hash]:
+        """`(length, head hash)`; `(0, genesis(ledger_id))` for an empty ledger. A checkpoint.
+
+        Served from memory (this storage is the only writer), except after a failed batch,
+        when it is re-read from the file.
+
+        Raises:
+            StorageError: not open, or the file cannot be read.
+        """
+        conn = self._connection("read the head")
+        if self._stale:
+            assert self._ledger_id is not None
+            self._length, self._head = await self._hop(
+                "read the head", _read_head, conn, self._ledger_id
+            )
+            self._stale = False
+        else:
+            await trio.lowlevel.checkpoint()
+        assert self._head is not None
+        return self._length, self._head
+
+    # -- append ----------------------------------------------------------------------------
+    async def append(self, entries: Sequence[Entry]) -> None:
+        """Store a batch as one transaction, durable (per `durability`) when this returns.
+
+        One worker-thread hop for the whole batch. On any failure (disk full, I/O error) the
+        transaction is rolled back: nothing of the batch is stored, and later batches work
+        once the cause is gone.
+
+        Cancellation: while waiting for the worker thread nothing is stored; once the thread
+        runs, the batch commits (or fails) before the cancellation is delivered.
+
+        Raises:
+            StorageError: not open, seqs not contiguous with the head, or SQLite failed
+                (cause chained); nothing of the batch was stored.
+        """
+        conn = self._connection("append")
+        if self._stale:
+            await self.head()
+        expected = self._length
+        rows = []
+        for offset, entry in enumerate(entries):
+            if entry.seq != expected + offset:
+                raise StorageError(
+                    f"append out of order: entry seq {entry.seq}, expected {expected + offset}"
+                )
+            rows.append((entry.seq, entry.canonical, bytes(entry.hash)))
+        if not rows:
+            await trio.lowlevel.checkpoint()
+            return
+        assert self._ledger_id is not None
+        try:
+            await self._hop("append", self._append_sync, conn, rows)
+        except StorageError:
+            self._stale = True
+            raise
+        self._length = expected + len(rows)
+        self._head = entries[-1].hash
+
+    def _append_sync(self, conn: sqlite3.Connection, rows: list[tuple[int, bytes, bytes]]) -> None:
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            conn.executemany(_INSERT, rows)
+            conn.execute("COMMIT")
+        except BaseException:
+            # SQLite may already have rolled back (SQLITE_FULL, SQLITE_IOERR do): only roll back
+            # a transaction that is still open.
+            if conn.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+            raise
+
+    # -- read ------------------------------------------------------------------------------
+    async def read(self, start: int, stop: int | None = None) -> AsyncIterator[Entry]:
+        """Entries `start <= seq < stop` in seq order (`None`: up to the head when it began).
+
+        Fetches bounded chunks (at most 512 rows or about 4 MiB each), one worker-thread hop
+        per chunk, so memory stays bounded however long the ledger is. Cancellation: nothing
+        to undo (the chunk in flight finishes in its thread first).
+
+        Raises:
+            ValueError: bad range. StorageError: not open, or SQLite failed.
+            IntegrityError: an entry cannot be decoded or is missing (naming its seq).
+        """
+        check_range(start, stop)
+        conn = self._connection("read")
+        end = self._length if stop is None else min(stop, self._length)
+
+        async def fetch(first: int, last: int) -> list[_Row]:
+            if self._conn is not conn:
+                raise StorageError(f"cannot read: SQLiteStorage {self.path} was closed")
+            return await self._hop("read", _fetch_chunk, conn, first, last)
+
+        async for entry in _stream(fetch, start, end):
+            yield entry
+
+    # -- close -----------------------------------------------------------------------------
+    async def close(self) -> None:
+        """Close the database (merging the WAL into the file) and release the lock. Idempotent.
+
+        Cancellation: the close runs to completion in its worker thread once started; the
+        engine calls it shielded.
+        """
+        conn, fd = self._conn, self._lock_fd
+        if conn is None:
+            await trio.lowlevel.checkpoint()
+            return
+        self._conn = None
+        self._lock_fd = None
+
+        def close_sync() -> None:
+            try:
+                conn.close()
+            finally:
+                if fd is not None:
+                    os.close(fd)
+
+        await self._hop("close", close_sync)
+
+
+def _read_head(conn: sqlite3.Connection, ledger_id: str) -> tuple[int, Hash]:
+    row = conn.execute("SELECT seq, hash FROM entries ORDER BY seq DESC LIMIT 1").fetchone()
+    if row is None:
+        return 0, genesis(ledger_id)
+    seq, digest = row
+    try:
+        return seq + 1, Hash(digest)
+    except (TypeError, ValueError) as exc:
+        raise IntegrityError(f"entry {seq}: stored hash is not 32 bytes", seq=seq) from exc
+
+
+def _check_tail(conn: sqlite3.Connection, ledger_id: str) -> tuple[int, Hash]:
+    """`(length, head)` after checking seqs run from 0 and the last entry's chain hash."""
+    tail = conn.execute(_TAIL).fetchall()
+    if not tail:
+        return 0, genesis(ledger_id)
+    first = conn.execute("SELECT min(seq) FROM entries").fetchone()[0]
+    if first != 0:
+        raise IntegrityError(
+            f"entry 0 is missing from storage (first stored seq is {first})", seq=0
+        )
+    if len(tail) == 1:
+        verifier = ChainVerifier(genesis(ledger_id), 0)
+    else:
+        before = _entry(tail[1])
+        if tail[0][0] != before.seq + 1:
+            raise IntegrityError(
+                f"entry {before.seq + 1} is missing from storage (next stored seq is {tail[0][0]})",
+                seq=before.seq + 1,
+            )
+        verifier = ChainVerifier(before.hash, before.seq + 1)
+    last = verifier.feed(_entry(tail[0]))
+    return verifier.length, last
+
+
+async def verify_file(
+    path: str | os.PathLike[str], *, progress: Callable[[int, int], None] | None = None
+) -> tuple[int, Hash]:
+    """Verify a ledger file's whole chain without opening it for writing; `(length, head)`.
+
+    Opens the file read-only (so it works beside a live writer, which it never blocks), reads
+    the ledger id from its meta table, and streams every entry in bounded chunks through
+    `ChainVerifier`, from the genesis of that ledger id. It verifies the entries present when
+    it started (later appends by a live writer are not included).
+
+    Args:
+        path: the ledger file.
+        progress: called after each chunk with `(entries verified, total entries)`.
+
+    Returns:
+        `(length, head)`: the number of entries verified and the chain hash of the last one
+        (the ledger's genesis hash if it is empty).
+
+    Cancellation: nothing to undo; the connection is closed.
+
+    Raises:
+        StorageError: the file does not exist, is not a ledger file, or has an unknown format.
+        IntegrityError: naming the seq of the first entry that does not verify.
+    """
+    where = _check_path(path)
+    limiter = trio.CapacityLimiter(1)
+
+    async def hop(what: str, fn: Callable[..., _T], *args: Any) -> _T:
+        try:
+            return await trio.to_thread.run_sync(fn, *args, limiter=limiter)
+        except sqlite3.Error as exc:
+            raise StorageError(f"SQLite ledger file {where}: {what} failed: {exc}") from exc
+
+    def open_sync() -> tuple[sqlite3.Connection, str, int]:
+        if not where.is_file():
+            raise StorageError(f"cannot verify ledger file {where}: no such file")
+        conn = sqlite3.connect(
+            _uri(where, "ro"), uri=True, isolation_level=None, check_same_thread=False
+        )
+        try:
+            conn.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
+            meta = _read_meta(conn, where)
+            last = conn.execute("SELECT max(seq) FROM entries").fetchone()[0]
+        except BaseException:
+            conn.close()
+            raise
+        return conn, meta["ledger_id"], 0 if last is None else int(last) + 1
+
+    conn, ledger_id, total = await hop("open", open_sync)
+    try:
+        verifier = ChainVerifier(genesis(ledger_id))
+
+        async def fetch(first: int, last: int) -> list[_Row]:
+            return await hop("read", _fetch_chunk, conn, first, last)
+
+        def on_chunk(done: int) -> None:
+            if progress is not None:
+                progress(done, total)
+
+        async for entry in _stream(fetch, 0, total, on_chunk):
+            verifier.feed(entry)
+        if progress is not None and total == 0:
+            progress(0, 0)
+    finally:
+        with trio.CancelScope(shield=True):
+            await hop("close", conn.close)
+    return verifier.length, verifier.head
