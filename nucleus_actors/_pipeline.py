@@ -98,6 +98,7 @@ class Pipeline:
         self._current: list[Request] = []
         self._idle = trio.Event()
         self._idle.set()
+        self._scope: trio.CancelScope | None = None
 
     def submit(self, request: Request) -> None:
         self._queue.append(request)
@@ -125,18 +126,26 @@ class Pipeline:
         self._queued_records -= size
         return batch
 
+    def cancel(self) -> None:
+        """Stop the sequencer task (shielded from outer cancellation); queued appends fail."""
+        if self._scope is not None:
+            self._scope.cancel()
+
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        task_status.started()
+        """The sequencer. Shielded: in-flight appends finish while `stop_all` drains them, even
+        when the ledger is left by cancellation; the engine cancels it when it closes."""
         try:
-            while True:
-                while not self._queue:
-                    self._idle.set()
-                    await self._lot.park()
-                self._current = self._take()
-                await self._process(self._current)
-                self._current = []
-                if not self._queue:
-                    self._idle.set()
+            with trio.CancelScope(shield=True) as self._scope:
+                task_status.started()
+                while True:
+                    while not self._queue:
+                        self._idle.set()
+                        await self._lot.park()
+                    self._current = self._take()
+                    await self._process(self._current)
+                    self._current = []
+                    if not self._queue:
+                        self._idle.set()
         finally:
             # The engine is closing or failed: nothing queued will run.
             phase = self._engine.phase

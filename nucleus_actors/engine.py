@@ -40,6 +40,24 @@ __all__ = ["LedgerEngine", "open_ledger"]
 M = TypeVar("M", bound=Module)
 
 
+async def _close(iterator: AsyncIterator[Entry]) -> None:
+    """Close an iterator that needs it (an async generator), shielded."""
+    aclose = getattr(iterator, "aclose", None)
+    if aclose is not None:
+        with trio.CancelScope(shield=True):
+            await aclose()
+
+
+async def _first(iterator: AsyncIterator[Entry]) -> Entry | None:
+    """The first item of a storage read (or None), closing the iterator."""
+    try:
+        async for entry in iterator:
+            return entry
+        return None
+    finally:
+        await _close(iterator)
+
+
 class _ReadOnlyLedger:
     """`ctx.ledger`: what a module may do with its ledger (read, never write)."""
 
@@ -230,7 +248,8 @@ class LedgerEngine:
         try:
             self._length, self._head = await storage.head()
             if self._length:
-                async for last in storage.read(self._length - 1, self._length):
+                last = await _first(storage.read(self._length - 1, self._length))
+                if last is not None:
                     self._last_ts = last.timestamp
             try:
                 async with trio.open_nursery() as nursery:
@@ -246,6 +265,10 @@ class LedgerEngine:
                     else:
                         await self._close_down(cancelled=False)
                     finally:
+                        # Internal tasks are shielded from outer cancellation: end them here.
+                        self._pipeline.cancel()
+                        self._registry.cancel_supervisor()
+                        self._registry.kill_all()
                         nursery.cancel_scope.cancel()
             except BaseExceptionGroup as group:
                 _unwrap(group)
@@ -494,7 +517,8 @@ class LedgerEngine:
             raise IndexError(
                 f"seq {seq!r} is not in ledger {self.config.ledger_id!r} (length {self._length})"
             )
-        async for entry in self.storage.read(seq, seq + 1):
+        entry = await _first(self.storage.read(seq, seq + 1))
+        if entry is not None:
             return entry
         raise IndexError(f"seq {seq} is not in ledger {self.config.ledger_id!r}")
 
@@ -521,8 +545,12 @@ class LedgerEngine:
             raise self._not_open("verify")
         expected = self._length
         verifier = ChainVerifier(genesis(self.config.ledger_id))
-        async for entry in self.storage.read(0, expected):
-            verifier.feed(entry)
+        entries = self.storage.read(0, expected)
+        try:
+            async for entry in entries:
+                verifier.feed(entry)
+        finally:
+            await _close(entries)
         if verifier.length != expected:
             raise IntegrityError(
                 f"storage holds {verifier.length} entries, the ledger committed {expected}",

@@ -546,7 +546,7 @@ class ModuleRegistry:
         """Stop every module in reverse start order; each ends STOPPED (or FAILED)."""
         for child in reversed(self._order):
             if child.alive:
-                if child.state is not ModuleState.RESTARTING:
+                if child.state not in (ModuleState.RESTARTING, ModuleState.FAILED):
                     child.set_state(ModuleState.STOPPING)
                 await self._stop_child(child, drain=drain, cap=cap)
             if child.state is not ModuleState.REGISTERED:
@@ -562,10 +562,14 @@ class ModuleRegistry:
             )
         )
 
-    async def stop_supervising(self) -> None:
-        """Stop restarting: cancel the supervisor task and wait for any operation in progress."""
+    def cancel_supervisor(self) -> None:
+        """Cancel the supervisor task (it is shielded from outer cancellation)."""
         if self._supervisor_scope is not None:
             self._supervisor_scope.cancel()
+
+    async def stop_supervising(self) -> None:
+        """Stop restarting: cancel the supervisor task and wait for any operation in progress."""
+        self.cancel_supervisor()
         async with self._lock:
             pass
 
@@ -665,8 +669,12 @@ class ModuleRegistry:
     async def supervise(
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
-        """The supervisor task: handle crash/exit reports one at a time."""
-        with trio.CancelScope() as scope:
+        """The supervisor task: handle crash/exit reports one at a time.
+
+        Shielded: an outer cancellation must not stop supervision half-way; the engine cancels
+        it explicitly (`cancel_supervisor`) when it stops or closes.
+        """
+        with trio.CancelScope(shield=True) as scope:
             self._supervisor_scope = scope
             task_status.started()
             async for child, incarnation, error in self._reports_receive:

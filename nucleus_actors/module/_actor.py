@@ -2,9 +2,10 @@
 
 An incarnation is one run of a module instance, from `init` (or a restart's `boot`) until it
 stops, crashes, exits or is killed. The actor processes its mailbox one message at a time, so
-every callback of a module runs in that task, never two at once. It never changes the module's
-`state` itself: it reports how each incarnation ended to its host (the supervisor), which
-decides what happens next.
+every callback of a module runs in that task, never two at once. It sets the module's
+INITIALIZED and RUNNING states itself (so the state is right before the next message is
+handled) and reports how each incarnation ended to its host (the supervisor), which decides
+what happens next.
 """
 
 from __future__ import annotations
@@ -253,7 +254,10 @@ class Child:
         outcome: Outcome | None = None
         error: BaseException | None = None
         try:
-            with trio.CancelScope() as scope:
+            # Shielded: only the supervisor ends an incarnation (kill, crash, exit). An outer
+            # cancellation of the ledger must not kill modules before stop_all stops them in
+            # reverse order; the engine kills whatever is left when it closes.
+            with trio.CancelScope(shield=True) as scope:
                 self._scope = scope
                 task_status.started()
                 try:
@@ -292,7 +296,7 @@ class Child:
         if shutdown == 0 or self._kill_requested:
             return
         previous = self._scope
-        with trio.CancelScope() as scope:
+        with trio.CancelScope(shield=True) as scope:
             self._scope = scope  # kill() during this stop cancels it
             if shutdown is not None:
                 scope.deadline = trio.current_time() + shutdown
@@ -436,6 +440,7 @@ class Child:
                 reply.fail(self.module_error("failed in init", err))
                 return Outcome.BOOT_FAILED, err
             if op == "init":
+                self.set_state(ModuleState.INITIALIZED)
                 reply.set()
                 return None
         if op in ("start", "boot"):
@@ -444,6 +449,9 @@ class Child:
                 await self._best_effort_stop(instance, ctx)  # it was initialized
                 reply.fail(self.module_error("failed in start", err))
                 return Outcome.BOOT_FAILED, err
+            # RUNNING before the next message is handled: state and behaviour agree.
+            self.armed = True
+            self.set_state(ModuleState.RUNNING)
             reply.set()
             return None
         assert op == "stop", op
