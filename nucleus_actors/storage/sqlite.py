@@ -143,38 +143,59 @@ def _created_by() -> str:
         return "nucleus_actors"
 
 
-async def _stream(
-    fetch: Callable[[int, int], Awaitable[list[_Row]]],
-    start: int,
-    stop: int,
-    on_chunk: Callable[[int], None] | None = None,
-) -> AsyncIterator[Entry]:
-    """Yield entries `start <= seq < stop` chunk by chunk; a missing seq is an IntegrityError.
+class _Entries:
+    """Async iterator over stored entries `start <= seq < stop`, one chunk in memory at a time.
 
-    Rows are decoded one at a time as they are consumed, so an undecodable row is reported
-    only after every entry before it was handed out. `on_chunk(next_seq)` runs once the last
-    entry of each chunk has been consumed.
+    A plain iterator object rather than an async generator, so abandoning it half-way leaves
+    nothing to finalize (each chunk's statement is already closed). Rows are decoded one at a
+    time as they are consumed, so an undecodable or missing entry is reported only after every
+    entry before it was handed out. `on_chunk(next_seq)` runs once the last entry of each chunk
+    has been consumed.
     """
-    expected = start
-    while expected < stop:
-        rows = await fetch(expected, stop)
-        if not rows:
-            break
-        for row in rows:
-            if row[0] != expected:
+
+    __slots__ = ("_fetch", "_index", "_next", "_on_chunk", "_rows", "_stop")
+
+    def __init__(
+        self,
+        fetch: Callable[[int, int], Awaitable[list[_Row]]],
+        start: int,
+        stop: int,
+        on_chunk: Callable[[int], None] | None = None,
+    ) -> None:
+        self._fetch = fetch
+        self._next = start
+        self._stop = stop
+        self._on_chunk = on_chunk
+        self._rows: list[_Row] = []
+        self._index = 0
+
+    def __aiter__(self) -> _Entries:
+        return self
+
+    async def __anext__(self) -> Entry:
+        if self._index >= len(self._rows):
+            if self._rows and self._on_chunk is not None:
+                self._on_chunk(self._next)
+            self._rows, self._index = [], 0
+            if self._next >= self._stop:
+                raise StopAsyncIteration
+            self._rows = await self._fetch(self._next, self._stop)
+            if not self._rows:
                 raise IntegrityError(
-                    f"entry {expected} is missing from storage (next stored seq is {row[0]})",
-                    seq=expected,
+                    f"entry {self._next} is missing from storage (expected entries up to "
+                    f"{self._stop - 1})",
+                    seq=self._next,
                 )
-            yield _entry(row)
-            expected += 1
-        if on_chunk is not None:
-            on_chunk(expected)
-    if expected < stop:
-        raise IntegrityError(
-            f"entry {expected} is missing from storage (expected entries up to {stop - 1})",
-            seq=expected,
-        )
+        row = self._rows[self._index]
+        self._index += 1
+        if row[0] != self._next:
+            self._rows, self._index = [], 0
+            raise IntegrityError(
+                f"entry {self._next} is missing from storage (next stored seq is {row[0]})",
+                seq=self._next,
+            )
+        self._next += 1
+        return _entry(row)
 
 
 class SQLiteStorage:
@@ -423,16 +444,18 @@ class SQLiteStorage:
             raise
 
     # -- read ------------------------------------------------------------------------------
-    async def read(self, start: int, stop: int | None = None) -> AsyncIterator[Entry]:
-        """Entries `start <= seq < stop` in seq order (`None`: up to the head when it began).
+    def read(self, start: int, stop: int | None = None) -> AsyncIterator[Entry]:
+        """Entries `start <= seq < stop` in seq order (`None`: up to the head at this call).
 
         Fetches bounded chunks (at most 512 rows or about 4 MiB each), one worker-thread hop
-        per chunk, so memory stays bounded however long the ledger is. Cancellation: nothing
-        to undo (the chunk in flight finishes in its thread first).
+        per chunk, so memory stays bounded however long the ledger is. The iterator holds no
+        resource between chunks: it may be abandoned at any point. Cancellation: nothing to
+        undo (the chunk in flight finishes in its thread first).
 
         Raises:
-            ValueError: bad range. StorageError: not open, or SQLite failed.
-            IntegrityError: an entry cannot be decoded or is missing (naming its seq).
+            ValueError: bad range (at once). StorageError: not open (at once), closed while
+                reading, or SQLite failed. IntegrityError: an entry cannot be decoded or is
+                missing (naming its seq).
         """
         check_range(start, stop)
         conn = self._connection("read")
@@ -443,8 +466,7 @@ class SQLiteStorage:
                 raise StorageError(f"cannot read: SQLiteStorage {self.path} was closed")
             return await self._hop("read", _fetch_chunk, conn, first, last)
 
-        async for entry in _stream(fetch, start, end):
-            yield entry
+        return _Entries(fetch, start, end)
 
     # -- close -----------------------------------------------------------------------------
     async def close(self) -> None:
@@ -564,7 +586,7 @@ async def verify_file(
             if progress is not None:
                 progress(done, total)
 
-        async for entry in _stream(fetch, 0, total, on_chunk):
+        async for entry in _Entries(fetch, 0, total, on_chunk):
             verifier.feed(entry)
         if progress is not None and total == 0:
             progress(0, 0)
