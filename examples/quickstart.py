@@ -1,9 +1,12 @@
-"""Quickstart: open a ledger with two modules, append records, verify the chain, print the head.
+"""Quickstart: a durable ledger with two modules; append records, verify the chain, print the head.
 
-Run it with `python examples/quickstart.py`.
+Run it with `python examples/quickstart.py [FILE]`. The ledger lives in `./ledger.db` (or FILE):
+run it again and the chain continues where the last run left it.
 """
 
 from __future__ import annotations
+
+import sys
 
 import trio
 
@@ -15,6 +18,7 @@ from nucleus_actors import (
     RecordRejected,
     open_ledger,
 )
+from nucleus_actors.storage import SQLiteStorage
 
 
 class RequireCustomer(Module):
@@ -41,19 +45,22 @@ class KindCounter(Module):
 
 
 async def main() -> None:
+    path = sys.argv[1] if len(sys.argv) > 1 else "ledger.db"
     config = LedgerConfig(ledger_id="quickstart")
-    async with open_ledger(config, modules=[RequireCustomer(), KindCounter()]) as ledger:
-        for n in range(3):
-            receipt = await ledger.append(
-                Record("order.created", {"id": n, "customer": f"c{n}"})
-            )
+    storage = SQLiteStorage(path)  # durable: every receipt below is on disk (fsynced)
+    modules = [RequireCustomer(), KindCounter()]
+    async with open_ledger(config, storage=storage, modules=modules) as ledger:
+        found = ledger.state.length
+        print(f"opened {path}: {found} entries found, head {ledger.state.head}")
+        for n in range(found, found + 3):
+            receipt = await ledger.append(Record("order.created", {"id": n, "customer": f"c{n}"}))
             print(f"appended seq={receipt.seq} hash={receipt.hash}")
         try:
             await ledger.append(Record("order.created", {"id": 99}))
         except RecordRejected as exc:
             print(f"rejected by {exc.module_id}: {exc.reason}")
         counts = await ledger.modules.get(KindCounter).ask(lambda m: dict(m.counts))
-        print(f"counts per kind: {counts}")
+        print(f"counts per kind this run: {counts}")
         head = await ledger.verify()
         print(f"chain verified: {ledger.state.length} entries, head {head}")
 
