@@ -1,0 +1,604 @@
+"""The HTTP/JSON API (FastAPI): records, ranges, heads, module statuses, SSE, health.
+
+Paths and shapes are a contract for clients in other languages (docs/daemon.md):
+
+| call | success |
+|---|---|
+| `POST /v1/ledgers/{ledger}/records` | 201 `{"seq","hash","timestamp"}` |
+| `POST /v1/ledgers/{ledger}/records/batch` | 201 `{"receipts":[...]}` |
+| `GET /v1/ledgers/{ledger}/records?start=&limit=` | 200 `{"entries":[...],"next"}` |
+| `GET /v1/ledgers/{ledger}/records/{seq}` | 200 Entry |
+| `GET /v1/ledgers/{ledger}/head` | 200 `{"ledger","length","head","phase"}` |
+| `GET /v1/ledgers` | 200 `{"ledgers":[{"id","length","phase"}]}` |
+| `GET /v1/ledgers/{ledger}/modules` | 200 `{"modules":[...]}` |
+| `GET /v1/ledgers/{ledger}/stream?from=` | 200 `text/event-stream` |
+| `GET /healthz`, `GET /readyz`, `GET /openapi.json` | 200 |
+
+Errors are RFC 9457 problem details (see `problems`). Writes pass `_Guard` first: token,
+body size (before anything is parsed) and media type.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hmac
+import json
+import logging
+from collections.abc import AsyncIterator
+from typing import Annotated, Any, Final
+
+import trio
+from fastapi import FastAPI, Header, Query, Request, Security
+from fastapi import Path as PathParam
+from fastapi.exceptions import RequestValidationError
+from fastapi.security import HTTPBearer
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from .. import __version__
+from ..engine import LedgerEngine
+from ..errors import InvalidRecord, NucleusError
+from ..record import Entry, Receipt, Record
+from .host import DaemonState, LedgerHost
+from .problems import Problem, problem_from_error, problem_response
+
+__all__ = ["create_app"]
+
+log = logging.getLogger("nucleus_actors.daemon.http")
+
+HEARTBEAT_SECONDS: Final = 15.0
+"""A stream with nothing to send writes a comment line this often (keeps proxies open)."""
+STREAM_CHUNK: Final = 256
+"""A stream reads the ledger in chunks of this many entries."""
+MAX_PAGE: Final = 1000
+"""Largest `limit` of a range read."""
+
+LedgerId = Annotated[str, PathParam(description="ledger id")]
+
+
+# -- schemas (request bodies and documented responses) ---------------------------------------
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, use_attribute_docstrings=True)
+
+
+class RecordIn(_Model):
+    """A record to append."""
+
+    kind: str
+    """What happened, e.g. `order.created`: 1..256 printable characters, no whitespace."""
+    payload: Any
+    """Any JSON value (integers within +/-(2**53-1); send larger ones as strings)."""
+    meta: dict[str, str] = Field(default_factory=dict)
+    """String metadata, covered by the hash."""
+
+    def record(self) -> Record:
+        return Record(self.kind, self.payload, self.meta)
+
+
+class BatchIn(_Model):
+    """Records to append all-or-nothing."""
+
+    records: list[RecordIn] = Field(min_length=1)
+    """The records, in order (at least one)."""
+
+
+class ReceiptOut(BaseModel):
+    """Where an appended record landed."""
+
+    seq: int
+    hash: str = Field(description="CHAIN_seq, 64 lowercase hex digits")
+    timestamp: int = Field(description="commit time, UTC microseconds since the Unix epoch")
+
+
+class BatchOut(BaseModel):
+    receipts: list[ReceiptOut]
+
+
+class EntryOut(BaseModel):
+    """A committed entry."""
+
+    seq: int
+    kind: str
+    payload: Any
+    meta: dict[str, str]
+    timestamp: int = Field(description="commit time, UTC microseconds since the Unix epoch")
+    hash: str = Field(description="CHAIN_seq, 64 lowercase hex digits")
+
+
+class PageOut(BaseModel):
+    entries: list[EntryOut]
+    next: int | None = Field(description="the `start` of the next page, or null at the head")
+
+
+class HeadOut(BaseModel):
+    ledger: str
+    length: int
+    head: str = Field(description="chain hash of the last entry (the genesis hash if empty)")
+    phase: str
+
+
+class LedgerOut(BaseModel):
+    id: str
+    length: int
+    phase: str
+
+
+class LedgersOut(BaseModel):
+    ledgers: list[LedgerOut]
+
+
+class ModuleStatusOut(BaseModel):
+    id: str
+    version: str
+    state: str
+    restarts: int
+    crashes: int
+    last_error: str | None
+    inbox_depth: int
+    processed: int
+    dropped: int
+    stop_result: str | None
+    incarnation: int
+
+
+class ModulesOut(BaseModel):
+    modules: list[ModuleStatusOut]
+
+
+class ProblemOut(BaseModel):
+    """RFC 9457 problem details (extension members vary by `type`)."""
+
+    model_config = ConfigDict(extra="allow")
+    type: str
+    title: str
+    status: int
+    detail: str
+    instance: str
+
+
+def _problems(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    return {
+        status: {"model": ProblemOut, "content": {"application/problem+json": {}}}
+        for status in statuses
+    }
+
+
+# -- JSON shapes -----------------------------------------------------------------------------
+def receipt_json(receipt: Receipt) -> dict[str, Any]:
+    return {"seq": receipt.seq, "hash": receipt.hash.hex(), "timestamp": receipt.timestamp}
+
+
+def entry_json(entry: Entry) -> dict[str, Any]:
+    record = entry.record
+    return {
+        "seq": entry.seq,
+        "kind": record.kind,
+        "payload": record.payload,
+        "meta": dict(record.meta),
+        "timestamp": entry.timestamp,
+        "hash": entry.hash.hex(),
+    }
+
+
+def _dumps(obj: Any) -> str:
+    return json.dumps(obj, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+
+
+# -- the write guard -------------------------------------------------------------------------
+def _authorized(header: str | None, token: str) -> bool:
+    if header is None:
+        return False
+    scheme, _, given = header.partition(" ")
+    if scheme.lower() != "bearer":
+        return False
+    return hmac.compare_digest(given.strip().encode(), token.encode())
+
+
+def _is_json(content_type: str | None) -> bool:
+    media = (content_type or "").split(";", 1)[0].strip().lower()
+    return media == "application/json" or (
+        media.startswith("application/") and media.endswith("+json")
+    )
+
+
+class _Guard:
+    """ASGI middleware in front of every write (POST): token, then body size, then media type.
+
+    The body is read here, at most `max_body_bytes` of it (a larger `Content-Length` is
+    refused before a byte is read), and replayed to the app; nothing is parsed before these
+    checks pass.
+    """
+
+    def __init__(self, app: ASGIApp, state: DaemonState) -> None:
+        self.app = app
+        self.state = state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST":
+            await self.app(scope, receive, send)
+            return
+        problem = self._check_headers(Headers(scope=scope))
+        if problem is not None:
+            await problem_response(problem, scope["path"])(scope, receive, send)
+            return
+        limit = self.state.max_body_bytes
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                await problem_response(_too_large(limit), scope["path"])(scope, receive, send)
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    def _check_headers(self, headers: Headers) -> Problem | None:
+        token = self.state.token
+        if token is not None and not _authorized(headers.get("authorization"), token):
+            return Problem(
+                "unauthorized",
+                "writes need the header 'Authorization: Bearer <token>' with the daemon's token",
+                headers={"WWW-Authenticate": 'Bearer realm="nucleus"'},
+            )
+        declared = headers.get("content-length")
+        if declared is not None:
+            if not declared.isdigit():
+                return Problem("bad-request", f"Content-Length {declared!r} is not a number")
+            if int(declared) > self.state.max_body_bytes:
+                return _too_large(self.state.max_body_bytes, int(declared))
+        if not _is_json(headers.get("content-type")):
+            return Problem(
+                "unsupported-media-type",
+                f"send JSON with 'Content-Type: application/json', "
+                f"got {headers.get('content-type')!r}",
+            )
+        return None
+
+
+def _too_large(limit: int, size: int | None = None) -> Problem:
+    what = "the request body" if size is None else f"the request body ({size} bytes)"
+    return Problem(
+        "body-too-large",
+        f"{what} is over max_body_bytes={limit}",
+        limit=limit,
+    )
+
+
+# -- the app ---------------------------------------------------------------------------------
+def create_app(state: DaemonState) -> FastAPI:
+    """The FastAPI application serving `state`'s ledgers (one per daemon).
+
+    Routes only use the engines' public API; engine errors become problem details
+    (`problems.problem_from_error`). The app never starts or stops ledgers: the daemon does.
+    """
+    app = FastAPI(
+        title="nucleus_actors ledger daemon",
+        version=__version__,
+        description="Append-only blake3-chained ledgers with supervised modules. "
+        "Errors are RFC 9457 problem details (application/problem+json).",
+        openapi_url="/openapi.json",
+        docs_url="/docs",
+        redoc_url=None,
+    )
+    app.add_middleware(_Guard, state=state)
+    _install_error_handlers(app)
+    bearer = HTTPBearer(auto_error=False, description="Needed for writes when a token is set.")
+    write_security = [Security(bearer)]
+
+    def lookup(ledger: str) -> LedgerHost:
+        host = state.hosts.get(ledger)
+        if host is None:
+            raise Problem(
+                "unknown-ledger",
+                f"no ledger {ledger!r} in this daemon (it serves {', '.join(state.hosts)})",
+                ledger=ledger,
+            )
+        return host
+
+    def serving(ledger: str) -> tuple[LedgerHost, LedgerEngine]:
+        host = lookup(ledger)
+        if not host.serving:
+            failure = host.failure
+            why = f": {type(failure).__name__}: {failure}" if failure is not None else ""
+            raise Problem(
+                "ledger-unavailable",
+                f"ledger {ledger!r} is {host.phase.name}{why}",
+                ledger=ledger,
+                phase=str(host.phase),
+            )
+        return host, host.engine
+
+    @app.post(
+        "/v1/ledgers/{ledger}/records",
+        status_code=201,
+        response_model=ReceiptOut,
+        dependencies=write_security,
+        responses=_problems(400, 401, 404, 409, 413, 415, 422, 503),
+        summary="Append one record",
+    )
+    async def append(ledger: LedgerId, body: RecordIn) -> Response:
+        host, engine = serving(ledger)
+        record = body.record()
+        try:
+            receipt = await engine.append(record)
+        finally:
+            host.notify()
+        return JSONResponse(
+            receipt_json(receipt),
+            status_code=201,
+            headers={"Location": f"/v1/ledgers/{ledger}/records/{receipt.seq}"},
+        )
+
+    @app.post(
+        "/v1/ledgers/{ledger}/records/batch",
+        status_code=201,
+        response_model=BatchOut,
+        dependencies=write_security,
+        responses=_problems(400, 401, 404, 409, 413, 415, 422, 503),
+        summary="Append records all-or-nothing",
+    )
+    async def append_batch(ledger: LedgerId, body: BatchIn) -> Response:
+        host, engine = serving(ledger)
+        records = []
+        for index, item in enumerate(body.records):
+            try:
+                records.append(item.record())
+            except InvalidRecord as exc:
+                raise Problem(
+                    "invalid-record",
+                    f"record {index} of the batch: {exc}",
+                    ledger=ledger,
+                    path=exc.path,
+                    index=index,
+                ) from exc
+        try:
+            receipts = await engine.append_many(records)
+        finally:
+            host.notify()
+        return JSONResponse({"receipts": [receipt_json(r) for r in receipts]}, status_code=201)
+
+    @app.get(
+        "/v1/ledgers/{ledger}/records",
+        response_model=PageOut,
+        responses=_problems(404, 422, 503),
+        summary="Read a range of entries",
+    )
+    async def read_range(
+        ledger: LedgerId,
+        start: Annotated[int, Query(ge=0, description="first seq")] = 0,
+        limit: Annotated[int, Query(ge=1, le=MAX_PAGE, description="most entries")] = 100,
+    ) -> Response:
+        _, engine = serving(ledger)
+        length = engine.state.length
+        entries = [entry_json(e) async for e in engine.read(start, min(length, start + limit))]
+        after = start + len(entries)
+        return JSONResponse({"entries": entries, "next": after if after < length else None})
+
+    @app.get(
+        "/v1/ledgers/{ledger}/records/{seq}",
+        response_model=EntryOut,
+        responses=_problems(404, 422, 503),
+        summary="Read one entry",
+    )
+    async def read_one(
+        ledger: LedgerId, seq: Annotated[int, PathParam(ge=0, description="entry seq")]
+    ) -> Response:
+        _, engine = serving(ledger)
+        try:
+            entry = await engine.get(seq)
+        except IndexError:
+            raise Problem(
+                "unknown-seq",
+                f"ledger {ledger!r} has no entry {seq} (length {engine.state.length})",
+                ledger=ledger,
+                seq=seq,
+            ) from None
+        return JSONResponse(entry_json(entry))
+
+    @app.get(
+        "/v1/ledgers/{ledger}/head",
+        response_model=HeadOut,
+        responses=_problems(404),
+        summary="Length, head hash and phase",
+    )
+    async def head(ledger: LedgerId) -> Response:
+        state_ = lookup(ledger).engine.state
+        return JSONResponse(
+            {
+                "ledger": ledger,
+                "length": state_.length,
+                "head": state_.head.hex(),
+                "phase": str(state_.phase),
+            }
+        )
+
+    @app.get("/v1/ledgers", response_model=LedgersOut, summary="Every ledger of the daemon")
+    async def ledgers() -> Response:
+        out = []
+        for host in state.hosts.values():
+            s = host.engine.state
+            out.append({"id": host.id, "length": s.length, "phase": str(s.phase)})
+        return JSONResponse({"ledgers": out})
+
+    @app.get(
+        "/v1/ledgers/{ledger}/modules",
+        response_model=ModulesOut,
+        responses=_problems(404),
+        summary="Module statuses (read-only)",
+    )
+    async def modules(ledger: LedgerId) -> Response:
+        statuses = lookup(ledger).engine.modules.status()
+        return JSONResponse({"modules": [dataclasses.asdict(s) for s in statuses]})
+
+    @app.get(
+        "/v1/ledgers/{ledger}/stream",
+        response_class=StreamingResponse,
+        responses={
+            200: {"content": {"text/event-stream": {}}, "description": "Server-sent events"},
+            **_problems(404, 422, 503),
+        },
+        summary="Follow new entries (server-sent events)",
+    )
+    async def stream(
+        ledger: LedgerId,
+        from_: Annotated[
+            int | None,
+            Query(alias="from", ge=0, description="first seq to send (default: the head)"),
+        ] = None,
+        last_event_id: Annotated[
+            str | None, Header(alias="Last-Event-ID", description="resume after this seq")
+        ] = None,
+    ) -> Response:
+        host, engine = serving(ledger)
+        if last_event_id is not None:
+            text = last_event_id.strip()
+            if not text.isdigit():
+                raise Problem(
+                    "invalid-request",
+                    f"Last-Event-ID must be the seq of an entry, got {last_event_id!r}",
+                    ledger=ledger,
+                )
+            start = int(text) + 1
+        elif from_ is not None:
+            start = from_
+        else:
+            start = engine.state.length
+        return StreamingResponse(
+            _events(state, host, start),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+
+    @app.get("/healthz", summary="Liveness: the daemon answers")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz", summary="Readiness: every ledger RUNNING", responses=_problems(503))
+    async def readyz() -> Response:
+        phases = {host.id: str(host.phase) for host in state.hosts.values()}
+        ready = not state.stopping and all(
+            host.serving and host.phase.name == "RUNNING" for host in state.hosts.values()
+        )
+        if not ready:
+            why = "the daemon is stopping" if state.stopping else "not every ledger is running"
+            raise Problem("not-ready", why, ledgers=phases)
+        return JSONResponse({"status": "ready", "ledgers": phases})
+
+    return app
+
+
+async def _events(state: DaemonState, host: LedgerHost, start: int) -> AsyncIterator[str]:
+    """The SSE body: every entry from `start` on, then new ones as they commit.
+
+    Ends when the daemon stops; when the ledger stops serving it sends an `error` event (a
+    problem object) and ends.
+    """
+    engine = host.engine
+    next_seq = start
+    while not state.stopping:
+        if not host.serving:
+            problem = Problem(
+                "ledger-unavailable",
+                f"ledger {host.id!r} is {host.phase.name}",
+                ledger=host.id,
+                phase=str(host.phase),
+            )
+            yield f"event: error\ndata: {_dumps(problem.body(''))}\n\n"
+            return
+        changed = host.changed
+        length = engine.state.length
+        if next_seq < length:
+            try:
+                async for entry in engine.read(next_seq, min(length, next_seq + STREAM_CHUNK)):
+                    yield f"id: {entry.seq}\nevent: entry\ndata: {_dumps(entry_json(entry))}\n\n"
+                    next_seq = entry.seq + 1
+            except NucleusError as exc:
+                body = problem_from_error(exc, ledger=host.id).body("")
+                yield f"event: error\ndata: {_dumps(body)}\n\n"
+                return
+            continue
+        with trio.move_on_after(HEARTBEAT_SECONDS) as idle:
+            await changed.wait()
+        if idle.cancelled_caught:
+            yield ": keep-alive\n\n"
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(Problem)
+    async def on_problem(request: Request, exc: Problem) -> Response:
+        return problem_response(exc, request.url.path)
+
+    @app.exception_handler(NucleusError)
+    async def on_engine_error(request: Request, exc: NucleusError) -> Response:
+        ledger = str(request.path_params.get("ledger", ""))
+        problem = problem_from_error(exc, ledger=ledger)
+        if problem.status >= 500:
+            log.warning("%s %s: %s", request.method, request.url.path, exc)
+        return problem_response(problem, request.url.path)
+
+    @app.exception_handler(RequestValidationError)
+    async def on_invalid(request: Request, exc: RequestValidationError) -> Response:
+        errors = exc.errors()
+        for error in errors:
+            if error.get("type") == "json_invalid":
+                reason = (error.get("ctx") or {}).get("error", "cannot parse the body")
+                return problem_response(
+                    Problem("malformed-json", f"the body is not valid JSON: {reason}"),
+                    request.url.path,
+                )
+        details = [
+            {
+                "path": ".".join(str(part) for part in error.get("loc", ())),
+                "message": error.get("msg", ""),
+                "type": error.get("type", ""),
+            }
+            for error in errors
+        ]
+        summary = "; ".join(f"{d['path']}: {d['message']}" for d in details)
+        return problem_response(
+            Problem("invalid-request", summary, errors=details), request.url.path
+        )
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http(request: Request, exc: StarletteHTTPException) -> Response:
+        slug = {400: "malformed-json", 404: "not-found", 405: "method-not-allowed"}.get(
+            exc.status_code
+        )
+        if slug is None:
+            body = {"type": "about:blank", "title": str(exc.detail), "status": exc.status_code}
+            return Response(_dumps(body), exc.status_code, exc.headers, "application/problem+json")
+        # FastAPI raises 400 only when the body does not parse (json.loads failed, e.g.
+        # nesting deeper than the parser's recursion limit).
+        detail = {
+            "malformed-json": "the body could not be parsed as JSON (is it nested too deeply?)",
+            "not-found": f"no route {request.url.path}",
+            "method-not-allowed": f"{request.method} is not allowed on {request.url.path}",
+        }.get(slug, str(exc.detail))
+        return problem_response(Problem(slug, detail, headers=exc.headers), request.url.path)
+
+    @app.exception_handler(Exception)
+    async def on_bug(request: Request, exc: Exception) -> Response:
+        log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
+        problem = Problem(
+            "internal-error", f"{type(exc).__name__} while serving the request (see the log)"
+        )
+        return problem_response(problem, request.url.path)

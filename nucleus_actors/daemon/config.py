@@ -1,0 +1,451 @@
+"""The daemon's configuration file (TOML), validated with pydantic.
+
+```toml
+port = 8470
+[[ledgers]]
+id = "orders"
+storage = "orders.db"            # relative to this file's directory; ":memory:" for RAM
+[[ledgers.modules]]
+use = "nucleus_actors.daemon.modules:RequireFields"
+config = { fields = ["customer"] }
+```
+
+`load_config(path)` reads and validates a file; every problem (unknown key, bad value, a `use`
+that does not import or is not a `Module`, duplicate ledger ids, ...) is collected into one
+`ConfigError` that lists each with its path (`ledgers[0].modules[1].use`). docs/daemon.md is
+the reference of every key; a test keeps the two in step.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import os
+import re
+import tomllib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
+
+from ..config import LEDGER_ID_PATTERN, LedgerConfig
+from ..errors import NucleusError
+from ..module import Module, ModuleSpec
+from ..supervision import Backoff
+
+__all__ = [
+    "MEMORY",
+    "BackoffSettings",
+    "ConfigError",
+    "ConfigProblem",
+    "DaemonConfig",
+    "LedgerSettings",
+    "ModuleSettings",
+    "load_config",
+    "parse_config",
+    "resolve_use",
+]
+
+MEMORY: Final = ":memory:"
+"""The `storage` value that keeps a ledger in process memory (gone when the daemon exits)."""
+
+_USE_RE: Final = re.compile(
+    r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*", re.ASCII
+)
+_ENV_RE: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_ID_RULE: Final = "1..128 letters, digits, '_', '.', '-', starting with a letter or digit"
+
+
+def _matching(value: str, pattern: re.Pattern[str], rule: str) -> str:
+    if pattern.fullmatch(value) is None:
+        raise PydanticCustomError("pattern", "must be {rule}", {"rule": rule})
+    return value
+
+
+# -- errors ----------------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class ConfigProblem:
+    """One problem found in a configuration file."""
+
+    path: str
+    """Where it is: `ledgers[0].modules[1].use`; empty for the file as a whole."""
+    message: str
+    """What is wrong, with the offending value."""
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.message}" if self.path else self.message
+
+
+class ConfigError(NucleusError, ValueError):
+    """A daemon configuration is unusable; `problems` lists every error found, with its path.
+
+    Attributes:
+        source: the file (or other source) the configuration came from.
+        problems: every problem found, in file order.
+    """
+
+    def __init__(self, source: str, problems: Sequence[ConfigProblem]) -> None:
+        self.source = source
+        self.problems = tuple(problems)
+        count = len(self.problems)
+        lines = [f"{source}: {count} configuration error{'s' if count != 1 else ''}"]
+        lines += [f"  {problem}" for problem in self.problems]
+        super().__init__("\n".join(lines))
+
+
+# -- `use = "package.module:Class"` ------------------------------------------------------------
+def resolve_use(use: str) -> type[Module]:
+    """Import the `Module` subclass named by `"package.module:Class"` (`Class` may be dotted).
+
+    Raises:
+        ValueError: the text is not `package.module:Class`, the module does not import (the
+            message carries the import error), the attribute is missing, or it is not a
+            `Module` subclass.
+    """
+    if _USE_RE.fullmatch(use) is None:
+        raise ValueError(f"use must look like 'package.module:Class', got {use!r}")
+    module_name, _, qualname = use.partition(":")
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except Exception as exc:  # a user module may raise anything at import time
+        raise ValueError(
+            f"cannot import {module_name!r} (from use = {use!r}): {type(exc).__name__}: {exc}"
+        ) from exc
+    for part in qualname.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise ValueError(
+                f"{module_name!r} has no attribute {qualname!r} (use = {use!r})"
+            ) from None
+    if not (isinstance(obj, type) and issubclass(obj, Module)):
+        raise ValueError(
+            f"use = {use!r} names {obj!r}, which is not a subclass of nucleus_actors.Module"
+        )
+    return obj
+
+
+# -- models ----------------------------------------------------------------------------------
+class _Section(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid", strict=True, frozen=True, use_attribute_docstrings=True
+    )
+
+
+class BackoffSettings(_Section):
+    """`backoff = {...}`: delay before restarting a module that keeps crashing (see `Backoff`)."""
+
+    initial: float = Field(default=0.1, ge=0, allow_inf_nan=False)
+    """Seconds before the first restart."""
+    multiplier: float = Field(default=2.0, ge=1, allow_inf_nan=False)
+    """Growth factor per consecutive restart (>= 1)."""
+    max: float = Field(default=30.0, ge=0, allow_inf_nan=False)
+    """Cap on the delay before jitter, in seconds."""
+    jitter: float = Field(default=0.0, ge=0, le=1)
+    """Relative jitter in [0, 1]: 0.1 spreads each delay by +/-10 %."""
+    reset_after: float = Field(default=30.0, ge=0, allow_inf_nan=False)
+    """Seconds RUNNING after which the consecutive-restart count resets."""
+
+    def build(self) -> Backoff:
+        """The runtime `Backoff` these settings describe."""
+        return Backoff(
+            initial=self.initial,
+            multiplier=self.multiplier,
+            max=self.max,
+            jitter=self.jitter,
+            reset_after=self.reset_after,
+        )
+
+
+class ModuleSettings(_Section):
+    """One `[[ledgers.modules]]` entry: which module to run and how to supervise it."""
+
+    use: str
+    """The module class, `"package.module:Class"` (a `Module` subclass, built with no
+    arguments; it reads its settings from `config`)."""
+    id: str | None = None
+    """Override the class's module id (to run one class twice in a ledger)."""
+    config: dict[str, Any] = Field(default_factory=dict)
+    """Settings handed to the module as `ctx.config`."""
+    restart: Literal["permanent", "transient", "temporary"] = "permanent"
+    """When the supervisor restarts it: always, only after a crash, or never."""
+    shutdown: float = Field(default=5.0, ge=0)
+    """Seconds `stop` may take before the module is cancelled; `0` cancels at once without
+    calling `stop`; `inf` waits forever."""
+    timeout: float = Field(default=30.0, gt=0)
+    """Seconds each init/start/hook callback may take (expiry is a crash); `inf` = no limit."""
+    inbox: int = Field(default=64, ge=1)
+    """Capacity of its after_append inbox, in records."""
+    overflow: Literal["block", "drop_oldest", "drop_newest", "fail"] = "block"
+    """What happens when its inbox is full: slow appends down, drop, or crash the module."""
+    depends_on: list[str] = Field(default_factory=list)
+    """Ids of modules that must start before it (and stop after it)."""
+    backoff: BackoffSettings | None = None
+    """Restart backoff for this module; unset uses the ledger's."""
+
+    @field_validator("use")
+    @classmethod
+    def _importable(cls, use: str) -> str:
+        try:
+            resolve_use(use)
+        except ValueError as exc:
+            raise PydanticCustomError("module_use", "{reason}", {"reason": str(exc)}) from None
+        return use
+
+    @field_validator("id")
+    @classmethod
+    def _id(cls, value: str | None) -> str | None:
+        return None if value is None else _matching(value, LEDGER_ID_PATTERN, _ID_RULE)
+
+    def spec(self) -> ModuleSpec[Module]:
+        """The `ModuleSpec` these settings describe (the class is imported again; cached).
+
+        Raises:
+            ValueError: the class no longer resolves, or an option is out of range.
+        """
+        cls = resolve_use(self.use)
+        module_id = self.id
+
+        def make() -> Module:
+            module = cls()
+            if module_id is not None:
+                module.id = module_id
+            return module
+
+        make.__qualname__ = f"{cls.__qualname__}.factory"
+        return ModuleSpec(
+            make,
+            restart=self.restart,  # type: ignore[arg-type]  # ModuleSpec coerces the value
+            shutdown=None if math.isinf(self.shutdown) else self.shutdown,
+            timeout=None if math.isinf(self.timeout) else self.timeout,
+            inbox=self.inbox,
+            overflow=self.overflow,  # type: ignore[arg-type]
+            depends_on=tuple(self.depends_on),
+            config=dict(self.config),
+            backoff=None if self.backoff is None else self.backoff.build(),
+        )
+
+
+class LedgerSettings(_Section):
+    """One `[[ledgers]]` table: a ledger, its storage, its supervisor and its modules."""
+
+    id: str
+    """Ledger id (bound into the genesis hash; the `{ledger}` in API paths)."""
+    storage: str = Field(min_length=1)
+    """SQLite file of the ledger, relative to the config file's directory (`~` expands), or
+    `":memory:"` to keep it in memory only."""
+    durability: Literal["full", "normal"] = "full"
+    """SQLite durability: `"full"` fsyncs every commit (survives power loss); `"normal"` may
+    lose the last acknowledged appends on an OS crash or power loss."""
+    strategy: Literal["one_for_one", "one_for_all", "rest_for_one"] = "one_for_one"
+    """Which modules restart together when one crashes."""
+    max_restarts: int = Field(default=3, ge=0)
+    """Restart intensity: more than this many restarts ..."""
+    restart_window: float = Field(default=5.0, gt=0, allow_inf_nan=False)
+    """... within this many seconds fails the ledger (see `on_ledger_failure`)."""
+    backoff: BackoffSettings | None = None
+    """Delay between consecutive restarts of a module; unset restarts at once."""
+    max_record_bytes: int = Field(default=1 << 20, ge=64)
+    """Largest record accepted, measured on its canonical bytes."""
+    modules: list[ModuleSettings] = Field(default_factory=list)
+    """The ledger's modules, in start order (after `depends_on`)."""
+
+    @field_validator("id")
+    @classmethod
+    def _id(cls, value: str) -> str:
+        return _matching(value, LEDGER_ID_PATTERN, _ID_RULE)
+
+    def storage_path(self, base_dir: Path) -> Path | None:
+        """The absolute SQLite path (relative paths resolve against `base_dir`), or None for
+        `":memory:"`."""
+        if self.storage == MEMORY:
+            return None
+        path = Path(os.path.expanduser(self.storage))
+        return path if path.is_absolute() else (base_dir / path).resolve()
+
+    def ledger_config(self) -> LedgerConfig:
+        """The engine's `LedgerConfig` for this ledger."""
+        return LedgerConfig(
+            ledger_id=self.id,
+            strategy=self.strategy,  # type: ignore[arg-type]  # LedgerConfig coerces the value
+            max_restarts=self.max_restarts,
+            restart_window=self.restart_window,
+            backoff=None if self.backoff is None else self.backoff.build(),
+            max_record_bytes=self.max_record_bytes,
+        )
+
+
+class DaemonConfig(_Section):
+    """The whole file: the daemon's HTTP settings and its ledgers."""
+
+    host: str = Field(default="127.0.0.1", min_length=1)
+    """Address to listen on (`0.0.0.0` or `::` for every interface)."""
+    port: int = Field(default=8470, ge=0, le=65535)
+    """TCP port; `0` picks a free one (the log says which)."""
+    token_env: str = "NUCLEUS_TOKEN"
+    """Environment variable holding the API token; when it is set and not empty, every write
+    needs `Authorization: Bearer <token>`."""
+    max_body_bytes: int = Field(default=4 << 20, ge=1024)
+    """Largest request body accepted; larger ones get 413 before they are parsed."""
+    on_ledger_failure: Literal["exit", "serve"] = "exit"
+    """When a ledger fails: `"exit"` stops the daemon with a non-zero status (let systemd or
+    Kubernetes restart it); `"serve"` keeps serving the other ledgers, the failed one answers
+    503."""
+    graceful_timeout: float = Field(default=10.0, gt=0, allow_inf_nan=False)
+    """Seconds in-flight requests get to finish on shutdown before they are cancelled."""
+    ledgers: list[LedgerSettings] = Field(min_length=1)
+    """The ledgers this daemon serves (at least one)."""
+
+    _base_dir: Path = PrivateAttr(default_factory=Path.cwd)
+
+    @field_validator("token_env")
+    @classmethod
+    def _env_name(cls, value: str) -> str:
+        return _matching(value, _ENV_RE, "an environment variable name ([A-Za-z_][A-Za-z0-9_]*)")
+
+    @property
+    def base_dir(self) -> Path:
+        """The directory relative storage paths resolve against (the config file's)."""
+        return self._base_dir
+
+    @model_validator(mode="after")
+    def _distinct(self, info: ValidationInfo) -> DaemonConfig:
+        base = self._base_dir = _base_dir(info)
+        seen: dict[str, int] = {}
+        files: dict[Path, int] = {}
+        for index, ledger in enumerate(self.ledgers):
+            if ledger.id in seen:
+                raise PydanticCustomError(
+                    "duplicate_ledger",
+                    "ledger id '{id}' is used twice: ledgers[{a}] and ledgers[{b}]",
+                    {"id": ledger.id, "a": seen[ledger.id], "b": index},
+                )
+            seen[ledger.id] = index
+            path = ledger.storage_path(base)
+            if path is None:
+                continue
+            if path in files:
+                raise PydanticCustomError(
+                    "duplicate_storage",
+                    "ledgers[{a}] and ledgers[{b}] use the same storage file {path}",
+                    {"a": files[path], "b": index, "path": str(path)},
+                )
+            files[path] = index
+            if not path.parent.is_dir():
+                raise PydanticCustomError(
+                    "storage_dir",
+                    "ledgers[{i}].storage: directory {dir} does not exist",
+                    {"i": index, "dir": str(path.parent)},
+                )
+        return self
+
+
+def _base_dir(info: ValidationInfo) -> Path:
+    context = info.context if isinstance(info.context, Mapping) else {}
+    return Path(context.get("base_dir", Path.cwd())).resolve()
+
+
+# -- loading ---------------------------------------------------------------------------------
+def _format_loc(loc: Sequence[int | str]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _describe(data: Any, loc: Sequence[int | str]) -> str:
+    """`(ledger 'main', module 'pkg.mod:Class')` for errors inside a ledger, from the raw
+    input (what the user wrote, even where it is itself invalid)."""
+    notes: list[str] = []
+    if len(loc) >= 2 and loc[0] == "ledgers" and isinstance(loc[1], int):
+        ledgers = data.get("ledgers") if isinstance(data, dict) else None
+        ledger = ledgers[loc[1]] if isinstance(ledgers, list) and loc[1] < len(ledgers) else None
+        if isinstance(ledger, dict) and isinstance(ledger.get("id"), str):
+            notes.append(f"ledger {ledger['id']!r}")
+        if len(loc) >= 4 and loc[2] == "modules" and isinstance(loc[3], int):
+            modules = ledger.get("modules") if isinstance(ledger, dict) else None
+            if isinstance(modules, list) and loc[3] < len(modules):
+                entry = modules[loc[3]]
+                if isinstance(entry, dict) and isinstance(entry.get("use"), str):
+                    notes.append(f"module {entry['use']!r}")
+    return f" ({', '.join(notes)})" if notes else ""
+
+
+def _short(value: Any) -> str | None:
+    if isinstance(value, (dict, list)):
+        return None
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _problems(error: ValidationError, data: Any) -> list[ConfigProblem]:
+    """One `ConfigProblem` per pydantic error, with its path and the offending value."""
+    problems = []
+    for item in error.errors(include_url=False):
+        loc = item["loc"]
+        message = item["msg"]
+        if item["type"] == "extra_forbidden":
+            message = "unknown key (not allowed here)"
+        elif item["type"] not in ("missing", "module_use", "duplicate_ledger") and (
+            shown := _short(item.get("input"))
+        ):
+            message = f"{message} (got {shown})"
+        problems.append(ConfigProblem(_format_loc(loc) + _describe(data, loc), message))
+    return problems
+
+
+def parse_config(
+    data: Mapping[str, Any], *, base_dir: Path, source: str = "<config>"
+) -> DaemonConfig:
+    """Validate an already-parsed configuration mapping.
+
+    Args:
+        data: the TOML document as a mapping.
+        base_dir: the directory relative storage paths resolve against.
+        source: how to name the configuration in errors.
+
+    Raises:
+        ConfigError: listing every problem with its path.
+    """
+    try:
+        return DaemonConfig.model_validate(dict(data), context={"base_dir": base_dir})
+    except ValidationError as exc:
+        raise ConfigError(source, _problems(exc, data)) from None
+
+
+def load_config(path: str | os.PathLike[str]) -> DaemonConfig:
+    """Read and validate a TOML configuration file.
+
+    Relative storage paths in the file resolve against its directory (`config.base_dir`).
+
+    Raises:
+        ConfigError: the file cannot be read, is not TOML, or breaks a rule (every problem is
+            listed with its path).
+    """
+    where = Path(path)
+    source = str(where)
+    try:
+        raw = where.read_bytes()
+    except OSError as exc:
+        raise ConfigError(
+            source, [ConfigProblem("", f"cannot read the file: {exc.strerror}")]
+        ) from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(source, [ConfigProblem("", f"not UTF-8 text: {exc}")]) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(source, [ConfigProblem("", f"not valid TOML: {exc}")]) from None
+    return parse_config(data, base_dir=where.resolve().parent, source=source)

@@ -1,0 +1,84 @@
+"""What the HTTP layer sees of the daemon: its ledgers (`LedgerHost`) and `DaemonState`."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import trio
+
+from ..engine import LedgerEngine
+from ..lifecycle import Phase
+from .config import LedgerSettings
+
+__all__ = ["DaemonState", "LedgerHost"]
+
+
+class LedgerHost:
+    """One ledger served by the daemon: its settings, its engine and whether it serves.
+
+    The daemon runs each engine in its own task; `serving` is true from a successful
+    `start_all` until the ledger stops or fails. `notify()` wakes every stream waiting on the
+    ledger (after an append, a failure, or when the daemon stops).
+    """
+
+    def __init__(
+        self, settings: LedgerSettings, engine: LedgerEngine, storage_path: Path | None
+    ) -> None:
+        self.settings = settings
+        """The ledger's `[[ledgers]]` table."""
+        self.engine = engine
+        """The ledger's engine (the source of truth)."""
+        self.storage_path = storage_path
+        """The SQLite file, or None for an in-memory ledger."""
+        self.serving = False
+        """True while the engine is RUNNING inside its task and may be read and written."""
+        self.failure: BaseException | None = None
+        """Why the ledger failed (startup error or `LedgerFailed`), else None."""
+        self._changed = trio.Event()
+
+    @property
+    def id(self) -> str:
+        """The ledger id."""
+        return self.settings.id
+
+    @property
+    def phase(self) -> Phase:
+        """The engine's phase."""
+        return self.engine.phase
+
+    @property
+    def changed(self) -> trio.Event:
+        """An event set at the next `notify()`: take it, check, then wait (no lost wakeup)."""
+        return self._changed
+
+    def notify(self) -> None:
+        """Wake everything waiting on `changed` (and arm a fresh event)."""
+        self._changed.set()
+        self._changed = trio.Event()
+
+
+class DaemonState:
+    """The daemon as the HTTP API sees it: ledgers, token, limits, and whether it is stopping."""
+
+    def __init__(
+        self,
+        hosts: Mapping[str, LedgerHost],
+        *,
+        token: str | None,
+        max_body_bytes: int,
+    ) -> None:
+        self.hosts: dict[str, LedgerHost] = dict(hosts)
+        """Ledgers by id, in configuration order."""
+        self.token = token or None
+        """The API token writes need, or None when writes are open."""
+        self.max_body_bytes = max_body_bytes
+        """Largest request body accepted."""
+        self.stopping = False
+        """Set once shutdown began: streams end, `/readyz` answers 503."""
+
+    def begin_stopping(self) -> None:
+        """Mark the daemon as stopping and end every stream."""
+        self.stopping = True
+        for host in self.hosts.values():
+            host.notify()

@@ -1,0 +1,67 @@
+"""The commented `nucleus.toml` that `nucleus init` writes (`nucleus run` accepts it as is)."""
+
+from __future__ import annotations
+
+from typing import Final
+
+__all__ = ["CONFIG_TEMPLATE"]
+
+CONFIG_TEMPLATE: Final = """\
+# nucleus.toml: configuration of a nucleus_actors ledger daemon.
+#
+#   nucleus run nucleus.toml            # serve it (Ctrl-C or SIGTERM stops it cleanly)
+#   nucleus verify main.db              # check the ledger file's hash chain
+#
+# Every key, its default and its meaning: docs/daemon.md. Unknown keys are errors.
+
+# Where the HTTP/JSON API listens. Port 0 picks a free port (the log says which).
+host = "127.0.0.1"
+port = 8470
+
+# When this environment variable is set (and not empty), every write needs the header
+# "Authorization: Bearer <its value>". Reads are open: keep `host` on loopback or behind a
+# proxy if that matters.
+token_env = "NUCLEUS_TOKEN"
+
+# Largest request body in bytes; larger bodies get 413 before they are parsed.
+max_body_bytes = 4194304
+
+# When a ledger fails (its modules keep crashing past max_restarts):
+#   "exit"  stop the daemon with exit status 1 and let systemd / Kubernetes restart it;
+#   "serve" keep serving the other ledgers; the failed one answers 503.
+on_ledger_failure = "exit"
+
+# Seconds in-flight requests get to finish on shutdown.
+graceful_timeout = 10.0
+
+[[ledgers]]
+# The ledger id: part of every API path (/v1/ledgers/main/...) and of the genesis hash.
+id = "main"
+# SQLite file, relative to this file's directory; ":memory:" keeps the ledger in RAM only.
+storage = "main.db"
+# "full": every acknowledged append survives a power loss. "normal": faster, but an OS crash
+# or power loss may lose the last acknowledged appends.
+durability = "full"
+# Supervision, as in Erlang/OTP: which modules restart together when one crashes, and how
+# many restarts within how many seconds fail the ledger.
+strategy = "one_for_one"
+max_restarts = 3
+restart_window = 5.0
+# Largest record, in bytes of its canonical JSON.
+max_record_bytes = 1048576
+
+# A validator: "order.*" records must carry a "customer" (else 409 Conflict).
+[[ledgers.modules]]
+use = "nucleus_actors.daemon.modules:RequireFields"
+config = { kinds = ["order."], fields = ["customer"] }
+
+# An index: counts records per kind (rebuilt from the ledger when it starts), logs the
+# totals when it stops. The supervision options are shown with their defaults.
+[[ledgers.modules]]
+use = "nucleus_actors.daemon.modules:KindCounter"
+restart = "permanent"   # or "transient", "temporary"
+shutdown = 5.0          # seconds stop() may take; inf waits forever
+timeout = 30.0          # seconds each callback may take; inf = no limit
+inbox = 64              # after_append deliveries queued before appends wait
+overflow = "block"      # or "drop_oldest", "drop_newest", "fail"
+"""
