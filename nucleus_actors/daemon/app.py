@@ -240,6 +240,10 @@ class _Guard:
             if not message.get("more_body", False):
                 break
         body = b"".join(chunks)
+        if not body.strip():
+            problem = Problem("malformed-json", "the body is empty: send a JSON object")
+            await problem_response(problem, scope["path"])(scope, receive, send)
+            return
         replayed = False
 
         async def replay() -> Message:
@@ -389,7 +393,8 @@ def create_app(state: DaemonState) -> FastAPI:
     ) -> Response:
         _, engine = serving(ledger)
         length = engine.state.length
-        entries = [entry_json(e) async for e in engine.read(start, min(length, start + limit))]
+        stop = min(length, start + limit)
+        entries = [entry_json(e) async for e in engine.read(start, stop)] if start < stop else []
         after = start + len(entries)
         return JSONResponse({"entries": entries, "next": after if after < length else None})
 

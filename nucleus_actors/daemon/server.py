@@ -189,8 +189,8 @@ class Daemon:
             log.error("ledger %r: configuration error: %s", host.id, exc)
             self.request_stop(EXIT_CONFIG)
             return
-        if isinstance(exc, (NucleusError, LedgerFailed)):
-            log.error("ledger %r %s: %s%s", host.id, when, exc, because)
+        if isinstance(exc, NucleusError):
+            log.error("ledger %r %s: %s: %s%s", host.id, when, type(exc).__name__, exc, because)
         else:
             log.error("ledger %r %s", host.id, when, exc_info=exc)
         if self.config.on_ledger_failure == "exit":
