@@ -73,13 +73,14 @@ class RequireFields(Module):
             return None
         payload = record.payload
         if not isinstance(payload, Mapping):
+            names = ", ".join(repr(name) for name in self.fields)
             raise RecordRejected(
-                f"a {record.kind!r} record needs an object payload with {', '.join(self.fields)}"
+                f"record of kind {record.kind!r} needs an object payload with {names}"
             )
-        missing = [name for name in self.fields if name not in payload]
+        missing = [repr(name) for name in self.fields if name not in payload]
         if missing:
             raise RecordRejected(
-                f"a {record.kind!r} record needs {', '.join(missing)} in its payload"
+                f"record of kind {record.kind!r} is missing {', '.join(missing)} in its payload"
             )
         return None
 

@@ -61,7 +61,8 @@ class Problem(Exception):
         slug: a key of `PROBLEMS` (it fixes the status and title).
         detail: what happened in this occurrence, for humans.
         headers: extra response headers (a 503 always gets `Retry-After`).
-        **extensions: extra members of the problem object (`ledger`, `module`, `seq`, ...).
+        **extensions: extra members of the problem object (`ledger`, `module`, `seq`, ...);
+            those that are None are left out.
     """
 
     def __init__(
@@ -91,7 +92,7 @@ class Problem(Exception):
             "status": self.status,
             "detail": self.detail,
             "instance": instance,
-            **self.extensions,
+            **{key: value for key, value in self.extensions.items() if value is not None},
         }
 
 
