@@ -186,7 +186,8 @@ def verify(
             progress.stop()
             _error(f"{path}: {exc}")
             raise typer.Exit(EXIT_CONFIG) from None
-    _out.print(f"{path}: ok, {length} entries, head {head.hex()}", markup=False)
+    entries = "entry" if length == 1 else "entries"
+    _out.print(f"{path}: ok, {length} {entries}, head {head.hex()}", markup=False)
 
 
 def main() -> None:
