@@ -479,13 +479,12 @@ class ModuleRegistry:
     async def init_all(self) -> None:
         """Launch every actor and run `init` in start order; roll back on failure."""
         self.resolve_order()
-        done: list[Child] = []
         try:
             for child in self._order:
-                await child.launch(self._host.nursery)
-                await self._request(child, "init")
-                child.set_state(ModuleState.INITIALIZED)
-                done.append(child)
+                # The actor sets INITIALIZED (then RUNNING) itself, before it handles anything
+                # else; setting it here after the reply could overwrite a later crash.
+                first = await child.launch(self._host.nursery, "init")
+                await first.reply.wait()
                 self._check_startup()
         except BaseException as exc:
             await self._rollback(exc)
@@ -497,8 +496,6 @@ class ModuleRegistry:
             self._check_startup()
             for child in self._order:
                 await self._request(child, "start")
-                child.armed = True
-                child.set_state(ModuleState.RUNNING)
                 self._check_startup()
         except BaseException as exc:
             await self._rollback(exc)
@@ -759,14 +756,12 @@ class ModuleRegistry:
             child.last_error = repr(exc)
             log.error("module %r: factory failed on restart: %r", child.id, exc)
             return exc
-        await child.launch(self._host.nursery)
+        first = await child.launch(self._host.nursery, "boot")
         try:
-            await self._request(child, "boot")
+            await first.reply.wait()
         except ModuleError as err:
             log.error("module %r: restart failed: %s", child.id, err)
             return err.__cause__ or err
-        child.armed = True
-        child.set_state(ModuleState.RUNNING)
         log.info("module %r restarted (incarnation %d)", child.id, child.incarnation)
         return None
 
@@ -817,8 +812,8 @@ class ModuleRegistry:
                     )
             self.add_child(child)
             try:
-                await child.launch(self._host.nursery)
-                await self._request(child, "boot")
+                first = await child.launch(self._host.nursery, "boot")
+                await first.reply.wait()
             except BaseException:
                 with trio.CancelScope(shield=True):
                     await self._stop_child(child, drain=False, cap=0)
@@ -828,8 +823,6 @@ class ModuleRegistry:
                 child.set_state(ModuleState.FAILED)
                 self._shut(child, "add failed")
                 raise
-            child.armed = True
-            child.set_state(ModuleState.RUNNING)
 
     async def terminate(self, module_id: str) -> None:
         """Stop a module (drain, `stop`), keeping its spec; no-op if already stopped/failed."""

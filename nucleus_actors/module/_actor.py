@@ -20,7 +20,7 @@ from typing import Any, Protocol
 import trio
 from trio_util import AsyncValue
 
-from ..errors import ModuleError, RecordRejected
+from ..errors import ModuleError, RecordRejected, RegistryError
 from ..lifecycle import ModuleState
 from ..record import Record
 from ._base import Module
@@ -160,21 +160,23 @@ class Child:
         """A fresh instance from the factory (if any) for the next incarnation.
 
         Raises:
-            Exception: whatever the factory raised, or TypeError/ValueError if it returned a
-                non-Module or a module with another id (the caller treats it as a crash).
+            Exception: whatever the factory raised; RegistryError if it returned a non-Module
+                or a module with another id (the caller treats either as a crash).
         """
         if self.factory is None:
             return
         instance = self.factory()
         if not isinstance(instance, Module):
-            raise TypeError(
-                f"factory of module {self.id!r} returned {type(instance).__name__}, not a Module"
+            raise RegistryError(
+                f"factory of module {self.id!r} returned {type(instance).__name__}, not a Module",
+                module_id=self.id,
             )
         new_id = getattr(instance, "id", None)
         if new_id != self.id:
-            raise ValueError(
+            raise RegistryError(
                 f"factory of module {self.id!r} returned a module with id {new_id!r}: "
-                "every incarnation must keep its id"
+                "every incarnation must keep its id",
+                module_id=self.id,
             )
         self.instance = instance
         self._refresh_hooks()
@@ -190,8 +192,12 @@ class Child:
         return self.spec.timeout
 
     # -- control from the supervisor -------------------------------------------------------
-    async def launch(self, nursery: trio.Nursery) -> None:
-        """Start a new incarnation task (it waits for a lifecycle message)."""
+    async def launch(self, nursery: trio.Nursery, op: str) -> Lifecycle:
+        """Start a new incarnation that first runs lifecycle `op` ("init" or "boot").
+
+        The op is handed to the task directly, not queued: nothing in the mailbox (such as a
+        redelivery) can run before it. Returns the message whose reply to await.
+        """
         assert not self.alive, f"module {self.id!r} already has a live incarnation"
         self.incarnation += 1
         self._kill_requested = False
@@ -200,7 +206,9 @@ class Child:
         self._done = trio.Event()
         self.alive = True
         self.mailbox.reopen()
-        await nursery.start(self._run, self.incarnation, self.instance)
+        first = Lifecycle(op)
+        await nursery.start(self._run, self.incarnation, self.instance, first)
+        return first
 
     def kill(self) -> None:
         """Cancel the live incarnation (no `stop`); see `wait_done`."""
@@ -238,6 +246,7 @@ class Child:
         self,
         incarnation: int,
         instance: Module,
+        first: Lifecycle,
         *,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
@@ -263,7 +272,7 @@ class Child:
                 try:
                     async with trio.open_nursery() as background:
                         ctx._nursery = background
-                        outcome, error = await self._serve(instance, ctx)
+                        outcome, error = await self._serve(instance, ctx, first)
                         background.cancel_scope.cancel()
                 except BaseException as exc:
                     cause = crash_cause(exc)
@@ -310,8 +319,11 @@ class Child:
             log.warning("module %r: stop after a crash overstayed shutdown=%s", self.id, shutdown)
 
     async def _serve(
-        self, instance: Module, ctx: ModuleContext
+        self, instance: Module, ctx: ModuleContext, first: Lifecycle
     ) -> tuple[Outcome, BaseException | None]:
+        ended = await self._lifecycle(instance, ctx, first)
+        if ended is not None:
+            return ended
         mailbox = self.mailbox
         handled = 0
         while True:

@@ -67,7 +67,9 @@ async def test_before_append_chain_order_and_committed_record() -> None:
 
 async def test_rejection_names_module_and_stores_nothing() -> None:
     async with open_ledger(config(), modules=[Veto()]) as engine:
-        with pytest.raises(RecordRejected, match=r"module 'veto' rejected the record: bad record 1"):
+        with pytest.raises(
+            RecordRejected, match=r"module 'veto' rejected the record: bad record 1"
+        ):
             await engine.append(Record("k", {"bad": True, "n": 1}))
         assert engine.state.length == 0
         assert engine.statistics().rejects == 1
@@ -100,7 +102,9 @@ async def test_append_many_is_all_or_nothing() -> None:
         receipts = await engine.append_many([Record("k", {"n": n}) for n in range(5)])
         assert [r.seq for r in receipts] == [0, 1, 2, 3, 4]
         batch = [Record("k", {"n": n, "bad": n == 2}) for n in range(5)]
-        with pytest.raises(RecordRejected, match=r"\(record 2 of the batch\): bad record 2") as info:
+        with pytest.raises(
+            RecordRejected, match=r"\(record 2 of the batch\): bad record 2"
+        ) as info:
             await engine.append_many(batch)
         assert info.value.index == 2
         assert engine.state.length == 5
@@ -138,7 +142,9 @@ async def test_fail_closed_while_failed_until_restart_or_remove() -> None:
             await engine.append(Record("k", 1))
         assert engine.modules.get("gate").state is ModuleState.FAILED
         # A dead validator never lets records through.
-        with pytest.raises(ModuleError, match=r"module 'gate' is FAILED .* until restart\('gate'\)"):
+        with pytest.raises(
+            ModuleError, match=r"module 'gate' is FAILED .* until restart\('gate'\)"
+        ):
             await engine.append(Record("k", 2))
         assert engine.state.length == 0
         await engine.restart("gate")  # restarted by hand: the validator works again
@@ -369,7 +375,9 @@ async def test_reads_get_and_index_errors() -> None:
         assert [e.seq async for e in engine.read()] == [0, 1, 2, 3, 4]
         assert [e.seq async for e in engine.read(4, None)] == [4]
         for bad in (5, -1):
-            with pytest.raises(IndexError, match=rf"seq {bad} is not in ledger 'test' \(length 5\)"):
+            with pytest.raises(
+                IndexError, match=rf"seq {bad} is not in ledger 'test' \(length 5\)"
+            ):
                 await engine.get(bad)
         with pytest.raises(ValueError, match="start must be an int >= 0"):
             [e async for e in engine.read(-2)]

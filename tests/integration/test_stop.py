@@ -190,8 +190,8 @@ async def test_cancelling_stop_all_kills_the_rest(mock_clock: trio.testing.MockC
 async def test_crash_during_stop_all_restarts_nothing() -> None:
     class CrashOnDrain(Recorder):
         async def after_append(self, record: Record, hash: Hash) -> None:
-            if engine.phase is Phase.STOPPING:
-                raise RuntimeError("crash while draining")
+            await engine.wait_phase(Phase.STOPPING)
+            raise RuntimeError("crash while draining")
 
     async with open_ledger(config()) as engine:
         await engine.add(CrashOnDrain("c", []))
