@@ -173,13 +173,22 @@ def test_ledger_failure_exits_non_zero_by_default(tmp_path: Path, start_daemon: 
 def test_ledger_failure_with_serve_answers_503_and_keeps_the_others(
     tmp_path: Path, start_daemon: Any
 ) -> None:
-    config = write_config(tmp_path, FAILURE.format(policy="serve"))
+    broken = """
+[[ledgers]]
+id = "broken"
+storage = ":memory:"
+
+[[ledgers.modules]]
+use = "nucleus_actors.daemon.modules:RequireFields"
+"""  # no `fields`: its init fails, the ledger does not start
+    config = write_config(tmp_path, FAILURE.format(policy="serve") + broken)
     daemon: DaemonProcess = start_daemon(config)
     with client(daemon.wait_listening()) as api:
         assert append(api, "fragile", "boom").status_code == 201
         daemon.wait_log("ledger 'fragile' failed")
         listed = {entry["id"]: entry["phase"] for entry in api.get("/v1/ledgers").json()["ledgers"]}
-        assert listed == {"fragile": "failed", "steady": "running"}
+        assert listed == {"fragile": "failed", "steady": "running", "broken": "failed"}
+        assert append(api, "broken", "note").status_code == 503
 
         for response in (
             append(api, "fragile", "note"),
@@ -249,3 +258,31 @@ shutdown = inf
     daemon.send(signal.SIGTERM)
     assert daemon.wait() == 128 + signal.SIGTERM, daemon.log
     assert "forcing exit" in daemon.log
+
+
+def test_locked_storage_and_busy_port_fail_startup(tmp_path: Path, start_daemon: Any) -> None:
+    config = write_config(tmp_path, '[[ledgers]]\nid = "main"\nstorage = "main.db"\n')
+    first: DaemonProcess = start_daemon(config)
+    port = first.wait_listening().rsplit(":", 1)[1]
+
+    # Same ledger file: the second daemon cannot take the writer lock.
+    second = DaemonProcess(config)
+    try:
+        assert second.wait() == 1, second.log
+    finally:
+        second.close()
+    assert "ledger 'main' failed to start: StorageError" in second.log
+    assert "listening on" not in second.log
+
+    # Another ledger, same port: it cannot bind.
+    other = tmp_path / "other"
+    other.mkdir()
+    busy = write_config(other, '[[ledgers]]\nid = "main"\nstorage = ":memory:"\n')
+    third = DaemonProcess(busy, "--port", port)
+    try:
+        assert third.wait() == 1, third.log
+    finally:
+        third.close()
+    assert f"cannot listen on 127.0.0.1:{port}" in third.log
+    assert "Traceback" not in third.log
+    assert first.stop() == 0
