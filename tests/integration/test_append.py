@@ -6,6 +6,7 @@ from typing import Any
 
 import pytest
 import trio
+import trio.lowlevel
 import trio.testing
 
 from nucleus_actors import (
@@ -335,17 +336,21 @@ async def test_ask_exception_goes_to_caller_and_is_not_a_crash() -> None:
         assert handle.state is ModuleState.RUNNING
 
         async def add(m: Recorder, a: int, b: int) -> int:
-            await trio.sleep(0)
+            await trio.lowlevel.checkpoint()
             return a + b
 
         assert await handle.ask(add, 2, 3) == 5
+
+
+async def _hang(m: object) -> None:
+    await trio.sleep_forever()
 
 
 async def test_ask_timeout_is_a_crash(mock_clock: trio.testing.MockClock) -> None:
     async with open_ledger(config()) as engine:
         handle = await engine.add(Recorder("r", []), timeout=1.0)
         with pytest.raises(ModuleError, match=r"module 'r' timed out in ask") as info:
-            await handle.ask(lambda m: trio.sleep_forever())
+            await handle.ask(_hang)
         assert isinstance(info.value.__cause__, TimeoutError)
         await trio.testing.wait_all_tasks_blocked()  # let the supervisor restart it
         assert (handle.state, handle.status.restarts) == (ModuleState.RUNNING, 1)

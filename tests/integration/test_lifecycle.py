@@ -6,6 +6,7 @@ from typing import Any
 
 import pytest
 import trio
+import trio.lowlevel
 
 from nucleus_actors import (
     LedgerConfig,
@@ -126,7 +127,7 @@ async def test_crash_during_startup_rolls_back() -> None:
 
         async def init(self, ctx: Any) -> None:
             async def boom() -> None:
-                await trio.sleep(0)
+                await trio.lowlevel.checkpoint()
                 raise ValueError("background failure during startup")
 
             ctx.spawn(boom)
@@ -185,7 +186,7 @@ def test_registry_rules() -> None:
     with pytest.raises(RegistryError, match=r"raised ValueError\('nope'\) when called at register"):
         engine.register(lambda: (_ for _ in ()).throw(ValueError("nope")))
     for bad in ("", "has space", "-lead", "x" * 129, None):
-        with pytest.raises(RegistryError, match="module id must be 1..128"):
+        with pytest.raises(RegistryError, match=r"module id must be 1\.\.128"):
             engine.register(Named(bad))
 
     class NoId(Module):
@@ -239,7 +240,8 @@ async def test_registry_lookup_by_type_and_id() -> None:
             engine.modules.get(Gate)
         with pytest.raises(RegistryError, match=r"no module with id 'nope'"):
             engine.modules.get("nope")
-        assert "r1" in engine.modules and "nope" not in engine.modules
+        assert "r1" in engine.modules
+        assert "nope" not in engine.modules
         assert len(engine.modules) == 3
         counts = engine.modules.counts()
         assert (counts.specs, counts.running, counts.failed) == (3, 3, 0)

@@ -1,4 +1,4 @@
-"""Structured stop: drain, reverse order, deadlines, cancellation from outside, in-flight appends."""
+"""Structured stop: drain, reverse order, deadlines, outside cancellation, in-flight appends."""
 
 from __future__ import annotations
 
