@@ -472,8 +472,11 @@ class SQLiteStorage:
     async def close(self) -> None:
         """Close the database (merging the WAL into the file) and release the lock. Idempotent.
 
-        Cancellation: the close runs to completion in its worker thread once started; the
-        engine calls it shielded.
+        Cancellation: shielded; the close always completes (it waits for a read chunk or batch
+        in flight, then runs in a worker thread), so the lock is never left held.
+
+        Raises:
+            StorageError: SQLite reported an error while closing (the lock is released anyway).
         """
         conn, fd = self._conn, self._lock_fd
         if conn is None:
@@ -489,7 +492,8 @@ class SQLiteStorage:
                 if fd is not None:
                     os.close(fd)
 
-        await self._hop("close", close_sync)
+        with trio.CancelScope(shield=True):
+            await self._hop("close", close_sync)
 
 
 def _read_head(conn: sqlite3.Connection, ledger_id: str) -> tuple[int, Hash]:
