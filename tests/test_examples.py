@@ -76,3 +76,12 @@ def test_quickstart_continues_its_chain_when_run_again(tmp_path: Path) -> None:
     assert second[0] == f"opened ledger.db: 3 entries found, head {head_after_first}"
     assert second[1].startswith("appended seq=3 ")
     assert second[-1].startswith("chain verified: 6 entries, head ")
+
+
+def test_embed_in_app_totals_and_rejections(tmp_path: Path) -> None:
+    lines = _run(EXAMPLES / "embed_in_app.py", tmp_path)
+    refused = "bob: payment of -5 refused by amount-validator: amount must be a positive integer"
+    assert f"{refused} of cents, got -5" in lines
+    assert "final totals: {'alice': 875, 'bob': 1300, 'carol': 42}" in lines
+    assert "committed 6 payments, rejected 2" in lines
+    assert re.fullmatch(r"chain verified, head [0-9a-f]{64}", lines[-1])
