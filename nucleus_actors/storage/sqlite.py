@@ -411,13 +411,14 @@ class SQLiteStorage:
         if self._stale:
             await self.head()
         expected = self._length
-        rows = []
-        for offset, entry in enumerate(entries):
-            if entry.seq != expected + offset:
-                raise StorageError(
-                    f"append out of order: entry seq {entry.seq}, expected {expected + offset}"
-                )
-            rows.append((entry.seq, entry.canonical, bytes(entry.hash)))
+        rows = [(entry.seq, entry.canonical, bytes(entry.hash)) for entry in entries]
+        if [row[0] for row in rows] != list(range(expected, expected + len(rows))):
+            offset, seq = next(
+                (offset, row[0]) for offset, row in enumerate(rows) if row[0] != expected + offset
+            )
+            raise StorageError(
+                f"append out of order: entry seq {seq}, expected {expected + offset}"
+            )
         if not rows:
             await trio.lowlevel.checkpoint()
             return

@@ -144,6 +144,9 @@ async def test_append_must_be_contiguous_and_open(tmp_path: Path) -> None:
         await storage.open("alpha")
     with pytest.raises(StorageError, match=r"append out of order: entry seq 1, expected 0"):
         await storage.append(_batch("alpha", 1, 1))
+    gap = _batch("alpha", 0, 3)
+    with pytest.raises(StorageError, match=r"append out of order: entry seq 2, expected 1"):
+        await storage.append([gap[0], gap[2]])
     assert (await storage.head())[0] == 0
     await storage.close()
     with pytest.raises(StorageError, match=r"cannot read: .* is not open"):
