@@ -75,6 +75,7 @@ class RecordIn(_Model):
     """String metadata, covered by the hash."""
 
     def record(self) -> Record:
+        """The `Record` (raises `InvalidRecord` for a bad kind, payload or meta)."""
         return Record(self.kind, self.payload, self.meta)
 
 
@@ -94,6 +95,8 @@ class ReceiptOut(BaseModel):
 
 
 class BatchOut(BaseModel):
+    """Receipts of a batch, in order (contiguous seqs)."""
+
     receipts: list[ReceiptOut]
 
 
@@ -109,11 +112,15 @@ class EntryOut(BaseModel):
 
 
 class PageOut(BaseModel):
+    """A page of a range read."""
+
     entries: list[EntryOut]
     next: int | None = Field(description="the `start` of the next page, or null at the head")
 
 
 class HeadOut(BaseModel):
+    """A ledger's length, head hash and lifecycle phase."""
+
     ledger: str
     length: int
     head: str = Field(description="chain hash of the last entry (the genesis hash if empty)")
@@ -121,16 +128,22 @@ class HeadOut(BaseModel):
 
 
 class LedgerOut(BaseModel):
+    """One ledger of the daemon."""
+
     id: str
     length: int
     phase: str
 
 
 class LedgersOut(BaseModel):
+    """Every ledger of the daemon, in configuration order."""
+
     ledgers: list[LedgerOut]
 
 
 class ModuleStatusOut(BaseModel):
+    """Snapshot of one module (the fields of `ModuleStatus`)."""
+
     id: str
     version: str
     state: str
@@ -145,6 +158,8 @@ class ModuleStatusOut(BaseModel):
 
 
 class ModulesOut(BaseModel):
+    """Module statuses of a ledger, in start order."""
+
     modules: list[ModuleStatusOut]
 
 
@@ -168,10 +183,12 @@ def _problems(*statuses: int) -> dict[int | str, dict[str, Any]]:
 
 # -- JSON shapes -----------------------------------------------------------------------------
 def receipt_json(receipt: Receipt) -> dict[str, Any]:
+    """`{"seq", "hash", "timestamp"}` of a receipt (hash as lowercase hex)."""
     return {"seq": receipt.seq, "hash": receipt.hash.hex(), "timestamp": receipt.timestamp}
 
 
 def entry_json(entry: Entry) -> dict[str, Any]:
+    """`{"seq", "kind", "payload", "meta", "timestamp", "hash"}` of an entry."""
     record = entry.record
     return {
         "seq": entry.seq,

@@ -42,8 +42,8 @@ from pydantic_core import PydanticCustomError
 
 from ..config import LEDGER_ID_PATTERN, LedgerConfig
 from ..errors import NucleusError
-from ..module import Module, ModuleSpec
-from ..supervision import Backoff
+from ..module import Module, ModuleSpec, Overflow
+from ..supervision import Backoff, Restart, Strategy
 
 __all__ = [
     "MEMORY",
@@ -227,11 +227,11 @@ class ModuleSettings(_Section):
         make.__qualname__ = f"{cls.__qualname__}.factory"
         return ModuleSpec(
             make,
-            restart=self.restart,  # type: ignore[arg-type]  # ModuleSpec coerces the value
+            restart=Restart(self.restart),
             shutdown=None if math.isinf(self.shutdown) else self.shutdown,
             timeout=None if math.isinf(self.timeout) else self.timeout,
             inbox=self.inbox,
-            overflow=self.overflow,  # type: ignore[arg-type]
+            overflow=Overflow(self.overflow),
             depends_on=tuple(self.depends_on),
             config=dict(self.config),
             backoff=None if self.backoff is None else self.backoff.build(),
@@ -279,7 +279,7 @@ class LedgerSettings(_Section):
         """The engine's `LedgerConfig` for this ledger."""
         return LedgerConfig(
             ledger_id=self.id,
-            strategy=self.strategy,  # type: ignore[arg-type]  # LedgerConfig coerces the value
+            strategy=Strategy(self.strategy),
             max_restarts=self.max_restarts,
             restart_window=self.restart_window,
             backoff=None if self.backoff is None else self.backoff.build(),

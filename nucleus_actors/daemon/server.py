@@ -30,7 +30,7 @@ from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
 
 from ..engine import LedgerEngine
-from ..errors import LedgerFailed, NucleusError, RegistryError
+from ..errors import NucleusError, RegistryError
 from ..storage import MemoryStorage, SQLiteStorage, StorageBackend
 from .app import create_app
 from .config import ConfigError, ConfigProblem, DaemonConfig
@@ -171,7 +171,7 @@ class Daemon:
                 host.serving = False
                 await engine.stop_all()
             log.info("ledger %r stopped: %d entries", host.id, engine.state.length)
-        except (Exception, LedgerFailed) as exc:
+        except Exception as exc:  # LedgerFailed, a startup ModuleError, StorageError, ...
             host.serving = False
             host.failure = exc
             self._ledger_failed(host, exc, started=started)
@@ -222,6 +222,7 @@ class Daemon:
                 self.urls = urls
                 for url in urls:
                     log.info("listening on %s", url)
+                self._log_access_policy()
         except BaseExceptionGroup as group:
             bind_errors, rest = group.split(OSError)
             if rest is not None or bind_errors is None:
@@ -230,6 +231,19 @@ class Daemon:
             self.request_stop(EXIT_FAILURE)
             return
         log.info("HTTP server stopped")
+
+    def _log_access_policy(self) -> None:
+        env = self.config.token_env
+        if self.state.token is not None:
+            log.info("writes need a bearer token (from $%s)", env)
+        elif self.host in ("127.0.0.1", "::1", "localhost"):
+            log.info("writes are open to local clients ($%s is not set)", env)
+        else:
+            log.warning(
+                "writes are open to anyone who can reach %s: set $%s to require a token",
+                self.host,
+                env,
+            )
 
     async def run(self) -> int:
         """Serve until a signal or a ledger failure; return the exit status.
