@@ -55,6 +55,9 @@ STREAM_CHUNK: Final = 256
 """A stream reads the ledger in chunks of this many entries."""
 MAX_PAGE: Final = 1000
 """Largest `limit` of a range read."""
+MAX_PAGE_BYTES: Final = 4 << 20
+"""A range read stops adding entries once they hold this many canonical bytes (at least one
+entry is always returned; `next` continues)."""
 
 LedgerId = Annotated[str, PathParam(description="ledger id")]
 
@@ -411,7 +414,20 @@ def create_app(state: DaemonState) -> FastAPI:
         _, engine = serving(ledger)
         length = engine.state.length
         stop = min(length, start + limit)
-        entries = [entry_json(e) async for e in engine.read(start, stop)] if start < stop else []
+        entries: list[dict[str, Any]] = []
+        size = 0
+        if start < stop:
+            reader = engine.read(start, stop)
+            try:
+                async for entry in reader:
+                    entries.append(entry_json(entry))
+                    size += len(entry.canonical)
+                    if size >= MAX_PAGE_BYTES:
+                        break  # `next` says where to go on
+            finally:
+                aclose = getattr(reader, "aclose", None)
+                if aclose is not None:
+                    await aclose()
         after = start + len(entries)
         return JSONResponse({"entries": entries, "next": after if after < length else None})
 
