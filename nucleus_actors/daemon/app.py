@@ -553,18 +553,11 @@ async def _events(state: DaemonState, host: LedgerHost, start: int) -> AsyncIter
     engine = host.engine
     next_seq = start
     while not state.stopping:
-        if not host.serving:
-            problem = Problem(
-                "ledger-unavailable",
-                f"ledger {host.id!r} is {host.phase.name}",
-                ledger=host.id,
-                phase=str(host.phase),
-            )
-            yield f"event: error\ndata: {_dumps(problem.body(''))}\n\n"
-            return
         changed = host.changed
         length = engine.state.length
         if next_seq < length:
+            # Deliver what is committed, even while the ledger is going down (reads fail
+            # once its engine is closed: that ends the stream with an error event).
             try:
                 async for entry in engine.read(next_seq, min(length, next_seq + STREAM_CHUNK)):
                     yield f"id: {entry.seq}\nevent: entry\ndata: {_dumps(entry_json(entry))}\n\n"
@@ -574,6 +567,15 @@ async def _events(state: DaemonState, host: LedgerHost, start: int) -> AsyncIter
                 yield f"event: error\ndata: {_dumps(body)}\n\n"
                 return
             continue
+        if not host.serving:
+            problem = Problem(
+                "ledger-unavailable",
+                f"ledger {host.id!r} is {host.phase.name}",
+                ledger=host.id,
+                phase=str(host.phase),
+            )
+            yield f"event: error\ndata: {_dumps(problem.body(''))}\n\n"
+            return
         with trio.move_on_after(HEARTBEAT_SECONDS) as idle:
             await changed.wait()
         if idle.cancelled_caught:

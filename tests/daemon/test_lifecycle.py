@@ -184,8 +184,16 @@ use = "nucleus_actors.daemon.modules:RequireFields"
     config = write_config(tmp_path, FAILURE.format(policy="serve") + broken)
     daemon: DaemonProcess = start_daemon(config)
     with client(daemon.wait_listening()) as api:
-        assert append(api, "fragile", "boom").status_code == 201
-        daemon.wait_log("ledger 'fragile' failed")
+        with api.stream("GET", "/v1/ledgers/fragile/stream") as stream:
+            assert append(api, "fragile", "note").status_code == 201
+            lines = stream.iter_lines()
+            assert [next(lines), next(lines)] == ["id: 0", "event: entry"]
+            assert append(api, "fragile", "boom").status_code == 201
+            daemon.wait_log("ledger 'fragile' failed")
+            # Whatever it could still deliver, then an error event, then the end.
+            rest = [line for line in lines if line.startswith(("event:", "data:"))]
+        assert rest[-2] == "event: error"
+        assert json.loads(rest[-1].removeprefix("data: "))["phase"] == "failed"
         listed = {entry["id"]: entry["phase"] for entry in api.get("/v1/ledgers").json()["ledgers"]}
         assert listed == {"fragile": "failed", "steady": "running", "broken": "failed"}
         assert append(api, "broken", "note").status_code == 503
@@ -204,7 +212,7 @@ use = "nucleus_actors.daemon.modules:RequireFields"
             assert body["phase"] == "failed"
         head = api.get("/v1/ledgers/fragile/head").json()
         assert head["phase"] == "failed"
-        assert head["length"] == 1
+        assert head["length"] == 2
         modules = api.get("/v1/ledgers/fragile/modules").json()["modules"]
         assert "boom on cue" in modules[0]["last_error"]
         assert api.get("/readyz").status_code == 503
