@@ -77,8 +77,13 @@ def test_sigterm_finishes_in_flight_stops_modules_and_a_restart_continues_the_ch
         with api.stream("GET", "/v1/ledgers/durable/stream", params={"from": 0}) as stream:
             writer.start()
             daemon_dir = tmp_path
-            while not (daemon_dir / "entered").exists():
+            for _ in range(3000):  # bounded: the writer must reach the gate
+                if (daemon_dir / "entered").exists():
+                    break
+                assert writer.is_alive(), in_flight
                 writer.join(0.01)
+            else:
+                raise AssertionError("the slow append never reached the module")
             daemon.send(signal.SIGTERM)
             daemon.wait_log("SIGTERM received")
             # New connections are refused once the server stopped accepting.
