@@ -599,10 +599,28 @@ class ModuleRegistry:
             child.kill()
 
     # -- crash handling --------------------------------------------------------------------
+    def _will_restart(self, child: Child, crashed: bool) -> bool:
+        restart = child.spec.restart
+        return restart is Restart.PERMANENT or (restart is Restart.TRANSIENT and crashed)
+
+    def crash_detected(self, child: Child) -> None:
+        """A callback crashed and its caller is about to learn it: show the outcome in `state`
+        now (RESTARTING or FAILED) rather than after the incarnation has unwound."""
+        if (
+            self._host.phase is Phase.RUNNING
+            and child.state is ModuleState.RUNNING
+            and not child.removed
+        ):
+            child.crashing = True
+            restarting = self._will_restart(child, crashed=True)
+            child.set_state(ModuleState.RESTARTING if restarting else ModuleState.FAILED)
+
     def child_ended(
         self, child: Child, incarnation: int, outcome: Outcome, error: BaseException | None
     ) -> None:
         """Called by an actor when an incarnation ends (synchronously, in the actor task)."""
+        was_running = child.state is ModuleState.RUNNING or child.crashing
+        child.crashing = False
         if outcome is Outcome.STOPPED:
             child.stop_result = "error" if error is not None else "clean"
             if error is not None:
@@ -644,7 +662,7 @@ class ModuleRegistry:
                 ModuleState.FAILED if outcome is Outcome.CRASHED else ModuleState.STOPPED
             )
             return
-        if phase is not Phase.RUNNING or child.state is not ModuleState.RUNNING:
+        if phase is not Phase.RUNNING or not was_running:
             # Stopping, failed, or already part of a restart: never restarted from here.
             if child.state is not ModuleState.RESTARTING:
                 child.set_state(
@@ -653,9 +671,7 @@ class ModuleRegistry:
                 self._shut(child, "crashed" if outcome is Outcome.CRASHED else "exited")
             return
         restart = child.spec.restart
-        if restart is Restart.PERMANENT or (
-            restart is Restart.TRANSIENT and outcome is Outcome.CRASHED
-        ):
+        if self._will_restart(child, crashed=outcome is Outcome.CRASHED):
             child.set_state(ModuleState.RESTARTING)
             self._reports_send.send_nowait((child, incarnation, error))
         else:

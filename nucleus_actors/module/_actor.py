@@ -56,6 +56,8 @@ class ChildHost(Protocol):
         self, child: Child, incarnation: int, outcome: Outcome, error: BaseException | None
     ) -> None: ...
 
+    def crash_detected(self, child: Child) -> None: ...
+
 
 class _Crash(Exception):
     """Internal: unwinds an incarnation after a callback crashed (cause: the module's error)."""
@@ -123,6 +125,7 @@ class Child:
         self.stop_result: str | None = None
         self.incarnation = 0
         self.armed = False  # started at least once: before_append is fail-closed from then on
+        self.crashing = False  # a crash was detected and shown in `state` before unwinding
         self.removed = False
         self.consecutive = 0  # consecutive restarts, for backoff
         self.running_since: float | None = None
@@ -133,6 +136,14 @@ class Child:
         self._kill_requested = False
         self._exit_requested = False
         self._external_crash: BaseException | None = None
+        # Hook timeouts: the actor stamps each hook's start; a watchdog task per incarnation
+        # cancels `_hook_scope` if the same hook is still running `timeout` seconds later.
+        # (Cheaper than moving a cancel-scope deadline for every record.)
+        self._hook_started = math.inf  # trio time the running hook started; inf: none
+        self._hook_gen = 0  # +1 per hook started
+        self._hook_scope: trio.CancelScope | None = None
+        self._watch_lot = trio.lowlevel.ParkingLot()
+        self._now: Callable[[], float] = trio.current_time
         self._refresh_hooks()
 
     # -- identity and hooks ----------------------------------------------------------------
@@ -204,6 +215,7 @@ class Child:
         self._exit_requested = False
         self._external_crash = None
         self._done = trio.Event()
+        self.crashing = False
         self.alive = True
         self.mailbox.reopen()
         first = Lifecycle(op)
@@ -272,6 +284,9 @@ class Child:
                 try:
                     async with trio.open_nursery() as background:
                         ctx._nursery = background
+                        self._now = trio.lowlevel.current_clock().current_time
+                        if self.spec.timeout is not None:
+                            background.start_soon(self._watchdog, self.spec.timeout)
                         outcome, error = await self._serve(instance, ctx, first)
                         background.cancel_scope.cancel()
                 except BaseException as exc:
@@ -344,6 +359,32 @@ class Child:
                 handled = 0
                 await trio.lowlevel.checkpoint()
 
+    async def _watchdog(self, limit: float) -> None:
+        """Cancel a hook that runs longer than `limit` seconds (the module's `timeout`)."""
+        while True:
+            started = self._hook_started
+            if started == math.inf:
+                await self._watch_lot.park()
+                continue
+            gen = self._hook_gen
+            await trio.sleep_until(started + limit)
+            if self._hook_gen == gen and self._hook_started == started:
+                scope = self._hook_scope
+                if scope is not None:
+                    scope.cancel()  # the incarnation crashes with a TimeoutError
+                return
+
+    def _begin_hooks(self) -> trio.CancelScope:
+        scope = trio.CancelScope()
+        self._hook_scope = scope
+        if self._watch_lot:
+            self._watch_lot.unpark()
+        return scope
+
+    def _end_hooks(self) -> None:
+        self._hook_started = math.inf
+        self._hook_scope = None
+
     def _deadline(self) -> float:
         timeout = self.spec.timeout
         return math.inf if timeout is None else trio.current_time() + timeout
@@ -354,11 +395,13 @@ class Child:
     async def _deliveries(self, instance: Module, first: Delivery) -> None:
         mailbox = self.mailbox
         hook = instance.after_append
+        now = self._now
         current: Delivery | None = first
-        with trio.CancelScope() as scope:
+        with self._begin_hooks() as scope:
             try:
                 while current is not None:
-                    scope.deadline = self._deadline()
+                    self._hook_gen += 1
+                    self._hook_started = now()
                     await hook(current[0], current[1])
                     self.processed += 1
                     mailbox.delivered()
@@ -367,18 +410,24 @@ class Child:
                 assert current is not None
                 mailbox.put_front(current)  # redelivered first to the next incarnation
                 if isinstance(exc, Exception):
+                    self.host.crash_detected(self)
                     raise _Crash(exc) from exc
                 raise
+            finally:
+                self._end_hooks()
         if scope.cancelled_caught:
+            self.host.crash_detected(self)
             raise _Crash(self._timed_out("after_append"))
 
     async def _before(self, instance: Module, msg: Before) -> None:
         hook = instance.before_append
         results = msg.results
-        with trio.CancelScope() as scope:
+        now = self._now
+        with self._begin_hooks() as scope:
             try:
                 for record in msg.records:
-                    scope.deadline = self._deadline()
+                    self._hook_gen += 1
+                    self._hook_started = now()
                     try:
                         out = await hook(record)
                     except RecordRejected as rejected:
@@ -396,14 +445,18 @@ class Child:
             except BaseException as exc:
                 if isinstance(exc, Exception):
                     results.append(self.module_error("crashed in before_append", exc))
+                    self.host.crash_detected(self)  # state first: the caller may look at it
                     msg.reply.set()
                     raise _Crash(exc) from exc
                 if not scope.cancel_called:
                     msg.reply.set()  # partial: the rest waits for a restart (or fails)
                 raise
+            finally:
+                self._end_hooks()
         if scope.cancelled_caught:
             cause = self._timed_out("before_append")
             results.append(self.module_error("timed out in before_append", cause))
+            self.host.crash_detected(self)
             msg.reply.set()
             raise _Crash(cause)
         msg.reply.set()
@@ -427,6 +480,7 @@ class Child:
             reply.set(value)
             return
         cause = self._timed_out("ask")
+        self.host.crash_detected(self)
         reply.fail(self.module_error("timed out in ask", cause))
         raise _Crash(cause)
 
