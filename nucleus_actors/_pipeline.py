@@ -281,6 +281,7 @@ class Pipeline:
         engine._length = seq
         engine._head = head
         engine._last_ts = ts
+        engine._grew()
         engine.modules.counters.appends += len(entries)
         for request, start in committing:
             request.receipts = [

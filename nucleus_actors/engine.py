@@ -134,6 +134,7 @@ class LedgerEngine:
         self._length = 0
         self._head = genesis(config.ledger_id)
         self._last_ts = 0
+        self._length_lot = trio.lowlevel.ParkingLot()
 
     def __repr__(self) -> str:
         return f"<LedgerEngine {self.config.ledger_id!r} {self.phase.name} length={self._length}>"
@@ -148,6 +149,8 @@ class LedgerEngine:
     def set_phase(self, phase: Phase) -> None:
         if self.phase is not Phase.FAILED or phase is Phase.FAILED:
             self._phase.value = phase
+            if phase in (Phase.STOPPED, Phase.FAILED):
+                self._grew()  # waiters learn that it will not grow
 
     @property
     def state(self) -> LedgerState:
@@ -174,6 +177,35 @@ class LedgerEngine:
             return self.phase
         value: Phase = await self._phase.wait_value(lambda p: p in wanted)
         return value
+
+    async def wait_length(self, length: int) -> int:
+        """Wait until the ledger holds at least `length` entries; return its length then.
+
+        Use it to follow a ledger (`await engine.wait_length(state.length + 1)` wakes on the
+        next commit, whoever appended it). Returns at once (after a checkpoint) if it already
+        does. Cancellation: just stops waiting.
+
+        Raises:
+            LifecycleError: the engine closed, or the ledger stopped or failed, before that.
+            ValueError: `length` is not an int >= 0.
+        """
+        if type(length) is not int or length < 0:
+            raise ValueError(f"wait_length needs an int >= 0, got {length!r}")
+        await trio.lowlevel.checkpoint()
+        while self._length < length:
+            if not self._open or self.phase in (Phase.STOPPED, Phase.FAILED):
+                raise LifecycleError(
+                    f"ledger {self.config.ledger_id!r} will not grow: it is {self.phase.name} "
+                    f"with {self._length} entries (waited for {length})",
+                    phase=self.phase,
+                )
+            await self._length_lot.park()
+        return self._length
+
+    def _grew(self) -> None:
+        """Wake `wait_length` waiters (after a commit, and when the ledger stops)."""
+        if self._length_lot:
+            self._length_lot.unpark_all()
 
     @property
     def nursery(self) -> trio.Nursery:
@@ -275,6 +307,7 @@ class LedgerEngine:
         finally:
             self._open = False
             self._nursery = None
+            self._grew()
             with trio.CancelScope(shield=True):
                 await storage.close()
         if self._failure is not None:

@@ -15,6 +15,7 @@ from nucleus_actors import (
     InvalidRecord,
     LedgerConfig,
     LedgerEngine,
+    LifecycleError,
     Module,
     ModuleError,
     ModuleState,
@@ -416,3 +417,35 @@ async def test_reopen_continues_the_chain() -> None:
         assert second.timestamp >= first.timestamp
         assert await engine.verify() == second.hash
     assert genesis("test") != second.hash
+
+
+async def test_wait_length_follows_commits_and_ends_with_the_ledger() -> None:
+    async with open_ledger(config()) as engine:
+        seen: list[int] = []
+
+        async def follower() -> None:
+            length = 0
+            while True:
+                length = await engine.wait_length(length + 1)
+                seen.append(length)
+
+        with pytest.raises(ValueError, match="wait_length needs an int >= 0, got -1"):
+            await engine.wait_length(-1)
+        assert await engine.wait_length(0) == 0
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(follower)
+            await engine.append(Record("k", 1))
+            await trio.testing.wait_all_tasks_blocked()
+            await engine.append_many([Record("k", 2), Record("k", 3)])
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.cancel_scope.cancel()
+        assert seen == [1, 3]
+
+        async def waiter() -> None:
+            with pytest.raises(LifecycleError, match=r"will not grow: it is STOPPED with 3"):
+                await engine.wait_length(10)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(waiter)
+            await trio.testing.wait_all_tasks_blocked()
+            await engine.stop_all()
