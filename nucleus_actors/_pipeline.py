@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from ._future import Future
 from .errors import (
     InvalidRecord,
     LifecycleError,
@@ -42,18 +43,18 @@ __all__ = ["Pipeline", "Request"]
 _MAX_SAFE = 2**53 - 1
 
 
-class Request:
+class Request(Future):
     """One `append` (one record) or `append_many` (all-or-nothing) waiting for the pipeline."""
 
-    __slots__ = ("_event", "error", "receipts", "records", "storing", "withdrawn")
+    __slots__ = ("error", "receipts", "records", "storing", "withdrawn")
 
     def __init__(self, records: list[Record]) -> None:
+        super().__init__()
         self.records = records
         self.error: BaseException | None = None
         self.receipts: list[Receipt] | None = None
         self.storing = False  # handed to storage: no longer withdrawable
         self.withdrawn = False  # the caller was cancelled before storage: skip it
-        self._event = trio.Event()
 
     @property
     def live(self) -> bool:
@@ -62,22 +63,24 @@ class Request:
     def fail(self, error: BaseException) -> None:
         if self.error is None and self.receipts is None:
             self.error = error
-        self._event.set()
+        self._resolve()
 
     def finish(self) -> None:
-        self._event.set()
+        if not self._done:
+            self._resolve()
 
     async def wait(self) -> list[Receipt]:
         """Wait for the outcome. Cancelled before storage: withdrawn (nothing stored)."""
         try:
-            await self._event.wait()
+            await self._wait()
         except BaseException:
             if not self.storing:
                 self.withdrawn = True
             raise
         if self.error is not None:
             raise self.error
-        assert self.receipts is not None
+        if self.receipts is None:
+            raise LifecycleError("append was withdrawn")  # pragma: no cover - defensive
         return self.receipts
 
 

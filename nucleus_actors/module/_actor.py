@@ -137,12 +137,12 @@ class Child:
         self._exit_requested = False
         self._external_crash: BaseException | None = None
         # Hook timeouts: the actor stamps each hook's start; a watchdog task per incarnation
-        # cancels `_hook_scope` if the same hook is still running `timeout` seconds later.
-        # (Cheaper than moving a cancel-scope deadline for every record.)
+        # crashes the incarnation if the same hook is still running `timeout` seconds later.
+        # (Far cheaper than a cancel scope with a fresh deadline for every record.)
         self._hook_started = math.inf  # trio time the running hook started; inf: none
         self._hook_gen = 0  # +1 per hook started
-        self._hook_scope: trio.CancelScope | None = None
-        self._watch_lot = trio.lowlevel.ParkingLot()
+        self._hook_name = ""
+        self._hook_timeout: TimeoutError | None = None  # set by the watchdog when it fires
         self._now: Callable[[], float] = trio.current_time
         self._refresh_hooks()
 
@@ -214,6 +214,7 @@ class Child:
         self._kill_requested = False
         self._exit_requested = False
         self._external_crash = None
+        self._hook_timeout = None
         self._done = trio.Event()
         self.crashing = False
         self.alive = True
@@ -301,6 +302,8 @@ class Child:
             elif outcome is None:
                 if self._external_crash is not None:
                     outcome, error = Outcome.CRASHED, self._external_crash
+                elif self._hook_timeout is not None:
+                    outcome, error = Outcome.CRASHED, self._hook_timeout
                 elif self._exit_requested:
                     outcome = Outcome.EXITED
                 else:  # pragma: no cover - our scope is only cancelled by the three above
@@ -360,30 +363,25 @@ class Child:
                 await trio.lowlevel.checkpoint()
 
     async def _watchdog(self, limit: float) -> None:
-        """Cancel a hook that runs longer than `limit` seconds (the module's `timeout`)."""
+        """Crash the incarnation if one hook runs longer than `limit` s (the module's timeout).
+
+        Hooks only stamp their start (`_hook_gen`, `_hook_started`). This task sleeps until
+        the running hook's deadline and fires only if that same hook is still running, so a
+        hook is bounded by exactly `limit`. When no hook runs it looks again after `limit`
+        (a hook starting meanwhile is then found with its own deadline still ahead).
+        """
         while True:
             started = self._hook_started
             if started == math.inf:
-                await self._watch_lot.park()
+                await trio.sleep(limit)
                 continue
             gen = self._hook_gen
             await trio.sleep_until(started + limit)
             if self._hook_gen == gen and self._hook_started == started:
-                scope = self._hook_scope
-                if scope is not None:
-                    scope.cancel()  # the incarnation crashes with a TimeoutError
+                self._hook_timeout = self._timed_out(self._hook_name)
+                if self._scope is not None:
+                    self._scope.cancel()
                 return
-
-    def _begin_hooks(self) -> trio.CancelScope:
-        scope = trio.CancelScope()
-        self._hook_scope = scope
-        if self._watch_lot:
-            self._watch_lot.unpark()
-        return scope
-
-    def _end_hooks(self) -> None:
-        self._hook_started = math.inf
-        self._hook_scope = None
 
     def _deadline(self) -> float:
         timeout = self.spec.timeout
@@ -397,68 +395,64 @@ class Child:
         hook = instance.after_append
         now = self._now
         current: Delivery | None = first
-        with self._begin_hooks() as scope:
-            try:
-                while current is not None:
-                    self._hook_gen += 1
-                    self._hook_started = now()
-                    await hook(current[0], current[1])
-                    self.processed += 1
-                    mailbox.delivered()
-                    current = mailbox.next_delivery()
-            except BaseException as exc:
-                assert current is not None
-                mailbox.put_front(current)  # redelivered first to the next incarnation
-                if isinstance(exc, Exception):
-                    self.host.crash_detected(self)
-                    raise _Crash(exc) from exc
-                raise
-            finally:
-                self._end_hooks()
-        if scope.cancelled_caught:
-            self.host.crash_detected(self)
-            raise _Crash(self._timed_out("after_append"))
+        self._hook_name = "after_append"
+        try:
+            while current is not None:
+                self._hook_gen += 1
+                self._hook_started = now()
+                await hook(current[0], current[1])
+                self.processed += 1
+                mailbox.delivered()
+                current = mailbox.next_delivery()
+        except BaseException as exc:
+            assert current is not None
+            mailbox.put_front(current)  # redelivered first to the next incarnation
+            if isinstance(exc, Exception):
+                self.host.crash_detected(self)
+                raise _Crash(exc) from exc
+            if self._hook_timeout is not None:
+                self.host.crash_detected(self)
+            raise
+        finally:
+            self._hook_started = math.inf
 
     async def _before(self, instance: Module, msg: Before) -> None:
         hook = instance.before_append
         results = msg.results
         now = self._now
-        with self._begin_hooks() as scope:
-            try:
-                for record in msg.records:
-                    self._hook_gen += 1
-                    self._hook_started = now()
-                    try:
-                        out = await hook(record)
-                    except RecordRejected as rejected:
-                        rejected.module_id = self.id
-                        results.append(rejected)
-                        continue
-                    if out is None:
-                        results.append(record)
-                    elif isinstance(out, Record):
-                        results.append(out)
-                    else:
-                        raise TypeError(
-                            f"before_append must return a Record or None, got {type(out).__name__}"
-                        )
-            except BaseException as exc:
-                if isinstance(exc, Exception):
-                    results.append(self.module_error("crashed in before_append", exc))
-                    self.host.crash_detected(self)  # state first: the caller may look at it
-                    msg.reply.set()
-                    raise _Crash(exc) from exc
-                if not scope.cancel_called:
-                    msg.reply.set()  # partial: the rest waits for a restart (or fails)
-                raise
-            finally:
-                self._end_hooks()
-        if scope.cancelled_caught:
-            cause = self._timed_out("before_append")
-            results.append(self.module_error("timed out in before_append", cause))
-            self.host.crash_detected(self)
-            msg.reply.set()
-            raise _Crash(cause)
+        self._hook_name = "before_append"
+        try:
+            for record in msg.records:
+                self._hook_gen += 1
+                self._hook_started = now()
+                try:
+                    out = await hook(record)
+                except RecordRejected as rejected:
+                    rejected.module_id = self.id
+                    results.append(rejected)
+                    continue
+                if out is None:
+                    results.append(record)
+                elif isinstance(out, Record):
+                    results.append(out)
+                else:
+                    raise TypeError(
+                        f"before_append must return a Record or None, got {type(out).__name__}"
+                    )
+        except BaseException as exc:
+            if isinstance(exc, Exception):
+                results.append(self.module_error("crashed in before_append", exc))
+                self.host.crash_detected(self)  # state first: the caller may look at it
+                msg.reply.set()
+                raise _Crash(exc) from exc
+            timeout = self._hook_timeout
+            if timeout is not None:
+                results.append(self.module_error("timed out in before_append", timeout))
+                self.host.crash_detected(self)
+            msg.reply.set()  # partial: the rest waits for a restart (or fails)
+            raise
+        finally:
+            self._hook_started = math.inf
         msg.reply.set()
 
     async def _ask(self, instance: Module, msg: Ask) -> None:

@@ -15,6 +15,7 @@ from typing import Any
 
 import trio
 
+from .._future import Future
 from ..errors import ModuleError
 from ..record import Hash, Record
 from ._spec import Overflow
@@ -25,36 +26,32 @@ Delivery = tuple[Record, Hash]
 """An `after_append` delivery: the committed record and its chain hash."""
 
 
-class Reply:
+class Reply(Future):
     """A one-shot result slot that one waiter awaits."""
 
-    __slots__ = ("_event", "abandoned", "error", "value")
+    __slots__ = ("abandoned", "error", "value")
 
     def __init__(self) -> None:
-        self._event = trio.Event()
+        super().__init__()
         self.value: Any = None
         self.error: BaseException | None = None
         self.abandoned = False
         """Set by a waiter that was cancelled: the actor may skip the work."""
 
-    @property
-    def done(self) -> bool:
-        return self._event.is_set()
-
     def set(self, value: Any = None) -> None:
-        if not self._event.is_set():
+        if not self._done:
             self.value = value
-            self._event.set()
+            self._resolve()
 
     def fail(self, error: BaseException) -> None:
-        if not self._event.is_set():
+        if not self._done:
             self.error = error
-            self._event.set()
+            self._resolve()
 
     async def wait(self) -> Any:
         """Wait for the result; cancelling the wait abandons it (the work may still run)."""
         try:
-            await self._event.wait()
+            await self._wait()
         except BaseException:
             self.abandoned = True
             raise
