@@ -97,7 +97,9 @@ class Pipeline:
         self._engine = engine
         self._queue: deque[Request] = deque()
         self._queued_records = 0
-        self._lot = trio.lowlevel.ParkingLot()
+        self._wakeup = Future()  # resolved by submit() while the sequencer waits for work
+        self._storing = False
+        self._cancel_requested = False
         self._current: list[Request] = []
         self._idle = trio.Event()
         self._idle.set()
@@ -107,7 +109,8 @@ class Pipeline:
         self._queue.append(request)
         self._queued_records += len(request.records)
         self._idle = trio.Event() if self._idle.is_set() else self._idle
-        self._lot.unpark()
+        if not self._wakeup.done:
+            self._wakeup._resolve()
 
     @property
     def pending_records(self) -> int:
@@ -130,8 +133,13 @@ class Pipeline:
         return batch
 
     def cancel(self) -> None:
-        """Stop the sequencer task (shielded from outer cancellation); queued appends fail."""
-        if self._scope is not None:
+        """Stop the sequencer task (shielded from outer cancellation); queued appends fail.
+
+        A batch being written to storage is never interrupted: the cancellation takes effect
+        once storage has answered, so the pipeline always knows whether the batch landed.
+        """
+        self._cancel_requested = True
+        if self._scope is not None and not self._storing:
             self._scope.cancel()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -143,7 +151,8 @@ class Pipeline:
                 while True:
                     while not self._queue:
                         self._idle.set()
-                        await self._lot.park()
+                        self._wakeup = Future()
+                        await self._wakeup._wait()
                     self._current = self._take()
                     await self._process(self._current)
                     self._current = []
@@ -273,8 +282,13 @@ class Pipeline:
         for request, _ in committing:
             request.storing = True
         # Storage is never interrupted half-way: a batch is stored or not, and we learn which.
-        with trio.CancelScope(shield=True):
+        self._storing = True
+        try:
             error = await self._store(entries)
+        finally:
+            self._storing = False
+            if self._cancel_requested and self._scope is not None:
+                self._scope.cancel()
         if error is not None:
             for request, _ in committing:
                 failure = StorageError(f"append failed, nothing stored: {error}")

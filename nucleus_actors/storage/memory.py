@@ -86,11 +86,13 @@ class MemoryStorage:
         return len(self._rows), self._head
 
     async def append(self, entries: Sequence[Entry]) -> None:
-        """Store a batch; atomic (no checkpoint between check and store), then a checkpoint.
+        """Store a batch, atomically. Never yields to other tasks: it only checks for
+        cancellation first (raising `Cancelled` with nothing stored).
 
         Raises:
             StorageError: not open, or seqs are not contiguous with the head.
         """
+        await trio.lowlevel.checkpoint_if_cancelled()
         self._check_open("append")
         expected = len(self._rows)
         for offset, entry in enumerate(entries):
@@ -101,7 +103,6 @@ class MemoryStorage:
         if entries:
             self._rows.extend((entry.canonical, entry.hash) for entry in entries)
             self._head = entries[-1].hash
-        await trio.lowlevel.checkpoint()
 
     def read(self, start: int, stop: int | None = None) -> AsyncIterator[Entry]:
         """Entries `start <= seq < stop` (`None`: up to the head when the read began).
