@@ -13,6 +13,7 @@ Paths and shapes are a contract for clients in other languages (docs/daemon.md):
 | `GET /v1/ledgers/{ledger}/modules` | 200 `{"modules":[...]}` |
 | `GET /v1/ledgers/{ledger}/stream?from=` | 200 `text/event-stream` |
 | `GET /healthz`, `GET /readyz`, `GET /openapi.json` | 200 |
+| `GET /metrics` | 200 Prometheus text |
 
 Errors are RFC 9457 problem details (see `problems`). Writes pass `_Guard` first: token,
 body size (before anything is parsed) and media type.
@@ -22,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import hmac
-import json
 import logging
 from collections.abc import AsyncIterator
 from typing import Annotated, Any, Final
@@ -40,10 +40,15 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .. import __version__
 from ..engine import LedgerEngine
-from ..errors import InvalidRecord, NucleusError
-from ..record import Entry, Receipt, Record
+from ..errors import InvalidRecord, LifecycleError, NucleusError
+from ..lifecycle import ModuleState
+from ..module import Module
+from ..record import Record
+from ..registry import ModuleHandle
 from .host import DaemonState, LedgerHost
 from .problems import Problem, problem_from_error, problem_response
+from .wire import dumps as _dumps
+from .wire import entry_json, receipt_json
 
 __all__ = ["create_app"]
 
@@ -55,6 +60,8 @@ STREAM_CHUNK: Final = 256
 """A stream reads the ledger in chunks of this many entries."""
 MAX_PAGE: Final = 1000
 """Largest `limit` of a range read."""
+INFO_SECONDS: Final = 1.0
+"""How long the modules API waits for each module's `describe()`."""
 MAX_PAGE_BYTES: Final = 4 << 20
 """A range read stops adding entries once they hold this many canonical bytes (at least one
 entry is always returned; `next` continues)."""
@@ -158,6 +165,10 @@ class ModuleStatusOut(BaseModel):
     dropped: int
     stop_result: str | None
     incarnation: int
+    info: dict[str, Any] | None = Field(
+        description="what the module's `describe()` reports (null when it has none, or did "
+        "not answer within a second)"
+    )
 
 
 class ModulesOut(BaseModel):
@@ -182,29 +193,6 @@ def _problems(*statuses: int) -> dict[int | str, dict[str, Any]]:
         status: {"model": ProblemOut, "content": {"application/problem+json": {}}}
         for status in statuses
     }
-
-
-# -- JSON shapes -----------------------------------------------------------------------------
-def receipt_json(receipt: Receipt) -> dict[str, Any]:
-    """`{"seq", "hash", "timestamp"}` of a receipt (hash as lowercase hex)."""
-    return {"seq": receipt.seq, "hash": receipt.hash.hex(), "timestamp": receipt.timestamp}
-
-
-def entry_json(entry: Entry) -> dict[str, Any]:
-    """`{"seq", "kind", "payload", "meta", "timestamp", "hash"}` of an entry."""
-    record = entry.record
-    return {
-        "seq": entry.seq,
-        "kind": record.kind,
-        "payload": record.payload,
-        "meta": dict(record.meta),
-        "timestamp": entry.timestamp,
-        "hash": entry.hash.hex(),
-    }
-
-
-def _dumps(obj: Any) -> str:
-    return json.dumps(obj, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
 
 
 # -- the write guard -------------------------------------------------------------------------
@@ -360,12 +348,8 @@ def create_app(state: DaemonState) -> FastAPI:
         summary="Append one record",
     )
     async def append(ledger: LedgerId, body: RecordIn) -> Response:
-        host, engine = serving(ledger)
-        record = body.record()
-        try:
-            receipt = await engine.append(record)
-        finally:
-            host.notify()
+        _, engine = serving(ledger)
+        receipt = await engine.append(body.record())
         return JSONResponse(
             receipt_json(receipt),
             status_code=201,
@@ -381,7 +365,7 @@ def create_app(state: DaemonState) -> FastAPI:
         summary="Append records all-or-nothing",
     )
     async def append_batch(ledger: LedgerId, body: BatchIn) -> Response:
-        host, engine = serving(ledger)
+        _, engine = serving(ledger)
         records = []
         for index, item in enumerate(body.records):
             try:
@@ -394,10 +378,7 @@ def create_app(state: DaemonState) -> FastAPI:
                     path=exc.path,
                     index=index,
                 ) from exc
-        try:
-            receipts = await engine.append_many(records)
-        finally:
-            host.notify()
+        receipts = await engine.append_many(records)
         return JSONResponse({"receipts": [receipt_json(r) for r in receipts]}, status_code=201)
 
     @app.get(
@@ -484,8 +465,26 @@ def create_app(state: DaemonState) -> FastAPI:
         summary="Module statuses (read-only)",
     )
     async def modules(ledger: LedgerId) -> Response:
-        statuses = lookup(ledger).engine.modules.status()
-        return JSONResponse({"modules": [dataclasses.asdict(s) for s in statuses]})
+        host = lookup(ledger)
+        statuses = host.engine.modules.status()
+        infos = await _module_infos(host)
+        out = [{**dataclasses.asdict(s), "info": infos.get(s.id)} for s in statuses]
+        return JSONResponse({"modules": out})
+
+    @app.get(
+        "/metrics",
+        response_class=Response,
+        responses={
+            200: {
+                "content": {"text/plain": {"schema": {"type": "string"}}},
+                "description": "Prometheus text format (OpenMetrics if the Accept header asks)",
+            }
+        },
+        summary="Prometheus metrics (docs/metrics.md)",
+    )
+    async def metrics(request: Request) -> Response:
+        body, content_type = state.metrics.render(request.headers.get("accept"))
+        return Response(body, media_type=content_type)
 
     @app.get(
         "/v1/ledgers/{ledger}/stream",
@@ -547,13 +546,14 @@ def create_app(state: DaemonState) -> FastAPI:
 async def _events(state: DaemonState, host: LedgerHost, start: int) -> AsyncIterator[str]:
     """The SSE body: every entry from `start` on, then new ones as they commit.
 
-    Ends when the daemon stops; when the ledger stops serving it sends an `error` event (a
-    problem object) and ends.
+    New entries are noticed through `engine.wait_length`, whoever appended them. Ends when the
+    daemon stops; when the ledger stops serving it sends what is committed, then an `error`
+    event (a problem object), and ends.
     """
     engine = host.engine
     next_seq = start
+    ending = False  # the ledger will not grow any more
     while not state.stopping:
-        changed = host.changed
         length = engine.state.length
         if next_seq < length:
             # Deliver what is committed, even while the ledger is going down (reads fail
@@ -567,7 +567,7 @@ async def _events(state: DaemonState, host: LedgerHost, start: int) -> AsyncIter
                 yield f"event: error\ndata: {_dumps(body)}\n\n"
                 return
             continue
-        if not host.serving:
+        if ending or not host.serving:
             problem = Problem(
                 "ledger-unavailable",
                 f"ledger {host.id!r} is {host.phase.name}",
@@ -576,10 +576,74 @@ async def _events(state: DaemonState, host: LedgerHost, start: int) -> AsyncIter
             )
             yield f"event: error\ndata: {_dumps(problem.body(''))}\n\n"
             return
-        with trio.move_on_after(HEARTBEAT_SECONDS) as idle:
-            await changed.wait()
-        if idle.cancelled_caught:
+        outcome = await _wait_for_entry(engine, next_seq + 1, host.changed)
+        if outcome == "idle":
             yield ": keep-alive\n\n"
+        elif outcome == "ended":
+            ending = True
+
+
+async def _wait_for_entry(engine: LedgerEngine, length: int, woken: trio.Event) -> str:
+    """Wait until the ledger holds `length` entries ("grew"), it never will ("ended"), the
+    host is notified ("woken": the daemon stops or the ledger fails), or `HEARTBEAT_SECONDS`
+    pass ("idle")."""
+    outcome = "idle"
+    with trio.move_on_after(HEARTBEAT_SECONDS):
+        async with trio.open_nursery() as nursery:
+
+            async def grow() -> None:
+                nonlocal outcome
+                try:
+                    await engine.wait_length(length)
+                    outcome = "grew"
+                except LifecycleError:
+                    outcome = "ended"
+                nursery.cancel_scope.cancel()
+
+            async def wake() -> None:
+                nonlocal outcome
+                await woken.wait()
+                outcome = "woken"
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(grow)
+            nursery.start_soon(wake)
+    return outcome
+
+
+async def _module_infos(host: LedgerHost) -> dict[str, Any]:
+    """`describe()` of every RUNNING module of a serving ledger that has one, asked
+    concurrently, each within `INFO_SECONDS` (a module that does not answer in time, or whose
+    answer is not JSON, is left out)."""
+    infos: dict[str, Any] = {}
+    if not host.serving:
+        return infos
+
+    async def ask(handle: ModuleHandle[Module]) -> None:
+        with trio.move_on_after(INFO_SECONDS):
+            try:
+                info = await handle.ask(_describe)
+            except NucleusError:
+                return
+            if info is None:
+                return
+            try:
+                _dumps(info)
+            except (TypeError, ValueError) as exc:
+                log.warning("module %r: describe() is not JSON: %s", handle.id, exc)
+                return
+            infos[handle.id] = info
+
+    async with trio.open_nursery() as nursery:
+        for handle in host.engine.modules:
+            if handle.state is ModuleState.RUNNING:
+                nursery.start_soon(ask, handle)
+    return infos
+
+
+def _describe(module: Module) -> Any:
+    describe = getattr(module, "describe", None)
+    return describe() if callable(describe) else None
 
 
 def _install_error_handlers(app: FastAPI) -> None:

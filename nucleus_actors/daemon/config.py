@@ -18,12 +18,11 @@ the reference of every key; a test keeps the two in step.
 
 from __future__ import annotations
 
-import importlib
 import math
 import os
 import re
 import tomllib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, Literal
@@ -44,6 +43,7 @@ from ..config import LEDGER_ID_PATTERN, LedgerConfig
 from ..errors import NucleusError
 from ..module import Module, ModuleSpec, Overflow
 from ..supervision import Backoff, Restart, Strategy
+from .discovery import resolve_use
 
 __all__ = [
     "MEMORY",
@@ -61,9 +61,6 @@ __all__ = [
 MEMORY: Final = ":memory:"
 """The `storage` value that keeps a ledger in process memory (gone when the daemon exits)."""
 
-_USE_RE: Final = re.compile(
-    r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*", re.ASCII
-)
 _ENV_RE: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _ID_RULE: Final = "1..128 letters, digits, '_', '.', '-', starting with a letter or digit"
 
@@ -105,38 +102,6 @@ class ConfigError(NucleusError, ValueError):
         super().__init__("\n".join(lines))
 
 
-# -- `use = "package.module:Class"` ------------------------------------------------------------
-def resolve_use(use: str) -> type[Module]:
-    """Import the `Module` subclass named by `"package.module:Class"` (`Class` may be dotted).
-
-    Raises:
-        ValueError: the text is not `package.module:Class`, the module does not import (the
-            message carries the import error), the attribute is missing, or it is not a
-            `Module` subclass.
-    """
-    if _USE_RE.fullmatch(use) is None:
-        raise ValueError(f"use must look like 'package.module:Class', got {use!r}")
-    module_name, _, qualname = use.partition(":")
-    try:
-        obj: Any = importlib.import_module(module_name)
-    except Exception as exc:  # a user module may raise anything at import time
-        raise ValueError(
-            f"cannot import {module_name!r} (from use = {use!r}): {type(exc).__name__}: {exc}"
-        ) from exc
-    for part in qualname.split("."):
-        try:
-            obj = getattr(obj, part)
-        except AttributeError:
-            raise ValueError(
-                f"{module_name!r} has no attribute {qualname!r} (use = {use!r})"
-            ) from None
-    if not (isinstance(obj, type) and issubclass(obj, Module)):
-        raise ValueError(
-            f"use = {use!r} names {obj!r}, which is not a subclass of nucleus_actors.Module"
-        )
-    return obj
-
-
 # -- models ----------------------------------------------------------------------------------
 class _Section(BaseModel):
     model_config = ConfigDict(
@@ -173,7 +138,8 @@ class ModuleSettings(_Section):
     """One `[[ledgers.modules]]` entry: which module to run and how to supervise it."""
 
     use: str
-    """The module class, `"package.module:Class"` (a `Module` subclass, built with no
+    """The module class: `"package.module:Class"`, or the name of a built-in module or of an
+    entry point in the group `nucleus_actors.modules` (a `Module` subclass, built with no
     arguments; it reads its settings from `config`)."""
     id: str | None = None
     """Override the class's module id (to run one class twice in a ledger)."""
@@ -209,8 +175,12 @@ class ModuleSettings(_Section):
     def _id(cls, value: str | None) -> str | None:
         return None if value is None else _matching(value, LEDGER_ID_PATTERN, _ID_RULE)
 
-    def spec(self) -> ModuleSpec[Module]:
+    def spec(self, *, instrument: Callable[[Module], None] | None = None) -> ModuleSpec[Module]:
         """The `ModuleSpec` these settings describe (the class is imported again; cached).
+
+        Args:
+            instrument: called with every new instance (each incarnation) before the runtime
+                sees it; the daemon uses it to time hooks for `/metrics`.
 
         Raises:
             ValueError: the class no longer resolves, or an option is out of range.
@@ -222,6 +192,8 @@ class ModuleSettings(_Section):
             module = cls()
             if module_id is not None:
                 module.id = module_id
+            if instrument is not None:
+                instrument(module)
             return module
 
         make.__qualname__ = f"{cls.__qualname__}.factory"

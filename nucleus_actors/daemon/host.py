@@ -10,6 +10,7 @@ import trio
 from ..engine import LedgerEngine
 from ..lifecycle import Phase
 from .config import LedgerSettings
+from .metrics import DaemonMetrics
 
 __all__ = ["DaemonState", "LedgerHost"]
 
@@ -19,7 +20,8 @@ class LedgerHost:
 
     The daemon runs each engine in its own task; `serving` is true from a successful
     `start_all` until the ledger stops or fails. `notify()` wakes every stream waiting on the
-    ledger (after an append, a failure, or when the daemon stops).
+    ledger (when it fails or stops, or when the daemon stops); streams learn of new entries
+    from `engine.wait_length`.
     """
 
     def __init__(
@@ -67,6 +69,7 @@ class DaemonState:
         *,
         token: str | None,
         max_body_bytes: int,
+        metrics: DaemonMetrics | None = None,
     ) -> None:
         self.hosts: dict[str, LedgerHost] = dict(hosts)
         """Ledgers by id, in configuration order."""
@@ -76,6 +79,9 @@ class DaemonState:
         """Largest request body accepted."""
         self.stopping = False
         """Set once shutdown began: streams end, `/readyz` answers 503."""
+        self.metrics = DaemonMetrics() if metrics is None else metrics
+        """What `/metrics` serves (a fresh registry unless the daemon passes its own)."""
+        self.metrics.watch(self.hosts.values)
 
     def begin_stopping(self) -> None:
         """Mark the daemon as stopping and end every stream."""

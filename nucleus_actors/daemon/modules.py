@@ -1,21 +1,43 @@
-"""Two small modules a daemon configuration can name (`nucleus init` uses both).
+"""The modules that ship with the daemon; a configuration names them by their short name.
 
-* `RequireFields` — a validator: records of the chosen kinds must carry some payload fields.
-* `KindCounter` — an index: counts committed records per kind, exactly once across restarts.
+* `require-fields` (`RequireFields`) — a validator: records of the chosen kinds must carry some
+  payload fields.
+* `json-schema` (`JsonSchemaValidator`) — a validator: each kind's payload must match its JSON
+  Schema; a rejection names the failing location and schema keyword.
+* `kind-counter` (`KindCounter`) — an index: counts committed records per kind (optionally
+  keeps their seqs), exactly once across restarts; answers `ask`, shown by `nucleus status`.
+* `jsonl-mirror` (`JsonlMirror`) — a sink: copies every committed entry to a JSON Lines file,
+  and after any restart resumes exactly where the file stops.
 
 They use nothing but the public module API, so they double as examples for module authors.
+A module that defines `describe()` (sync, returning a JSON object) has it shown as `info` by
+the daemon's modules API and by `nucleus status`.
 """
 
 from __future__ import annotations
 
+import json
+import os
+from array import array
 from collections.abc import Mapping, Sequence
-from typing import Any
+from pathlib import Path
+from typing import IO, Any, Final
 
+import trio
+
+from .._jcs import json_path
 from ..errors import RecordRejected
 from ..module import Module, ModuleContext
 from ..record import Hash, Record
+from .wire import entry_line
 
-__all__ = ["KindCounter", "RequireFields"]
+__all__ = [
+    "JsonSchemaValidator",
+    "JsonlMirror",
+    "KindCounter",
+    "RequireFields",
+    "SchemaViolation",
+]
 
 
 def _strings(config: Mapping[str, Any], key: str, *, required: bool) -> tuple[str, ...]:
@@ -88,44 +110,456 @@ class RequireFields(Module):
 class KindCounter(Module):
     """Count committed records per kind, exactly once even across restarts.
 
+    Config:
+        index: also keep the seqs of each kind (`seqs(kind)`), default false. Costs 8 bytes
+            per entry of memory.
+
     On `init` it rebuilds its counts by reading the ledger (so a restart or a daemon restart
     loses nothing), then counts each new entry once: a delivery redelivered after a crash is
-    recognised by its seq. Ask it: `await handle.ask(lambda m: dict(m.counts))`. On `stop` it
-    logs the totals.
+    recognised by its seq, and entries it did not get (dropped by an overflow policy) are read
+    back from the ledger. Ask it, e.g. `await handle.ask(lambda m: dict(m.counts))` or
+    `await handle.ask(KindCounter.count, "order.created")`. On `stop` it logs the totals.
 
     The rebuild reads the whole ledger within the module's `timeout`: for very large ledgers,
     raise the timeout or keep counts elsewhere.
     """
 
     id = "kind-counter"
-    version = "1.0.0"
+    version = "1.1.0"
+
+    SHOWN_KINDS: Final = 20
+    """`describe()` lists at most this many kinds (the most frequent)."""
 
     def __init__(self) -> None:
         self.counts: dict[str, int] = {}
-        """Committed records per kind."""
+        """Committed records per kind (copy it inside an `ask`: `dict(m.counts)`)."""
+        self.index: dict[str, array[int]] | None = None
+        """Seqs per kind, when `config.index` is true."""
         self.next_seq = 0
         """The first seq not counted yet."""
+        self._ctx: ModuleContext | None = None
 
     async def init(self, ctx: ModuleContext) -> None:
-        """Rebuild the counts from the entries already in the ledger."""
-        self.counts = {}
-        end = ctx.ledger.state.length
-        async for entry in ctx.ledger.read(0, end):
-            self._count(entry.record.kind)
-        self.next_seq = end
+        """Read `index` from the config and rebuild the counts from the ledger.
 
-    def _count(self, kind: str) -> None:
+        Raises:
+            ValueError: `index` is not a boolean.
+        """
+        keep = ctx.config.get("index", False)
+        if not isinstance(keep, bool):
+            raise ValueError(f"config 'index' must be true or false, got {keep!r}")
+        self._ctx = ctx
+        self.counts = {}
+        self.index = {} if keep else None
+        self.next_seq = 0
+        await self._catch_up(ctx.ledger.state.length)
+
+    async def _catch_up(self, end: int) -> None:
+        assert self._ctx is not None
+        if self.next_seq < end:
+            async for entry in self._ctx.ledger.read(self.next_seq, end):
+                self._count(entry.record.kind, entry.seq)
+
+    def _count(self, kind: str, seq: int) -> None:
         self.counts[kind] = self.counts.get(kind, 0) + 1
+        if self.index is not None:
+            seqs = self.index.get(kind)
+            if seqs is None:
+                seqs = self.index[kind] = array("q")
+            seqs.append(seq)
+        self.next_seq = seq + 1
 
     async def after_append(self, record: Record, hash: Hash) -> None:
         """Count the record unless its seq was counted already (a redelivery)."""
         assert record.seq is not None
         if record.seq < self.next_seq:
             return
-        self._count(record.kind)
-        self.next_seq = record.seq + 1
+        await self._catch_up(record.seq)  # deliveries dropped by an overflow policy
+        self._count(record.kind, record.seq)
+
+    # -- queries (run them with `ask`) -----------------------------------------------------
+    def count(self, kind: str) -> int:
+        """How many committed records have this kind."""
+        return self.counts.get(kind, 0)
+
+    def seqs(self, kind: str, start: int = 0, limit: int | None = None) -> list[int]:
+        """The seqs of the records of `kind` that are >= `start`, at most `limit` of them.
+
+        Raises:
+            RuntimeError: the module runs without `index = true`.
+        """
+        if self.index is None:
+            raise RuntimeError("kind-counter keeps no index: set config 'index = true'")
+        seqs = self.index.get(kind, array("q"))
+        lo, hi = 0, len(seqs)
+        while lo < hi:  # first position with seq >= start
+            mid = (lo + hi) // 2
+            if seqs[mid] < start:
+                lo = mid + 1
+            else:
+                hi = mid
+        end = len(seqs) if limit is None else min(len(seqs), lo + limit)
+        return seqs[lo:end].tolist()
+
+    def describe(self) -> dict[str, Any]:
+        """`{"total", "kinds": {kind: count} (the most frequent), "distinct_kinds",
+        "indexed"}` for `nucleus status`."""
+        top = sorted(self.counts.items(), key=lambda item: (-item[1], item[0]))
+        return {
+            "total": sum(self.counts.values()),
+            "kinds": dict(top[: self.SHOWN_KINDS]),
+            "distinct_kinds": len(top),
+            "indexed": self.index is not None,
+        }
 
     async def stop(self, ctx: ModuleContext) -> None:
         """Log the totals."""
         total = sum(self.counts.values())
         ctx.log.info("%d records counted by kind: %s", total, self.counts)
+
+
+# -- JSON Schema -----------------------------------------------------------------------------
+class SchemaViolation(RecordRejected):
+    """`json-schema` refused a record: its payload does not match its kind's schema.
+
+    Attributes:
+        path: where in the record the first error is, as a JSON path (`$.payload.items[0]`).
+        schema_path: the schema keyword that failed, as a JSON pointer fragment
+            (`#/properties/items/items/minimum`).
+        errors: how many errors the payload has in all.
+    """
+
+    def __init__(self, reason: str, *, path: str, schema_path: str, errors: int) -> None:
+        super().__init__(reason)
+        self.path = path
+        self.schema_path = schema_path
+        self.errors = errors
+
+
+def _pointer(parts: Sequence[Any]) -> str:
+    escaped = (str(part).replace("~", "~0").replace("/", "~1") for part in parts)
+    return "#/" + "/".join(escaped) if parts else "#"
+
+
+class JsonSchemaValidator(Module):
+    """Reject records whose payload does not match the JSON Schema of their kind.
+
+    Config:
+        schemas: a table kind -> schema. A schema is a table (inline JSON Schema) or a string,
+            the path of a JSON file holding one (relative paths resolve against the daemon's
+            working directory). A key ending in `*` is a prefix (`"order.*"`); an exact kind
+            wins over a prefix, a longer prefix over a shorter one.
+        unknown_kinds: `"allow"` (default) lets records of kinds without a schema through;
+            `"reject"` refuses them.
+
+    The schema's `$schema` picks the draft (default: the latest jsonschema knows); `format`
+    is checked. A rejection (409 over HTTP) is a `SchemaViolation` whose reason names the
+    failing location in the record and the schema keyword; the problem object carries them as
+    `path` and `schema_path`. A schema that is not valid, or a file that does not load, fails
+    `init`, so the ledger does not start.
+    """
+
+    id = "json-schema"
+    version = "1.0.0"
+
+    def __init__(self) -> None:
+        self.exact: dict[str, Any] = {}
+        self.prefixes: list[tuple[str, Any]] = []  # longest first
+        self.reject_unknown = False
+        self.checked = 0
+        self.rejected = 0
+
+    async def init(self, ctx: ModuleContext) -> None:
+        """Load and check every schema.
+
+        Raises:
+            ValueError: `schemas` is missing or malformed, a file does not load, a schema is
+                not a valid JSON Schema, or `unknown_kinds` is not "allow" or "reject".
+        """
+        from jsonschema import exceptions, validators
+
+        schemas = ctx.config.get("schemas")
+        if not isinstance(schemas, Mapping) or not schemas:
+            raise ValueError(
+                f"config 'schemas' must be a non-empty table of kind -> schema, got {schemas!r}"
+            )
+        unknown = ctx.config.get("unknown_kinds", "allow")
+        if unknown not in ("allow", "reject"):
+            raise ValueError(f"config 'unknown_kinds' must be 'allow' or 'reject', got {unknown!r}")
+        self.reject_unknown = unknown == "reject"
+        self.exact, prefixes = {}, []
+        for kind, given in schemas.items():
+            if not isinstance(kind, str) or not kind:
+                raise ValueError(f"config 'schemas': {kind!r} is not a kind")
+            if isinstance(given, str):
+                schema = await trio.to_thread.run_sync(_load_json_file, given, kind)
+            elif isinstance(given, Mapping):
+                schema = dict(given)
+            else:
+                raise ValueError(
+                    f"config 'schemas'[{kind!r}] must be a table (a JSON Schema) or the path "
+                    f"of a JSON file, got {given!r}"
+                )
+            cls = validators.validator_for(schema)
+            try:
+                cls.check_schema(schema)
+            except exceptions.SchemaError as exc:
+                where = _pointer(list(exc.absolute_path))
+                raise ValueError(
+                    f"config 'schemas'[{kind!r}] is not a valid JSON Schema at {where}: "
+                    f"{exc.message}"
+                ) from None
+            validator = cls(schema, format_checker=cls.FORMAT_CHECKER)
+            if kind.endswith("*"):
+                prefixes.append((kind[:-1], validator))
+            else:
+                self.exact[kind] = validator
+        self.prefixes = sorted(prefixes, key=lambda item: -len(item[0]))
+
+    def _validator(self, kind: str) -> Any:
+        found = self.exact.get(kind)
+        if found is not None:
+            return found
+        for prefix, validator in self.prefixes:
+            if kind.startswith(prefix):
+                return validator
+        return None
+
+    async def before_append(self, record: Record) -> Record | None:
+        """Pass a record whose payload matches its kind's schema; veto the others.
+
+        Raises:
+            SchemaViolation: naming the location in the record and the failed keyword.
+            RecordRejected: the kind has no schema and `unknown_kinds = "reject"`.
+        """
+        from jsonschema.exceptions import best_match
+
+        validator = self._validator(record.kind)
+        if validator is None:
+            if self.reject_unknown:
+                self.rejected += 1
+                raise RecordRejected(
+                    f"no schema for kind {record.kind!r} (unknown_kinds = 'reject')"
+                )
+            return None
+        self.checked += 1
+        errors = list(validator.iter_errors(record.payload))
+        if not errors:
+            return None
+        self.rejected += 1
+        error = best_match(errors)
+        path = json_path("$.payload", list(reversed(error.absolute_path)))
+        schema_path = _pointer(list(error.absolute_schema_path))
+        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+        raise SchemaViolation(
+            f"payload of kind {record.kind!r} does not match its schema at {path}: "
+            f"{error.message} (schema {schema_path}){more}",
+            path=path,
+            schema_path=schema_path,
+            errors=len(errors),
+        )
+
+    def describe(self) -> dict[str, Any]:
+        """`{"kinds", "checked", "rejected"}`: the kinds with a schema and what was checked."""
+        kinds = sorted(self.exact) + sorted(prefix + "*" for prefix, _ in self.prefixes)
+        return {"kinds": kinds, "checked": self.checked, "rejected": self.rejected}
+
+
+def _load_json_file(path: str, kind: str) -> Any:
+    try:
+        with open(os.path.expanduser(path), encoding="utf-8") as file:
+            return json.load(file)
+    except OSError as exc:
+        raise ValueError(
+            f"config 'schemas'[{kind!r}]: cannot read {path}: {exc.strerror or exc}"
+        ) from None
+    except ValueError as exc:
+        raise ValueError(f"config 'schemas'[{kind!r}]: {path} is not JSON: {exc}") from None
+
+
+# -- JSON Lines mirror -----------------------------------------------------------------------
+class _MirrorFile:
+    """The mirror's file: a scan that finds where it stops (dropping a torn last line), then
+    appends. Blocking calls; the module runs the slow ones in a worker thread."""
+
+    TAIL_CHUNK: Final = 64 * 1024
+
+    def __init__(self, path: str) -> None:
+        self.given = path
+        self.path = Path(path)
+        self.file: IO[bytes] | None = None
+
+    def open_and_scan(self) -> tuple[int, str] | None:
+        """Open for appending; return `(seq, hash)` of the last complete line, or None when
+        the file is empty. A torn last line (no newline: a crash mid-write) is cut off.
+
+        Raises:
+            ValueError: the last line is not a mirrored entry.
+        """
+        self.path = Path(os.path.expanduser(self.given)).absolute()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        file = open(self.path, "a+b")  # noqa: SIM115 - kept open until close()
+        try:
+            size = file.seek(0, os.SEEK_END)
+            end = size
+            tail = b""
+            while end > 0:  # find the start of the last complete line
+                start = max(0, end - self.TAIL_CHUNK)
+                file.seek(start)
+                tail = file.read(end - start) + tail
+                end = start
+                if tail.count(b"\n") >= 2 or (end == 0 and b"\n" in tail):
+                    break
+            complete = tail[: tail.rfind(b"\n") + 1] if b"\n" in tail else b""
+            keep = end + len(complete)
+            if keep < size:
+                file.truncate(keep)
+                file.flush()
+                os.fsync(file.fileno())
+            self.file = file
+            if not complete:
+                return None
+            last = complete[:-1].rsplit(b"\n", 1)[-1]
+            try:
+                data = json.loads(last)
+                seq, digest = data["seq"], data["hash"]
+                if type(seq) is not int or not isinstance(digest, str):
+                    raise TypeError("seq or hash has the wrong type")
+            except (ValueError, TypeError, KeyError) as exc:
+                raise ValueError(
+                    f"{self.path} does not look like a jsonl-mirror file: its last line is not "
+                    f"an entry ({type(exc).__name__}: {exc})"
+                ) from None
+            return seq, digest
+        except BaseException:
+            file.close()
+            self.file = None
+            raise
+
+    def write(self, data: bytes) -> None:
+        assert self.file is not None
+        self.file.write(data)
+        self.file.flush()
+
+    def sync(self) -> None:
+        if self.file is not None:
+            os.fsync(self.file.fileno())
+
+    def close(self) -> None:
+        if self.file is not None:
+            try:
+                self.file.flush()
+                os.fsync(self.file.fileno())
+            finally:
+                self.file.close()
+                self.file = None
+
+
+class JsonlMirror(Module):
+    """Copy every committed entry to a JSON Lines file, resuming exactly where it stops.
+
+    Config:
+        path: the file (required; created with its directory; relative paths resolve against
+            the daemon's working directory). One ledger per file.
+        fsync: fsync after every entry (default false: the OS writes it back; the file is
+            flushed after every entry and fsynced on stop).
+
+    Each line is the entry as the API serves it (`seq`, `kind`, `payload`, `meta`,
+    `timestamp`, `hash`), byte for byte what `nucleus export --format jsonl` writes.
+
+    Resuming: on `init` (first start, restart after a crash, daemon restart) it reads the
+    file's last line, cuts off a torn one (a crash mid-write), checks that this entry's hash
+    matches the ledger's, and copies the entries committed since from the ledger. Deliveries
+    it already wrote are skipped by seq, and entries it never got (dropped by an overflow
+    policy) are read back from the ledger: the file always holds seqs 0, 1, 2, ... with no
+    gap and no duplicate. The catch-up runs within the module's `timeout`.
+    """
+
+    id = "jsonl-mirror"
+    version = "1.0.0"
+
+    def __init__(self) -> None:
+        self.file: _MirrorFile | None = None
+        self.next_seq = 0
+        """The first seq not in the file yet."""
+        self.fsync = False
+        self._ctx: ModuleContext | None = None
+
+    async def init(self, ctx: ModuleContext) -> None:
+        """Open the file, check it against the ledger and copy what it misses.
+
+        Raises:
+            ValueError: bad config; the file does not look like a mirror; its last entry is not
+                in the ledger or has another hash (it mirrors another ledger or was edited).
+            OSError: the file cannot be opened or written.
+        """
+        path = ctx.config.get("path")
+        if not isinstance(path, str) or not path:
+            raise ValueError(f"config 'path' must be a non-empty string, got {path!r}")
+        fsync = ctx.config.get("fsync", False)
+        if not isinstance(fsync, bool):
+            raise ValueError(f"config 'fsync' must be true or false, got {fsync!r}")
+        self.fsync = fsync
+        self._ctx = ctx
+        file = _MirrorFile(path)
+        last = await trio.to_thread.run_sync(file.open_and_scan)
+        self.file = file
+        try:
+            self.next_seq = 0 if last is None else await self._check(ctx, file, *last)
+            await self._catch_up(ctx.ledger.state.length)
+        except BaseException:
+            await trio.to_thread.run_sync(file.close)
+            self.file = None
+            raise
+
+    async def _check(self, ctx: ModuleContext, file: _MirrorFile, seq: int, digest: str) -> int:
+        length = ctx.ledger.state.length
+        if seq >= length:
+            raise ValueError(
+                f"{file.path} ends at seq {seq} but ledger {ctx.ledger_id!r} has {length} "
+                "entries: the file mirrors another ledger (move it away to start afresh)"
+            )
+        entry = await ctx.ledger.get(seq)
+        if entry.hash.hex() != digest:
+            raise ValueError(
+                f"{file.path} does not match ledger {ctx.ledger_id!r} at seq {seq} (hash "
+                f"{digest[:16]}... in the file, {entry.hash.hex()[:16]}... in the ledger): it "
+                "mirrors another ledger or was edited"
+            )
+        return seq + 1
+
+    async def _catch_up(self, end: int) -> None:
+        assert self._ctx is not None
+        if self.next_seq >= end:
+            return
+        async for entry in self._ctx.ledger.read(self.next_seq, end):
+            await self._write(entry.record, entry.hash)
+
+    async def _write(self, record: Record, hash: Hash) -> None:
+        assert self.file is not None
+        assert record.seq is not None
+        self.file.write(entry_line(record, hash))
+        self.next_seq = record.seq + 1
+        if self.fsync:
+            await trio.to_thread.run_sync(self.file.sync)
+
+    async def after_append(self, record: Record, hash: Hash) -> None:
+        """Append the entry (after any it missed); skip one already in the file."""
+        assert record.seq is not None
+        if record.seq < self.next_seq:
+            return
+        await self._catch_up(record.seq)
+        await self._write(record, hash)
+
+    def describe(self) -> dict[str, Any]:
+        """`{"path", "next_seq"}`: the file and the first seq not in it yet."""
+        return {
+            "path": None if self.file is None else str(self.file.path),
+            "next_seq": self.next_seq,
+        }
+
+    async def stop(self, ctx: ModuleContext) -> None:
+        """Flush, fsync and close the file."""
+        if self.file is not None:
+            file, self.file = self.file, None
+            await trio.to_thread.run_sync(file.close)

@@ -122,6 +122,9 @@ def problem_from_error(exc: NucleusError, *, ledger: str) -> Problem:
             module=exc.module_id,
             reason=exc.reason,
             index=exc.index,
+            # a json-schema rejection (SchemaViolation) says where and which keyword
+            path=getattr(exc, "path", None),
+            schema_path=getattr(exc, "schema_path", None),
         )
     if isinstance(exc, InvalidRecord):
         return Problem("invalid-record", str(exc), ledger=ledger, path=exc.path)

@@ -35,6 +35,7 @@ from ..storage import MemoryStorage, SQLiteStorage, StorageBackend
 from .app import create_app
 from .config import ConfigError, ConfigProblem, DaemonConfig
 from .host import DaemonState, LedgerHost
+from .metrics import DaemonMetrics
 
 __all__ = ["EXIT_CONFIG", "EXIT_FAILURE", "EXIT_OK", "Daemon", "build_hosts"]
 
@@ -48,8 +49,14 @@ EXIT_CONFIG: Final = 2
 """The configuration is unusable (nothing was started, or startup found a config problem)."""
 
 
-def build_hosts(config: DaemonConfig) -> dict[str, LedgerHost]:
+def build_hosts(
+    config: DaemonConfig, *, metrics: DaemonMetrics | None = None
+) -> dict[str, LedgerHost]:
     """Create every ledger's storage and engine and register its modules (nothing runs yet).
+
+    Args:
+        config: the validated configuration.
+        metrics: when given, every module instance gets its hooks timed into it.
 
     Raises:
         ConfigError: a module cannot be registered (its factory fails, duplicate id, bad
@@ -63,11 +70,12 @@ def build_hosts(config: DaemonConfig) -> dict[str, LedgerHost]:
             MemoryStorage() if path is None else SQLiteStorage(path, durability=settings.durability)
         )
         engine = LedgerEngine(settings.ledger_config(), storage)
+        instrument = None if metrics is None else metrics.instrument(settings.id)
         for position, module in enumerate(settings.modules):
             where = f"ledgers[{index}].modules[{position}] (ledger {settings.id!r}, "
             where += f"module {module.use!r})"
             try:
-                engine.register(module.spec())
+                engine.register(module.spec(instrument=instrument))
             except (NucleusError, ValueError, TypeError) as exc:
                 problems.append(ConfigProblem(where, f"cannot register the module: {exc}"))
         hosts[settings.id] = LedgerHost(settings, engine, path)
@@ -107,10 +115,13 @@ class Daemon:
         self.host = config.host if host is None else host
         self.port = config.port if port is None else port
         env = os.environ if environ is None else environ
+        self.metrics = DaemonMetrics()
+        """This daemon's metrics (its own registry), served at `/metrics`."""
         self.state = DaemonState(
-            build_hosts(config),
+            build_hosts(config, metrics=self.metrics),
             token=env.get(config.token_env) or None,
             max_body_bytes=config.max_body_bytes,
+            metrics=self.metrics,
         )
         self.urls: list[str] = []
         """Where the server listens once bound (`http://HOST:PORT`)."""

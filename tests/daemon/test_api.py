@@ -410,8 +410,13 @@ def test_ledgers_and_modules(api: httpx.Client) -> None:
     assert [m["id"] for m in modules] == ["require-fields", "explode", "kind-counter"]
     assert set(modules[0]) == {
         "id", "version", "state", "restarts", "crashes", "last_error", "inbox_depth",
-        "processed", "dropped", "stop_result", "incarnation",
+        "processed", "dropped", "stop_result", "incarnation", "info",
     }  # fmt: skip
+    infos = {m["id"]: m["info"] for m in modules}
+    assert infos["require-fields"] is None  # no describe()
+    counter = infos["kind-counter"]
+    assert counter["total"] == length(api)
+    assert counter["total"] == sum(counter["kinds"].values())
     assert api.get("/v1/ledgers/aux/modules").json() == {"modules": []}
     # Read-only: no way to write module state.
     assert api.post("/v1/ledgers/main/modules", json={}).status_code == 405

@@ -122,8 +122,10 @@ typo = true
         ("tests.daemon.testmods:Missing", "'tests.daemon.testmods' has no attribute 'Missing'"),
         ("tests.daemon.testmods:NOT_A_CLASS", "names 42, which is not a subclass of"),
         ("nucleus_actors:Record", "which is not a subclass of nucleus_actors.Module"),
-        ("not-a-path", "use must look like 'package.module:Class'"),
-        ("pkg.mod", "use must look like 'package.module:Class'"),
+        ("not-a-path", "use = 'not-a-path': no installed module has this name: it is not"),
+        ("pkg.mod", "(did you mean 'package.module:Class'?)"),
+        ("bad name!", "use must be 'package.module:Class' or the name of an installed module"),
+        ("pkg.mod:", "use = 'pkg.mod:' is not of the form 'package.module:Class'"),
     ],
 )
 def test_a_bad_use_names_the_ledger_and_the_module_entry(use: str, message: str) -> None:

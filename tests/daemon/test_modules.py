@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import re
+from pathlib import Path
+
 import pytest
 
 from nucleus_actors import (
@@ -10,11 +14,19 @@ from nucleus_actors import (
     LedgerEngine,
     ModuleError,
     ModuleSpec,
+    Overflow,
     Record,
     RecordRejected,
     open_ledger,
 )
-from nucleus_actors.daemon.modules import KindCounter, RequireFields
+from nucleus_actors.daemon.modules import (
+    JsonlMirror,
+    JsonSchemaValidator,
+    KindCounter,
+    RequireFields,
+    SchemaViolation,
+)
+from nucleus_actors.daemon.wire import entry_line
 from nucleus_actors.storage import MemoryStorage
 
 
@@ -92,3 +104,207 @@ async def test_kind_counter_ignores_a_redelivery_after_its_own_crash() -> None:
         handle = engine.modules.get(Fragile)
         assert await handle.ask(lambda m: dict(m.counts)) == {"x": 2}
         assert handle.status.restarts == 1
+
+
+# -- kind-counter: queries and index ---------------------------------------------------------
+async def test_kind_counter_index_count_and_describe() -> None:
+    spec = ModuleSpec(KindCounter, config={"index": True})
+    async with open_ledger(LedgerConfig(ledger_id="t"), modules=[spec]) as engine:
+        await engine.append_many([Record("a" if n % 3 else "b", n) for n in range(10)])
+        handle = engine.modules.get(KindCounter)
+        assert await handle.ask(KindCounter.count, "a") == 6
+        assert await handle.ask(KindCounter.count, "zzz") == 0
+        assert await handle.ask(KindCounter.seqs, "b") == [0, 3, 6, 9]
+        assert await handle.ask(KindCounter.seqs, "b", 4, 1) == [6]
+        info = await handle.ask(KindCounter.describe)
+        assert info == {
+            "total": 10,
+            "kinds": {"a": 6, "b": 4},
+            "distinct_kinds": 2,
+            "indexed": True,
+        }
+    async with open_ledger(LedgerConfig(ledger_id="t"), modules=[KindCounter]) as engine:
+        with pytest.raises(RuntimeError, match=r"keeps no index: set config 'index = true'"):
+            await engine.modules.get(KindCounter).ask(KindCounter.seqs, "a")
+    bad = ModuleSpec(KindCounter, config={"index": "yes"})
+    with pytest.raises(ModuleError, match=r"kind-counter") as info:
+        async with open_ledger(LedgerConfig(ledger_id="t"), modules=[bad]):
+            pass
+    assert "config 'index' must be true or false, got 'yes'" in str(info.value.__cause__)
+
+
+async def test_kind_counter_reads_back_deliveries_it_dropped() -> None:
+    storage = MemoryStorage()
+    spec = ModuleSpec(KindCounter, inbox=1, overflow=Overflow.DROP_NEWEST, config={"index": True})
+    async with open_ledger(LedgerConfig(ledger_id="t"), storage=storage, modules=[spec]) as engine:
+        await engine.append_many([Record("k", n) for n in range(50)])  # most deliveries dropped
+        await engine.append(Record("k", 50))
+        handle = engine.modules.get(KindCounter)
+        counts = await handle.ask(lambda m: dict(m.counts))
+        seqs = await handle.ask(KindCounter.seqs, "k")
+        dropped = handle.status.dropped
+    assert dropped > 0
+    assert counts == {"k": 51}
+    assert seqs == list(range(51))
+
+
+# -- json-schema -----------------------------------------------------------------------------
+ORDER_SCHEMA = {
+    "type": "object",
+    "required": ["customer", "items"],
+    "properties": {
+        "customer": {"type": "string", "minLength": 1},
+        "items": {
+            "type": "array",
+            "items": {"type": "object", "properties": {"qty": {"type": "integer", "minimum": 1}}},
+        },
+    },
+}
+
+
+def schema_spec(**config: object) -> ModuleSpec[JsonSchemaValidator]:
+    return ModuleSpec(JsonSchemaValidator, config=config)
+
+
+async def test_json_schema_rejects_with_the_error_path() -> None:
+    spec = schema_spec(schemas={"order.created": ORDER_SCHEMA, "order.*": {"type": "object"}})
+    async with open_ledger(LedgerConfig(ledger_id="t"), modules=[spec]) as engine:
+        await engine.append(Record("order.created", {"customer": "ada", "items": [{"qty": 2}]}))
+        await engine.append(Record("order.paid", {}))  # the prefix schema
+        await engine.append(Record("note", [1, 2]))  # no schema: allowed
+        bad = Record("order.created", {"customer": "ada", "items": [{"qty": 2}, {"qty": 0}]})
+        with pytest.raises(
+            SchemaViolation, match=r"at \$\.payload\.items\[1\]\.qty: 0 is less"
+        ) as e:
+            await engine.append(bad)
+        assert e.value.module_id == "json-schema"
+        assert e.value.path == "$.payload.items[1].qty"
+        assert e.value.schema_path == "#/properties/items/items/properties/qty/minimum"
+        assert e.value.errors == 1
+        with pytest.raises(SchemaViolation, match=r"'customer' is a required property") as e:
+            await engine.append(Record("order.created", {"items": "none"}))
+        assert e.value.errors == 2
+        assert "(and 1 more)" in str(e.value)
+        with pytest.raises(SchemaViolation, match=r"at \$\.payload: \[\] is not of type 'object'"):
+            await engine.append(Record("order.shipped", []))
+        info = await engine.modules.get(JsonSchemaValidator).ask(JsonSchemaValidator.describe)
+        assert info == {"kinds": ["order.created", "order.*"], "checked": 5, "rejected": 3}
+        assert engine.state.length == 3
+
+
+async def test_json_schema_unknown_kinds_and_files(tmp_path: Path) -> None:
+    schema_file = tmp_path / "note.json"
+    schema_file.write_text(json.dumps({"type": "string", "format": "email"}))
+    spec = schema_spec(schemas={"note": str(schema_file)}, unknown_kinds="reject")
+    async with open_ledger(LedgerConfig(ledger_id="t"), modules=[spec]) as engine:
+        await engine.append(Record("note", "ada@example.org"))
+        with pytest.raises(SchemaViolation, match=r"is not a 'email'"):
+            await engine.append(Record("note", "not an address"))
+        with pytest.raises(RecordRejected, match=r"no schema for kind 'other'"):
+            await engine.append(Record("other", 1))
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ({}, "config 'schemas' must be a non-empty table of kind -> schema"),
+        ({"schemas": {"a": 3}}, "must be a table (a JSON Schema) or the path of a JSON file"),
+        ({"schemas": {"a": {"type": "nope"}}}, "is not a valid JSON Schema at #/type"),
+        ({"schemas": {"a": "/nonexistent/s.json"}}, "cannot read /nonexistent/s.json"),
+        ({"schemas": {"a": {}}, "unknown_kinds": "drop"}, "must be 'allow' or 'reject'"),
+    ],
+)
+async def test_json_schema_bad_config_fails_startup(
+    config: dict[str, object], message: str
+) -> None:
+    with pytest.raises(ModuleError, match=r"json-schema") as info:
+        async with open_ledger(LedgerConfig(ledger_id="t"), modules=[schema_spec(**config)]):
+            pass
+    assert message in str(info.value.__cause__)
+
+
+# -- jsonl-mirror ----------------------------------------------------------------------------
+def mirror_spec(path: Path, **config: object) -> ModuleSpec[JsonlMirror]:
+    return ModuleSpec(JsonlMirror, config={"path": str(path), **config})
+
+
+async def expected_lines(engine: LedgerEngine) -> bytes:
+    return b"".join([entry_line(e.record, e.hash) async for e in engine.read(0)])
+
+
+async def test_jsonl_mirror_copies_every_entry_and_resumes(tmp_path: Path) -> None:
+    path = tmp_path / "sub" / "mirror.jsonl"
+    storage = MemoryStorage()
+    config = LedgerConfig(ledger_id="t")
+    modules = [mirror_spec(path, fsync=True)]
+    async with open_ledger(config, storage=storage, modules=modules) as engine:
+        await engine.append_many([Record("k", {"n": n, "s": "é"}) for n in range(5)])
+        handle = engine.modules.get(JsonlMirror)
+        assert (await handle.ask(JsonlMirror.describe))["next_seq"] == 5
+        # Terminated: it misses entries, then a restart copies them from the ledger.
+        await engine.terminate("jsonl-mirror")
+        await engine.append_many([Record("k", {"n": n}) for n in range(5, 8)])
+        await engine.restart("jsonl-mirror")
+        await engine.append(Record("k", {"n": 8}))
+        await handle.ask(lambda m: None)  # every delivery before it is written
+        assert path.read_bytes() == await expected_lines(engine)
+
+    # A torn last line (a crash mid-write) is cut off and rewritten on the next start.
+    data = path.read_bytes()
+    path.write_bytes(data[:-7])
+    lines_before = data.count(b"\n")
+    engine = LedgerEngine(config, storage)
+    engine.register(mirror_spec(path))
+    async with engine:
+        await engine.init_all()
+        await engine.start_all()
+        await engine.append(Record("k", {"n": 9}))
+        await engine.modules.get(JsonlMirror).ask(lambda m: None)
+        assert path.read_bytes() == await expected_lines(engine)
+    assert path.read_bytes().count(b"\n") == lines_before + 1
+
+
+async def test_jsonl_mirror_is_exactly_once_across_its_own_crash(tmp_path: Path) -> None:
+    class Fragile(JsonlMirror):
+        calls = 0
+
+        async def after_append(self, record: Record, hash: Hash) -> None:
+            await super().after_append(record, hash)
+            Fragile.calls += 1
+            if Fragile.calls == 2:
+                raise RuntimeError("crash after writing")  # redelivered to the new incarnation
+
+    path = tmp_path / "m.jsonl"
+    spec = ModuleSpec(Fragile, config={"path": str(path)})
+    async with open_ledger(LedgerConfig(ledger_id="t"), modules=[spec]) as engine:
+        for n in range(4):
+            await engine.append(Record("k", n))
+        handle = engine.modules.get(Fragile)
+        await handle.ask(lambda m: None)
+        assert handle.status.restarts == 1
+        assert path.read_bytes() == await expected_lines(engine)
+
+
+async def test_jsonl_mirror_refuses_a_file_of_another_ledger(tmp_path: Path) -> None:
+    path = tmp_path / "m.jsonl"
+    async with open_ledger(LedgerConfig(ledger_id="a"), modules=[mirror_spec(path)]) as engine:
+        await engine.append_many([Record("k", n) for n in range(3)])
+    for ledger, records, message in [
+        ("b", 3, r"does not match ledger 'b' at seq 2"),
+        ("c", 1, r"ends at seq 2 but ledger 'c' has 1 entries"),
+    ]:
+        storage = MemoryStorage()
+        async with open_ledger(LedgerConfig(ledger_id=ledger), storage=storage) as engine:
+            await engine.append_many([Record("k", n) for n in range(records)])
+        engine = LedgerEngine(LedgerConfig(ledger_id=ledger), storage)
+        engine.register(mirror_spec(path))
+        with pytest.raises(ModuleError, match=r"jsonl-mirror") as info:
+            async with engine:
+                await engine.init_all()
+        assert re.search(message, str(info.value.__cause__)), info.value.__cause__
+    path.write_text('{"no": "seq"}\n')
+    async with LedgerEngine(LedgerConfig(ledger_id="a")) as engine:
+        engine.register(mirror_spec(path))
+        with pytest.raises(ModuleError, match=r"jsonl-mirror") as info:
+            await engine.init_all()
+    assert "does not look like a jsonl-mirror file" in str(info.value.__cause__)

@@ -1,0 +1,251 @@
+"""`/metrics`: Prometheus metrics of a daemon, from its own `CollectorRegistry`.
+
+Ledger and module figures are read at scrape time from `engine.statistics()`,
+`engine.state` and `engine.modules.status()` (nothing is counted twice, nothing drifts). Hook
+latency is measured: the daemon wraps the `before_append` / `after_append` of every module
+it builds (only the hooks its class overrides, on the instance, so the runtime sees the same
+class) and observes each call into a histogram. docs/metrics.md lists every metric.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Final
+
+from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.registry import Collector
+
+from .. import __version__
+from ..lifecycle import ModuleState, Phase
+from ..module import Module
+from ..record import Hash, Record
+
+if TYPE_CHECKING:
+    from .host import LedgerHost
+
+__all__ = ["HOOK_BUCKETS", "METRICS", "DaemonMetrics"]
+
+log = logging.getLogger("nucleus_actors.daemon")
+
+HOOK_BUCKETS: Final = (
+    0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025,
+    0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+)  # fmt: skip
+"""Histogram buckets of hook latency, in seconds (10 µs .. 30 s, then +Inf)."""
+
+METRICS: Final[Mapping[str, tuple[str, str, tuple[str, ...]]]] = {
+    "nucleus_daemon_info": ("gauge", "Always 1; the version label says which.", ("version",)),
+    "nucleus_ledger_up": (
+        "gauge",
+        "1 while the ledger serves reads and writes, else 0.",
+        ("ledger",),
+    ),
+    "nucleus_ledger_phase": (
+        "gauge",
+        "1 for the ledger's current lifecycle phase, 0 for the others.",
+        ("ledger", "phase"),
+    ),
+    "nucleus_ledger_entries": ("gauge", "Entries in the ledger (its length).", ("ledger",)),
+    "nucleus_ledger_appends_total": (
+        "counter",
+        "Records committed since the daemon opened the ledger.",
+        ("ledger",),
+    ),
+    "nucleus_ledger_rejects_total": (
+        "counter",
+        "Records vetoed by a module's before_append.",
+        ("ledger",),
+    ),
+    "nucleus_ledger_crashes_total": (
+        "counter",
+        "Module crashes in the ledger (a failed restart counts as one).",
+        ("ledger",),
+    ),
+    "nucleus_ledger_restarts_total": (
+        "counter",
+        "Module restarts in the ledger (group and manual restarts included).",
+        ("ledger",),
+    ),
+    "nucleus_module_state": (
+        "gauge",
+        "1 for the module's current state, 0 for the others.",
+        ("ledger", "module", "state"),
+    ),
+    "nucleus_module_restarts_total": (
+        "counter",
+        "Times the module was restarted.",
+        ("ledger", "module"),
+    ),
+    "nucleus_module_crashes_total": (
+        "counter",
+        "Times the module crashed.",
+        ("ledger", "module"),
+    ),
+    "nucleus_module_inbox_depth": (
+        "gauge",
+        "after_append deliveries queued or being processed.",
+        ("ledger", "module"),
+    ),
+    "nucleus_module_processed_total": (
+        "counter",
+        "after_append deliveries processed.",
+        ("ledger", "module"),
+    ),
+    "nucleus_module_dropped_total": (
+        "counter",
+        "after_append deliveries dropped by the module's overflow policy.",
+        ("ledger", "module"),
+    ),
+    "nucleus_module_incarnation": (
+        "gauge",
+        "1 for the module's first run, +1 per restart.",
+        ("ledger", "module"),
+    ),
+    "nucleus_module_hook_duration_seconds": (
+        "histogram",
+        "Time spent in each before_append / after_append call of a module.",
+        ("ledger", "module", "hook"),
+    ),
+}
+"""Every metric the daemon serves: name -> (type, help, labels). docs/metrics.md matches."""
+
+_HOOKS: Final = ("before_append", "after_append")
+
+
+def _family(name: str) -> CounterMetricFamily | GaugeMetricFamily:
+    kind, help_text, labels = METRICS[name]
+    if kind == "counter":
+        return CounterMetricFamily(name.removesuffix("_total"), help_text, labels=labels)
+    return GaugeMetricFamily(name, help_text, labels=labels)
+
+
+class _LedgerCollector(Collector):
+    """Reads every ledger's statistics and module statuses at scrape time."""
+
+    def __init__(self, hosts: Callable[[], Iterable[LedgerHost]]) -> None:
+        self._hosts = hosts
+
+    def collect(self) -> Iterator[Metric]:
+        f = {name: _family(name) for name, (kind, _, _) in METRICS.items() if kind != "histogram"}
+        f["nucleus_daemon_info"].add_metric([__version__], 1)
+        for host in self._hosts():
+            ledger = host.id
+            engine = host.engine
+            state = engine.state
+            stats = engine.statistics()
+            f["nucleus_ledger_up"].add_metric([ledger], 1 if host.serving else 0)
+            for phase in Phase:
+                f["nucleus_ledger_phase"].add_metric(
+                    [ledger, phase.value], 1 if phase is state.phase else 0
+                )
+            f["nucleus_ledger_entries"].add_metric([ledger], state.length)
+            f["nucleus_ledger_appends_total"].add_metric([ledger], stats.appends)
+            f["nucleus_ledger_rejects_total"].add_metric([ledger], stats.rejects)
+            f["nucleus_ledger_crashes_total"].add_metric([ledger], stats.crashes)
+            f["nucleus_ledger_restarts_total"].add_metric([ledger], stats.restarts)
+            for status in engine.modules.status():
+                labels = [ledger, status.id]
+                for module_state in ModuleState:
+                    f["nucleus_module_state"].add_metric(
+                        [*labels, module_state.value], 1 if module_state is status.state else 0
+                    )
+                f["nucleus_module_restarts_total"].add_metric(labels, status.restarts)
+                f["nucleus_module_crashes_total"].add_metric(labels, status.crashes)
+                f["nucleus_module_inbox_depth"].add_metric(labels, status.inbox_depth)
+                f["nucleus_module_processed_total"].add_metric(labels, status.processed)
+                f["nucleus_module_dropped_total"].add_metric(labels, status.dropped)
+                f["nucleus_module_incarnation"].add_metric(labels, status.incarnation)
+        yield from f.values()
+
+
+class DaemonMetrics:
+    """The metrics of one daemon: its own `CollectorRegistry` (never the global one), the
+    hook latency histogram, and a collector over its ledgers (`watch`)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        """The registry `/metrics` renders."""
+        name = "nucleus_module_hook_duration_seconds"
+        self.hook_seconds = Histogram(
+            name,
+            METRICS[name][1],
+            labelnames=METRICS[name][2],
+            buckets=HOOK_BUCKETS,
+            registry=self.registry,
+        )
+        """Hook latency, labelled by ledger, module and hook."""
+        self._watching = False
+
+    def watch(self, hosts: Callable[[], Iterable[LedgerHost]]) -> None:
+        """Serve the figures of the ledgers `hosts()` returns at each scrape (once only).
+
+        Raises:
+            RuntimeError: called twice.
+        """
+        if self._watching:
+            raise RuntimeError("DaemonMetrics.watch was already called")
+        self._watching = True
+        self.registry.register(_LedgerCollector(hosts))
+
+    def instrument(self, ledger: str) -> Callable[[Module], None]:
+        """A function that times the hooks of a module instance of `ledger`.
+
+        Only hooks the module's class overrides are wrapped, on the instance: `type(module)`
+        does not change, so the runtime includes exactly the same hooks. A module whose
+        instances take no attributes (`__slots__`) runs untimed.
+        """
+
+        def wrap(module: Module) -> None:
+            cls = type(module)
+            for hook in _HOOKS:
+                if getattr(cls, hook) is getattr(Module, hook):
+                    continue
+                observe = self.hook_seconds.labels(ledger, module.id, hook).observe
+                timed = _timed_before if hook == "before_append" else _timed_after
+                try:
+                    setattr(module, hook, timed(getattr(module, hook), observe))
+                except (AttributeError, TypeError):
+                    log.debug("module %r of ledger %r: %s is not timed", module.id, ledger, hook)
+
+        return wrap
+
+    def render(self, accept: str | None) -> tuple[bytes, str]:
+        """The exposition for a scrape with this `Accept` header: `(body, content type)`
+        (OpenMetrics when the scraper asks for it, else the Prometheus text format)."""
+        encoder, content_type = choose_encoder(accept or "")
+        return encoder(self.registry), content_type
+
+
+def _timed_before(
+    hook: Callable[[Record], Any], observe: Callable[[float], None]
+) -> Callable[[Record], Any]:
+    clock = time.perf_counter
+
+    async def before_append(record: Record) -> Record | None:
+        start = clock()
+        try:
+            result: Record | None = await hook(record)
+            return result
+        finally:
+            observe(clock() - start)
+
+    return before_append
+
+
+def _timed_after(
+    hook: Callable[[Record, Hash], Any], observe: Callable[[float], None]
+) -> Callable[[Record, Hash], Any]:
+    clock = time.perf_counter
+
+    async def after_append(record: Record, hash: Hash) -> None:
+        start = clock()
+        try:
+            await hook(record, hash)
+        finally:
+            observe(clock() - start)
+
+    return after_append
