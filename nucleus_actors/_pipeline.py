@@ -29,7 +29,7 @@ from .errors import (
     RecordRejected,
     StorageError,
 )
-from .hashing import chain_hash, leaf_hash
+from .hashing import chain_step
 from .lifecycle import Phase
 from .module._mailbox import Before
 from .record import Entry, Receipt, Record
@@ -273,7 +273,7 @@ class Pipeline:
             else:
                 start = len(entries)
                 for record, data in zip(request.records, datas, strict=True):
-                    head = chain_hash(head, seq, leaf_hash(data))
+                    head = chain_step(head, seq, data)
                     entries.append(Entry(seq, record._commit(seq, ts), head, data))
                     seq += 1
                 committing.append((request, start))

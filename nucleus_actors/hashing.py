@@ -28,6 +28,7 @@ __all__ = [
     "ChainVerifier",
     "canonical_bytes",
     "chain_hash",
+    "chain_step",
     "decode_entry",
     "genesis",
     "leaf_hash",
@@ -41,6 +42,7 @@ _NODE: Final = b"\x01"
 _CHAIN: Final = b"\x02"
 _GENESIS: Final = b"\x03"
 _U64_MAX: Final = 2**64 - 1
+_new_hash: Final = bytes.__new__  # a blake3 digest is 32 bytes: skip Hash's validating init
 
 
 def canonical_bytes(record: Record) -> bytes:
@@ -59,19 +61,29 @@ def canonical_bytes(record: Record) -> bytes:
 
 def genesis(ledger_id: str) -> Hash:
     """`CHAIN_-1`: the head of an empty ledger, bound to its id."""
-    return Hash(blake3(_GENESIS + ledger_id.encode("utf-8")).digest())
+    return _new_hash(Hash, blake3(_GENESIS + ledger_id.encode("utf-8")).digest())
 
 
 def leaf_hash(data: bytes) -> Hash:
     """`LEAF_i = blake3(0x00 || bytes_i)` of an entry's canonical bytes."""
-    return Hash(blake3(_LEAF + data).digest())
+    return _new_hash(Hash, blake3(_LEAF + data).digest())
 
 
 def chain_hash(prev: bytes, seq: int, leaf: bytes) -> Hash:
     """`CHAIN_i = blake3(0x02 || CHAIN_i-1 || u64be(i) || LEAF_i)`."""
     if not 0 <= seq <= _U64_MAX:
         raise ValueError(f"seq must fit an unsigned 64-bit integer, got {seq}")
-    return Hash(blake3(_CHAIN + prev + seq.to_bytes(8, "big") + leaf).digest())
+    return _new_hash(Hash, blake3(_CHAIN + prev + seq.to_bytes(8, "big") + leaf).digest())
+
+
+def chain_step(prev: bytes, seq: int, data: bytes) -> Hash:
+    """`CHAIN_seq` from `CHAIN_seq-1` and the entry's canonical bytes (leaf, then link).
+
+    The same as `chain_hash(prev, seq, leaf_hash(data))`, in one call: what the append path
+    and verification run for every entry.
+    """
+    leaf = blake3(_LEAF + data).digest()
+    return _new_hash(Hash, blake3(_CHAIN + prev + seq.to_bytes(8, "big") + leaf).digest())
 
 
 def node_hash(left: bytes, right: bytes) -> Hash:
@@ -165,7 +177,7 @@ class ChainVerifier:
             raise IntegrityError(f"expected entry {seq}, storage returned {entry.seq}", seq=seq)
         if entry.record.seq != seq:
             raise IntegrityError(f"entry {seq}: its record carries seq {entry.record.seq}", seq=seq)
-        expected = chain_hash(self.head, seq, leaf_hash(entry.canonical))
+        expected = chain_step(self.head, seq, entry.canonical)
         if expected != entry.hash:
             raise IntegrityError(
                 f"entry {seq}: chain hash mismatch (stored {bytes(entry.hash).hex()}, "

@@ -17,6 +17,7 @@ from nucleus_actors.hashing import (
     ChainVerifier,
     canonical_bytes,
     chain_hash,
+    chain_step,
     decode_entry,
     genesis,
     leaf_hash,
@@ -179,3 +180,11 @@ def test_verifier_rejects_out_of_order() -> None:
     entries = _entries("alpha", 3)
     with pytest.raises(IntegrityError, match="expected entry 0, storage returned 1"):
         verify_entries(entries[1:], prev=genesis("alpha"))
+
+
+def test_chain_step_is_leaf_then_link() -> None:
+    prev = genesis("x")
+    for seq, data in enumerate([b"{}", b'{"a":1}', b"x" * 1000]):
+        assert chain_step(prev, seq, data) == chain_hash(prev, seq, leaf_hash(data))
+        assert type(chain_step(prev, seq, data)) is Hash
+        prev = chain_step(prev, seq, data)
