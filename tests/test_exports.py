@@ -1,0 +1,76 @@
+"""The public API: every name in `__all__` exists, is documented, and nothing private leaks."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+
+import pytest
+
+import nucleus_actors
+
+CONTRACT = {
+    "LedgerEngine", "LedgerConfig", "LedgerState", "Phase", "open_ledger",
+    "Module", "ModuleContext", "ModuleHandle", "ModuleSpec", "ModuleStatus", "ModuleState",
+    "Restart", "Strategy", "Overflow", "Record", "Entry", "Hash", "Receipt",
+    "NucleusError", "ModuleError", "RecordRejected", "LifecycleError", "RegistryError",
+    "StorageError", "IntegrityError", "LedgerFailed", "InvalidRecord",
+}  # fmt: skip
+
+PUBLIC_MODULES = [
+    "nucleus_actors",
+    "nucleus_actors.errors",
+    "nucleus_actors.hashing",
+    "nucleus_actors.storage",
+]
+
+
+def test_contract_names_are_exported() -> None:
+    assert set(nucleus_actors.__all__) >= CONTRACT
+
+
+@pytest.mark.parametrize("module_name", PUBLIC_MODULES)
+def test_all_names_exist_are_public_and_documented(module_name: str) -> None:
+    module = importlib.import_module(module_name)
+    names = module.__all__
+    assert len(names) == len(set(names)), "duplicates in __all__"
+    for name in names:
+        assert not name.startswith("_"), f"{module_name}.{name} is private"
+        value = getattr(module, name)
+        if inspect.isclass(value) or inspect.isfunction(value):
+            assert inspect.getdoc(value), f"{module_name}.{name} has no docstring"
+
+
+def test_storage_contract_names() -> None:
+    from nucleus_actors.storage import MemoryStorage, SQLiteStorage, StorageBackend
+
+    assert isinstance(MemoryStorage(), StorageBackend)
+    assert issubclass(SQLiteStorage, object)
+
+
+def test_error_hierarchy_matches_the_contract() -> None:
+    from nucleus_actors import errors as e
+
+    tree = {
+        e.InvalidRecord: (e.NucleusError, ValueError),
+        e.LifecycleError: (e.NucleusError,),
+        e.LedgerFailed: (e.LifecycleError,),
+        e.RegistryError: (e.NucleusError,),
+        e.ModuleError: (e.NucleusError,),
+        e.RecordRejected: (e.ModuleError,),
+        e.StorageError: (e.NucleusError,),
+        e.IntegrityError: (e.StorageError,),
+    }
+    for cls, bases in tree.items():
+        assert cls.__bases__ == bases, cls
+    assert e.NucleusError.__bases__ == (Exception,)
+
+
+def test_no_private_module_leaks_through_the_package() -> None:
+    public = set(nucleus_actors.__all__)
+    leaked = {
+        name
+        for name, value in vars(nucleus_actors).items()
+        if not name.startswith("_") and not inspect.ismodule(value) and name not in public
+    }
+    assert leaked == set()
