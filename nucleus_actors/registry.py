@@ -813,6 +813,12 @@ class ModuleRegistry:
             raise RegistryError(f"module {module_id!r} not found", module_id=module_id)
         return child
 
+    async def _wait_unwound(self, child: Child) -> None:
+        """A STOPPED/FAILED module may still be finishing its last incarnation (its best-effort
+        `stop` after a crash, bounded by `shutdown`): wait for that before acting on it."""
+        if child.state in (ModuleState.STOPPED, ModuleState.FAILED) and child.alive:
+            await child.wait_done()
+
     async def add(self, child: Child) -> None:
         """Init + start a new module now; it is last in start order (first to stop)."""
         self._require_running("add a module")
@@ -862,6 +868,7 @@ class ModuleRegistry:
         self._require_running("restart a module")
         child = self._lookup(module_id)
         async with self._lock:
+            await self._wait_unwound(child)
             if child.state not in (ModuleState.STOPPED, ModuleState.FAILED) or child.alive:
                 raise RegistryError(
                     f"cannot restart module {module_id!r}: it is running "
@@ -883,6 +890,7 @@ class ModuleRegistry:
         self._require_running("remove a module")
         child = self._lookup(module_id)
         async with self._lock:
+            await self._wait_unwound(child)
             if child.state not in (ModuleState.STOPPED, ModuleState.FAILED) or child.alive:
                 raise RegistryError(
                     f"cannot remove module {module_id!r}: it is running ({child.state.name}); "

@@ -472,3 +472,23 @@ async def test_status_snapshot_and_counts() -> None:
         assert (stats.appends, stats.rejects, stats.crashes, stats.restarts) == (1, 0, 0, 0)
         with pytest.raises(AttributeError):
             stats.appends = 5  # type: ignore[misc]
+
+
+async def test_restart_waits_for_a_failed_module_to_finish_unwinding(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    class SlowStop(Recorder):
+        async def stop(self, ctx: ModuleContext) -> None:
+            await super().stop(ctx)
+            await trio.sleep(2)  # the best-effort stop after its crash takes a while
+
+    log: Log = []
+    async with open_ledger(config()) as engine:
+        handle = await engine.add(
+            SlowStop("slow", log, fail={"after": lambda n, _: n == 1}), restart="temporary"
+        )
+        await engine.append(Record("k", 1))
+        await handle.wait_state(ModuleState.FAILED)
+        await engine.restart("slow")  # waits for the unwinding stop, then starts it again
+        assert handle.state is ModuleState.RUNNING
+        assert handle.status.incarnation == 2
