@@ -1,34 +1,59 @@
-"""The `nucleus` command line: `init`, `check`, `run`, `verify` (needs the daemon extra).
+"""The `nucleus` command line (needs the daemon extra).
 
-Exit statuses: 0 success; 1 a ledger failed, the server could not listen, or a ledger file
-does not verify; 2 unusable input (bad configuration, unreadable file, bad option).
+Daemon side: `init`, `check`, `run`, `verify`, `modules`. Client side, against a running
+daemon (`--url`, token from `$NUCLEUS_TOKEN`): `status`, `append`, `tail`, `export`.
+
+Exit statuses (docs/cli.md): 0 success; 1 a ledger failed, the server could not listen, a
+ledger file or an export does not verify, or the daemon refused or failed a request; 2
+unusable input (bad configuration, unreadable file, bad option, invalid record, unknown
+ledger); 3 the daemon is unreachable; 4 the daemon refused the token.
 """
 
 from __future__ import annotations
 
 import enum
+import json
 import logging
+import os
+import sys
+from collections.abc import Iterator
+from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
-from typing import Annotated
+from typing import IO, Annotated, Any
 
 import trio
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
     Progress,
     TextColumn,
     TimeElapsedColumn,
+    TimeRemainingColumn,
 )
+from rich.table import Table
 
 from . import __version__
+from .daemon.client import (
+    DEFAULT_URL,
+    EXIT_BAD_INPUT,
+    ApiError,
+    ClientError,
+    DaemonClient,
+    Reconnecting,
+)
 from .daemon.config import ConfigError, load_config
+from .daemon.discovery import installed_modules
 from .daemon.logs import configure_logging
 from .daemon.server import EXIT_CONFIG, EXIT_FAILURE, Daemon
 from .daemon.template import CONFIG_TEMPLATE
-from .errors import IntegrityError, StorageError
+from .daemon.wire import dumps
+from .errors import IntegrityError, InvalidRecord, StorageError
+from .hashing import canonical_bytes, chain_hash, genesis, leaf_hash
+from .record import Hash, Record
 from .storage import verify_file
 
 __all__ = ["app", "main"]
@@ -188,6 +213,525 @@ def verify(
             raise typer.Exit(EXIT_CONFIG) from None
     entries = "entry" if length == 1 else "entries"
     _out.print(f"{path}: ok, {length} {entries}, head {head.hex()}", markup=False)
+
+
+# -- discovery -------------------------------------------------------------------------------
+@app.command("modules")
+def list_modules(
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """List the modules a configuration can name in `use`: built-ins and installed entry points.
+
+    Each is imported to read its class version; one that does not import is listed with the
+    error and the command exits 1. Run it with the daemon's Python environment.
+    """
+    rows: list[dict[str, Any]] = []
+    broken = 0
+    for found in installed_modules():
+        row: dict[str, Any] = {
+            "name": found.name,
+            "target": found.target,
+            "distribution": found.distribution,
+            "distribution_version": found.distribution_version,
+            "builtin": found.builtin,
+            "shadowed": found.shadowed,
+            "module_id": None,
+            "module_version": None,
+            "error": None,
+        }
+        try:
+            cls = found.load()
+        except ValueError as exc:
+            broken += 1
+            row["error"] = str(exc)
+        else:
+            row["module_id"] = getattr(cls, "id", None)
+            row["module_version"] = str(getattr(cls, "version", "0.0.0"))
+        rows.append(row)
+    if as_json:
+        _out.print(dumps({"modules": rows}), markup=False)
+    else:
+        lines = [("name", "version", "from", "class")]
+        notes = []
+        for row, found in zip(rows, installed_modules(), strict=True):
+            lines.append((row["name"], row["module_version"] or "?", found.origin, row["target"]))
+            if row["error"]:
+                notes.append(f"[red]{escape(row['name'])}: cannot load: {escape(row['error'])}[/]")
+            elif row["shadowed"]:
+                notes.append(
+                    f"[yellow]{escape(row['name'])} ({escape(found.origin)}): shadowed by the "
+                    "built-in of the same name, cannot be used by name[/]"
+                )
+        widths = [max(len(line[i]) for line in lines) for i in range(3)]
+        for line in lines:
+            cells = [cell.ljust(width) for cell, width in zip(line, widths, strict=False)]
+            _out.print("  ".join([*cells, line[3]]), markup=False)
+        for note in notes:
+            _out.print(note)
+    if broken:
+        raise typer.Exit(EXIT_FAILURE)
+
+
+# -- client commands -------------------------------------------------------------------------
+Url = Annotated[
+    str,
+    typer.Option("--url", envvar="NUCLEUS_URL", help="The daemon's base URL."),
+]
+TokenEnv = Annotated[
+    str,
+    typer.Option(
+        "--token-env",
+        help="Environment variable holding the API token (the daemon's `token_env`).",
+    ),
+]
+LedgerOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--ledger", "-l", help="Ledger id (default: the daemon's only ledger, if it has one)."
+    ),
+]
+
+
+def _client(url: str, token_env: str) -> DaemonClient:
+    return DaemonClient(url, token=os.environ.get(token_env) or None, token_env=token_env)
+
+
+def _fail(exc: ClientError) -> typer.Exit:
+    _error(str(exc))
+    return typer.Exit(exc.exit_code)
+
+
+def _phase_style(phase: str) -> str:
+    return {"running": "green", "failed": "bold red"}.get(phase, "yellow")
+
+
+def _info_text(info: Any) -> str:
+    if not isinstance(info, dict):
+        return ""
+    parts = []
+    for key, value in info.items():
+        if isinstance(value, dict):
+            inner = ", ".join(f"{k}={v}" for k, v in value.items())
+            parts.append(f"{key}: {inner}" if inner else f"{key}: -")
+        elif isinstance(value, list):
+            parts.append(f"{key}: {', '.join(map(str, value)) or '-'}")
+        else:
+            parts.append(f"{key}={value}")
+    return "; ".join(parts)
+
+
+@app.command()
+def status(
+    url: Url = DEFAULT_URL,
+    token_env: TokenEnv = "NUCLEUS_TOKEN",
+    ledger: LedgerOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
+) -> None:
+    """Show the daemon's ledgers (phase, length, head) and each ledger's modules.
+
+    Modules that report something (`describe()`, e.g. kind-counter's counts) show it in the
+    info column. Exits 1 when a ledger is not running or a module is not running.
+    """
+    try:
+        with _client(url, token_env) as api:
+            ids = [ledger] if ledger is not None else [str(x["id"]) for x in api.ledgers()]
+            report = [{**api.head(i), "modules": api.modules(i)} for i in ids]
+    except ClientError as exc:
+        raise _fail(exc) from None
+    healthy = all(
+        item["phase"] == "running" and all(m["state"] == "running" for m in item["modules"])
+        for item in report
+    )
+    if as_json:
+        _out.print(dumps({"url": url, "ledgers": report}), markup=False)
+    else:
+        _out.print(f"daemon {escape(url)}: {len(report)} ledger(s)")
+        for item in report:
+            style = _phase_style(item["phase"])
+            _out.print(
+                f"\nledger [bold]{escape(item['ledger'])}[/bold]: [{style}]{item['phase']}"
+                f"[/{style}], {item['length']} entries, head {item['head']}"
+            )
+            if not item["modules"]:
+                _out.print("  no modules")
+                continue
+            table = Table(show_edge=False, pad_edge=False, box=None)
+            for column in (
+                "module", "version", "state", "restarts", "crashes", "inbox", "processed",
+                "dropped",
+            ):  # fmt: skip
+                table.add_column(column, no_wrap=True)
+            notes = []
+            for m in item["modules"]:
+                mstyle = _phase_style(m["state"])
+                table.add_row(
+                    escape(m["id"]),
+                    escape(m["version"]),
+                    f"[{mstyle}]{m['state']}[/{mstyle}]",
+                    str(m["restarts"]),
+                    str(m["crashes"]),
+                    str(m["inbox_depth"]),
+                    str(m["processed"]),
+                    str(m["dropped"]),
+                )
+                if info := _info_text(m.get("info")):
+                    notes.append(f"  {escape(m['id'])}: {escape(info)}")
+                if m.get("last_error"):
+                    notes.append(
+                        f"  {escape(m['id'])}: [red]last error: {escape(m['last_error'])}[/red]"
+                    )
+            _out.print(table)
+            for note in notes:
+                _out.print(note)
+    if not healthy:
+        raise typer.Exit(EXIT_FAILURE)
+
+
+def _parse_meta(items: list[str]) -> dict[str, str]:
+    meta = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            _error(f"--meta must be KEY=VALUE, got {item!r}")
+            raise typer.Exit(EXIT_CONFIG)
+        meta[key] = value
+    return meta
+
+
+def _stdin_records(
+    stream: IO[str], kind: str | None, meta: dict[str, str]
+) -> Iterator[tuple[int, dict[str, Any]]]:
+    """`(line number, record)` for each non-blank line of JSON Lines input."""
+    for number, line in enumerate(stream, start=1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except ValueError as exc:
+            raise InvalidRecord(f"stdin line {number}: not JSON: {exc}") from None
+        if kind is not None:
+            yield number, {"kind": kind, "payload": value, "meta": meta}
+            continue
+        if not isinstance(value, dict) or "kind" not in value or "payload" not in value:
+            raise InvalidRecord(
+                f"stdin line {number}: without --kind each line must be an object with "
+                f'"kind" and "payload" (and optional "meta"), got {line.strip()[:80]!r}'
+            )
+        yield number, {**value, "meta": {**meta, **(value.get("meta") or {})}}
+
+
+@app.command()
+def append(
+    kind: Annotated[
+        str | None, typer.Option("--kind", "-k", help="The record kind (e.g. order.created).")
+    ] = None,
+    payload: Annotated[
+        str | None,
+        typer.Option("--json", "-j", help="The payload, as JSON (else read stdin)."),
+    ] = None,
+    meta: Annotated[
+        list[str] | None, typer.Option("--meta", "-m", help="KEY=VALUE metadata (repeatable).")
+    ] = None,
+    batch_size: Annotated[
+        int, typer.Option("--batch-size", min=1, max=10000, help="Records per batch (stdin).")
+    ] = 500,
+    url: Url = DEFAULT_URL,
+    token_env: TokenEnv = "NUCLEUS_TOKEN",
+    ledger: LedgerOpt = None,
+) -> None:
+    """Append a record (`--kind K --json PAYLOAD`), or many from stdin as JSON Lines.
+
+    From stdin, each line is a payload (with `--kind`) or a whole record
+    `{"kind", "payload", "meta"}`; lines are sent in all-or-nothing batches of
+    `--batch-size`. Receipts (`{"seq","hash","timestamp"}`) go to stdout, one per line. If a
+    line is refused, the batches before it stay appended (the message says which seqs) and
+    nothing of its batch is stored.
+    """
+    extra = _parse_meta(meta or [])
+    try:
+        with _client(url, token_env) as api:
+            target = api.pick_ledger(ledger)
+            if payload is not None:
+                if kind is None:
+                    _error("--json needs --kind")
+                    raise typer.Exit(EXIT_CONFIG)
+                try:
+                    value = json.loads(payload)
+                except ValueError as exc:
+                    _error(f"--json is not JSON: {exc}")
+                    raise typer.Exit(EXIT_CONFIG) from None
+                receipt = api.append(target, {"kind": kind, "payload": value, "meta": extra})
+                _out.print(dumps(receipt), markup=False)
+                return
+            if sys.stdin.isatty():
+                _error("give --kind K --json PAYLOAD, or pipe JSON Lines records on stdin")
+                raise typer.Exit(EXIT_CONFIG)
+            _append_stream(api, target, _stdin_records(sys.stdin, kind, extra), batch_size)
+    except ClientError as exc:
+        raise _fail(exc) from None
+
+
+def _append_stream(
+    api: DaemonClient,
+    ledger: str,
+    records: Iterator[tuple[int, dict[str, Any]]],
+    batch_size: int,
+) -> None:
+    done: list[int] = []  # seqs appended
+
+    def summary() -> str:
+        if not done:
+            return "nothing was appended"
+        return f"{len(done)} record(s) were appended before it (seqs {done[0]}..{done[-1]})"
+
+    def send(batch: list[tuple[int, dict[str, Any]]]) -> None:
+        try:
+            receipts = api.append_batch(ledger, [record for _, record in batch])
+        except ApiError as exc:
+            index = exc.problem.get("index")
+            if len(batch) == 1:
+                index = 0
+            if isinstance(index, int) and 0 <= index < len(batch):
+                where = f"stdin line {batch[index][0]}: "
+            else:
+                where = f"stdin lines {batch[0][0]}..{batch[-1][0]}: "
+            _error(f"{where}{exc.detail}; nothing of its batch was stored; {summary()}")
+            raise typer.Exit(exc.exit_code) from None
+        for receipt in receipts:
+            _out.print(dumps(receipt), markup=False)
+        done.extend(r["seq"] for r in receipts)
+
+    batch: list[tuple[int, dict[str, Any]]] = []
+    try:
+        for item in records:
+            batch.append(item)
+            if len(batch) >= batch_size:
+                send(batch)
+                batch = []
+    except InvalidRecord as exc:
+        if batch:
+            send(batch)  # the lines before the bad one are fine
+        _error(f"{exc}; {summary()}")
+        raise typer.Exit(EXIT_BAD_INPUT) from None
+    if batch:
+        send(batch)
+    if done:
+        _err.print(
+            f"appended {len(done)} record(s) to {ledger!r}: seqs {done[0]}..{done[-1]}",
+            markup=False,
+        )
+    else:
+        _err.print("stdin held no records: nothing appended", markup=False)
+
+
+class TailFormat(enum.StrEnum):
+    """How `nucleus tail` prints entries."""
+
+    jsonl = "jsonl"
+    text = "text"
+
+
+def _print_entry(entry: dict[str, Any], style: TailFormat) -> None:
+    if style is TailFormat.jsonl:
+        _out.print(dumps(entry), markup=False)
+        return
+    when = datetime.fromtimestamp(entry["timestamp"] / 1e6, UTC).isoformat(timespec="milliseconds")
+    meta = f" {dumps(entry['meta'])}" if entry.get("meta") else ""
+    line = f"{entry['seq']:>8} {when} {entry['kind']} {dumps(entry['payload'])}{meta}"
+    _out.print(line, markup=False)
+
+
+@app.command()
+def tail(
+    follow: Annotated[
+        bool, typer.Option("--follow", "-f", help="Keep printing new entries as they commit.")
+    ] = False,
+    from_seq: Annotated[
+        int | None, typer.Option("--from", min=0, help="First seq (default: the last -n).")
+    ] = None,
+    lines: Annotated[
+        int, typer.Option("--lines", "-n", min=0, help="Without --from: the last N entries.")
+    ] = 10,
+    output: Annotated[
+        TailFormat, typer.Option("--format", help="jsonl (one entry per line) or text.")
+    ] = TailFormat.jsonl,
+    give_up_after: Annotated[
+        float | None,
+        typer.Option(
+            "--give-up-after",
+            min=0,
+            help="With --follow: exit 3 after this many seconds without the daemon "
+            "(default: keep retrying).",
+        ),
+    ] = None,
+    url: Url = DEFAULT_URL,
+    token_env: TokenEnv = "NUCLEUS_TOKEN",
+    ledger: LedgerOpt = None,
+) -> None:
+    """Print a ledger's last entries; with `--follow`, keep printing new ones (SSE).
+
+    With `--follow`, a dropped connection (the daemon restarted, the network failed) is
+    retried with backoff and resumes right after the last entry printed: nothing is skipped or
+    printed twice. Stop it with Ctrl-C (exit 130). If the ledger fails, it exits 1.
+    """
+    try:
+        with _client(url, token_env) as api:
+            target = api.pick_ledger(ledger)
+            length = int(api.head(target)["length"])
+            start = max(0, length - lines) if from_seq is None else from_seq
+            if not follow:
+                for entry in api.entries(target, start, length):
+                    _print_entry(entry, output)
+                return
+
+            def reconnecting(event: Reconnecting) -> None:
+                _err.print(
+                    f"stream interrupted ({event.reason}); resuming from seq {event.next_seq} "
+                    f"in {event.delay:.1f} s",
+                    markup=False,
+                    style="yellow",
+                )
+
+            entries = api.follow(
+                target, start, on_reconnect=reconnecting, give_up_after=give_up_after
+            )
+            for entry in entries:
+                _print_entry(entry, output)
+                sys.stdout.flush()
+    except ClientError as exc:
+        raise _fail(exc) from None
+
+
+class ExportFormat(enum.StrEnum):
+    """What `nucleus export` writes."""
+
+    jsonl = "jsonl"
+
+
+@app.command()
+def export(
+    export_format: Annotated[
+        ExportFormat,
+        typer.Option("--format", help="jsonl: one entry per line, as the API serves it."),
+    ] = ExportFormat.jsonl,
+    output: Annotated[
+        Path | None,
+        typer.Option("--output", "-o", help="Write here (default: stdout)."),
+    ] = None,
+    from_seq: Annotated[int, typer.Option("--from", min=0, help="First seq.")] = 0,
+    to_seq: Annotated[
+        int | None, typer.Option("--to", min=0, help="Stop before this seq (default: the head).")
+    ] = None,
+    check: Annotated[
+        bool,
+        typer.Option(
+            "--verify/--no-verify",
+            help="Recompute every entry's chain hash while exporting.",
+        ),
+    ] = True,
+    progress: Annotated[
+        bool, typer.Option("--progress/--no-progress", help="Show a progress bar on stderr.")
+    ] = True,
+    url: Url = DEFAULT_URL,
+    token_env: TokenEnv = "NUCLEUS_TOKEN",
+    ledger: LedgerOpt = None,
+) -> None:
+    """Export a ledger's entries as JSON Lines, with a progress bar.
+
+    Exports `[--from, --to)` as the ledger stands when the command starts (entries appended
+    meanwhile are left for the next export). Each line is byte for byte what the
+    `jsonl-mirror` module writes. With `--verify` (default) each entry's chain hash is
+    recomputed from its record and the previous hash, so the file is known to match the
+    daemon's chain; a mismatch exits 1. With `--output`, the file appears only once complete
+    (written to FILE.partial, then renamed).
+    """
+    del export_format  # one format so far
+    try:
+        with _client(url, token_env) as api:
+            target = api.pick_ledger(ledger)
+            length = int(api.head(target)["length"])
+            stop = length if to_seq is None else min(to_seq, length)
+            if from_seq > stop:
+                _error(f"--from {from_seq} is past the end ({stop})")
+                raise typer.Exit(EXIT_CONFIG)
+            _export(api, target, from_seq, stop, output, check=check, progress=progress)
+    except ClientError as exc:
+        raise _fail(exc) from None
+
+
+def _export(
+    api: DaemonClient,
+    ledger: str,
+    start: int,
+    stop: int,
+    output: Path | None,
+    *,
+    check: bool,
+    progress: bool,
+) -> None:
+    partial_path = None if output is None else output.with_name(output.name + ".partial")
+    try:
+        sink: IO[bytes] = sys.stdout.buffer if partial_path is None else partial_path.open("wb")
+    except OSError as exc:
+        _error(f"cannot write {partial_path}: {exc.strerror or exc}")
+        raise typer.Exit(EXIT_CONFIG) from None
+    prev: Hash | None = None
+    if check:
+        prev = (
+            genesis(ledger)
+            if start == 0
+            else Hash.from_hex(api.page(ledger, start - 1, 1)["entries"][0]["hash"])
+        )
+    columns = (
+        TextColumn(f"exporting {escape(ledger)}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    )
+    written = 0
+    try:
+        with Progress(*columns, console=_err, disable=not progress) as bar:
+            task = bar.add_task("export", total=stop - start)
+            for entry in api.entries(ledger, start, stop):
+                if prev is not None:
+                    prev = _check_link(ledger, entry, prev)
+                sink.write((dumps(entry) + "\n").encode())
+                written += 1
+                if written % 256 == 0:
+                    bar.update(task, completed=written)
+            bar.update(task, completed=written)
+        sink.flush()
+    except BaseException:
+        if partial_path is not None:
+            sink.close()
+            partial_path.unlink(missing_ok=True)
+        raise
+    if output is not None and partial_path is not None:
+        sink.close()
+        os.replace(partial_path, output)
+    where = "stdout" if output is None else str(output)
+    checked = ", chain verified" if check else ""
+    _err.print(f"exported {written} entries of {ledger!r} to {where}{checked}", markup=False)
+
+
+def _check_link(ledger: str, entry: dict[str, Any], prev: Hash) -> Hash:
+    seq = entry["seq"]
+    try:
+        record = Record(
+            entry["kind"], entry["payload"], entry["meta"], seq=seq, timestamp=entry["timestamp"]
+        )
+        expected = chain_hash(prev, seq, leaf_hash(canonical_bytes(record)))
+    except (InvalidRecord, KeyError, TypeError) as exc:
+        _error(f"entry {seq} of {ledger!r} cannot be checked: {exc}")
+        raise typer.Exit(EXIT_FAILURE) from None
+    if expected.hex() != entry["hash"]:
+        _error(
+            f"entry {seq} of {ledger!r} does not chain: its hash is {entry['hash']}, its record "
+            f"and the previous hash give {expected.hex()} (export stopped)"
+        )
+        raise typer.Exit(EXIT_FAILURE)
+    return expected
 
 
 def main() -> None:
