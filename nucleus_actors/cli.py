@@ -50,7 +50,7 @@ from .daemon.discovery import installed_modules
 from .daemon.logs import configure_logging
 from .daemon.server import EXIT_CONFIG, EXIT_FAILURE, Daemon
 from .daemon.template import CONFIG_TEMPLATE
-from .daemon.wire import dumps
+from .daemon.wire import dumps, jsonl_line
 from .errors import IntegrityError, InvalidRecord, StorageError
 from .hashing import canonical_bytes, chain_hash, genesis, leaf_hash
 from .record import Hash, Record
@@ -533,7 +533,7 @@ class TailFormat(enum.StrEnum):
 
 def _print_entry(entry: dict[str, Any], style: TailFormat) -> None:
     if style is TailFormat.jsonl:
-        _out.print(dumps(entry), markup=False)
+        _out.print(jsonl_line(entry).decode().rstrip("\n"), markup=False)
         return
     when = datetime.fromtimestamp(entry["timestamp"] / 1e6, UTC).isoformat(timespec="milliseconds")
     meta = f" {dumps(entry['meta'])}" if entry.get("meta") else ""
@@ -696,7 +696,7 @@ def _export(
             for entry in api.entries(ledger, start, stop):
                 if prev is not None:
                     prev = _check_link(ledger, entry, prev)
-                sink.write((dumps(entry) + "\n").encode())
+                sink.write(jsonl_line(entry))
                 written += 1
                 if written % 256 == 0:
                     bar.update(task, completed=written)

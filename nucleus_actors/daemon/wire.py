@@ -6,11 +6,20 @@ No web framework here: the built-in modules (the JSON Lines mirror) and the clie
 from __future__ import annotations
 
 import json
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, Final
 
 from ..record import Entry, Hash, Receipt, Record
 
-__all__ = ["committed_json", "dumps", "entry_json", "entry_line", "receipt_json"]
+__all__ = [
+    "ENTRY_FIELDS",
+    "committed_json",
+    "dumps",
+    "entry_json",
+    "entry_line",
+    "jsonl_line",
+    "receipt_json",
+]
 
 
 def receipt_json(receipt: Receipt) -> dict[str, Any]:
@@ -40,9 +49,31 @@ def dumps(obj: Any) -> str:
     return json.dumps(obj, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
 
 
-def entry_line(record: Record, hash: Hash) -> bytes:
-    """One JSON Lines line (UTF-8, ending in a newline) holding `committed_json(record, hash)`.
+ENTRY_FIELDS: Final = ("seq", "kind", "payload", "meta", "timestamp", "hash")
+"""The members of an entry object, in the order JSON Lines files write them."""
 
-    `nucleus export --format jsonl` and the `jsonl-mirror` module write exactly this.
+
+def jsonl_line(entry: Mapping[str, Any]) -> bytes:
+    """One JSON Lines line (UTF-8, ending in a newline) for an entry object.
+
+    The members come in `ENTRY_FIELDS` order and the keys inside `payload` and `meta` are
+    sorted, so an entry has exactly one line whatever order its objects were built in:
+    `nucleus export --format jsonl` and the `jsonl-mirror` module write the same bytes.
     """
-    return (dumps(committed_json(record, hash)) + "\n").encode()
+    parts = [
+        f'"{name}":'
+        + json.dumps(
+            entry[name],
+            ensure_ascii=False,
+            allow_nan=False,
+            separators=(",", ":"),
+            sort_keys=True,
+        )
+        for name in ENTRY_FIELDS
+    ]
+    return ("{" + ",".join(parts) + "}\n").encode()
+
+
+def entry_line(record: Record, hash: Hash) -> bytes:
+    """`jsonl_line` of a committed record (`seq` and `timestamp` set) and its chain hash."""
+    return jsonl_line(committed_json(record, hash))
