@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import httpx
 import pytest
+import trio
+import trio.testing
 
-from nucleus_actors import LedgerConfig, Record, open_ledger
+from nucleus_actors import LedgerConfig, LedgerEngine, Record, open_ledger
 from nucleus_actors.daemon import DaemonState, LedgerHost, create_app, parse_config
 from nucleus_actors.daemon import app as app_module
 
@@ -33,3 +36,53 @@ async def test_range_reads_stop_at_the_page_byte_budget(monkeypatch: pytest.Monk
                 start = page["next"]
     # Each entry is ~150 canonical bytes: a page stops once it reaches 300.
     assert pages == [[0, 1], [2, 3], [4, 5], [6]]
+
+
+def serving_host(engine: LedgerEngine) -> tuple[DaemonState, LedgerHost]:
+    settings = parse_config(
+        {"ledgers": [{"id": "main", "storage": ":memory:"}]}, base_dir=Path(".")
+    ).ledgers[0]
+    host = LedgerHost(settings, engine, None)
+    host.serving = True
+    return DaemonState({"main": host}, token=None, max_body_bytes=1 << 20), host
+
+
+async def test_a_stream_follows_appends_made_outside_http_and_keeps_alive(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    async with open_ledger(LedgerConfig(ledger_id="main")) as engine:
+        await engine.append(Record("old", 0))
+        state, host = serving_host(engine)
+        events = app_module._events(state, host, 0)
+        first = await events.__anext__()
+        assert first.startswith("id: 0\nevent: entry\n")
+        # Appended by the engine directly: the stream wakes through engine.wait_length.
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(engine.append_many, [Record("new", 1), Record("new", 2)])
+            assert (await events.__anext__()).startswith("id: 1\n")
+        assert (await events.__anext__()).startswith("id: 2\n")
+        start = trio.current_time()
+        assert await events.__anext__() == ": keep-alive\n\n"
+        assert trio.current_time() - start == pytest.approx(app_module.HEARTBEAT_SECONDS)
+        # The daemon stopping ends the stream.
+        state.begin_stopping()
+        with pytest.raises(StopAsyncIteration):
+            await events.__anext__()
+
+
+async def test_a_stream_sends_an_error_event_once_the_ledger_will_not_grow() -> None:
+    async with open_ledger(LedgerConfig(ledger_id="main")) as engine:
+        state, host = serving_host(engine)
+        events = app_module._events(state, host, 0)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(engine.append, Record("last", 1))
+            assert (await events.__anext__()).startswith("id: 0\n")
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(engine.stop_all)  # host.serving stays true: wait_length tells
+            error = await events.__anext__()
+        assert error.startswith("event: error\ndata: ")
+        body = json.loads(error.split("data: ", 1)[1])
+        assert body["type"].endswith("/ledger-unavailable")
+        assert body["phase"] == "stopped"
+        with pytest.raises(StopAsyncIteration):
+            await events.__anext__()
