@@ -289,3 +289,38 @@ def test_unknown_dependency_is_a_config_error_at_startup(tmp_path: Path) -> None
     assert "ledger 'main': configuration error" in daemon.log
     assert "ghost" in daemon.log
     assert "listening on" not in daemon.log
+
+
+def fake_distribution(site: Path, name: str, entry_points: dict[str, str]) -> None:
+    info = site / f"{name.replace('-', '_')}-0.1.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 0.1\n")
+    lines = "".join(f"{key} = {value}\n" for key, value in entry_points.items())
+    (info / "entry_points.txt").write_text(f"[nucleus_actors.modules]\n{lines}")
+
+
+def test_use_by_name_builtins_entry_points_and_ambiguity(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake_distribution(tmp_path, "one", {"audit": "tests.daemon.testmods:StopMarker"})
+    fake_distribution(tmp_path, "two", {"twice": "tests.daemon.testmods:StopMarker"})
+    fake_distribution(tmp_path, "three", {"twice": "tests.daemon.testmods:Explode"})
+    fake_distribution(tmp_path, "four", {"kind-counter": "tests.daemon.testmods:Explode"})
+    monkeypatch.syspath_prepend(str(tmp_path))
+    from nucleus_actors.daemon.config import resolve_use
+    from nucleus_actors.daemon.modules import KindCounter
+    from tests.daemon.testmods import StopMarker
+
+    assert resolve_use("audit") is StopMarker
+    assert resolve_use("kind-counter") is KindCounter  # a built-in name is never shadowed
+    with pytest.raises(ValueError, match=r"use = 'twice' is ambiguous: several distributions"):
+        resolve_use("twice")
+    text = MINIMAL + '[[ledgers.modules]]\nuse = "audit"\nconfig = { dir = "/tmp" }\n'
+    text += '[[ledgers.modules]]\nuse = "twice"\n'
+    with pytest.raises(ConfigError) as info:
+        parse(text)
+    [problem] = info.value.problems
+    assert problem.path == "ledgers[0].modules[1].use (ledger 'main', module 'twice')"
+    assert "three (tests.daemon.testmods:Explode), two (tests.daemon.testmods:StopMarker)" in (
+        problem.message
+    )
