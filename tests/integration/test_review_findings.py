@@ -1,0 +1,275 @@
+"""Adversarial review of the runtime core: each test states what the contract promises.
+
+Tests marked `xfail(strict=True)` demonstrate a confirmed defect: they fail on the code as it is
+and will start passing (and so fail the suite, strict) once it is fixed; then drop the marker.
+Every wait that could hang is bounded with a MockClock deadline, so a hang fails fast.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+
+from nucleus_actors import (
+    Backoff,
+    Hash,
+    LedgerConfig,
+    LedgerEngine,
+    LifecycleError,
+    Module,
+    ModuleContext,
+    ModuleError,
+    ModuleState,
+    Phase,
+    Record,
+    Restart,
+    Strategy,
+    open_ledger,
+)
+from tests.conftest import Gate, Recorder
+
+Log = list[tuple[str, str, Any]]
+
+# Far beyond any deadline used below: reaching it means "hung forever" (MockClock autojumps).
+FOREVER = 1000.0
+
+
+def defect(reason: str) -> pytest.MarkDecorator:
+    """A confirmed defect: the test fails on the current code (strict xfail)."""
+    return pytest.mark.xfail(strict=True, reason=reason)
+
+
+def config(**kw: Any) -> LedgerConfig:
+    return LedgerConfig(ledger_id="review", **kw)
+
+
+async def settle() -> None:
+    await trio.testing.wait_all_tasks_blocked()
+
+
+# -- 1. A crash or exit while init/start runs never answers the lifecycle request ---------------
+
+
+class CrashesWhileStarting(Module):
+    """Its background task fails while `init` (or `start`) is still running."""
+
+    id = "crashy"
+
+    def __init__(self, during: str) -> None:
+        self.during = during
+
+    async def _boom(self) -> None:
+        await trio.sleep(1)
+        raise ValueError("background failure while starting")
+
+    async def init(self, ctx: ModuleContext) -> None:
+        if self.during == "init":
+            ctx.spawn(self._boom)
+            await trio.sleep(5)
+
+    async def start(self, ctx: ModuleContext) -> None:
+        if self.during == "start":
+            ctx.spawn(self._boom)
+            await trio.sleep(5)
+
+
+@defect("crash while init/start runs: lifecycle reply never sent, init_all/start_all hang")
+@pytest.mark.parametrize("during", ["init", "start"])
+async def test_crash_while_init_or_start_runs_fails_startup(
+    mock_clock: trio.testing.MockClock, during: str
+) -> None:
+    async with LedgerEngine(config()) as engine:
+        engine.register(Recorder("a", []))
+        engine.register(CrashesWhileStarting(during))
+        with pytest.raises(ModuleError, match="crashy"), trio.fail_after(FOREVER):
+            await engine.init_all()
+            await engine.start_all()
+        assert engine.phase is Phase.FAILED
+
+
+@defect("crash during a restart's init: _boot never answered, supervisor lock held forever")
+async def test_crash_during_a_restarts_init_does_not_wedge_the_supervisor(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    incarnations: list[int] = []
+
+    class Flaky(Recorder):
+        async def init(self, ctx: ModuleContext) -> None:
+            incarnations.append(ctx.incarnation)
+            if ctx.incarnation == 2:  # the restart's init: background work fails meanwhile
+                ctx.spawn(self._boom)
+                await trio.sleep(5)
+
+        async def _boom(self) -> None:
+            await trio.sleep(1)
+            raise ValueError("background failure during a restart")
+
+    flaky = Flaky("flaky", [], fail={"after": lambda n, _: n == 1})
+    async with open_ledger(config(max_restarts=10, restart_window=1.0)) as engine:
+        handle = await engine.add(flaky)
+        await engine.append(Record("k", 1))  # crash -> restart; its init crashes too
+        await handle.wait_state(ModuleState.RESTARTING)
+        with trio.move_on_after(FOREVER) as hung:
+            await handle.wait_state(ModuleState.RUNNING)  # a 3rd incarnation must follow
+        assert not hung.cancelled_caught, "the supervisor is stuck in the failed restart"
+        assert incarnations == [1, 2, 3]
+
+
+@defect("ctx.exit() during start: lifecycle reply never sent, add() hangs holding the lock")
+async def test_exit_during_start_fails_add_instead_of_hanging(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    class ExitsInStart(Module):
+        id = "quitter"
+
+        async def start(self, ctx: ModuleContext) -> None:
+            ctx.exit()
+            await trio.sleep(1)
+
+    async with open_ledger(config()) as engine:
+        with trio.move_on_after(FOREVER) as hung:
+            with contextlib.suppress(ModuleError):  # refusing is fine; hanging is not
+                await engine.add(ExitsInStart(), restart=Restart.TEMPORARY)
+        assert not hung.cancelled_caught, "add() never returned"
+
+
+@defect("exit after init leaves the mailbox open with no actor: start_all waits forever")
+async def test_exit_between_init_and_start_does_not_hang_start_all(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    class OneShotWarmup(Module):
+        """Spawns a one-shot task in init, forgetting exit_on_return=False."""
+
+        id = "warmup"
+
+        async def init(self, ctx: ModuleContext) -> None:
+            async def warm() -> None:
+                await trio.lowlevel.checkpoint()
+
+            ctx.spawn(warm)
+
+    async with LedgerEngine(config()) as engine:
+        engine.register(OneShotWarmup(), restart=Restart.TRANSIENT)
+        await engine.init_all()
+        await settle()  # the module has exited: its actor is gone
+        with trio.move_on_after(FOREVER) as hung:
+            with contextlib.suppress(ModuleError):  # failing startup is fine; hanging is not
+                await engine.start_all()
+        assert not hung.cancelled_caught, "start_all() never returned"
+
+
+# -- 2. Cancelling terminate() leaves a dead module that is neither STOPPED nor shut ------------
+
+
+class SlowStopGate(Gate):
+    async def stop(self, ctx: ModuleContext) -> None:
+        await super().stop(ctx)
+        await trio.sleep(3)
+
+
+@defect("cancelled terminate leaves a dead module STOPPING, mailbox open: appends hang")
+async def test_cancelled_terminate_leaves_appends_fail_closed_not_hung(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    async with open_ledger(config()) as engine:
+        handle = await engine.add(SlowStopGate("gate", []), shutdown=10.0)
+        with trio.move_on_after(1):
+            await engine.terminate("gate")  # cancelled while `stop` runs
+        await trio.sleep(5)  # its stop has long finished: the actor is gone
+        with pytest.raises(ModuleError, match="gate"), trio.fail_after(FOREVER):
+            await engine.append(Record("k", 1))  # fail-closed, not hung
+        assert handle.state is ModuleState.STOPPED
+
+
+# -- 3. A group member killed during a group restart keeps a stale `stop` in its inbox ----------
+
+
+@defect("killed group member keeps a stale stop message: new incarnation stops, shown RUNNING")
+async def test_group_member_killed_while_stopping_runs_again_after_the_restart(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    class SlowSink(Recorder):
+        async def after_append(self, record: Record, hash: Hash) -> None:
+            await trio.sleep(3)  # longer than its shutdown: the group restart kills it
+            await super().after_append(record, hash)
+
+    log: Log = []
+    async with LedgerEngine(config(strategy=Strategy.ONE_FOR_ALL)) as engine:
+        slow = engine.register(SlowSink("slow", log), shutdown=1.0, timeout=None)
+        engine.register(Recorder("bad", log, fail={"after": lambda n, _: n == 1}))
+        await engine.init_all()
+        await engine.start_all()
+        await engine.append(Record("k", 1))  # "bad" crashes -> ONE_FOR_ALL restart
+        await slow.wait_state(ModuleState.RESTARTING)
+        await slow.wait_state(ModuleState.RUNNING)
+        await trio.sleep(10)  # the redelivered record is processed
+        assert slow.state is ModuleState.RUNNING
+        with trio.fail_after(FOREVER):  # a RUNNING module answers
+            assert await slow.ask(lambda m: m.seen) == [0]
+
+
+# -- 4. stop_all: cancellation and hangs before the modules are reached -------------------------
+
+
+@defect("stop_all cancelled while draining: ledger STOPPED but modules keep RUNNING")
+async def test_cancelled_stop_all_during_the_drain_still_ends_every_module(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    """stop_all's docstring: when cancelled, the modules not stopped yet are cancelled at once
+    and the ledger ends STOPPED. Cancel it while an in-flight append is being drained."""
+    release = trio.Event()
+
+    class Hold(Module):
+        id = "hold"
+
+        async def before_append(self, record: Record) -> Record | None:
+            await release.wait()
+            return None
+
+    async with open_ledger(config(), modules=[Hold(), Recorder("probe", [])]) as engine:
+        async with trio.open_nursery() as nursery:
+
+            async def appender() -> None:
+                with pytest.raises(LifecycleError):
+                    await engine.append(Record("k", 1))
+
+            nursery.start_soon(appender)
+            await settle()
+            with trio.move_on_after(1):
+                await engine.stop_all()  # cancelled while waiting for the append to drain
+            release.set()
+        assert engine.phase is Phase.STOPPED
+        assert [h.state for h in engine.modules] == [ModuleState.STOPPED] * 2
+
+
+@defect("stop_all leaves a RESTARTING validator open after cancelling supervision: hangs")
+async def test_stop_all_does_not_hang_on_a_validator_left_restarting(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    """A validator crashed and waits out its backoff; an append waits for it. stop_all cancels
+    supervision, so the restart never comes: the append must fail, not hold stop_all forever."""
+    gate = Gate("gate", [], fail={"before": lambda n, _: n == 1})
+    async with open_ledger(config(backoff=Backoff(initial=10.0))) as engine:
+        await engine.add(gate, shutdown=None)
+        with pytest.raises(ModuleError, match="crashed in before_append"):
+            await engine.append(Record("k", 1))
+        outcome: list[BaseException] = []
+
+        async def appender() -> None:
+            try:
+                await engine.append(Record("k", 2))  # waits for the restart
+            except ModuleError as exc:
+                outcome.append(exc)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(appender)
+            await settle()
+            with trio.move_on_after(FOREVER) as hung:
+                await engine.stop_all()
+            nursery.cancel_scope.cancel()
+        assert not hung.cancelled_caught, "stop_all never returned"
+        assert len(outcome) == 1
