@@ -8,6 +8,7 @@ Every wait that could hang is bounded with a MockClock deadline, so a hang fails
 from __future__ import annotations
 
 import contextlib
+import itertools
 from typing import Any
 
 import pytest
@@ -19,11 +20,13 @@ from nucleus_actors import (
     Hash,
     LedgerConfig,
     LedgerEngine,
+    LedgerFailed,
     LifecycleError,
     Module,
     ModuleContext,
     ModuleError,
     ModuleState,
+    NucleusError,
     Phase,
     Record,
     Restart,
@@ -273,3 +276,166 @@ async def test_stop_all_does_not_hang_on_a_validator_left_restarting(
             nursery.cancel_scope.cancel()
         assert not hung.cancelled_caught, "stop_all never returned"
         assert len(outcome) == 1
+
+
+@defect("drain bound expires: healthy modules are stopped before a stored append reaches them")
+async def test_stop_all_delivers_a_stored_in_flight_append_to_every_healthy_module(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    """stop_all: appends in flight "complete fully (stored and delivered) or fail with no
+    trace". A slow BLOCK module (start order first) holds the pipeline past the drain bound;
+    the healthy module after it is stopped first and never gets the stored record."""
+
+    class Slow(Recorder):
+        async def after_append(self, record: Record, hash: Hash) -> None:
+            await trio.sleep(10)
+            await super().after_append(record, hash)
+
+    probe = Recorder("probe", [])
+    async with LedgerEngine(config()) as engine:
+        engine.register(Slow("slow", []), inbox=1, shutdown=1.0, timeout=None)
+        engine.register(probe)
+        await engine.init_all()
+        await engine.start_all()
+        await engine.append(Record("k", 0))  # slow is busy with it for 10 s
+        receipts: list[int] = []
+
+        async def appender() -> None:
+            receipts.append((await engine.append(Record("k", 1))).seq)  # stored, then blocks
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(appender)
+            await settle()
+            await engine.stop_all()
+        assert receipts == [1]  # the caller was told it committed ...
+        assert probe.seen == [0, 1]  # ... so the healthy module must have received it
+
+
+# -- 5. Background work returning while `stop` runs --------------------------------------------
+
+
+class FlushingWorker(Module):
+    """The usual shape: `stop` tells the worker to finish, then closes its connection."""
+
+    id = "worker"
+
+    def __init__(self) -> None:
+        self.stops = 0
+        self.closed = False
+
+    async def start(self, ctx: ModuleContext) -> None:
+        self.quit = trio.Event()
+        ctx.spawn(self.work)
+
+    async def work(self) -> None:
+        await self.quit.wait()  # then returns: its job is over
+
+    async def stop(self, ctx: ModuleContext) -> None:
+        self.stops += 1
+        self.quit.set()
+        await trio.sleep(1)  # close the connection
+        self.closed = True
+
+
+@defect("background work returning during stop requests exit: stop is cancelled, then rerun")
+async def test_worker_returning_during_stop_does_not_cancel_or_repeat_stop(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    worker = FlushingWorker()
+    async with open_ledger(config(), modules=[worker]) as engine:
+        await engine.stop_all()
+        status = engine.modules.get("worker").status
+    assert worker.closed
+    assert worker.stops == 1
+    assert status.stop_result == "clean"
+
+
+# -- 6. Supervision ----------------------------------------------------------------------------
+
+
+@defect("running_since is kept across failed boots: k resets on every failed restart")
+async def test_backoff_grows_while_restarts_keep_failing(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    """k counts consecutive restarts and resets only after the module *stayed RUNNING* for
+    reset_after. Here it ran long once, then every restart's start fails: it never runs again,
+    so the delays must grow 1, 2, 4, 8 (they stay at 1: `running_since` is never cleared)."""
+    starts: list[float] = []
+
+    class Flaky(Recorder):
+        async def start(self, ctx: ModuleContext) -> None:
+            starts.append(trio.current_time())
+            await super().start(ctx)
+
+    flaky = Flaky("flaky", [], fail={"after": lambda n, _: True, "start": lambda n, _: n > 1})
+    backoff = Backoff(initial=1.0, multiplier=2.0, max=100.0, reset_after=10.0)
+    cfg = config(backoff=backoff, max_restarts=4, restart_window=1000.0)
+    with pytest.raises(LedgerFailed):
+        async with open_ledger(cfg, modules=[flaky]) as engine:
+            await trio.sleep(50)  # RUNNING well past reset_after
+            await engine.append(Record("k", 1))  # crash; then every restart's start fails
+            await trio.sleep_forever()
+    gaps = [round(b - a, 6) for a, b in itertools.pairwise(starts[1:])]
+    assert gaps == [2.0, 4.0, 8.0]  # delays before restarts k = 1, 2, 3
+
+
+@defect("_failure is only raised when the body ends cleanly: another error hides LedgerFailed")
+async def test_escalation_surfaces_as_ledger_failed_even_if_an_append_fails_first(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    """Escalation should cancel the body, then the block raises LedgerFailed. Escalation
+    stops the modules first, so an append in flight fails with LifecycleError ("ledger is
+    FAILED") before the body is cancelled; that error escapes and LedgerFailed is lost."""
+
+    class SlowGate(Gate):
+        async def before_append(self, record: Record) -> Record | None:
+            await trio.sleep(1)
+            return await super().before_append(record)
+
+    modules = [SlowGate("gate", []), Recorder("crashy", [], fail={"after": lambda n, _: True})]
+    with pytest.raises(LedgerFailed, match="more than 0 restarts"):
+        async with open_ledger(config(max_restarts=0), modules=modules) as engine:
+            await engine.append(Record("k", 1))  # "crashy" crashes on it: escalation
+            await engine.append(Record("k", 2))  # in the gate when the ledger fails
+            await trio.sleep_forever()
+
+
+# -- 7. Errors at the public boundary ----------------------------------------------------------
+
+
+def flaky_wall_clock() -> Any:
+    """A wall clock that fails on its 2nd reading (as a clock behind a syscall could)."""
+    calls = 0
+
+    def clock() -> int:
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            raise OSError("clock unavailable")
+        return 1_000_000 * calls
+
+    return clock
+
+
+@defect("only NucleusError from wall_clock is caught: other errors kill the pipeline task")
+async def test_a_failing_wall_clock_fails_that_append_like_a_bad_reading() -> None:
+    """A wall_clock returning a bad value fails the append with NucleusError and the ledger
+    goes on; one that raises kills the pipeline task and the whole ledger instead."""
+    async with open_ledger(config(wall_clock=flaky_wall_clock())) as engine:
+        await engine.append(Record("k", 1))
+        with pytest.raises(NucleusError, match="wall_clock"):
+            await engine.append(Record("k", 2))
+        assert (await engine.append(Record("k", 3))).seq == 1
+
+
+@defect("_unwrap re-raises the nursery group when the body also failed (2 errors)")
+async def test_an_internal_task_failure_is_not_an_exception_group_at_the_boundary() -> None:
+    raised: list[BaseException] = []
+    try:
+        async with open_ledger(config(wall_clock=flaky_wall_clock())) as engine:
+            await engine.append(Record("k", 1))
+            await engine.append(Record("k", 2))
+    except BaseException as exc:  # what the embedder sees
+        raised.append(exc)
+    assert len(raised) == 1
+    assert isinstance(raised[0], NucleusError), repr(raised[0])
