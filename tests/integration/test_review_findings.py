@@ -439,3 +439,60 @@ async def test_an_internal_task_failure_is_not_an_exception_group_at_the_boundar
         raised.append(exc)
     assert len(raised) == 1
     assert isinstance(raised[0], NucleusError), repr(raised[0])
+
+
+# -- 8. Phases: stop_all racing startup, asks outliving the engine ------------------------------
+
+
+@defect("stop_all in CREATED sets STOPPED while init_all runs; init_all then sets INITIALIZED")
+async def test_stop_all_during_init_all_keeps_the_ledger_stopped(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    """A SIGTERM handler calls stop_all while a slow init runs: once stop_all returned, the
+    ledger must not go on to INITIALIZED/RUNNING and accept appends."""
+
+    class SlowInit(Recorder):
+        async def init(self, ctx: ModuleContext) -> None:
+            await super().init(ctx)
+            await trio.sleep(5)
+
+    async with LedgerEngine(config()) as engine:
+        engine.register(SlowInit("slow", []))
+
+        async def initialize() -> None:
+            with contextlib.suppress(LifecycleError, ModuleError):  # refusing is fine
+                await engine.init_all()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(initialize)
+            await trio.sleep(1)
+            await engine.stop_all()
+        assert engine.phase in (Phase.STOPPED, Phase.FAILED)
+        with pytest.raises(LifecycleError, match="start_all needs INITIALIZED"):
+            await engine.start_all()
+
+
+@defect("closing an engine never initialized leaves mailboxes open: a pending ask waits forever")
+async def test_ask_pending_when_the_engine_closes_fails_instead_of_hanging(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    outcome: list[BaseException] = []
+
+    async def ask(handle: Any) -> None:
+        try:
+            await handle.ask(lambda m: m.id)
+        except ModuleError as exc:
+            outcome.append(exc)
+
+    async with trio.open_nursery() as outer:
+        async with LedgerEngine(config()) as engine:
+            handle = engine.register(Recorder("r", []))
+            outer.start_soon(ask, handle)
+            await settle()
+        # The engine is closed: nothing will ever answer that ask.
+        with trio.move_on_after(FOREVER):
+            while not outcome:
+                await trio.sleep(1)
+        outer.cancel_scope.cancel()
+    assert len(outcome) == 1
+    assert "'r'" in str(outcome[0])
