@@ -93,3 +93,48 @@ def test_the_complete_example_is_a_valid_config(tmp_path: Path) -> None:
     toml = toml.replace("/var/lib/nucleus/", f"{tmp_path}/")
     config = parse_config(tomllib.loads(toml), base_dir=tmp_path)
     assert [ledger.id for ledger in config.ledgers] == ["orders", "scratch"]
+
+
+DOCS = Path(__file__).resolve().parents[2] / "docs"
+
+
+def test_metrics_doc_lists_every_metric_with_its_type_and_labels() -> None:
+    from nucleus_actors.daemon.metrics import METRICS
+
+    text = (DOCS / "metrics.md").read_text()
+    rows = {row[0].strip("`"): row for row in table_rows(text)}
+    assert set(rows) == set(METRICS)
+    for name, (kind, _, labels) in METRICS.items():
+        assert rows[name][1] == kind, name
+        assert rows[name][2] == ", ".join(f"`{label}`" for label in labels), name
+
+
+def test_cli_doc_lists_every_command_and_exit_status() -> None:
+    from typer.main import get_command
+
+    from nucleus_actors.cli import app
+    from nucleus_actors.daemon import client
+
+    text = (DOCS / "cli.md").read_text()
+    commands = set(get_command(app).commands)  # type: ignore[attr-defined]
+    documented = {
+        row[0].strip("`").split()[1] for row in table_rows(text) if row[0].startswith("`nucleus")
+    }
+    assert documented == commands
+    for command in commands - {"init", "check", "run", "verify"}:
+        assert f"\n## `nucleus {command}`\n" in text, command
+    statuses = {
+        line.split("|")[1].strip() for line in text.splitlines() if re.match(r"\| \d+ \|", line)
+    }
+    codes = {client.EXIT_REFUSED, client.EXIT_BAD_INPUT, client.EXIT_UNREACHABLE}
+    assert {str(code) for code in {0, *codes, client.EXIT_UNAUTHORIZED, 130}} <= statuses
+
+
+def test_the_shipped_modules_example_is_a_valid_config(tmp_path: Path) -> None:
+    example = section("### Modules that ship with the daemon")
+    toml = example.split("```toml\n", 1)[1].split("```", 1)[0]
+    toml = toml.replace("/var/lib/nucleus/", f"{tmp_path}/")
+    text = f'[[ledgers]]\nid = "orders"\nstorage = ":memory:"\n{toml}'
+    config = parse_config(tomllib.loads(text), base_dir=tmp_path)
+    uses = [module.use for module in config.ledgers[0].modules]
+    assert uses == ["json-schema", "kind-counter", "jsonl-mirror"]
