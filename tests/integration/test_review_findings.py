@@ -278,6 +278,32 @@ async def test_stop_all_does_not_hang_on_a_validator_left_restarting(
         assert len(outcome) == 1
 
 
+@defect("stop_all leaves a RESTARTING BLOCK sink with a full inbox: the drain waits forever")
+async def test_stop_all_does_not_hang_on_a_full_sink_left_restarting(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    """Same hole with a BLOCK sink: it crashed, waits out its backoff with a full inbox, and
+    the pipeline waits for room. Once supervision stops, nothing will ever drain it."""
+    sink = Recorder("sink", [], fail={"after": lambda n, _: n == 1})
+    async with open_ledger(config(backoff=Backoff(initial=10.0))) as engine:
+        handle = await engine.add(sink, inbox=2, shutdown=None)
+        await engine.append(Record("k", 0))  # crashes on it: RESTARTING for 10 s
+        await handle.wait_state(ModuleState.RESTARTING)
+        await engine.append(Record("k", 1))  # inbox full: the redelivery of 0, and 1
+
+        async def appender() -> None:
+            with contextlib.suppress(LifecycleError):
+                await engine.append(Record("k", 2))  # stored, then waits for room
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(appender)
+            await settle()
+            with trio.move_on_after(FOREVER) as hung:
+                await engine.stop_all()
+            nursery.cancel_scope.cancel()
+        assert not hung.cancelled_caught, "stop_all never returned"
+
+
 @defect("drain bound expires: healthy modules are stopped before a stored append reaches them")
 async def test_stop_all_delivers_a_stored_in_flight_append_to_every_healthy_module(
     mock_clock: trio.testing.MockClock,
