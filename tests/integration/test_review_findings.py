@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+from collections.abc import Sequence
 from typing import Any
 
 import pytest
@@ -17,6 +18,7 @@ import trio.testing
 
 from nucleus_actors import (
     Backoff,
+    Entry,
     Hash,
     LedgerConfig,
     LedgerEngine,
@@ -33,6 +35,7 @@ from nucleus_actors import (
     Strategy,
     open_ledger,
 )
+from nucleus_actors.storage import MemoryStorage
 from tests.conftest import Gate, Recorder
 
 Log = list[tuple[str, str, Any]]
@@ -522,3 +525,33 @@ async def test_ask_pending_when_the_engine_closes_fails_instead_of_hanging(
         outer.cancel_scope.cancel()
     assert len(outcome) == 1
     assert "'r'" in str(outcome[0])
+
+
+class SlowStorage(MemoryStorage):
+    """A durable backend takes time per batch (SQLite fsyncs in a worker thread)."""
+
+    async def append(self, entries: Sequence[Entry]) -> None:
+        await trio.sleep(0.1)
+        await super().append(entries)
+
+
+@defect("the in-flight drain is bounded by the longest module shutdown: 0 with no modules")
+async def test_stop_all_lets_queued_appends_finish_with_no_modules(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    """stop_all "lets the appends already in flight finish". With no module registered (or
+    all with shutdown=0) the bound is 0 s: an append queued behind a batch being written is
+    failed although nothing is stuck."""
+    async with open_ledger(config(), storage=SlowStorage()) as engine:
+        seqs: list[int] = []
+
+        async def appender(n: int) -> None:
+            seqs.append((await engine.append(Record("k", n))).seq)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(appender, 0)
+            await trio.sleep(0.05)  # batch 0 is being written
+            nursery.start_soon(appender, 1)  # queued behind it: in flight
+            await trio.testing.wait_all_tasks_blocked()
+            await engine.stop_all()
+        assert sorted(seqs) == [0, 1]
