@@ -555,3 +555,30 @@ async def test_stop_all_lets_queued_appends_finish_with_no_modules(
             await trio.testing.wait_all_tasks_blocked()
             await engine.stop_all()
         assert sorted(seqs) == [0, 1]
+
+
+@defect("an ask interrupted by a crash elsewhere in the module gets a ModuleError with no cause")
+async def test_ask_interrupted_by_a_crash_carries_the_crash_as_cause(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    """ask's docstring: ModuleError when the module "crashed ... while answering (then
+    `__cause__` is the crash)". A background task fails while an ask runs."""
+
+    class Busy(Module):
+        id = "busy"
+
+        async def start(self, ctx: ModuleContext) -> None:
+            async def fail_soon() -> None:
+                await trio.sleep(1)
+                raise OSError("lost the connection")
+
+            ctx.spawn(fail_soon)
+
+        async def wait(self, seconds: float) -> None:
+            await trio.sleep(seconds)
+
+    async with open_ledger(config(), modules=[Busy()]) as engine:
+        handle = engine.modules.get(Busy)
+        with pytest.raises(ModuleError, match="busy") as info:
+            await handle.ask(Busy.wait, 5.0)
+        assert isinstance(info.value.__cause__, OSError)
