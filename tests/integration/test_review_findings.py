@@ -27,6 +27,7 @@ from nucleus_actors import (
     Module,
     ModuleContext,
     ModuleError,
+    ModuleSpec,
     ModuleState,
     NucleusError,
     Phase,
@@ -582,3 +583,37 @@ async def test_ask_interrupted_by_a_crash_carries_the_crash_as_cause(
         with pytest.raises(ModuleError, match="busy") as info:
             await handle.ask(Busy.wait, 5.0)
         assert isinstance(info.value.__cause__, OSError)
+
+
+class CrashesAtTwo(Module):
+    """Background work fails at t+2 s, exactly when an ask started at t times out."""
+
+    id = "busy"
+
+    async def start(self, ctx: ModuleContext) -> None:
+        async def fail_at_two() -> None:
+            await trio.sleep(2)
+            raise OSError("lost the connection")
+
+        ctx.spawn(fail_at_two)
+
+    async def wait(self) -> None:
+        await trio.sleep_forever()
+
+
+@defect("_ask: ask deadline and a crash in the same tick -> cancel_called is True, no reply sent")
+async def test_ask_is_answered_when_its_timeout_and_a_crash_coincide(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    """Both cancellations land in one scheduler batch; trio shuffles batches, so the losing
+    order shows up about half the time: 20 rounds make a miss practically certain."""
+    hung = 0
+    for _ in range(20):
+        spec = ModuleSpec(CrashesAtTwo(), timeout=2.0, restart=Restart.TEMPORARY)
+        async with open_ledger(config(), modules=[spec]) as engine:
+            handle = engine.modules.get(CrashesAtTwo)
+            with trio.move_on_after(FOREVER) as scope:
+                with pytest.raises(ModuleError, match="busy"):
+                    await handle.ask(CrashesAtTwo.wait)
+            hung += scope.cancelled_caught
+    assert hung == 0
