@@ -100,6 +100,7 @@ class Pipeline:
         self._wakeup = Future()  # resolved by submit() while the sequencer waits for work
         self._storing = False
         self._cancel_requested = False
+        self.batches_done = 0
         self._current: list[Request] = []
         self._idle = trio.Event()
         self._idle.set()
@@ -111,6 +112,11 @@ class Pipeline:
         self._idle = trio.Event() if self._idle.is_set() else self._idle
         if not self._wakeup.done:
             self._wakeup._resolve()
+
+    @property
+    def storing(self) -> bool:
+        """A batch is being written to storage right now."""
+        return self._storing
 
     @property
     def pending_records(self) -> int:
@@ -156,6 +162,7 @@ class Pipeline:
                     self._current = self._take()
                     await self._process(self._current)
                     self._current = []
+                    self.batches_done += 1
                     if not self._queue:
                         self._idle.set()
         finally:
@@ -214,8 +221,19 @@ class Pipeline:
             try:
                 await msg.reply.wait()
             except ModuleError as down:  # failed, stopped or removed: fail-closed
+                phase = self._engine.phase
                 for request, _ in pending:
-                    request.fail(_copy_module_error(down))
+                    if phase is Phase.RUNNING:
+                        request.fail(_copy_module_error(down))
+                    else:  # the ledger is stopping: say so, rather than blame the module
+                        failure = LifecycleError(
+                            f"append failed: ledger {self._engine.config.ledger_id!r} is "
+                            f"{phase.name} (module {child.id!r} was stopped before it could "
+                            "check the record)",
+                            phase=phase,
+                        )
+                        failure.__cause__ = down
+                        request.fail(failure)
                 return
             for (request, index), result in zip(pending, msg.results, strict=False):
                 if isinstance(result, Record):
@@ -233,7 +251,11 @@ class Pipeline:
 
     def _timestamp(self) -> int:
         engine = self._engine
-        now = engine.config.wall_clock()
+        try:
+            now = engine.config.wall_clock()
+        except Exception as exc:
+            error = NucleusError(f"LedgerConfig.wall_clock raised {exc!r}; nothing was stored")
+            raise error from exc
         if type(now) is not int or not 0 <= now <= _MAX_SAFE:
             raise NucleusError(
                 f"LedgerConfig.wall_clock returned {now!r}; it must return an int of UTC "
@@ -250,7 +272,9 @@ class Pipeline:
             ts = self._timestamp()
         except NucleusError as exc:
             for request in live:
-                request.fail(exc)
+                failure = NucleusError(str(exc))
+                failure.__cause__ = exc.__cause__
+                request.fail(failure)
             return
         seq = engine._length
         head = engine._head
@@ -305,8 +329,20 @@ class Pipeline:
                 Receipt(e.seq, e.hash, ts) for e in entries[start : start + len(request.records)]
             ]
         items = [(e.record, e.hash) for e in entries]
+        # Every module first gets what fits in its inbox, so a stalled module never holds back
+        # the others' deliveries; only then wait (BLOCK) for the ones that are full.
+        blocked = []
         for child in engine.modules.after_children():
-            await child.mailbox.deliver(items, child.spec.overflow)
+            done = child.mailbox.deliver_nowait(items, child.spec.overflow)
+            if done < len(items):
+                blocked.append((child, items[done:]))
+        if len(blocked) == 1:
+            child, rest = blocked[0]
+            await child.mailbox.deliver(rest, child.spec.overflow)
+        elif blocked:
+            async with trio.open_nursery() as nursery:
+                for child, rest in blocked:
+                    nursery.start_soon(child.mailbox.deliver, rest, child.spec.overflow)
 
     async def _store(self, entries: list[Entry]) -> BaseException | None:
         """Append to storage; on failure, check whether the batch landed anyway."""

@@ -14,7 +14,6 @@ pipeline and the supervisor run. Leaving the block stops everything (see `__aexi
 
 from __future__ import annotations
 
-import math
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from types import TracebackType
@@ -38,6 +37,8 @@ from .storage import MemoryStorage, StorageBackend
 __all__ = ["LedgerEngine", "open_ledger"]
 
 M = TypeVar("M", bound=Module)
+
+_DRAIN_SLICE = 0.1  # how often the stop drain checks that the pipeline still makes progress
 
 
 async def _close(iterator: AsyncIterator[Entry]) -> None:
@@ -101,11 +102,14 @@ def _unwrap(group: BaseExceptionGroup[BaseException]) -> NoReturn:
     collect(group)
     failed = [e for e in leaves if isinstance(e, LedgerFailed)]
     errors = [e for e in leaves if not isinstance(e, trio.Cancelled)]
-    chosen = failed[0] if failed else errors[0] if len(errors) == 1 else None
-    if chosen is None and len(leaves) == 1:
-        chosen = leaves[0]
-    if chosen is None:
-        raise group
+    if not errors:
+        raise group  # only cancellations: trio's cancel scopes know what to do with them
+    # KeyboardInterrupt/SystemExit first, then the ledger's own failure, then the first error.
+    fatal = [e for e in errors if not isinstance(e, Exception)]
+    chosen = fatal[0] if fatal else failed[0] if failed else errors[0]
+    for other in errors:
+        if other is not chosen:
+            chosen.add_note(f"(also raised while the ledger closed: {other!r})")
     raise chosen from chosen.__cause__
 
 
@@ -130,6 +134,7 @@ class LedgerEngine:
         self._used = False
         self._open = False
         self._transition: str | None = None
+        self._transition_done = trio.Event()
         self._failure: LedgerFailed | None = None
         self._length = 0
         self._head = genesis(config.ledger_id)
@@ -283,6 +288,7 @@ class LedgerEngine:
                 last = await _first(storage.read(self._length - 1, self._length))
                 if last is not None:
                     self._last_ts = last.timestamp
+            failure: BaseException | None = None
             try:
                 async with trio.open_nursery() as nursery:
                     self._nursery = nursery
@@ -303,15 +309,25 @@ class LedgerEngine:
                         self._registry.kill_all()
                         nursery.cancel_scope.cancel()
             except BaseExceptionGroup as group:
-                _unwrap(group)
+                try:
+                    _unwrap(group)
+                except BaseException as exc:
+                    failure = exc
+            if self._failure is not None and (failure is None or isinstance(failure, Exception)):
+                # Escalation is the root cause: it wins over what the body saw meanwhile (an
+                # append failing because the ledger failed), but not over KeyboardInterrupt.
+                if failure is not None and failure is not self._failure:
+                    self._failure.add_note(f"(the block also raised {failure!r})")
+                failure = self._failure
+            if failure is not None:
+                raise failure from failure.__cause__
         finally:
             self._open = False
             self._nursery = None
+            self._registry.close()
             self._grew()
             with trio.CancelScope(shield=True):
                 await storage.close()
-        if self._failure is not None:
-            raise self._failure
 
     async def _close_down(self, *, cancelled: bool) -> None:
         cap = self.config.exit_timeout if cancelled else None
@@ -361,6 +377,11 @@ class LedgerEngine:
             )
         self._require(what, *allowed)
         self._transition = what
+        self._transition_done = trio.Event()
+
+    def _end_transition(self) -> None:
+        self._transition = None
+        self._transition_done.set()
 
     async def init_all(self) -> None:
         """Run every module's `init` in start order (registration order, after dependencies).
@@ -379,7 +400,7 @@ class LedgerEngine:
             await self._registry.init_all()
             self.set_phase(Phase.INITIALIZED)
         finally:
-            self._transition = None
+            self._end_transition()
 
     async def start_all(self) -> None:
         """Run every module's `start` in start order; then appends are accepted.
@@ -396,7 +417,7 @@ class LedgerEngine:
             await self._registry.start_all()
             self.set_phase(Phase.RUNNING)
         finally:
-            self._transition = None
+            self._end_transition()
 
     async def stop_all(self) -> None:
         """Stop the ledger: refuse new appends, finish those in flight, stop modules.
@@ -410,6 +431,10 @@ class LedgerEngine:
         Cancellation: the modules not stopped yet are cancelled at once (their `stop` is not
         called), the ledger ends STOPPED, and the cancellation propagates.
         """
+        if self._transition is not None:
+            # init_all/start_all in progress (bounded by the modules' timeouts): let it finish,
+            # then stop what it started, so the ledger cannot go on to RUNNING afterwards.
+            await self._transition_done.wait()
         if self.phase in (Phase.STOPPED, Phase.FAILED):
             await trio.lowlevel.checkpoint()
             return
@@ -426,14 +451,35 @@ class LedgerEngine:
         self.set_phase(Phase.STOPPING)
         try:
             await self._registry.stop_supervising()
-            # In-flight appends finish while every module still runs, bounded by the longest
-            # shutdown (a module stuck in a hook cannot hold the stop forever).
-            bound = self._registry.longest_shutdown(cap)
-            with trio.move_on_after(math.inf if bound is None else bound):
-                await self._pipeline.wait_idle()
+            self._registry.abandon_restarts()
+            await self._drain(cap)
             await self._registry.stop_all(cap=cap)
+        except BaseException:
+            await self._registry.abort()  # cancelled: the modules not stopped yet are killed
+            raise
         finally:
             self.set_phase(Phase.STOPPED)
+
+    async def _drain(self, cap: float | None) -> None:
+        """Let in-flight appends finish while every module still runs.
+
+        It waits as long as the pipeline makes progress or is writing to storage. It gives up
+        only when the pipeline has been stuck on modules (a hook, a full BLOCK inbox) for the
+        longest module `shutdown`: then stopping the modules (in reverse order, with their
+        deadlines) unblocks it, and what cannot complete fails with nothing stored.
+        """
+        pipeline = self._pipeline
+        bound = self._registry.longest_shutdown(cap)
+        if bound is None:
+            await pipeline.wait_idle()
+            return
+        while True:
+            progress = pipeline.batches_done
+            with trio.move_on_after(max(bound, _DRAIN_SLICE)):
+                await pipeline.wait_idle()
+                return
+            if pipeline.batches_done == progress and not pipeline.storing:
+                return
 
     # -- dynamic control -------------------------------------------------------------------
     @overload

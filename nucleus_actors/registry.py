@@ -527,7 +527,7 @@ class ModuleRegistry:
         else:
             msg = Lifecycle("stop")
             if drain:
-                child.mailbox.put(msg)
+                child.mailbox.put_after_deliveries(msg)
             else:
                 child.mailbox.put_front(msg)
             with trio.move_on_after(math.inf if shutdown is None else shutdown):
@@ -570,6 +570,13 @@ class ModuleRegistry:
         async with self._lock:
             pass
 
+    def abandon_restarts(self) -> None:
+        """Supervision stopped: a crashed module waiting for its restart will not get one."""
+        for child in self._order:
+            if child.state is ModuleState.RESTARTING and not child.alive:
+                child.set_state(ModuleState.FAILED)
+                self._shut(child, "the ledger stopped before its restart")
+
     async def stop_all(self, *, cap: float | None) -> None:
         """Stop every module in reverse start order, each after draining its inbox.
 
@@ -579,13 +586,24 @@ class ModuleRegistry:
         try:
             await self._stop_all_children(drain=True, cap=cap, reason="stopped")
         except BaseException:
-            with trio.CancelScope(shield=True):
-                for child in reversed(self._order):
-                    child.kill()
-                    await child.wait_done()
-                    child.settle_stopped()
-                    self._shut(child, "stopped")
+            await self.abort()
             raise
+
+    async def abort(self) -> None:
+        """Cancel every module at once (no `stop`), in reverse order; settle and shut them."""
+        with trio.CancelScope(shield=True):
+            for child in reversed(self._order):
+                child.kill()
+                await child.wait_done()
+                if child.state is not ModuleState.REGISTERED:
+                    child.settle_stopped()
+                self._shut(child, "stopped")
+
+    def close(self) -> None:
+        """The ledger is closed: every mailbox refuses requests (pending asks fail)."""
+        for child in self._order:
+            if not child.mailbox.is_shut:
+                self._shut(child, "the ledger is closed")
 
     def longest_shutdown(self, cap: float | None) -> float | None:
         """The longest `shutdown` of any module (`None` ones count as `cap`; None = forever)."""
@@ -621,22 +639,32 @@ class ModuleRegistry:
         """Called by an actor when an incarnation ends (synchronously, in the actor task)."""
         was_running = child.state is ModuleState.RUNNING or child.crashing
         child.crashing = False
-        if outcome is Outcome.STOPPED:
-            child.stop_result = "error" if error is not None else "clean"
+        phase = self._host.phase
+        if outcome in (Outcome.STOPPED, Outcome.KILLED):
+            if outcome is Outcome.KILLED:
+                child.stop_result = "cancelled"
+            else:
+                child.stop_result = "error" if error is not None else "clean"
             if error is not None:
                 child.last_error = repr(error)
                 log.warning("module %r: stop raised %r", child.id, error)
-                if child.state is not ModuleState.RESTARTING:
-                    child.set_state(ModuleState.FAILED)
-            return
-        if outcome is Outcome.KILLED:
-            child.stop_result = "cancelled"
+            if child.state is ModuleState.RESTARTING and phase is Phase.RUNNING:
+                return  # stopped by a group restart: it starts again
+            if error is not None:
+                child.set_state(ModuleState.FAILED)
+            elif child.state is not ModuleState.REGISTERED:
+                child.settle_stopped()
+            self._shut(child, "stopped")
             return
         if outcome is Outcome.BOOT_FAILED:
             assert error is not None
             child.last_error = repr(error)
             child.crashes += 1
             self._counters.crashes += 1
+            if phase in (Phase.STOPPING, Phase.STOPPED, Phase.FAILED):
+                # Its requester is gone (supervision stopped): nobody will restart it.
+                child.set_state(ModuleState.FAILED)
+                self._shut(child, "failed to start while the ledger stopped")
             return
         phase = self._host.phase
         if outcome is Outcome.CRASHED:
@@ -661,14 +689,16 @@ class ModuleRegistry:
             child.set_state(
                 ModuleState.FAILED if outcome is Outcome.CRASHED else ModuleState.STOPPED
             )
+            self._shut(child, "crashed" if outcome is Outcome.CRASHED else "exited")
             return
         if phase is not Phase.RUNNING or not was_running:
-            # Stopping, failed, or already part of a restart: never restarted from here.
-            if child.state is not ModuleState.RESTARTING:
-                child.set_state(
-                    ModuleState.FAILED if outcome is Outcome.CRASHED else ModuleState.STOPPED
-                )
-                self._shut(child, "crashed" if outcome is Outcome.CRASHED else "exited")
+            # Stopping, failed, or part of a group restart already: not restarted from here.
+            if phase is Phase.RUNNING and child.state is ModuleState.RESTARTING:
+                return  # the group restart in progress starts it again
+            child.set_state(
+                ModuleState.FAILED if outcome is Outcome.CRASHED else ModuleState.STOPPED
+            )
+            self._shut(child, "crashed" if outcome is Outcome.CRASHED else "exited")
             return
         restart = child.spec.restart
         if self._will_restart(child, crashed=outcome is Outcome.CRASHED):
@@ -718,9 +748,9 @@ class ModuleRegistry:
         backoff = child.spec.backoff or self._host.config.backoff
         if backoff is None:
             return 0.0
-        now = trio.current_time()
-        if child.running_since is not None and now - child.running_since >= backoff.reset_after:
-            child.consecutive = 0
+        if child.last_run >= backoff.reset_after:
+            child.consecutive = 0  # it stayed RUNNING long enough: start the count again
+        child.last_run = 0.0  # a restart that fails never ran
         delay = backoff.delay(child.consecutive)
         child.consecutive += 1
         return max(0.0, delay)

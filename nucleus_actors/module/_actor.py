@@ -25,7 +25,7 @@ from ..lifecycle import ModuleState
 from ..record import Record
 from ._base import Module
 from ._context import LedgerReader, ModuleContext
-from ._mailbox import Ask, Before, Delivery, Lifecycle, Mailbox
+from ._mailbox import Ask, Before, Delivery, Lifecycle, Mailbox, Reply
 from ._spec import ModuleSpec
 
 __all__ = ["Child", "ChildHost", "Outcome"]
@@ -129,6 +129,7 @@ class Child:
         self.removed = False
         self.consecutive = 0  # consecutive restarts, for backoff
         self.running_since: float | None = None
+        self.last_run = 0.0  # seconds its last RUNNING period lasted (for backoff resets)
         self.alive = False
         self._done = trio.Event()
         self._done.set()
@@ -143,6 +144,10 @@ class Child:
         self._hook_gen = 0  # +1 per hook started
         self._hook_name = ""
         self._hook_timeout: TimeoutError | None = None  # set by the watchdog when it fires
+        self._stopping = False  # the stop lifecycle message is being handled
+        self._lifecycle_msg: Lifecycle | None = None  # lifecycle request being handled
+        self._lifecycle_step = ""  # "init", "start" or "stop": the callback it is in
+        self._interrupted_asks: list[Reply] = []  # asks cut short by the incarnation ending
         self._now: Callable[[], float] = trio.current_time
         self._refresh_hooks()
 
@@ -157,6 +162,9 @@ class Child:
 
     def set_state(self, state: ModuleState) -> None:
         if state is not self.state:
+            if self.state is ModuleState.RUNNING and self.running_since is not None:
+                self.last_run = trio.current_time() - self.running_since
+                self.running_since = None
             self.state = state
             if state is ModuleState.RUNNING:
                 self.running_since = trio.current_time()
@@ -215,6 +223,8 @@ class Child:
         self._exit_requested = False
         self._external_crash = None
         self._hook_timeout = None
+        self._stopping = False
+        self._lifecycle_msg = None
         self._done = trio.Event()
         self.crashing = False
         self.alive = True
@@ -245,6 +255,10 @@ class Child:
         )
 
     def _request_exit(self, incarnation: int) -> None:
+        # While `stop` runs the module is ending anyway: background work that returns because
+        # `stop` told it to must not cancel that `stop` (it would then run again).
+        if self._stopping:
+            return
         if self.alive and incarnation == self.incarnation and not self._exit_requested:
             self._exit_requested = True
             if self._scope is not None:
@@ -308,11 +322,48 @@ class Child:
                     outcome = Outcome.EXITED
                 else:  # pragma: no cover - our scope is only cancelled by the three above
                     outcome = Outcome.KILLED
-            if outcome in (Outcome.CRASHED, Outcome.EXITED):
+            pending, self._lifecycle_msg = self._lifecycle_msg, None
+            if pending is not None and outcome in (Outcome.CRASHED, Outcome.EXITED):
+                # It ended while init/start/stop ran (a background task crashed, ctx.exit()):
+                # answer the requester, who decides (rollback, a new restart, a stop error).
+                step = self._lifecycle_step
+                cause = error or ModuleError(
+                    f"module {self.id!r} exited during {step}", module_id=self.id
+                )
+                if step == "start":
+                    await self._best_effort_stop(instance, ctx)  # it was initialized
+                pending.reply.fail(self.module_error(f"{outcome.value} during {step}", cause))
+                outcome, error = (
+                    (Outcome.STOPPED, cause) if step == "stop" else (Outcome.BOOT_FAILED, cause)
+                )
+            elif outcome in (Outcome.CRASHED, Outcome.EXITED):
                 await self._best_effort_stop(instance, ctx)
+            if pending is not None:
+                pending.reply.fail(
+                    self.module_error(f"was cancelled during {self._lifecycle_step}", None)
+                )
+            asks, self._interrupted_asks = self._interrupted_asks, []
+            for reply in asks:
+                reply.fail(self.module_error(f"{outcome.value} while answering an ask", error))
         finally:
             self._scope = None
             self.alive = False
+            # Whatever is still waiting on this incarnation gets an answer, however it ended.
+            leftover = self.module_error(f"incarnation {incarnation} ended abruptly", None)
+            if self._lifecycle_msg is not None:
+                self._lifecycle_msg.reply.fail(leftover)
+                self._lifecycle_msg = None
+            for reply in self._interrupted_asks:
+                reply.fail(leftover)
+            self._interrupted_asks = []
+            # Lifecycle messages still queued were addressed to this incarnation.
+            self.mailbox.drop_lifecycle(
+                ModuleError(
+                    f"module {self.id!r} incarnation {incarnation} ended before it handled "
+                    "this request",
+                    module_id=self.id,
+                )
+            )
             self._done.set()
         assert outcome is not None
         host.child_ended(self, incarnation, outcome, error)
@@ -459,24 +510,24 @@ class Child:
         reply = msg.reply
         if reply.abandoned:
             return
-        with trio.CancelScope(deadline=self._deadline()) as scope:
-            try:
-                value = msg.fn(instance, *msg.args)
-                if inspect.isawaitable(value):
-                    value = await value
-            except Exception as exc:
-                reply.fail(exc)  # the caller's error, not a crash of the module
+        try:
+            with trio.CancelScope(deadline=self._deadline()):
+                try:
+                    value = msg.fn(instance, *msg.args)
+                    if inspect.isawaitable(value):
+                        value = await value
+                except Exception as exc:
+                    reply.fail(exc)  # the caller's error, not a crash of the module
+                    return
+                reply.set(value)
                 return
-            except BaseException:
-                if not scope.cancel_called:
-                    reply.fail(self.module_error("was interrupted while answering an ask", None))
-                raise
-            reply.set(value)
-            return
-        cause = self._timed_out("ask")
-        self.host.crash_detected(self)
-        reply.fail(self.module_error("timed out in ask", cause))
-        raise _Crash(cause)
+            cause = self._timed_out("ask")
+            self.host.crash_detected(self)
+            reply.fail(self.module_error("timed out in ask", cause))
+            raise _Crash(cause)
+        finally:
+            if not reply.done:  # cut short by the incarnation ending: answered with the reason
+                self._interrupted_asks.append(reply)
 
     async def _callback(
         self, fn: Callable[[ModuleContext], Any], ctx: ModuleContext, name: str
@@ -494,31 +545,42 @@ class Child:
         self, instance: Module, ctx: ModuleContext, msg: Lifecycle
     ) -> tuple[Outcome, BaseException | None] | None:
         op, reply = msg.op, msg.reply
+        self._lifecycle_msg = msg  # answered by _run if the incarnation ends meanwhile
         if op in ("init", "boot"):
+            self._lifecycle_step = "init"
             err = await self._callback(instance.init, ctx, "init")
             if err is not None:
+                self._lifecycle_msg = None
                 reply.fail(self.module_error("failed in init", err))
                 return Outcome.BOOT_FAILED, err
             if op == "init":
                 self.set_state(ModuleState.INITIALIZED)
+                self._lifecycle_msg = None
                 reply.set()
                 return None
         if op in ("start", "boot"):
+            self._lifecycle_step = "start"
             err = await self._callback(instance.start, ctx, "start")
             if err is not None:
                 await self._best_effort_stop(instance, ctx)  # it was initialized
+                self._lifecycle_msg = None
                 reply.fail(self.module_error("failed in start", err))
                 return Outcome.BOOT_FAILED, err
             # RUNNING before the next message is handled: state and behaviour agree.
             self.armed = True
             self.set_state(ModuleState.RUNNING)
+            self._lifecycle_msg = None
             reply.set()
             return None
         assert op == "stop", op
+        self._lifecycle_step = "stop"
+        self._stopping = True
         try:
             await instance.stop(ctx)
         except Exception as exc:
+            self._lifecycle_msg = None
             reply.fail(self.module_error("failed in stop", exc))
             return Outcome.STOPPED, exc
+        self._lifecycle_msg = None
         reply.set()
         return Outcome.STOPPED, None

@@ -10,7 +10,7 @@ registered module, not to one incarnation: it survives restarts.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 
 import trio
@@ -101,8 +101,10 @@ class Mailbox:
     """Bounded inbox of one module (see the module docstring for what is counted)."""
 
     __slots__ = (
+        "_deferred",
         "_get_lot",
         "_put_lot",
+        "_putting",
         "_queue",
         "_shut",
         "capacity",
@@ -122,6 +124,8 @@ class Mailbox:
         self._get_lot = trio.lowlevel.ParkingLot()
         self._put_lot = trio.lowlevel.ParkingLot()
         self._shut: ModuleError | None = None
+        self._putting = 0  # deliver() calls in progress (a producer mid-batch)
+        self._deferred: list[Any] = []  # messages queued once those deliveries are in
 
     @property
     def is_shut(self) -> bool:
@@ -149,32 +153,60 @@ class Mailbox:
         self._queue.appendleft(msg)
         self._get_lot.unpark()
 
-    async def deliver(self, items: Iterable[Delivery], overflow: Overflow) -> None:
+    def put_after_deliveries(self, msg: Any) -> None:
+        """Queue a control message at the back, but behind a delivery batch still being put
+        (a drain-stop must come after every delivery of the batch in flight)."""
+        if self._putting:
+            self._deferred.append(msg)
+        else:
+            self.put(msg)
+
+    def deliver_nowait(self, items: list[Delivery], overflow: Overflow) -> int:
+        """Queue what can be queued without waiting; return how many items were handled.
+
+        Every item is handled (queued or dropped by policy) unless the policy is BLOCK and the
+        inbox fills up: then the rest, from the returned index, must go through `deliver`.
+        """
+        queue = self._queue
+        handled = 0
+        for item in items:
+            if self._shut is not None:
+                return len(items)
+            if self.depth < self.capacity:
+                queue.append(item)
+                self.depth += 1
+            elif overflow is Overflow.BLOCK:
+                break
+            elif overflow is Overflow.DROP_OLDEST and self._drop_oldest():
+                queue.append(item)
+                self.depth += 1
+            else:
+                self.dropped += 1
+                if overflow is Overflow.FAIL:
+                    self.on_overflow()
+            handled += 1
+        self._get_lot.unpark()
+        return handled
+
+    async def deliver(self, items: list[Delivery], overflow: Overflow) -> None:
         """Queue deliveries, applying the overflow policy when the inbox is full.
 
         With BLOCK this waits for room (a checkpoint only when it has to wait). Deliveries to a
         shut mailbox are discarded. Cancellation: deliveries queued before it stay queued.
         """
-        queue = self._queue
-        for item in items:
-            while True:
-                if self._shut is not None:
-                    return
-                if self.depth < self.capacity:
-                    queue.append(item)
-                    self.depth += 1
-                    break
-                if overflow is Overflow.BLOCK:
-                    self._get_lot.unpark()
+        self._putting += 1
+        try:
+            start = 0
+            while start < len(items):
+                start += self.deliver_nowait(items[start:], overflow)
+                if start < len(items):  # BLOCK and full: wait for the actor to make room
                     await self._put_lot.park()
-                    continue
-                if overflow is Overflow.DROP_OLDEST and self._drop_oldest():
-                    continue
-                self.dropped += 1
-                if overflow is Overflow.FAIL:
-                    self.on_overflow()
-                break
-        self._get_lot.unpark()
+        finally:
+            self._putting -= 1
+            if not self._putting and self._deferred:
+                deferred, self._deferred = self._deferred, []
+                for msg in deferred:
+                    self.put(msg)
 
     def _drop_oldest(self) -> bool:
         for index, msg in enumerate(self._queue):
@@ -205,12 +237,29 @@ class Mailbox:
         if self._put_lot:
             self._put_lot.unpark_all()
 
+    def drop_lifecycle(self, error: ModuleError) -> None:
+        """Fail and remove queued lifecycle messages: they were addressed to an incarnation
+        that has ended (a stop the supervisor gave up waiting for, a start never reached)."""
+        if any(isinstance(msg, Lifecycle) for msg in self._queue):
+            kept: deque[Any] = deque()
+            for msg in self._queue:
+                if isinstance(msg, Lifecycle):
+                    msg.reply.fail(error)
+                else:
+                    kept.append(msg)
+            self._queue = kept
+        for msg in self._deferred:
+            if isinstance(msg, Lifecycle):
+                msg.reply.fail(error)
+        self._deferred = [msg for msg in self._deferred if not isinstance(msg, Lifecycle)]
+
     def shut(self, error: ModuleError) -> None:
         """The module is down for good: refuse requests with `error`, discard deliveries."""
         self._shut = error
         queue, self._queue = self._queue, deque()
+        deferred, self._deferred = self._deferred, []
         self.depth = 0
-        for msg in queue:
+        for msg in [*queue, *deferred]:
             self._refuse(msg)
         self._put_lot.unpark_all()
 
