@@ -101,12 +101,24 @@ class Pipeline:
         self._storing = False
         self._cancel_requested = False
         self.batches_done = 0
+        self._resync = False  # a storage failure left the head uncertain
+        self._stopped = False  # the sequencer task has ended: submit() fails at once
         self._current: list[Request] = []
         self._idle = trio.Event()
         self._idle.set()
         self._scope: trio.CancelScope | None = None
 
     def submit(self, request: Request) -> None:
+        if self._stopped:
+            phase = self._engine.phase
+            request.fail(
+                LifecycleError(
+                    f"append failed: ledger {self._engine.config.ledger_id!r} pipeline has "
+                    f"stopped (phase {phase.name})",
+                    phase=phase,
+                )
+            )
+            return
         self._queue.append(request)
         self._queued_records += len(request.records)
         self._idle = trio.Event() if self._idle.is_set() else self._idle
@@ -166,6 +178,7 @@ class Pipeline:
                     if not self._queue:
                         self._idle.set()
         finally:
+            self._stopped = True
             # The engine is closing or failed: nothing queued will run.
             phase = self._engine.phase
             for request in [*self._current, *self._queue]:
@@ -268,6 +281,15 @@ class Pipeline:
     async def _commit(self, live: list[Request]) -> None:
         engine = self._engine
         max_bytes = engine.config.max_record_bytes
+        if self._resync:
+            try:
+                await self._resync_head()
+            except Exception as exc:
+                for request in live:
+                    unavailable = StorageError(f"append failed, storage is unavailable: {exc!r}")
+                    unavailable.__cause__ = exc
+                    request.fail(unavailable)
+                return
         try:
             ts = self._timestamp()
         except NucleusError as exc:
@@ -314,9 +336,11 @@ class Pipeline:
             if self._cancel_requested and self._scope is not None:
                 self._scope.cancel()
         if error is not None:
+            cause, known = error
+            what = "nothing stored" if known else "storage could not tell whether it was stored"
             for request, _ in committing:
-                failure = StorageError(f"append failed, nothing stored: {error}")
-                failure.__cause__ = error
+                failure = StorageError(f"append failed, {what}: {cause}")
+                failure.__cause__ = cause
                 request.fail(failure)
             return
         engine._length = seq
@@ -344,18 +368,33 @@ class Pipeline:
                 for child, rest in blocked:
                     nursery.start_soon(child.mailbox.deliver, rest, child.spec.overflow)
 
-    async def _store(self, entries: list[Entry]) -> BaseException | None:
-        """Append to storage; on failure, check whether the batch landed anyway."""
-        engine = self._engine
-        storage = engine.storage
+    async def _store(self, entries: list[Entry]) -> tuple[BaseException, bool] | None:
+        """Append to storage. None if stored; else (error, known) where `known` says that
+        nothing of the batch was stored (False: the backend could not tell us)."""
+        storage = self._engine.storage
         try:
             await storage.append(entries)
         except Exception as exc:
             try:
                 length, head = await storage.head()
             except Exception:
-                return exc
+                self._resync = True  # re-read the head before the next batch
+                return exc, False
             if length == entries[-1].seq + 1 and head == entries[-1].hash:
                 return None  # committed although the backend reported an error
-            return exc
+            return exc, True
         return None
+
+    async def _resync_head(self) -> None:
+        """After a storage failure of unknown outcome, continue from what storage holds."""
+        engine = self._engine
+        length, head = await engine.storage.head()
+        if length != engine._length:
+            last = None
+            async for entry in engine.storage.read(length - 1, length):
+                last = entry
+            engine._length, engine._head = length, head
+            if last is not None:
+                engine._last_ts = max(engine._last_ts, last.timestamp)
+            engine._grew()
+        self._resync = False

@@ -324,6 +324,8 @@ class LedgerEngine:
         finally:
             self._open = False
             self._nursery = None
+            if self.phase is Phase.CREATED:
+                self.set_phase(Phase.STOPPED)  # closed without ever starting
             self._registry.close()
             self._grew()
             with trio.CancelScope(shield=True):

@@ -93,7 +93,7 @@ class IntensityWindow:
     def admit(self, now: float) -> bool:
         """Record a restart at `now`; False when it makes more than `max_restarts` in window."""
         stamps = self._stamps
-        while stamps and stamps[0] <= now - self.window:
+        while stamps and stamps[0] < now - self.window:  # OTP keeps R >= Now - Period
             stamps.popleft()
         stamps.append(now)
         return len(stamps) <= self.max_restarts

@@ -4,6 +4,7 @@ Needs the `daemon` extra (`pip install 'nucleus_actors[daemon]'`). See docs/daem
 """
 
 from .app import create_app
+from .client import ApiError, ClientError, DaemonClient, DaemonUnreachable, Unauthorized
 from .config import (
     BackoffSettings,
     ConfigError,
@@ -14,7 +15,15 @@ from .config import (
     load_config,
     parse_config,
 )
+from .discovery import (
+    BUILTIN_MODULES,
+    ENTRY_POINT_GROUP,
+    InstalledModule,
+    installed_modules,
+    resolve_use,
+)
 from .host import DaemonState, LedgerHost
+from .metrics import DaemonMetrics
 from .server import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, Daemon, build_hosts
 
 __all__ = [
@@ -35,4 +44,18 @@ __all__ = [
     "ConfigProblem",
     "load_config",
     "parse_config",
+    # module discovery
+    "BUILTIN_MODULES",
+    "ENTRY_POINT_GROUP",
+    "InstalledModule",
+    "installed_modules",
+    "resolve_use",
+    # metrics
+    "DaemonMetrics",
+    # client
+    "DaemonClient",
+    "ClientError",
+    "DaemonUnreachable",
+    "ApiError",
+    "Unauthorized",
 ]

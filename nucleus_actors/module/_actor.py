@@ -145,6 +145,7 @@ class Child:
         self._hook_name = ""
         self._hook_timeout: TimeoutError | None = None  # set by the watchdog when it fires
         self._stopping = False  # the stop lifecycle message is being handled
+        self._unwinding = False  # the incarnation's scope has exited: it is ending
         self._lifecycle_msg: Lifecycle | None = None  # lifecycle request being handled
         self._lifecycle_step = ""  # "init", "start" or "stop": the callback it is in
         self._interrupted_asks: list[Reply] = []  # asks cut short by the incarnation ending
@@ -224,6 +225,7 @@ class Child:
         self._external_crash = None
         self._hook_timeout = None
         self._stopping = False
+        self._unwinding = False
         self._lifecycle_msg = None
         self._done = trio.Event()
         self.crashing = False
@@ -242,6 +244,8 @@ class Child:
 
     def crash_now(self, error: BaseException) -> None:
         """Crash the live incarnation from outside (inbox overflow with Overflow.FAIL)."""
+        if self._unwinding:
+            return  # it is ending already; do not cut its best-effort stop short
         if self.alive and not self._kill_requested and self._external_crash is None:
             self._external_crash = error
             if self._scope is not None:
@@ -257,7 +261,7 @@ class Child:
     def _request_exit(self, incarnation: int) -> None:
         # While `stop` runs the module is ending anyway: background work that returns because
         # `stop` told it to must not cancel that `stop` (it would then run again).
-        if self._stopping:
+        if self._stopping or self._unwinding:
             return
         if self.alive and incarnation == self.incarnation and not self._exit_requested:
             self._exit_requested = True
@@ -311,6 +315,7 @@ class Child:
                     outcome, error = Outcome.CRASHED, cause
                 finally:
                     ctx._nursery = None
+            self._unwinding = True
             if self._kill_requested:
                 outcome, error = Outcome.KILLED, None
             elif outcome is None:

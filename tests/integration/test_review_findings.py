@@ -34,6 +34,7 @@ from nucleus_actors import (
     Phase,
     Record,
     Restart,
+    StorageError,
     Strategy,
     open_ledger,
 )
@@ -600,3 +601,70 @@ async def test_ask_is_answered_when_its_timeout_and_a_crash_coincide(
                     await handle.ask(CrashesAtTwo.wait)
             hung += scope.cancelled_caught
     assert hung == 0
+
+
+# -- 9. Suspected in the review, closed afterwards ---------------------------------------------
+
+
+class LyingStorage(MemoryStorage):
+    """Stores the batch, then fails, and cannot even report its head once (a lost ack)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lie_on = -1
+        self.head_fails = False
+
+    async def append(self, entries: Any) -> None:
+        await super().append(entries)
+        if entries[0].seq == self.lie_on:
+            self.head_fails = True
+            raise StorageError("connection reset after commit")
+
+    async def head(self) -> Any:
+        if self.head_fails:
+            self.head_fails = False
+            raise StorageError("connection still down")
+        return await super().head()
+
+
+async def test_storage_outcome_unknown_is_said_and_the_chain_resyncs() -> None:
+    storage = LyingStorage()
+    async with open_ledger(config(), storage=storage) as engine:
+        await engine.append(Record("k", 0))
+        storage.lie_on = 1
+        with pytest.raises(StorageError, match=r"could not tell whether it was stored"):
+            await engine.append(Record("k", 1))
+        # The batch did land: the next append continues after it instead of colliding.
+        receipt = await engine.append(Record("k", 2))
+        assert receipt.seq == 2
+        assert [e.record.payload async for e in engine.read()] == [0, 1, 2]
+        assert await engine.verify() == receipt.hash
+
+
+async def test_restart_exactly_window_old_still_counts(mock_clock: trio.testing.MockClock) -> None:
+    """OTP keeps a restart R while R >= Now - Period: two restarts exactly `restart_window`
+    apart are both inside the window, so with max_restarts=1 the second escalates."""
+    failed: set[int] = set()
+
+    def first_time(n: int, seq: int) -> bool:
+        fresh = seq not in failed
+        failed.add(seq)
+        return fresh
+
+    flaky = Recorder("flaky", [], fail={"after": first_time})
+    with pytest.raises(LedgerFailed):
+        async with open_ledger(config(max_restarts=1, restart_window=5.0), modules=[flaky]) as e:
+            first = trio.current_time()
+            await e.append(Record("k", 1))  # crash and restart, both at `first`
+            await e.modules.get("flaky").wait_state(ModuleState.RESTARTING)
+            await e.modules.get("flaky").wait_state(ModuleState.RUNNING)
+            await trio.sleep_until(first + 5.0)
+            await e.append(Record("k", 2))  # second crash exactly one window later
+            await trio.sleep(1)
+            pytest.fail("the second restart, exactly restart_window later, did not escalate")
+
+
+async def test_an_engine_closed_before_init_ends_stopped() -> None:
+    async with LedgerEngine(config()) as engine:
+        engine.register(Recorder("r", []))
+    assert engine.phase is Phase.STOPPED
