@@ -11,6 +11,10 @@ import trio.testing
 
 from nucleus_actors import Hash, Module, ModuleContext, Record
 
+# pytester tests the nucleus_actors pytest plugin (tests/faults/); it must be enabled here, in
+# the top-level conftest (pytest refuses `pytest_plugins` in nested ones).
+pytest_plugins = ["pytester"]
+
 
 @pytest.fixture
 def mock_clock() -> trio.testing.MockClock:

@@ -83,11 +83,12 @@ class CallbackLog:
     several incarnations of a factory-made module can share one.
     """
 
-    __slots__ = ("_calls", "_events")
+    __slots__ = ("_calls", "_events", "_hooks")
 
     def __init__(self) -> None:
         self._events: list[CallbackEvent] = []
         self._calls: dict[tuple[str, Callback], int] = {}
+        self._hooks: dict[str, frozenset[Callback]] = {}
 
     def __repr__(self) -> str:
         return f"<CallbackLog {len(self._events)} events>"
@@ -101,6 +102,14 @@ class CallbackLog:
     def add(self, event: CallbackEvent) -> None:
         """Record one event (used by plans and probes; tests normally only read)."""
         self._events.append(event)
+
+    def note_hooks(self, module_id: str, hooks: frozenset[Callback]) -> None:
+        """Note which append hooks the module's class overrides (it gets only those calls)."""
+        self._hooks[module_id] = hooks
+
+    def hooks(self, module_id: str) -> frozenset[Callback] | None:
+        """The append hooks the module's class overrides, if known."""
+        return self._hooks.get(module_id)
 
     def next_call(self, module_id: str, callback: Callback) -> int:
         """Count one more call of `callback` by `module_id`; return its 1-based number."""

@@ -438,6 +438,14 @@ class FaultPlan:
         sub = self._classes.get(cls)
         if sub is None:
             sub = self._classes[cls] = self._faulty_class(cls)
+        hooks = frozenset(
+            hook
+            for hook in (Callback.BEFORE_APPEND, Callback.AFTER_APPEND)
+            if _overrides(cls, hook.value)
+        )
+        module_id = getattr(instance, "id", None)
+        if isinstance(module_id, str):
+            self.log.note_hooks(module_id, hooks)
         try:
             instance.__class__ = sub
         except TypeError as exc:

@@ -35,6 +35,10 @@ class Probe(Module):
         self.id = id
         self.log = CallbackLog() if log is None else log
         """The events recorded so far (shared with other probes if given at construction)."""
+        hooks = {Callback.AFTER_APPEND}
+        if type(self).before_append is not Module.before_append:
+            hooks.add(Callback.BEFORE_APPEND)
+        self.log.note_hooks(id, frozenset(hooks))
         self.incarnation = 0
         """The current incarnation (0 before the first `init`)."""
 

@@ -672,6 +672,9 @@ class TrackedLedger(LedgerEngine):
             return "terminated, restarted or removed by the test"
         if watch.restart is Restart.TEMPORARY:
             return "TEMPORARY (may be stopped for good by a crash or a group restart)"
+        hooks = log.hooks(watch.module_id)
+        if hooks is not None and Callback.AFTER_APPEND not in hooks:
+            return "it has no after_append"
         if watch.overflow is not Overflow.BLOCK:
             return f"overflow={watch.overflow.value} drops deliveries"
         if status.stop_result not in ("clean", "error"):

@@ -26,6 +26,8 @@ When a test that used a seed, a schedule or `nucleus_ledger` fails, its report g
 from __future__ import annotations
 
 import hashlib
+import random
+import sys
 from collections.abc import AsyncIterator, Callable, Generator, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
@@ -149,16 +151,28 @@ def _derived_seed(nodeid: str) -> int:
     return int.from_bytes(hashlib.sha256(nodeid.encode()).digest()[:4], "big")
 
 
+def _seed_trio_scheduler(seed: int) -> None:
+    """Best effort: seed the generator trio uses to order ready tasks (a private detail of
+    trio; skipped if it is not there), so that replaying a seed also replays the order in
+    which trio runs tasks that become ready together."""
+    rng = getattr(sys.modules.get("trio._core._run"), "_r", None)
+    if isinstance(rng, random.Random):
+        rng.seed(seed)
+
+
 @pytest.fixture
 def nucleus_seed(request: pytest.FixtureRequest) -> int:
     """The seed of this test: `--nucleus-seed` if given, else stable per test id.
 
-    Printed (with the command that replays it) when the test fails.
+    Printed (with the command that replays it) when the test fails. It also seeds trio's
+    task-scheduling order (best effort), so a replay follows the same interleaving as far as
+    trio allows.
     """
     seed = request.config.getoption("nucleus_seed")
     if seed is None:
         seed = _derived_seed(request.node.nodeid)
     request.node.stash[_SEED] = seed
+    _seed_trio_scheduler(seed)
     return int(seed)
 
 
