@@ -6,7 +6,9 @@ The invariants (`TrackedLedger.check`) are the runtime's promises under faults:
 2. every acknowledged append (a returned `Receipt`) is stored, at its seq, with its hash and
    timestamp;
 3. no append that raised an error is stored (one whose caller was *cancelled* may be: its
-   acknowledgement was lost, as with any database), and nothing is stored twice;
+   acknowledgement was lost, as with any database; so may one that failed with a
+   `StorageError` saying storage could not tell whether it was stored), and nothing is stored
+   twice;
 4. every committed entry reached each watched module (a `Probe`, or a module wrapped by a
    `FaultPlan`) in order within each incarnation, the delivery a module crashed on first in
    its next incarnation, and at least once in all, unless the module legitimately missed
@@ -45,6 +47,7 @@ from nucleus_actors import (
     Receipt,
     Record,
     Restart,
+    StorageError,
 )
 from nucleus_actors.storage import StorageBackend
 
@@ -85,6 +88,9 @@ class AppendCall:
     """The exception the call raised, if any."""
     cancelled: bool
     """The call was cancelled (its outcome is unknown: the records may or may not be stored)."""
+    indeterminate: bool = False
+    """The call failed with a `StorageError` saying storage could not tell whether the batch
+    was stored (its outcome is unknown, as for a cancelled call)."""
 
     @property
     def acknowledged(self) -> bool:
@@ -121,7 +127,9 @@ class CheckReport:
     cancelled: int
     """Records whose append was cancelled."""
     cancelled_stored: int
-    """Of those, how many were stored anyway (allowed)."""
+    """Of those (and of the indeterminate ones), how many were stored anyway (allowed)."""
+    indeterminate: int = 0
+    """Records whose append failed with storage unable to tell whether they were stored."""
     watched: tuple[str, ...]
     """Modules whose deliveries were checked (they have a probe or fault-plan log)."""
     complete: tuple[str, ...]
@@ -163,6 +171,11 @@ class _Watch:
 
 async def _noop(module: Module) -> None:
     await trio.lowlevel.checkpoint()
+
+
+def _indeterminate(error: BaseException | None) -> bool:
+    # The runtime has no structured field for this outcome yet: it says so in the message.
+    return isinstance(error, StorageError) and "could not tell whether" in str(error)
 
 
 def _down(handle: ModuleHandle[Any]) -> bool:
@@ -305,6 +318,7 @@ class TrackedLedger(LedgerEngine):
                 receipts=None if receipts is None else tuple(receipts),
                 error=error,
                 cancelled=cancelled,
+                indeterminate=_indeterminate(error),
             )
         )
 
@@ -427,7 +441,12 @@ class TrackedLedger(LedgerEngine):
             entries = await self._verify_and_read(fresh, violations)
             found = fresh.state
         mine = self.state
-        if (found.length, found.head) != (mine.length, mine.head):
+        # After an append storage could not confirm, the engine may not know that it landed:
+        # then storage may hold more (the tag check still accounts for every entry).
+        unsure = any(call.indeterminate for call in self.calls)
+        if unsure and found.length > mine.length:
+            pass
+        elif (found.length, found.head) != (mine.length, mine.head):
             violations.append(
                 f"storage holds {found.length} entries (head {found.head.hex()[:16]}) but the "
                 f"ledger committed {mine.length} (head {mine.head.hex()[:16]})"
@@ -477,6 +496,7 @@ class TrackedLedger(LedgerEngine):
             failed=counts[1],
             cancelled=counts[2],
             cancelled_stored=counts[3],
+            indeterminate=counts[4],
             watched=tuple(watched),
             complete=tuple(complete),
             waived=waived,
@@ -488,11 +508,11 @@ class TrackedLedger(LedgerEngine):
 
     def _check_appends(
         self, entries: list[Entry], start: int, violations: list[str]
-    ) -> tuple[int, int, int, int]:
+    ) -> tuple[int, int, int, int, int]:
         acked: dict[str, Receipt] = {}
         failed: dict[str, BaseException] = {}
         cancelled: set[str] = set()
-        n_acked = n_failed = n_cancelled = 0
+        n_acked = n_failed = n_cancelled = n_unknown = 0
         for call in self.calls:
             if call.receipts is not None:
                 n_acked += len(call.records)
@@ -500,8 +520,11 @@ class TrackedLedger(LedgerEngine):
                     self._check_receipt(entries, receipt, call.records[index], violations)
                     if tag is not None:
                         acked[tag] = receipt
-            elif call.cancelled:
-                n_cancelled += len(call.records)
+            elif call.cancelled or call.indeterminate:
+                if call.cancelled:
+                    n_cancelled += len(call.records)
+                else:
+                    n_unknown += len(call.records)
                 cancelled.update(t for t in call.tags if t is not None)
             else:
                 n_failed += len(call.records)
@@ -510,14 +533,15 @@ class TrackedLedger(LedgerEngine):
         stored_cancelled = 0
         if not self.tag:
             extra = len(entries) - start - n_acked
-            if extra > n_cancelled:
+            unknown = n_cancelled + n_unknown
+            if extra > unknown:
                 violations.append(
                     f"{len(entries) - start} entries were stored but only {n_acked} appends "
-                    f"were acknowledged and {n_cancelled} cancelled: "
-                    f"{extra - n_cancelled} failed append(s) were stored"
+                    f"were acknowledged and {unknown} cancelled or indeterminate: "
+                    f"{extra - unknown} failed append(s) were stored"
                 )
-            stored_cancelled = max(0, min(extra, n_cancelled))
-            return n_acked, n_failed, n_cancelled, stored_cancelled
+            stored_cancelled = max(0, min(extra, unknown))
+            return n_acked, n_failed, n_cancelled, stored_cancelled, n_unknown
         where: dict[str, int] = {}
         for entry in entries[start:]:
             tag = entry.record.meta.get(TAG_KEY)
@@ -547,7 +571,7 @@ class TrackedLedger(LedgerEngine):
                     f"append #{tag} was acknowledged at seq {receipt.seq} but is stored at "
                     f"seq {where[tag]}"
                 )
-        return n_acked, n_failed, n_cancelled, stored_cancelled
+        return n_acked, n_failed, n_cancelled, stored_cancelled, n_unknown
 
     @staticmethod
     def _check_receipt(
@@ -701,7 +725,12 @@ class TrackedLedger(LedgerEngine):
         if self.phase not in (Phase.STOPPED, Phase.FAILED):
             violations.append(f"the ledger is {self.phase.name} after closing")
         for status in self.modules.status():
-            if status.state not in (ModuleState.STOPPED, ModuleState.FAILED):
+            # REGISTERED: never started (a startup that failed before reaching it).
+            if status.state not in (
+                ModuleState.STOPPED,
+                ModuleState.FAILED,
+                ModuleState.REGISTERED,
+            ):
                 violations.append(
                     f"module {status.id!r} is {status.state.name} after the ledger closed"
                 )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import random
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ import trio
 
 from nucleus_actors import (
     Backoff,
+    Entry,
     Hash,
     LedgerConfig,
     LedgerFailed,
@@ -31,6 +33,7 @@ from nucleus_actors import (
     Record,
     RecordRejected,
     Restart,
+    StorageError,
     Strategy,
 )
 from nucleus_actors.storage import MemoryStorage, SQLiteStorage, StorageBackend
@@ -109,9 +112,45 @@ class ChaosHang(AssertionError):
     """A run did not finish within its time limit: something waits forever."""
 
 
+INDETERMINATE_STORAGE_FAULTS = False
+"""Narrowed until runtime bug B3 is fixed: a batch whose storage outcome is unknown and that
+landed is adopted into the chain without being delivered to the modules."""
+
+
+class FlakyStorage(MemoryStorage):
+    """MemoryStorage whose appends fail now and then: before writing (nothing stored), after
+    writing (it landed; the engine finds it in the head), or after writing with the head
+    unreadable for a moment (outcome unknown; only with INDETERMINATE_STORAGE_FAULTS)."""
+
+    def __init__(self, rng: random.Random) -> None:
+        super().__init__()
+        self.rng = rng
+        self.head_broken = False
+
+    async def append(self, entries: Sequence[Entry]) -> None:
+        roll = self.rng.random()
+        if roll < 0.04:
+            await trio.lowlevel.checkpoint()
+            raise StorageError("injected: the write failed")
+        await super().append(entries)
+        if roll < 0.08:
+            raise StorageError("injected: failed after writing")
+        if roll < 0.11 and INDETERMINATE_STORAGE_FAULTS:
+            self.head_broken = True
+            raise StorageError("injected: failed after writing, head unreadable")
+
+    async def head(self) -> tuple[int, Hash]:
+        if self.head_broken:
+            self.head_broken = False
+            raise StorageError("injected: head unreadable")
+        return await super().head()
+
+
 def _storage(kind: str, tmp_path: Path, seed: int) -> StorageBackend:
     if kind == "memory":
         return MemoryStorage()
+    if kind == "flaky":
+        return FlakyStorage(random.Random(f"{seed}:storage"))
     return SQLiteStorage(tmp_path / f"chaos-{seed}.db", durability="normal")
 
 
@@ -247,8 +286,8 @@ async def _chaos_run(
                     await _cancelled_append(ledger, Record("chaos.cancelled", payload), mine)
                 else:
                     await ledger.append(Record("chaos.one", payload))
-            except (RecordRejected, ModuleError):
-                continue  # a veto, a crash, a timeout or a fail-closed validator
+            except (RecordRejected, ModuleError, StorageError):
+                continue  # a veto, a crash, a timeout, a fail-closed validator, a bad disk
             except LifecycleError:
                 return  # the ledger failed or is stopping
 

@@ -5,8 +5,10 @@ Each run ends with `TrackedLedger.check()`: the chain verifies, every acknowledg
 stored, no failed append is stored, every committed entry reached each module that must have
 it (in order per incarnation), and stopping kept to its deadlines.
 
-`--nucleus-chaos-runs=N` sets the runs per strategy with memory storage (default 20; SQLite
-gets N // 10, at least 1); `--nucleus-seed=S` replays one seed (pick the case with `-k`).
+A third group runs on a MemoryStorage whose appends fail now and then (before or after
+writing). `--nucleus-chaos-runs=N` sets the runs per strategy with memory storage (default 100;
+flaky storage gets N // 5, SQLite N // 10, at least 1 each); `--nucleus-seed=S` replays one
+seed (pick the case with `-k`).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ __all__ = ["SUMMARIES", "Counter"]
 SUMMARIES: list[RunSummary] = []
 """Every run of this session (the conftest prints the totals)."""
 
-MEMORY_RUNS = 50
+MEMORY_RUNS = 100
 STRATEGIES = list(Strategy)
 
 
@@ -34,8 +36,11 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "chaos_run" not in metafunc.fixturenames:
         return
     runs = metafunc.config.getoption("nucleus_chaos_runs") or MEMORY_RUNS
-    if metafunc.function.__name__.endswith("sqlite"):
+    name = metafunc.function.__name__
+    if name.endswith("sqlite"):
         runs = max(1, runs // 10)
+    elif name.endswith("flaky_storage"):
+        runs = max(1, runs // 5)
     metafunc.parametrize("chaos_run", range(runs), ids=lambda n: f"run{n}")
 
 
@@ -59,6 +64,17 @@ async def test_chaos_memory(
     tmp_path: Path,
 ) -> None:
     await _run(nucleus_seed, "memory", strategy, tmp_path, real=False)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES, ids=lambda s: s.value)
+async def test_chaos_flaky_storage(
+    strategy: Strategy,
+    chaos_run: int,
+    nucleus_seed: int,
+    nucleus_clock: trio.testing.MockClock,
+    tmp_path: Path,
+) -> None:
+    await _run(nucleus_seed, "flaky", strategy, tmp_path, real=False)
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES, ids=lambda s: s.value)
