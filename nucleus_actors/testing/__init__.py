@@ -60,3 +60,10 @@ __all__ = [
     "InvariantViolation",
     "TAG_KEY",
 ]
+
+# Public names show where users import them from (as trio does), not the private module.
+for _name in __all__:
+    _obj = globals()[_name]
+    if isinstance(_obj, type) or callable(_obj):
+        _obj.__module__ = __name__
+del _name, _obj

@@ -218,6 +218,9 @@ class TrackedLedger(LedgerEngine):
         self._watch: dict[str, _Watch] = {}
         self._closed = False
 
+    def __repr__(self) -> str:
+        return super().__repr__().replace("<LedgerEngine", "<TrackedLedger", 1)
+
     # -- registration ----------------------------------------------------------------------
     def watch(self, module_id: str, log: CallbackLog) -> None:
         """Also check module `module_id`'s deliveries against `log` (a log it writes to).
@@ -595,9 +598,10 @@ class TrackedLedger(LedgerEngine):
                 f"said {receipt.timestamp}"
             )
         tag = record.meta.get(TAG_KEY)
-        if tag is not None and entry.record.meta.get(TAG_KEY) != tag:
+        stored = entry.record.meta.get(TAG_KEY)
+        if tag is not None and stored is not None and stored != tag:
             violations.append(
-                f"entry {receipt.seq} holds append #{entry.record.meta.get(TAG_KEY)}, its "
+                f"entry {receipt.seq} holds append #{stored}, its "
                 f"receipt was given to append #{tag}"
             )
 
