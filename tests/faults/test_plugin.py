@@ -25,6 +25,23 @@ def test_the_plugin_is_installed_under_its_entry_point(project: pytest.Pytester)
     )
 
 
+def test_every_fixture_is_documented(project: pytest.Pytester) -> None:
+    result = project.runpytest("--fixtures")
+    result.stdout.fnmatch_lines_random(
+        [
+            "nucleus_ledger -- *pytest_plugin.py:*",
+            "*Open tracked ledgers whose invariants are checked on exit*",
+            "nucleus_seed -- *",
+            "*The seed of this test: `--nucleus-seed` if given, else stable per test id.",
+            "nucleus_schedule -- *",
+            "*A `FaultSchedule(nucleus_seed)`; its plans are printed when the test fails.",
+            "nucleus_probe -- *",
+            "nucleus_clock -- *",
+            "nucleus_chaos_runs -- *",
+        ]
+    )
+
+
 def test_nucleus_ledger_runs_on_the_autojump_mock_clock(project: pytest.Pytester) -> None:
     project.makepyfile(
         """

@@ -1,0 +1,40 @@
+"""`nucleus_actors.testing`: its public names are documented, and it uses only the public API."""
+
+from __future__ import annotations
+
+import ast
+import inspect
+from pathlib import Path
+
+import nucleus_actors.testing as testing
+
+PACKAGE = Path(testing.__file__).parent
+PUBLIC_IMPORTS = {"nucleus_actors", "nucleus_actors.storage"}
+
+
+def test_every_public_name_exists_and_is_documented() -> None:
+    assert len(testing.__all__) == len(set(testing.__all__))
+    for name in testing.__all__:
+        assert not name.startswith("_")
+        value = getattr(testing, name)
+        if not (inspect.isclass(value) or inspect.isfunction(value)):
+            continue
+        assert inspect.getdoc(value), f"{name} has no docstring"
+        assert value.__module__ == "nucleus_actors.testing", name
+        if inspect.isclass(value):
+            for attr, member in vars(value).items():
+                if attr.startswith("_") or not inspect.isfunction(member):
+                    continue
+                assert inspect.getdoc(member), f"{name}.{attr} has no docstring"
+
+
+def test_the_toolkit_imports_only_the_public_api() -> None:
+    for path in PACKAGE.glob("*.py"):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                if node.module.startswith("nucleus_actors"):
+                    assert node.module in PUBLIC_IMPORTS, f"{path.name} imports {node.module}"
+            elif isinstance(node, ast.Import):
+                for alias in node.names:
+                    assert not alias.name.startswith("nucleus_actors."), path.name
