@@ -105,9 +105,10 @@ class StopReport:
     elapsed: float
     """Seconds (trio's clock) from the start of `stop_all` (or of leaving the block) to its end."""
     bound: float | None
-    """The longest the stop may take: the longest `shutdown` (for appends in flight) plus the
-    sum of every module's `shutdown` (each drains and stops within its own); None when some
-    module has `shutdown=None` (no bound)."""
+    """The longest the stop may take: for the appends in flight, the longest `shutdown` once
+    per append call in flight plus once (the stop waits while they make progress), plus the sum
+    of every module's `shutdown` (each drains and stops within its own); None when some module
+    has `shutdown=None` (no bound)."""
     mock_clock: bool
     """Whether trio's clock was a `MockClock` (then the bound is checked exactly)."""
 
@@ -382,7 +383,7 @@ class TrackedLedger(LedgerEngine):
                 raise
 
     # -- stopping --------------------------------------------------------------------------
-    def _stop_bound(self, cap: float | None) -> float | None:
+    def _stop_bound(self, cap: float | None, in_flight: int) -> float | None:
         limits: list[float] = []
         for handle in self.modules:
             watch = self._watch.get(handle.id)
@@ -391,12 +392,16 @@ class TrackedLedger(LedgerEngine):
             if limit is None:
                 return None
             limits.append(limit)
-        return max(limits, default=0.0) + sum(limits)
+        # In-flight appends: the stop waits while each batch makes progress, giving up after
+        # the longest shutdown without progress (checked at least every 0.1 s); then each
+        # module drains and stops within its own shutdown.
+        longest = max(limits, default=0.0)
+        return (in_flight + 1) * max(longest, 0.1) + sum(limits)
 
     async def _timed(self, stop: Callable[[], Any], cap: float | None) -> Any:
         if self.phase not in (Phase.INITIALIZED, Phase.RUNNING):
             return await stop()
-        bound = self._stop_bound(cap)
+        bound = self._stop_bound(cap, self._pending)
         started = trio.current_time()
         try:
             return await stop()
