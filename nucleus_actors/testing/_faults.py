@@ -222,10 +222,14 @@ class FaultPlan:
     def __repr__(self) -> str:
         return f"<FaultPlan {self.describe()}>"
 
-    def describe(self) -> str:
-        """The plan in one line: `name: fault; fault; ...` (`no faults` when empty)."""
+    def describe(self, *, named: bool = True) -> str:
+        """The plan in one line: `name: fault; fault; ...` (`no faults` when empty).
+
+        Args:
+            named: prefix the plan's name, if it has one [True].
+        """
         body = "; ".join(f.describe() for f in self._faults) or "no faults"
-        return f"{self.name}: {body}" if self.name else body
+        return f"{self.name}: {body}" if self.name and named else body
 
     @property
     def faults(self) -> tuple[Fault, ...]:

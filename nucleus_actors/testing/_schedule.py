@@ -93,7 +93,7 @@ class FaultSchedule:
     def describe(self) -> str:
         """The seed and every plan made so far, one per line."""
         lines = [f"fault schedule seed={self.seed}"]
-        lines += [f"  {name}: {plan.describe()}" for name, plan in self.plans.items()]
+        lines += [f"  {name}: {plan.describe(named=False)}" for name, plan in self.plans.items()]
         return "\n".join(lines)
 
     def rng(self, name: str) -> random.Random:

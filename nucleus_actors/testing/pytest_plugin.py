@@ -126,7 +126,7 @@ def _failure_notes(item: pytest.Item) -> list[str]:
     for number, (plans, ledger) in enumerate(opener.opened if opener else [], 1):
         lines.append(f"ledger #{number}: {ledger!r}")
         for name, plan in plans:
-            lines.append(f"  {name}: {plan.describe()}")
+            lines.append(f"  {name}: {plan.describe(named=False)}")
         fired = [e for _, plan in plans for e in plan.fired()]
         for event in fired[:20]:
             assert event.fault is not None

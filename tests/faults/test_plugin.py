@@ -144,7 +144,7 @@ def test_a_failure_prints_the_seed_the_replay_command_and_the_faults(
             f"fault schedule seed={seed}",
             "  extra: *",
             "ledger #1: <TrackedLedger 'test' STOPPED length=3>",
-            "  sink: mine: crash after_append nth=2",
+            "  sink: crash after_append nth=2",
             "  fired: sink crash after_append nth=2 (call 2, incarnation 1, seq 1)",
             "  stop: StopReport(*)",
         ]

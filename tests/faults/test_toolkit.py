@@ -128,6 +128,7 @@ def test_plan_is_chainable_and_describes_itself() -> None:
     )
     assert len(plan.faults) == 5
     assert FaultPlan().describe() == "no faults"
+    assert plan.describe(named=False).startswith("crash after_append nth=3; ")
     with pytest.raises(TypeError, match=r"FaultPlan\.add takes a Fault, got str"):
         FaultPlan().add("crash")  # type: ignore[arg-type]
 
