@@ -22,6 +22,7 @@ import trio
 
 from ._future import Future
 from .errors import (
+    IntegrityError,
     InvalidRecord,
     LifecycleError,
     ModuleError,
@@ -29,10 +30,10 @@ from .errors import (
     RecordRejected,
     StorageError,
 )
-from .hashing import chain_step
+from .hashing import ChainVerifier, chain_step
 from .lifecycle import Phase
 from .module._mailbox import Before
-from .record import Entry, Receipt, Record
+from .record import Entry, Hash, Receipt, Record
 
 if TYPE_CHECKING:
     from .engine import LedgerEngine
@@ -352,7 +353,11 @@ class Pipeline:
             request.receipts = [
                 Receipt(e.seq, e.hash, ts) for e in entries[start : start + len(request.records)]
             ]
-        items = [(e.record, e.hash) for e in entries]
+        await self._deliver([(e.record, e.hash) for e in entries])
+
+    async def _deliver(self, items: list[tuple[Record, Hash]]) -> None:
+        """Queue after_append deliveries to every running module, in commit order."""
+        engine = self._engine
         # Every module first gets what fits in its inbox, so a stalled module never holds back
         # the others' deliveries; only then wait (BLOCK) for the ones that are full.
         blocked = []
@@ -386,15 +391,33 @@ class Pipeline:
         return None
 
     async def _resync_head(self) -> None:
-        """After a storage failure of unknown outcome, continue from what storage holds."""
+        """After a storage failure of unknown outcome, continue from what storage holds.
+
+        A batch that landed although its callers were told the outcome is unknown is adopted:
+        its entries are checked against the chain and delivered like any commit (every module
+        sees every committed entry).
+
+        Raises:
+            IntegrityError: what storage holds beyond our head does not continue the chain.
+        """
         engine = self._engine
         length, head = await engine.storage.head()
         if length != engine._length:
-            last = None
-            async for entry in engine.storage.read(length - 1, length):
-                last = entry
+            verifier = ChainVerifier(engine._head, engine._length)
+            adopted: list[Entry] = []
+            entries = engine.storage.read(engine._length, length)
+            async for entry in entries:
+                verifier.feed(entry)
+                adopted.append(entry)
+            if verifier.length != length or verifier.head != head:
+                raise IntegrityError(
+                    f"storage head ({length}, {head.hex()}) does not follow the chain",
+                    seq=verifier.length,
+                )
             engine._length, engine._head = length, head
-            if last is not None:
-                engine._last_ts = max(engine._last_ts, last.timestamp)
+            if adopted:
+                engine._last_ts = max(engine._last_ts, adopted[-1].timestamp)
+                engine.modules.counters.appends += len(adopted)
             engine._grew()
+            await self._deliver([(e.record, e.hash) for e in adopted])
         self._resync = False

@@ -483,7 +483,7 @@ class ModuleRegistry:
             for child in self._order:
                 # The actor sets INITIALIZED (then RUNNING) itself, before it handles anything
                 # else; setting it here after the reply could overwrite a later crash.
-                first = await child.launch(self._host.nursery, "init")
+                first = child.launch(self._host.nursery, "init")
                 await first.reply.wait()
                 self._check_startup()
         except BaseException as exc:
@@ -802,7 +802,7 @@ class ModuleRegistry:
             child.last_error = repr(exc)
             log.error("module %r: factory failed on restart: %r", child.id, exc)
             return exc
-        first = await child.launch(self._host.nursery, "boot")
+        first = child.launch(self._host.nursery, "boot")
         try:
             await first.reply.wait()
         except ModuleError as err:
@@ -864,7 +864,7 @@ class ModuleRegistry:
                     )
             self.add_child(child)
             try:
-                first = await child.launch(self._host.nursery, "boot")
+                first = child.launch(self._host.nursery, "boot")
                 await first.reply.wait()
             except BaseException:
                 with trio.CancelScope(shield=True):

@@ -212,11 +212,16 @@ class Child:
         return self.spec.timeout
 
     # -- control from the supervisor -------------------------------------------------------
-    async def launch(self, nursery: trio.Nursery, op: str) -> Lifecycle:
+    def launch(self, nursery: trio.Nursery, op: str) -> Lifecycle:
         """Start a new incarnation that first runs lifecycle `op` ("init" or "boot").
 
         The op is handed to the task directly, not queued: nothing in the mailbox (such as a
         redelivery) can run before it. Returns the message whose reply to await.
+
+        Not `nursery.start`: if the caller were cancelled before the task called `started()`,
+        trio would keep the (shielded, long-lived) actor in start's temporary nursery and the
+        caller would wait for it forever. The actor's cancel scope is made here instead, so
+        `kill()` works even before the task first runs.
         """
         assert not self.alive, f"module {self.id!r} already has a live incarnation"
         self.incarnation += 1
@@ -232,7 +237,15 @@ class Child:
         self.alive = True
         self.mailbox.reopen()
         first = Lifecycle(op)
-        await nursery.start(self._run, self.incarnation, self.instance, first)
+        self._lifecycle_msg = first  # answered by _run however the incarnation ends
+        self._lifecycle_step = "init"  # both "init" and "boot" begin with init
+        # Shielded: only the supervisor ends an incarnation (kill, crash, exit). An outer
+        # cancellation of the ledger must not kill modules before stop_all stops them in
+        # reverse order; the engine kills whatever is left when it closes.
+        self._scope = trio.CancelScope(shield=True)
+        nursery.start_soon(
+            self._run, self.incarnation, self.instance, first, self._scope, name=f"module {self.id}"
+        )
         return first
 
     def kill(self) -> None:
@@ -278,8 +291,7 @@ class Child:
         incarnation: int,
         instance: Module,
         first: Lifecycle,
-        *,
-        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+        scope: trio.CancelScope,
     ) -> None:
         host = self.host
         ctx = ModuleContext(
@@ -294,12 +306,7 @@ class Child:
         outcome: Outcome | None = None
         error: BaseException | None = None
         try:
-            # Shielded: only the supervisor ends an incarnation (kill, crash, exit). An outer
-            # cancellation of the ledger must not kill modules before stop_all stops them in
-            # reverse order; the engine kills whatever is left when it closes.
-            with trio.CancelScope(shield=True) as scope:
-                self._scope = scope
-                task_status.started()
+            with scope:
                 try:
                     async with trio.open_nursery() as background:
                         ctx._nursery = background

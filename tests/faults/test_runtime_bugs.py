@@ -5,13 +5,15 @@ incarnation that ended some other way (its restart failed, or it was killed for 
 shutdown in a group restart) stayed in the mailbox; the next incarnation obeyed it and stopped
 at once while its state still said RUNNING: a validator then held every append forever.
 
-B2 (open): `stop_all` (and leaving `async with`) hangs forever when it begins while the
+B2 (fixed: actors launched with start_soon and a scope made up front):
+`stop_all` (and leaving `async with`) hangs forever when it begins while the
 supervisor is launching a restarted module: `cancel_supervisor()` cancels the supervisor inside
 `nursery.start(child._run)`, trio's `task_status.started()` then leaves the new (shielded,
 long-lived) actor in `start`'s temporary nursery, `start` waits for that actor to exit, so the
 supervisor never releases its lock and `stop_supervising()` waits for it forever.
 
-B3 (open): an append whose storage outcome is unknown (the backend raised, then its head could
+B3 (fixed: adopted entries are verified against the chain and delivered):
+an append whose storage outcome is unknown (the backend raised, then its head could
 not be read: "storage could not tell whether it was stored") and that did land is adopted into
 the chain when the next batch resyncs the head (`Pipeline._resync_head`), but its after_append
 delivery is never queued: every module misses that committed entry (and
@@ -104,10 +106,6 @@ async def test_b1_a_module_killed_in_a_group_restart_serves_again(
         assert slow.status.incarnation == 2
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="B2: stop_all hangs when it begins while the supervisor launches a restarted module",
-)
 async def test_b2_stop_all_while_the_supervisor_launches_a_restart(
     mock_clock: trio.testing.MockClock,
 ) -> None:
@@ -156,10 +154,6 @@ class Seen(Module):
         self.seqs.append(record.seq)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="B3: an entry of unknown storage outcome adopted at resync is never delivered",
-)
 async def test_b3_an_adopted_entry_is_delivered(mock_clock: trio.testing.MockClock) -> None:
     seen = Seen()
     async with open_ledger(
