@@ -455,21 +455,29 @@ class Child:
 
     async def _deliveries(self, instance: Module, first: Delivery) -> None:
         mailbox = self.mailbox
+        overflow = self.spec.overflow
         hook = instance.after_append
         now = self._now
-        current: Delivery | None = first
         self._hook_name = "after_append"
+        run = mailbox.take_deliveries(first, overflow)
+        done = 0
         try:
-            while current is not None:
-                self._hook_gen += 1
-                self._hook_started = now()
-                await hook(current[0], current[1])
-                self.processed += 1
-                mailbox.delivered()
-                current = mailbox.next_delivery()
+            while True:
+                for record, digest in run:
+                    self._hook_gen += 1
+                    self._hook_started = now()
+                    await hook(record, digest)
+                    done += 1
+                self.processed += done
+                mailbox.delivered(done)
+                next_item = mailbox.next_delivery()
+                if next_item is None:
+                    return
+                run, done = mailbox.take_deliveries(next_item, overflow), 0
         except BaseException as exc:
-            assert current is not None
-            mailbox.put_front(current)  # redelivered first to the next incarnation
+            self.processed += done
+            mailbox.delivered(done)
+            mailbox.give_back(run[done:])  # the failed one is redelivered first, then the rest
             if isinstance(exc, Exception):
                 self.host.crash_detected(self)
                 raise _Crash(exc) from exc

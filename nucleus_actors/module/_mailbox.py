@@ -231,9 +231,27 @@ class Mailbox:
             return item
         return None
 
-    def delivered(self) -> None:
-        """One delivery was processed: free its place and wake a blocked producer."""
-        self.depth -= 1
+    def take_deliveries(self, first: Delivery, overflow: Overflow) -> list[Delivery]:
+        """`first` plus the deliveries queued right behind it, for the actor to run in a row.
+
+        They keep their places (`depth`) until `delivered()`. With a drop policy only `first`
+        is taken: queued deliveries must stay droppable (DROP_OLDEST drops the oldest queued).
+        """
+        run = [first]
+        if overflow is Overflow.BLOCK:
+            queue = self._queue
+            while queue and type(queue[0]) is tuple:
+                run.append(queue.popleft())
+        return run
+
+    def give_back(self, items: list[Delivery]) -> None:
+        """Put unprocessed deliveries back at the front, in order (for the next incarnation)."""
+        if self._shut is None:
+            self._queue.extendleft(reversed(items))
+
+    def delivered(self, count: int = 1) -> None:
+        """`count` deliveries were processed: free their places and wake a blocked producer."""
+        self.depth -= count
         if self._put_lot:
             self._put_lot.unpark_all()
 
