@@ -74,3 +74,27 @@ def test_no_private_module_leaks_through_the_package() -> None:
         if not name.startswith("_") and not inspect.ismodule(value) and name not in public
     }
     assert leaked == set()
+
+
+def test_every_public_name_is_in_the_reference() -> None:
+    from pathlib import Path
+
+    import nucleus_actors.storage
+
+    reference = (Path(__file__).parents[1] / "docs" / "reference.md").read_text()
+    names = [*nucleus_actors.__all__, *nucleus_actors.storage.__all__]
+    missing = [name for name in names if f"`{name}" not in reference]
+    assert missing == [], f"docs/reference.md does not document {missing}"
+
+
+def test_docs_links_resolve() -> None:
+    import re
+    from pathlib import Path
+
+    docs = Path(__file__).parents[1] / "docs"
+    broken = []
+    for page in docs.glob("*.md"):
+        for target in re.findall(r"\]\(([a-z0-9_-]+\.md)(?:#[^)]*)?\)", page.read_text()):
+            if not (docs / target).is_file():
+                broken.append(f"{page.name} -> {target}")
+    assert broken == []
