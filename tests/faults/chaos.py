@@ -113,8 +113,9 @@ class ChaosHang(AssertionError):
 
 
 INDETERMINATE_STORAGE_FAULTS = False
-"""Narrowed until runtime bug B3 is fixed: a batch whose storage outcome is unknown and that
-landed is adopted into the chain without being delivered to the modules."""
+"""Narrowed until runtime bug B5 is fixed: a batch whose storage outcome is unknown and that
+landed is adopted (and delivered) only when a later batch reaches storage; if the ledger stops
+first, no module ever gets it."""
 
 
 class FlakyStorage(MemoryStorage):
@@ -155,9 +156,9 @@ def _storage(kind: str, tmp_path: Path, seed: int) -> StorageBackend:
 
 
 SETTLE_BEFORE_STOP = True
-"""Narrowed until runtime bug B2 (docs/testing.md, tests/faults/test_runtime_bugs.py) is
-fixed: stopping while the supervisor launches a restarted module hangs forever, so runs wait
-for supervision to settle (no module RESTARTING) before they stop the ledger."""
+"""Narrowed until runtime bug B4 (tests/faults/test_runtime_bugs.py) is fixed: a stop that
+begins while a group restart is stopping a healthy module drops that module's queued
+deliveries, so runs wait for supervision to settle (no module RESTARTING) before they stop."""
 
 
 async def _settle(ledger: TrackedLedger) -> None:

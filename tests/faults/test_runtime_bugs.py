@@ -12,6 +12,11 @@ supervisor is launching a restarted module: `cancel_supervisor()` cancels the su
 long-lived) actor in `start`'s temporary nursery, `start` waits for that actor to exit, so the
 supervisor never releases its lock and `stop_supervising()` waits for it forever.
 
+B5 (open, what B3's fix leaves): the adoption happens only when a later batch reaches storage.
+If the ledger stops first, the landed entry is never delivered and the engine's `state.length`
+never counts it (a reopen finds it). `stop_all` promises that appends in flight either complete
+fully or fail with no trace; this one does neither.
+
 B3 (fixed: adopted entries are verified against the chain and delivered):
 an append whose storage outcome is unknown (the backend raised, then its head could
 not be read: "storage could not tell whether it was stored") and that did land is adopted into
@@ -32,9 +37,11 @@ from nucleus_actors import (
     Entry,
     Hash,
     LedgerConfig,
+    LedgerEngine,
     Module,
     ModuleContext,
     ModuleError,
+    ModuleState,
     Record,
     StorageError,
     Strategy,
@@ -165,3 +172,52 @@ async def test_b3_an_adopted_entry_is_delivered(mock_clock: trio.testing.MockClo
         third = await engine.append(Record("k", 2))
         assert third.seq == 2  # seq 1 was adopted into the chain
     assert seen.seqs == [0, 1, 2]  # fails: [0, 2]
+
+
+class SlowSibling(Module):
+    id = "sibling"
+
+    def __init__(self) -> None:
+        self.seen: list[int | None] = []
+
+    async def after_append(self, record: Record, hash: Hash) -> None:
+        await trio.sleep(1)
+        self.seen.append(record.seq)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="B4: a stop during a group restart drops a healthy sibling's queued deliveries",
+)
+async def test_b4_a_stop_during_a_group_restart_drains_the_siblings(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    sibling = SlowSibling()
+    config = LedgerConfig(ledger_id="t", strategy=Strategy.ONE_FOR_ALL)
+    async with open_ledger(config, modules=[CrashOnce(), sibling]) as engine:
+        for n in range(3):
+            await engine.append(Record("k", n))  # crash-once crashes on seq 0
+        await engine.modules.get("sibling").wait_state(ModuleState.RESTARTING)
+        await trio.sleep(0.5)  # the group restart waits for the sibling's delivery to finish
+        await engine.stop_all()
+    assert engine.modules.get("sibling").status.stop_result == "clean"
+    assert sibling.seen == [0, 1, 2]  # fails: [0]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="B5: an entry of unknown storage outcome that landed is lost to modules on stop",
+)
+async def test_b5_a_landed_entry_of_unknown_outcome_is_delivered_before_the_stop(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    seen = Seen()
+    storage = UnsureStorage()
+    async with open_ledger(LedgerConfig(ledger_id="t"), storage=storage, modules=[seen]) as engine:
+        await engine.append(Record("k", 0))
+        with pytest.raises(StorageError, match="storage could not tell whether it was stored"):
+            await engine.append(Record("k", 1))  # it did land; no append follows
+    async with LedgerEngine(LedgerConfig(ledger_id="t"), storage) as reopened:
+        assert reopened.state.length == 2  # it landed
+    assert seen.seqs == [0, 1]  # fails: [0]
+    assert engine.state.length == 2  # fails: 1
