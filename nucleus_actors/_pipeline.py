@@ -226,8 +226,10 @@ class Pipeline:
         """Run one module's before_append over the batch, resending after a restart."""
         counters = self._engine.modules.counters
         pending = [(r, i) for r in requests for i in range(len(r.records))]
+        refilter = False  # the requests given are live; filter again only after a failure
         while True:
-            pending = [(r, i) for r, i in pending if r.live]
+            if refilter:
+                pending = [(r, i) for r, i in pending if r.live]
             if not pending or child.removed:
                 return
             msg = Before([r.records[i] for r, i in pending])
@@ -252,7 +254,9 @@ class Pipeline:
             for (request, index), result in zip(pending, msg.results, strict=False):
                 if isinstance(result, Record):
                     request.records[index] = result
-                elif isinstance(result, RecordRejected):
+                    continue
+                refilter = True
+                if isinstance(result, RecordRejected):
                     counters.rejects += 1
                     if len(request.records) > 1:
                         result.index = index
@@ -262,6 +266,7 @@ class Pipeline:
             # Fewer results than records: the module crashed or was stopped part-way; the
             # rest go to its next incarnation (appends wait while it restarts).
             pending = pending[len(msg.results) :]
+            refilter = True  # withdrawn callers, if any, are skipped on the resend
 
     def _timestamp(self) -> int:
         engine = self._engine

@@ -141,7 +141,6 @@ class Child:
         # crashes the incarnation if the same hook is still running `timeout` seconds later.
         # (Far cheaper than a cancel scope with a fresh deadline for every record.)
         self._hook_started = math.inf  # trio time the running hook started; inf: none
-        self._hook_gen = 0  # +1 per hook started
         self._hook_name = ""
         self._hook_timeout: TimeoutError | None = None  # set by the watchdog when it fires
         self._stopping = False  # the stop lifecycle message is being handled
@@ -428,19 +427,20 @@ class Child:
     async def _watchdog(self, limit: float) -> None:
         """Crash the incarnation if one hook runs longer than `limit` s (the module's timeout).
 
-        Hooks only stamp their start (`_hook_gen`, `_hook_started`). This task sleeps until
-        the running hook's deadline and fires only if that same hook is still running, so a
-        hook is bounded by exactly `limit`. When no hook runs it looks again after `limit`
-        (a hook starting meanwhile is then found with its own deadline still ahead).
+        Hooks only stamp their start (`_hook_started`). This task sleeps until the running
+        hook's deadline and fires only if the stamp has not changed: the hook running then
+        started at that very instant, so it has run for `limit` (a hook that started later
+        has a later stamp, and the watchdog waits for that one's deadline instead). When no
+        hook runs it looks again after `limit` (a hook starting meanwhile is then found with
+        its own deadline still ahead).
         """
         while True:
             started = self._hook_started
             if started == math.inf:
                 await trio.sleep(limit)
                 continue
-            gen = self._hook_gen
             await trio.sleep_until(started + limit)
-            if self._hook_gen == gen and self._hook_started == started:
+            if self._hook_started == started:
                 self._hook_timeout = self._timed_out(self._hook_name)
                 if self._scope is not None:
                     self._scope.cancel()
@@ -464,7 +464,6 @@ class Child:
         try:
             while True:
                 for record, digest in run:
-                    self._hook_gen += 1
                     self._hook_started = now()
                     await hook(record, digest)
                     done += 1
@@ -494,7 +493,6 @@ class Child:
         self._hook_name = "before_append"
         try:
             for record in msg.records:
-                self._hook_gen += 1
                 self._hook_started = now()
                 try:
                     out = await hook(record)
