@@ -15,6 +15,7 @@ Invariants:
 
 from __future__ import annotations
 
+import logging
 from collections import deque
 from typing import TYPE_CHECKING
 
@@ -40,6 +41,8 @@ if TYPE_CHECKING:
     from .module._actor import Child
 
 __all__ = ["Pipeline", "Request"]
+
+log = logging.getLogger("nucleus_actors.pipeline")
 
 _MAX_SAFE = 2**53 - 1
 
@@ -394,6 +397,17 @@ class Pipeline:
                 return None  # committed although the backend reported an error
             return exc, True
         return None
+
+    async def settle_unknown(self) -> None:
+        """Before the modules stop: adopt (and deliver) a batch of unknown outcome that did
+        land, so that it reaches the modules even when no later append resyncs the head.
+        Only while the pipeline is idle; errors are logged, not raised."""
+        if not self._resync or self._queue or self._current:
+            return
+        try:
+            await self._resync_head()
+        except Exception:
+            log.warning("could not re-read the storage head before stopping", exc_info=True)
 
     async def _resync_head(self) -> None:
         """After a storage failure of unknown outcome, continue from what storage holds.

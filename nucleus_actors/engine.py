@@ -452,9 +452,10 @@ class LedgerEngine:
     async def _stop(self, *, cap: float | None) -> None:
         self.set_phase(Phase.STOPPING)
         try:
-            await self._registry.stop_supervising()
+            await self._registry.stop_supervising(cap=self._registry.longest_shutdown(cap))
             self._registry.abandon_restarts()
             await self._drain(cap)
+            await self._pipeline.settle_unknown()
             await self._registry.stop_all(cap=cap)
         except BaseException:
             await self._registry.abort()  # cancelled: the modules not stopped yet are killed

@@ -261,6 +261,7 @@ class ModuleRegistry:
             tuple[Child, int, BaseException | None]
         ](math.inf)
         self._supervisor_scope: trio.CancelScope | None = None
+        self._backoff_scope: trio.CancelScope | None = None
         self._startup_failure: tuple[Child, BaseException] | None = None
 
     # -- read-only API ---------------------------------------------------------------------
@@ -564,18 +565,37 @@ class ModuleRegistry:
         if self._supervisor_scope is not None:
             self._supervisor_scope.cancel()
 
-    async def stop_supervising(self) -> None:
-        """Stop restarting: cancel the supervisor task and wait for any operation in progress."""
+    async def stop_supervising(self, *, cap: float | None) -> None:
+        """Stop restarting (the phase is already STOPPING).
+
+        As an OTP supervisor finishes the restart it is handling before it shuts down, a
+        restart round in progress completes first (skipping any backoff wait, and starting no
+        further round), so the modules it stopped run again and can be drained and stopped
+        in order. That wait is capped by `cap` (when leaving by cancellation); then the
+        supervisor task is cancelled, and what it did not restart is abandoned.
+        """
+        if self._backoff_scope is not None:
+            self._backoff_scope.cancel()
+        with trio.move_on_after(math.inf if cap is None else cap):
+            async with self._lock:
+                pass
         self.cancel_supervisor()
         async with self._lock:
             pass
 
     def abandon_restarts(self) -> None:
-        """Supervision stopped: a crashed module waiting for its restart will not get one."""
+        """Supervision stopped: a crashed module waiting for its restart will not get one, and
+        a sibling a group restart was about to stop keeps running (so `stop_all` drains it)."""
         for child in self._order:
-            if child.state is ModuleState.RESTARTING and not child.alive:
+            if child.state is not ModuleState.RESTARTING:
+                continue
+            if not child.alive:
                 child.set_state(ModuleState.FAILED)
                 self._shut(child, "the ledger stopped before its restart")
+            elif child.withdraw_queued_stop():
+                child.set_state(ModuleState.RUNNING)
+            # Otherwise it is booting (it becomes RUNNING or FAILED by itself) or already
+            # stopping (it ends STOPPED).
 
     async def stop_all(self, *, cap: float | None) -> None:
         """Stop every module in reverse start order, each after draining its inbox.
@@ -648,8 +668,9 @@ class ModuleRegistry:
             if error is not None:
                 child.last_error = repr(error)
                 log.warning("module %r: stop raised %r", child.id, error)
-            if child.state is ModuleState.RESTARTING and phase is Phase.RUNNING:
-                return  # stopped by a group restart: it starts again
+            if child.state is ModuleState.RESTARTING:
+                return  # stopped by a group restart: the round starts it again (even while
+                # the ledger stops, the round completes; if abandoned, abandon_restarts settles it)
             if error is not None:
                 child.set_state(ModuleState.FAILED)
             elif child.state is not ModuleState.REGISTERED:
@@ -776,9 +797,11 @@ class ModuleRegistry:
                 else:
                     restartable.append(child)
             delay = self._backoff_delay(crashed)
-            if delay > 0:
+            if delay > 0 and self._host.phase is Phase.RUNNING:
                 log.info("restarting module %r in %.3f s (backoff)", crashed.id, delay)
-                await trio.sleep(delay)
+                with trio.CancelScope() as self._backoff_scope:  # stop_all skips the wait
+                    await trio.sleep(delay)
+                self._backoff_scope = None
             failed: tuple[Child, BaseException | None] | None = None
             for child in restartable:
                 error = await self._boot(child)

@@ -280,6 +280,19 @@ class Child:
             if self._scope is not None:
                 self._scope.cancel()
 
+    def withdraw_queued_stop(self) -> bool:
+        """Withdraw a stop still waiting in the inbox (not yet running); True if there was one.
+
+        Used when supervision is abandoned mid group-restart: a sibling that was about to be
+        stopped for the restart keeps running, so `stop_all` can drain it first.
+        """
+        if not self.alive or self._stopping or not self.mailbox.has_lifecycle():
+            return False
+        self.mailbox.drop_lifecycle(
+            ModuleError(f"module {self.id!r}: stop withdrawn (the restart was abandoned)")
+        )
+        return True
+
     async def wait_done(self) -> None:
         """Wait until no incarnation is running."""
         await self._done.wait()

@@ -255,6 +255,10 @@ class Mailbox:
         if self._put_lot:
             self._put_lot.unpark_all()
 
+    def has_lifecycle(self) -> bool:
+        """Whether a lifecycle message is waiting (queued or deferred)."""
+        return any(isinstance(msg, Lifecycle) for msg in (*self._queue, *self._deferred))
+
     def drop_lifecycle(self, error: ModuleError) -> None:
         """Fail and remove queued lifecycle messages: they were addressed to an incarnation
         that has ended (a stop the supervisor gave up waiting for, a start never reached)."""

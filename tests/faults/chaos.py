@@ -112,10 +112,9 @@ class ChaosHang(AssertionError):
     """A run did not finish within its time limit: something waits forever."""
 
 
-INDETERMINATE_STORAGE_FAULTS = False
-"""Narrowed until runtime bug B5 is fixed: a batch whose storage outcome is unknown and that
-landed is adopted (and delivered) only when a later batch reaches storage; if the ledger stops
-first, no module ever gets it."""
+INDETERMINATE_STORAGE_FAULTS = True
+"""Storage faults of unknown outcome (the batch may have landed) are on: runtime bug B5, which
+lost such a batch to the modules when the ledger stopped first, is fixed."""
 
 
 class FlakyStorage(MemoryStorage):
@@ -155,10 +154,10 @@ def _storage(kind: str, tmp_path: Path, seed: int) -> StorageBackend:
     return SQLiteStorage(tmp_path / f"chaos-{seed}.db", durability="normal")
 
 
-SETTLE_BEFORE_STOP = True
-"""Narrowed until runtime bug B4 (tests/faults/test_runtime_bugs.py) is fixed: a stop that
-begins while a group restart is stopping a healthy module drops that module's queued
-deliveries, so runs wait for supervision to settle (no module RESTARTING) before they stop."""
+SETTLE_BEFORE_STOP = False
+"""Runs may stop in the middle of a group restart: runtime bug B4 (tests/faults/
+test_runtime_bugs.py), which dropped a healthy sibling's queued deliveries then, is fixed. Set
+it to True to wait for supervision to settle (no module RESTARTING) before stopping."""
 
 
 async def _settle(ledger: TrackedLedger) -> None:

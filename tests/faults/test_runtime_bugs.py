@@ -12,7 +12,12 @@ supervisor is launching a restarted module: `cancel_supervisor()` cancels the su
 long-lived) actor in `start`'s temporary nursery, `start` waits for that actor to exit, so the
 supervisor never releases its lock and `stop_supervising()` waits for it forever.
 
-B5 (open, what B3's fix leaves): the adoption happens only when a later batch reaches storage.
+B4 (fixed: an abandoned group restart withdraws a sibling's queued stop):
+a stop that began while a group restart was stopping a healthy sibling dropped that sibling's
+queued deliveries (the restart's stop, queued ahead of them, ran first and the inbox was shut).
+
+B5 (fixed: the stop adopts and delivers it before the modules stop):
+what B3's fix left: the adoption happens only when a later batch reaches storage.
 If the ledger stops first, the landed entry is never delivered and the engine's `state.length`
 never counts it (a reopen finds it). `stop_all` promises that appends in flight either complete
 fully or fail with no trace; this one does neither.
@@ -185,10 +190,6 @@ class SlowSibling(Module):
         self.seen.append(record.seq)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="B4: a stop during a group restart drops a healthy sibling's queued deliveries",
-)
 async def test_b4_a_stop_during_a_group_restart_drains_the_siblings(
     mock_clock: trio.testing.MockClock,
 ) -> None:
@@ -204,10 +205,6 @@ async def test_b4_a_stop_during_a_group_restart_drains_the_siblings(
     assert sibling.seen == [0, 1, 2]  # fails: [0]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="B5: an entry of unknown storage outcome that landed is lost to modules on stop",
-)
 async def test_b5_a_landed_entry_of_unknown_outcome_is_delivered_before_the_stop(
     mock_clock: trio.testing.MockClock,
 ) -> None:

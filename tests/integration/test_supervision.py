@@ -492,3 +492,28 @@ async def test_restart_waits_for_a_failed_module_to_finish_unwinding(
         await engine.restart("slow")  # waits for the unwinding stop, then starts it again
         assert handle.state is ModuleState.RUNNING
         assert handle.status.incarnation == 2
+
+
+async def test_stop_all_finishes_a_restart_in_progress_within_the_shutdown_bound(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    """stop_all lets a restart round complete (OTP), but a restart that cannot complete (its
+    init hangs, with no timeout) holds it no longer than the longest module shutdown."""
+
+    class HangsOnRestart(Recorder):
+        async def init(self, ctx: ModuleContext) -> None:
+            await super().init(ctx)
+            if ctx.incarnation > 1:
+                await trio.sleep_forever()
+
+    log: Log = []
+    module = HangsOnRestart("stuck", log, fail={"after": lambda n, _: n == 1})
+    async with open_ledger(config()) as engine:
+        handle = await engine.add(module, timeout=None, shutdown=3.0)
+        await engine.append(Record("k", 1))
+        await handle.wait_state(ModuleState.RESTARTING)
+        start = trio.current_time()
+        await engine.stop_all()
+        assert trio.current_time() - start <= 3.0 + 3.0  # supervision bound + its stop bound
+        assert handle.state in (ModuleState.FAILED, ModuleState.STOPPED)
+        assert engine.phase is Phase.STOPPED
