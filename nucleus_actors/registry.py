@@ -68,7 +68,9 @@ class ModuleStatus:
     """after_append deliveries dropped by its overflow policy."""
     stop_result: str | None
     """How it last stopped: "clean", "error" (stop raised), "cancelled" (overstayed its
-    `shutdown`, or `shutdown=0`), "exited" (ended itself), or None if it never stopped."""
+    `shutdown`, or `shutdown=0`), "exited" (ended itself), "abandoned" (the ledger stopped
+    before its pending restart; its undelivered entries are lost to it), or None if it never
+    stopped."""
     incarnation: int
     """1 for the first run, +1 per restart."""
 
@@ -590,6 +592,8 @@ class ModuleRegistry:
             if child.state is not ModuleState.RESTARTING:
                 continue
             if not child.alive:
+                child.stop_result = "abandoned"
+                child.last_error = child.last_error or "restart abandoned: the ledger stopped"
                 child.set_state(ModuleState.FAILED)
                 self._shut(child, "the ledger stopped before its restart")
             elif child.withdraw_queued_stop():
