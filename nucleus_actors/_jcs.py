@@ -37,9 +37,26 @@ MAX_DEPTH: Final = 64
 _FAST: Final = 0
 _EXACT: Final = 1  # needs rfc8785 (a float, or a non-ASCII key)
 
-_fast_encode = json.JSONEncoder(
-    ensure_ascii=False, sort_keys=True, separators=(",", ":"), allow_nan=False
-).encode
+def _no_default(value: Any) -> Any:
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
+# json.dumps(ensure_ascii=False, sort_keys=True, separators=(",", ":"), allow_nan=False), with
+# the C encoder built once (JSONEncoder.encode builds it again on every call). No circular
+# check: `walk` bounds the depth first, which catches cycles.
+_c_encoder = json.encoder.c_make_encoder  # type: ignore[attr-defined]
+if _c_encoder is not None:
+    _iterencode = _c_encoder(
+        None, _no_default, json.encoder.encode_basestring, None, ":", ",", True, False, False
+    )
+
+    def _fast_encode(value: Any) -> str:
+        return "".join(_iterencode(value, 0))
+
+else:  # pragma: no cover - CPython always has the C accelerator
+    _fast_encode = json.JSONEncoder(  # type: ignore[assignment]
+        ensure_ascii=False, sort_keys=True, separators=(",", ":"), allow_nan=False
+    ).encode
 
 
 class _Bad(Exception):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any, Final
 
 from . import _jcs
@@ -59,7 +60,13 @@ class Hash(bytes):
         return self.hex()
 
 
+_KINDS_SEEN: set[str] = set()  # kinds already validated (kinds repeat: skip the regex)
+_KINDS_SEEN_MAX = 4096
+
+
 def _check_kind(kind: object) -> str:
+    if type(kind) is str and kind in _KINDS_SEEN:
+        return kind
     if not isinstance(kind, str):
         raise InvalidRecord(f"kind must be a str, got {type(kind).__name__}", path="$.kind")
     if not kind:
@@ -72,10 +79,16 @@ def _check_kind(kind: object) -> str:
         raise InvalidRecord(
             f"kind {kind!r} contains whitespace or control characters", path="$.kind"
         )
+    if type(kind) is str:
+        if len(_KINDS_SEEN) >= _KINDS_SEEN_MAX:
+            _KINDS_SEEN.clear()
+        _KINDS_SEEN.add(kind)
     return kind
 
 
 def _check_meta(meta: object) -> tuple[dict[str, str], bool]:
+    if type(meta) is dict and not meta:
+        return {}, True
     if not isinstance(meta, Mapping):
         raise InvalidRecord(
             f"meta must be a mapping of str to str, got {type(meta).__name__}", path="$.meta"
@@ -114,7 +127,10 @@ def _encode_body(kind: str, meta: dict[str, str], payload: Any, fast: bool) -> b
     return _jcs.dumps(body, fast)[:-1]
 
 
-@dataclass(frozen=True, slots=True, eq=True)
+_NO_META: Mapping[str, str] = MappingProxyType({})
+
+
+@dataclass(frozen=True, slots=True, eq=True, init=False)
 class Record:
     """One ledger record: a kind, a JSON payload and string metadata.
 
@@ -140,16 +156,30 @@ class Record:
     """Commit time, UTC microseconds since the Unix epoch; set on committed records."""
     _body: bytes = field(init=False, repr=False, compare=False)
 
-    def __post_init__(self) -> None:
-        kind = _check_kind(self.kind)
-        meta, meta_fast = _check_meta(self.meta)
-        payload_fast = _jcs.walk(self.payload, "$.payload")
-        _check_position("seq", self.seq)
-        _check_position("timestamp", self.timestamp)
-        object.__setattr__(self, "meta", meta)
-        object.__setattr__(
-            self, "_body", _encode_body(kind, meta, self.payload, meta_fast and payload_fast)
-        )
+    def __init__(
+        self,
+        kind: str,
+        payload: Any,
+        meta: Mapping[str, str] = _NO_META,
+        *,
+        seq: int | None = None,
+        timestamp: int | None = None,
+    ) -> None:
+        # Hand-written (not the dataclass one): every field is validated, then set once.
+        kind = _check_kind(kind)
+        meta_dict, meta_fast = _check_meta({} if meta is _NO_META else meta)
+        payload_fast = _jcs.walk(payload, "$.payload")
+        if seq is not None:
+            _check_position("seq", seq)
+        if timestamp is not None:
+            _check_position("timestamp", timestamp)
+        set_ = object.__setattr__
+        set_(self, "kind", kind)
+        set_(self, "payload", payload)
+        set_(self, "meta", meta_dict)
+        set_(self, "seq", seq)
+        set_(self, "timestamp", timestamp)
+        set_(self, "_body", _encode_body(kind, meta_dict, payload, meta_fast and payload_fast))
 
     def replace(self, **fields: Any) -> Record:
         """A copy with `fields` changed (kind, payload, meta, seq, timestamp), re-validated."""
