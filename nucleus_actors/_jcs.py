@@ -37,6 +37,7 @@ MAX_DEPTH: Final = 64
 _FAST: Final = 0
 _EXACT: Final = 1  # needs rfc8785 (a float, or a non-ASCII key)
 
+
 def _no_default(value: Any) -> Any:
     raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
