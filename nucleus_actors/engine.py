@@ -22,6 +22,7 @@ from typing import Any, NoReturn, TypeVar, overload
 import trio
 from trio_util import AsyncValue
 
+from ._groups import leaves
 from ._pipeline import Pipeline, Request
 from .config import LedgerConfig
 from .errors import IntegrityError, InvalidRecord, LedgerFailed, LifecycleError
@@ -90,18 +91,9 @@ def _is_cancellation(exc: BaseException) -> bool:
 def _unwrap(group: BaseExceptionGroup[BaseException]) -> NoReturn:
     """Raise what a nursery group carries, unwrapped when it is one error (trio >= 0.25 always
     groups). A LedgerFailed wins; a group of several errors is raised as it is."""
-    leaves: list[BaseException] = []
-
-    def collect(e: BaseException) -> None:
-        if isinstance(e, BaseExceptionGroup):
-            for sub in e.exceptions:
-                collect(sub)
-        else:
-            leaves.append(e)
-
-    collect(group)
-    failed = [e for e in leaves if isinstance(e, LedgerFailed)]
-    errors = [e for e in leaves if not isinstance(e, trio.Cancelled)]
+    found = leaves(group)
+    failed = [e for e in found if isinstance(e, LedgerFailed)]
+    errors = [e for e in found if not isinstance(e, trio.Cancelled)]
     if not errors:
         raise group  # only cancellations: trio's cancel scopes know what to do with them
     # KeyboardInterrupt/SystemExit first, then the ledger's own failure, then the first error.

@@ -20,6 +20,7 @@ from typing import Any, Protocol
 import trio
 from trio_util import AsyncValue
 
+from .._groups import leaves
 from ..errors import ModuleError, RecordRejected, RegistryError
 from ..lifecycle import ModuleState
 from ..record import Record
@@ -73,19 +74,10 @@ def crash_cause(exc: BaseException) -> BaseException | None:
     Non-`Exception` errors other than `Cancelled` (KeyboardInterrupt, SystemExit) are not
     crashes either: they must propagate, so None is returned for them too.
     """
-    leaves: list[BaseException] = []
-
-    def collect(e: BaseException) -> None:
-        if isinstance(e, BaseExceptionGroup):
-            for sub in e.exceptions:
-                collect(sub)
-        else:
-            leaves.append(e)
-
-    collect(exc)
-    if any(not isinstance(e, (Exception, trio.Cancelled)) for e in leaves):
+    found = leaves(exc)
+    if any(not isinstance(e, (Exception, trio.Cancelled)) for e in found):
         return None
-    for leaf in leaves:
+    for leaf in found:
         if isinstance(leaf, _Crash):
             return leaf.cause
         if isinstance(leaf, Exception):
