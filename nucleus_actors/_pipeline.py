@@ -134,10 +134,6 @@ class Pipeline:
         """A batch is being written to storage right now."""
         return self._storing
 
-    @property
-    def pending_records(self) -> int:
-        return self._queued_records + sum(len(r.records) for r in self._current)
-
     async def wait_idle(self) -> None:
         """Wait until every submitted request has been answered."""
         while self._queue or self._current:

@@ -528,14 +528,23 @@ class LedgerEngine:
         await self._registry.remove(module_id)
 
     # -- appends ---------------------------------------------------------------------------
-    def _check_record(self, record: object, where: str) -> Record:
-        if not isinstance(record, Record):
-            raise InvalidRecord(f"{where} takes a Record, got {type(record).__name__}")
+    def _check_records(self, records: Iterable[object], where: str) -> list[Record]:
+        """Type and size checks before the hooks (the exact size is checked again at commit)."""
         limit = self.config.max_record_bytes
-        size = len(record._body) + len(b',"seq":%d,"ts":%d}' % (self._length, self._last_ts))
-        if size > limit:
-            raise InvalidRecord(f"record is {size} canonical bytes, over max_record_bytes={limit}")
-        return record
+        # The committed bytes are the record's body plus `,"seq":N,"ts":T}`: estimate that
+        # suffix once with the current length and last timestamp.
+        suffix = len(b',"seq":%d,"ts":%d}' % (self._length, self._last_ts))
+        checked = []
+        for record in records:
+            if not isinstance(record, Record):
+                raise InvalidRecord(f"{where} takes a Record, got {type(record).__name__}")
+            size = len(record._body) + suffix
+            if size > limit:
+                raise InvalidRecord(
+                    f"record is {size} canonical bytes, over max_record_bytes={limit}"
+                )
+            checked.append(record)
+        return checked
 
     async def append(self, record: Record) -> Receipt:
         """Append one record; return its receipt once it is stored and delivered.
@@ -557,7 +566,7 @@ class LedgerEngine:
             LifecycleError: the ledger is not RUNNING.
         """
         self._require("append", Phase.RUNNING)
-        request = Request([self._check_record(record, "append")])
+        request = Request(self._check_records([record], "append"))
         self._pipeline.submit(request)
         receipts = await request.wait()
         return receipts[0]
@@ -569,7 +578,7 @@ class LedgerEngine:
         `index` of the refused record). Cancellation and errors as for `append`.
         """
         self._require("append", Phase.RUNNING)
-        batch = [self._check_record(r, "append_many") for r in records]
+        batch = self._check_records(records, "append_many")
         if not batch:
             await trio.lowlevel.checkpoint()
             return []

@@ -604,14 +604,9 @@ class ModuleRegistry:
     async def stop_all(self, *, cap: float | None) -> None:
         """Stop every module in reverse start order, each after draining its inbox.
 
-        Cancellation: the modules not stopped yet are cancelled at once (no `stop`), then the
-        cancellation propagates.
+        Cancellation: not handled here; the engine's stop aborts the rest (`abort`).
         """
-        try:
-            await self._stop_all_children(drain=True, cap=cap, reason="stopped")
-        except BaseException:
-            await self.abort()
-            raise
+        await self._stop_all_children(drain=True, cap=cap, reason="stopped")
 
     async def abort(self) -> None:
         """Cancel every module at once (no `stop`), in reverse order; settle and shut them."""

@@ -198,10 +198,6 @@ class Child:
         err.__cause__ = cause
         return err
 
-    @property
-    def _timeout(self) -> float | None:
-        return self.spec.timeout
-
     # -- control from the supervisor -------------------------------------------------------
     def launch(self, nursery: trio.Nursery, op: str) -> Lifecycle:
         """Start a new incarnation that first runs lifecycle `op` ("init" or "boot").
