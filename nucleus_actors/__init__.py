@@ -1,28 +1,82 @@
 """nucleus_actors: supervised actors on trio around a blake3-chained append-only ledger.
 
 Everything public is importable from here; see docs/ for guides and reference.
+
+The package imports lazily (PEP 562): `import nucleus_actors` costs nothing, and a name is
+imported from its private module on first use. So `nucleus_actors.proofs` (pure verification)
+and the client commands of the CLI never import trio, FastAPI, hypercorn or pydantic.
 """
 
-from .config import LedgerConfig
-from .engine import LedgerEngine, open_ledger
-from .errors import (
-    IntegrityError,
-    InvalidRecord,
-    LedgerFailed,
-    LifecycleError,
-    ModuleError,
-    NucleusError,
-    RecordRejected,
-    RegistryError,
-    StorageError,
-)
-from .lifecycle import LedgerState, ModuleState, Phase
-from .module import LedgerReader, Module, ModuleContext, ModuleSpec, Overflow
-from .record import Entry, Hash, Receipt, Record
-from .registry import ModuleCounts, ModuleHandle, ModuleRegistry, ModuleStatus, Statistics
-from .supervision import Backoff, Restart, Strategy
+from __future__ import annotations as _annotations
+
+import importlib as _importlib
+import typing as _typing
 
 __version__ = "0.1.0"
+
+# public name -> the private module that defines it
+_SOURCES: dict[str, str] = {
+    "LedgerConfig": ".config",
+    "LedgerEngine": ".engine",
+    "open_ledger": ".engine",
+    "CommitUnknown": ".errors",
+    "EventLoopError": ".errors",
+    "Fenced": ".errors",
+    "IntegrityError": ".errors",
+    "InvalidRecord": ".errors",
+    "LedgerFailed": ".errors",
+    "LifecycleError": ".errors",
+    "ModuleError": ".errors",
+    "NucleusError": ".errors",
+    "ProofError": ".errors",
+    "RecordRejected": ".errors",
+    "RegistryError": ".errors",
+    "StorageError": ".errors",
+    "LedgerState": ".lifecycle",
+    "ModuleState": ".lifecycle",
+    "Phase": ".lifecycle",
+    "LedgerReader": ".module",
+    "Module": ".module",
+    "ModuleContext": ".module",
+    "ModuleSpec": ".module",
+    "Overflow": ".module",
+    "Entry": ".record",
+    "Hash": ".record",
+    "Receipt": ".record",
+    "Record": ".record",
+    "ModuleCounts": ".registry",
+    "ModuleHandle": ".registry",
+    "ModuleRegistry": ".registry",
+    "ModuleStatus": ".registry",
+    "Statistics": ".registry",
+    "Backoff": ".supervision",
+    "Restart": ".supervision",
+    "Strategy": ".supervision",
+}
+
+if _typing.TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
+    from .config import LedgerConfig
+    from .engine import LedgerEngine, open_ledger
+    from .errors import (
+        CommitUnknown,
+        EventLoopError,
+        Fenced,
+        IntegrityError,
+        InvalidRecord,
+        LedgerFailed,
+        LifecycleError,
+        ModuleError,
+        NucleusError,
+        ProofError,
+        RecordRejected,
+        RegistryError,
+        StorageError,
+    )
+    from .lifecycle import LedgerState, ModuleState, Phase
+    from .module import LedgerReader, Module, ModuleContext, ModuleSpec, Overflow
+    from .record import Entry, Hash, Receipt, Record
+    from .registry import ModuleCounts, ModuleHandle, ModuleRegistry, ModuleStatus, Statistics
+    from .supervision import Backoff, Restart, Strategy
 
 __all__ = [
     # engine and lifecycle
@@ -60,5 +114,22 @@ __all__ = [
     "RegistryError",
     "StorageError",
     "IntegrityError",
+    "CommitUnknown",
+    "Fenced",
     "InvalidRecord",
+    "ProofError",
+    "EventLoopError",
 ]
+
+
+def __getattr__(name: str) -> _typing.Any:
+    source = _SOURCES.get(name)
+    if source is None:
+        raise AttributeError(f"module 'nucleus_actors' has no attribute {name!r}")
+    value = getattr(_importlib.import_module(source, __name__), name)
+    globals()[name] = value  # cache: later lookups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

@@ -8,8 +8,12 @@ NucleusError
 ├── RegistryError            duplicate/unknown id, dependency cycle, bad factory, bad dynamic op
 ├── ModuleError              module_id; a module failed a call (cause chained)
 │   └── RecordRejected       a before_append veto (reason)
-└── StorageError             backend failure, lock held, wrong ledger id, unknown format
-    └── IntegrityError       chain mismatch (seq of the first bad entry)
+├── StorageError             backend failure, lock held, wrong ledger id, unknown format
+│   ├── IntegrityError       chain mismatch (seq of the first bad entry)
+│   ├── CommitUnknown        the batch may or may not be stored (acknowledgement lost)
+│   └── Fenced               another writer holds the ledger (a newer fencing epoch)
+├── ProofError               (also ValueError)  a proof or checkpoint fails to verify
+└── EventLoopError           (also RuntimeError) a trio API called from another event loop
 ```
 
 Catch `NucleusError` to catch everything raised on purpose by this package. Each message says
@@ -22,12 +26,16 @@ from __future__ import annotations
 from typing import Any
 
 __all__ = [
+    "CommitUnknown",
+    "EventLoopError",
+    "Fenced",
     "IntegrityError",
     "InvalidRecord",
     "LedgerFailed",
     "LifecycleError",
     "ModuleError",
     "NucleusError",
+    "ProofError",
     "RecordRejected",
     "RegistryError",
     "StorageError",
@@ -132,3 +140,39 @@ class IntegrityError(StorageError):
     def __init__(self, message: str, *, seq: int) -> None:
         super().__init__(message)
         self.seq = seq
+
+
+class CommitUnknown(StorageError):
+    """The outcome of a batch is unknown: it may or may not have been stored.
+
+    Raised by a backend when the commit's acknowledgement was lost (a connection dropped during
+    `COMMIT`, an fsync error after the write). The engine then re-reads the storage head to
+    learn what happened before it goes on.
+    """
+
+
+class Fenced(StorageError):
+    """Another writer holds the ledger: this writer's fencing epoch is no longer current.
+
+    Nothing of the refused batch was stored. A fenced engine must stop writing.
+
+    Attributes:
+        epoch: the epoch this writer held, when known.
+        current: the epoch now current in storage, when known.
+    """
+
+    def __init__(self, message: str, *, epoch: int | None = None, current: int | None = None):
+        super().__init__(message)
+        self.epoch = epoch
+        self.current = current
+
+
+class ProofError(NucleusError, ValueError):
+    """A Merkle proof or a signed checkpoint is malformed or does not verify."""
+
+
+class EventLoopError(NucleusError, RuntimeError):
+    """A trio API of nucleus_actors was called from another event loop (e.g. asyncio).
+
+    nucleus_actors runs on trio; from asyncio use `nucleus_actors.aio.open_ledger`.
+    """

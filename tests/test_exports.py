@@ -15,6 +15,7 @@ CONTRACT = {
     "Restart", "Strategy", "Overflow", "Record", "Entry", "Hash", "Receipt",
     "NucleusError", "ModuleError", "RecordRejected", "LifecycleError", "RegistryError",
     "StorageError", "IntegrityError", "LedgerFailed", "InvalidRecord",
+    "CommitUnknown", "Fenced", "ProofError", "EventLoopError",
 }  # fmt: skip
 
 PUBLIC_MODULES = [
@@ -60,13 +61,35 @@ def test_error_hierarchy_matches_the_contract() -> None:
         e.RecordRejected: (e.ModuleError,),
         e.StorageError: (e.NucleusError,),
         e.IntegrityError: (e.StorageError,),
+        e.CommitUnknown: (e.StorageError,),
+        e.Fenced: (e.StorageError,),
+        e.ProofError: (e.NucleusError, ValueError),
+        e.EventLoopError: (e.NucleusError, RuntimeError),
     }
     for cls, bases in tree.items():
         assert cls.__bases__ == bases, cls
     assert e.NucleusError.__bases__ == (Exception,)
 
 
+def test_package_import_is_lazy() -> None:
+    """`import nucleus_actors` alone imports neither trio nor any server framework (PEP 562)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, nucleus_actors; heavy = {'trio', 'fastapi', 'hypercorn', 'pydantic'}; "
+        "print(sorted(heavy & set(sys.modules)))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+    # and every public name still resolves on first use, from its defining module
+    for name in nucleus_actors.__all__:
+        assert getattr(nucleus_actors, name) is not None
+
+
 def test_no_private_module_leaks_through_the_package() -> None:
+    for name in nucleus_actors.__all__:
+        getattr(nucleus_actors, name)  # resolve the lazy names first
     public = set(nucleus_actors.__all__)
     leaked = {
         name
