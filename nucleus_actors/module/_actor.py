@@ -2,10 +2,11 @@
 
 An incarnation is one run of a module instance, from `init` (or a restart's `boot`) until it
 stops, crashes, exits or is killed. The actor processes its mailbox one message at a time, so
-every callback of a module runs in that task, never two at once. It sets the module's
-INITIALIZED and RUNNING states itself (so the state is right before the next message is
-handled) and reports how each incarnation ended to its host (the supervisor), which decides
-what happens next.
+every callback of a module runs in that task, never two at once. It never writes the module's
+state: it reports events to its host (the supervisor), synchronously so that the state is
+right before the next message is handled: `initialized`, `started`, `crash_detected` (a
+callback raised or timed out and its caller is about to learn it) and, when an incarnation
+ends, `child_ended` with its `Outcome`. The supervisor decides what happens next.
 """
 
 from __future__ import annotations
@@ -22,11 +23,11 @@ from trio_util import AsyncValue
 
 from .._groups import leaves
 from ..errors import ModuleError, RecordRejected, RegistryError
-from ..lifecycle import ModuleState
+from ..lifecycle import ModuleState, StopResult
 from ..record import Record
 from ._base import Module
 from ._context import LedgerReader, ModuleContext
-from ._mailbox import Ask, Before, Delivery, Lifecycle, Mailbox, Reply
+from ._mailbox import Ask, Before, Delivery, Lifecycle, LifecycleOp, Mailbox, Reply
 from ._spec import ModuleSpec
 
 __all__ = ["Child", "ChildHost", "Outcome"]
@@ -45,13 +46,15 @@ class Outcome(enum.Enum):
 
 
 class ChildHost(Protocol):
-    """What an actor needs from its supervisor."""
+    """What an actor needs from its supervisor: where it runs, and where it reports events."""
 
     ledger_id: str
     ledger_reader: LedgerReader
+    registry_view: Any
 
-    @property
-    def registry_view(self) -> Any: ...
+    def initialized(self, child: Child) -> None: ...
+
+    def started(self, child: Child) -> None: ...
 
     def child_ended(
         self, child: Child, incarnation: int, outcome: Outcome, error: BaseException | None
@@ -108,13 +111,14 @@ class Child:
         self.instance = instance
         self.host = host
         self.mailbox = Mailbox(spec.inbox, self._overflowed)
+        # Written only by `_transitions.enter` (the supervisor's transition table).
         self.state = ModuleState.REGISTERED
         self.state_value = AsyncValue(ModuleState.REGISTERED)
         self.restarts = 0
         self.crashes = 0
         self.processed = 0
         self.last_error: str | None = None
-        self.stop_result: str | None = None
+        self.stop_result: StopResult | None = None
         self.incarnation = 0
         self.armed = False  # started at least once: before_append is fail-closed from then on
         self.crashing = False  # a crash was detected and shown in `state` before unwinding
@@ -152,21 +156,6 @@ class Child:
         self.has_before = has_override(self.instance, "before_append")
         self.has_after = has_override(self.instance, "after_append")
 
-    def set_state(self, state: ModuleState) -> None:
-        if state is not self.state:
-            if self.state is ModuleState.RUNNING and self.running_since is not None:
-                self.last_run = trio.current_time() - self.running_since
-                self.running_since = None
-            self.state = state
-            if state is ModuleState.RUNNING:
-                self.running_since = trio.current_time()
-            self.state_value.value = state
-
-    def settle_stopped(self) -> None:
-        """After a stop: STOPPED, unless the stop (or a crash while stopping) left it FAILED."""
-        if self.state is not ModuleState.FAILED:
-            self.set_state(ModuleState.STOPPED)
-
     def renew_instance(self) -> None:
         """A fresh instance from the factory (if any) for the next incarnation.
 
@@ -199,7 +188,7 @@ class Child:
         return err
 
     # -- control from the supervisor -------------------------------------------------------
-    def launch(self, nursery: trio.Nursery, op: str) -> Lifecycle:
+    def launch(self, nursery: trio.Nursery, op: LifecycleOp) -> Lifecycle:
         """Start a new incarnation that first runs lifecycle `op` ("init" or "boot").
 
         The op is handed to the task directly, not queued: nothing in the mailbox (such as a
@@ -565,19 +554,19 @@ class Child:
     ) -> tuple[Outcome, BaseException | None] | None:
         op, reply = msg.op, msg.reply
         self._lifecycle_msg = msg  # answered by _run if the incarnation ends meanwhile
-        if op in ("init", "boot"):
+        if op is LifecycleOp.INIT or op is LifecycleOp.BOOT:
             self._lifecycle_step = "init"
             err = await self._callback(instance.init, ctx, "init")
             if err is not None:
                 self._lifecycle_msg = None
                 reply.fail(self.module_error("failed in init", err))
                 return Outcome.BOOT_FAILED, err
-            if op == "init":
-                self.set_state(ModuleState.INITIALIZED)
+            if op is LifecycleOp.INIT:
+                self.host.initialized(self)
                 self._lifecycle_msg = None
                 reply.set()
                 return None
-        if op in ("start", "boot"):
+        if op is LifecycleOp.START or op is LifecycleOp.BOOT:
             self._lifecycle_step = "start"
             err = await self._callback(instance.start, ctx, "start")
             if err is not None:
@@ -586,12 +575,11 @@ class Child:
                 reply.fail(self.module_error("failed in start", err))
                 return Outcome.BOOT_FAILED, err
             # RUNNING before the next message is handled: state and behaviour agree.
-            self.armed = True
-            self.set_state(ModuleState.RUNNING)
+            self.host.started(self)
             self._lifecycle_msg = None
             reply.set()
             return None
-        assert op == "stop", op
+        assert op is LifecycleOp.STOP, op
         self._lifecycle_step = "stop"
         self._stopping = True
         try:
