@@ -23,6 +23,7 @@ import trio
 
 from ._future import Future
 from .errors import (
+    CommitUnknown,
     IntegrityError,
     InvalidRecord,
     LifecycleError,
@@ -371,9 +372,15 @@ class Pipeline:
                 self._scope.cancel()
         if error is not None:
             cause, known = error
-            what = "nothing stored" if known else "storage could not tell whether it was stored"
             for request, _ in committing:
-                failure = StorageError(f"append failed, {what}: {cause}")
+                # Unknown: the batch may have landed (it is adopted and delivered if so).
+                failure = (
+                    StorageError(f"append failed, nothing stored: {cause}")
+                    if known
+                    else CommitUnknown(
+                        f"append failed, storage could not tell whether it was stored: {cause}"
+                    )
+                )
                 failure.__cause__ = cause
                 request.fail(failure)
             return

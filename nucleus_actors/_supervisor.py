@@ -24,6 +24,7 @@ from typing import Any, Protocol
 
 import trio
 
+from ._instrument import Instrument
 from ._transitions import ModuleEvent, PhaseEvent, PhaseMachine, enter
 from .config import LedgerConfig
 from .errors import LedgerFailed, LifecycleError, ModuleError, RegistryError
@@ -97,6 +98,7 @@ class Supervisor:
         self._backoff_scope: trio.CancelScope | None = None
         self._startup_failure: tuple[Child, BaseException] | None = None
         self.registry_view = ModuleRegistry._create(self)
+        self.instruments: list[Instrument] = []  # engine.add_instrument: every module's
 
     @property
     def phase(self) -> Phase:
@@ -509,6 +511,14 @@ class Supervisor:
                     await self._restart_round(child, error)
 
     def _group(self, crashed: Child) -> list[Child]:
+        """The modules a restart of `crashed` affects, in start order.
+
+        As OTP: ONE_FOR_ONE is the crashed module alone; ONE_FOR_ALL every module,
+        REST_FOR_ONE the crashed one and every module after it, of which every non-TEMPORARY
+        member is started again, whatever its state (one that exited normally or was
+        terminated too), while a TEMPORARY member takes part only if it runs (it is stopped
+        and never started again).
+        """
         strategy = self._host.config.strategy
         if strategy is Strategy.ONE_FOR_ONE:
             return [crashed]
@@ -517,7 +527,9 @@ class Supervisor:
         return [
             c
             for c in order[start:]
-            if c is crashed or c.state in (ModuleState.RUNNING, ModuleState.RESTARTING)
+            if c is crashed
+            or c.spec.restart is not Restart.TEMPORARY
+            or c.state in (ModuleState.RUNNING, ModuleState.RESTARTING)
         ]
 
     def _backoff_delay(self, child: Child) -> float:
@@ -542,7 +554,11 @@ class Supervisor:
             group = self._group(crashed)
             for child in reversed(group):
                 if child.state is not ModuleState.RESTARTING:
+                    running = child.state is ModuleState.RUNNING
                     enter(child, ModuleEvent.GROUP_RESTART)
+                    if not running:  # exited, terminated or failed: it only has to unwind
+                        await child.wait_done()
+                        continue
                 await self._stop_child(child, StopMode.NOW, cap=None)
             restartable = []
             for child in group:

@@ -22,6 +22,7 @@ from typing import Any, NoReturn, TypeVar, overload
 import trio
 
 from ._groups import leaves
+from ._instrument import Instrument
 from ._pipeline import Pipeline, Request
 from ._supervisor import Supervisor
 from ._transitions import PhaseEvent
@@ -477,6 +478,31 @@ class LedgerEngine:
                 return
             if pipeline.batches_done == progress and not pipeline.storing:
                 return
+
+    # -- instrumentation -------------------------------------------------------------------
+    def add_instrument(self, instrument: Instrument) -> None:
+        """Observe every callback of every module of this ledger (see `Instrument`).
+
+        Takes effect from each module's next callback; adding it twice is a no-op.
+
+        Raises:
+            TypeError: not an `Instrument`.
+        """
+        if not isinstance(instrument, Instrument):
+            raise TypeError(f"add_instrument takes an Instrument, got {type(instrument).__name__}")
+        if instrument not in self._supervisor.instruments:
+            self._supervisor.instruments.append(instrument)
+
+    def remove_instrument(self, instrument: Instrument) -> None:
+        """Stop observing with `instrument` (from each module's next callback).
+
+        Raises:
+            KeyError: it was not added.
+        """
+        try:
+            self._supervisor.instruments.remove(instrument)
+        except ValueError:
+            raise KeyError(f"instrument {instrument!r} was not added to this ledger") from None
 
     # -- dynamic control -------------------------------------------------------------------
     @overload

@@ -16,6 +16,15 @@ from nucleus_actors import Hash, Module, ModuleContext, Record
 pytest_plugins = ["pytester"]
 
 
+# Far beyond any deadline the tests use: reaching it means "hung forever" (MockClock autojumps).
+FOREVER = 1000.0
+
+
+async def settle() -> None:
+    """Let the supervisor finish what it is doing (the clock is mocked where time matters)."""
+    await trio.testing.wait_all_tasks_blocked()
+
+
 @pytest.fixture
 def mock_clock() -> trio.testing.MockClock:
     """Virtual time that jumps ahead whenever every task is blocked (no real sleeps)."""

@@ -15,13 +15,15 @@ import enum
 import inspect
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 import trio
 from trio_util import AsyncValue
 
+from .. import _instrument
 from .._groups import leaves
+from .._instrument import CallbackCall, Instrument
 from ..errors import ModuleError, RecordRejected, RegistryError
 from ..lifecycle import ModuleState, StopResult
 from ..record import Record
@@ -51,6 +53,7 @@ class ChildHost(Protocol):
     ledger_id: str
     ledger_reader: LedgerReader
     registry_view: Any
+    instruments: list[Instrument]
 
     def initialized(self, child: Child) -> None: ...
 
@@ -86,11 +89,6 @@ def crash_cause(exc: BaseException) -> BaseException | None:
         if isinstance(leaf, Exception):
             return leaf
     return None
-
-
-def has_override(instance: Module, name: str) -> bool:
-    """Whether the instance's class overrides a `Module` callback."""
-    return getattr(type(instance), name) is not getattr(Module, name)
 
 
 class Child:
@@ -153,8 +151,46 @@ class Child:
         return str(getattr(self.instance, "version", "0.0.0"))
 
     def _refresh_hooks(self) -> None:
-        self.has_before = has_override(self.instance, "before_append")
-        self.has_after = has_override(self.instance, "after_append")
+        cls = type(self.instance)
+        self.has_before = cls.overrides("before_append")
+        self.has_after = cls.overrides("after_append")
+
+    def _instruments(self) -> tuple[Instrument, ...]:
+        """The instruments of the current instance: the ledger's, then the instance's own."""
+        attached = _instrument.attached_instruments(self.instance)
+        engine_wide = self.host.instruments
+        return (*engine_wide, *attached) if engine_wide else attached
+
+    def _call(self, name: str, record: Record | None = None, digest: Any = None) -> CallbackCall:
+        return CallbackCall(
+            module_id=self.id,
+            callback=name,
+            incarnation=self.incarnation,
+            record=record,
+            hash=digest,
+        )
+
+    def _observe_background(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        """`ctx.spawn`'s work with the instruments around it: `before_callback` now (at
+        spawn, in the actor, in a deterministic order), the rest when the task runs."""
+        instruments = self._instruments()
+        if not instruments:
+            return fn
+        call = self._call("background")
+        injections = _instrument.begin(instruments, call)
+
+        async def work(*args: Any) -> Any:
+            return await _instrument.run(instruments, call, injections, fn, *args)
+
+        work.__qualname__ = getattr(fn, "__qualname__", "work")
+        return work
+
+    async def _stop_callback(self, instance: Module, ctx: ModuleContext) -> None:
+        instruments = self._instruments()
+        if instruments:
+            await _instrument.observed(instruments, self._call("stop"), instance.stop, ctx)
+        else:
+            await instance.stop(ctx)
 
     def renew_instance(self) -> None:
         """A fresh instance from the factory (if any) for the next incarnation.
@@ -292,6 +328,7 @@ class Child:
             incarnation=incarnation,
             exit=lambda: self._request_exit(incarnation),
         )
+        ctx._observe = self._observe_background
         outcome: Outcome | None = None
         error: BaseException | None = None
         try:
@@ -380,7 +417,7 @@ class Child:
             if shutdown is not None:
                 scope.deadline = trio.current_time() + shutdown
             try:
-                await instance.stop(ctx)
+                await self._stop_callback(instance, ctx)
             except Exception:
                 log.warning("module %r: stop after a crash raised", self.id, exc_info=True)
             finally:
@@ -446,7 +483,17 @@ class Child:
     async def _deliveries(self, instance: Module, first: Delivery) -> None:
         mailbox = self.mailbox
         overflow = self.spec.overflow
-        hook = instance.after_append
+        hook: Callable[[Record, Any], Awaitable[None]] = instance.after_append
+        instruments = self._instruments()
+        if instruments:
+            raw_after = hook
+
+            async def observed_after(record: Record, digest: Any) -> None:
+                call = self._call("after_append", record, digest)
+                await _instrument.observed(instruments, call, raw_after, record, digest)
+
+            hook = observed_after
+
         now = self._now
         self._hook_name = "after_append"
         run = mailbox.take_deliveries(first, overflow)
@@ -477,7 +524,17 @@ class Child:
             self._hook_started = math.inf
 
     async def _before(self, instance: Module, msg: Before) -> None:
-        hook = instance.before_append
+        hook: Callable[[Record], Awaitable[Record | None]] = instance.before_append
+        instruments = self._instruments()
+        if instruments:
+            raw_before = hook
+
+            async def observed_before(record: Record) -> Record | None:
+                call = self._call("before_append", record)
+                return await _instrument.observed(instruments, call, raw_before, record)
+
+            hook = observed_before
+
         results = msg.results
         now = self._now
         self._hook_name = "before_append"
@@ -540,9 +597,13 @@ class Child:
     async def _callback(
         self, fn: Callable[[ModuleContext], Any], ctx: ModuleContext, name: str
     ) -> BaseException | None:
+        instruments = self._instruments()
         with trio.CancelScope(deadline=self._deadline()) as scope:
             try:
-                await fn(ctx)
+                if instruments:
+                    await _instrument.observed(instruments, self._call(name), fn, ctx)
+                else:
+                    await fn(ctx)
             except Exception as exc:
                 return exc
             return None
@@ -583,7 +644,7 @@ class Child:
         self._lifecycle_step = "stop"
         self._stopping = True
         try:
-            await instance.stop(ctx)
+            await self._stop_callback(instance, ctx)
         except Exception as exc:
             self._lifecycle_msg = None
             reply.fail(self.module_error("failed in stop", exc))

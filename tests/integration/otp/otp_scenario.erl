@@ -6,8 +6,8 @@
 %%   STRATEGY  one_for_one | one_for_all | rest_for_one
 %%   MAX_R     intensity (restarts allowed within a 3600 s period)
 %%   CHILDREN  comma-separated id:restart[:failinit] (failinit: init fails on every restart)
-%%   STEP      crash:ID | exit:ID | terminate:ID
-%% Output lines: "start ID", "stop ID", "fail ID" (init refused), "escalated", and at the end
+%%   STEP      crash:ID | exit:ID | terminate:ID | shutdown:all
+%% Output lines: "start ID", "stop ID", "fail ID" (init refused), "escalated", "shut down", and at the end
 %% "final ID STATE" for each child (running | stopped).
 -module(otp_scenario).
 -mode(compile).
@@ -22,6 +22,7 @@ main([Strategy, MaxR, Children | Steps]) ->
     Result = run(Sup, Steps),
     case Result of
         escalated -> out("escalated");
+        shut_down -> out("shut down");
         ok ->
             [out(io_lib:format("final ~s ~s", [Id, child_state(Pid)]))
              || {Id, Pid, _, _} <- lists:reverse(supervisor:which_children(Sup))]
@@ -41,12 +42,19 @@ run(_Sup, []) -> ok;
 run(Sup, [Step | Rest]) ->
     [Action, Id] = string:tokens(Step, ":"),
     case Action of
+        "shutdown" ->
+            exit(Sup, shutdown),
+            receive {'EXIT', Sup, _} -> ok end;
         "terminate" -> ok = supervisor:terminate_child(Sup, Id);
         _ -> gen_server:cast(pid_of(Sup, Id), list_to_atom(Action))
     end,
-    receive
-        {'EXIT', Sup, _} -> escalated
-    after 300 -> run(Sup, Rest)
+    case Action of
+        "shutdown" -> shut_down;
+        _ ->
+            receive
+                {'EXIT', Sup, _} -> escalated
+            after 300 -> run(Sup, Rest)
+            end
     end.
 
 pid_of(Sup, Id) ->
