@@ -38,6 +38,7 @@ __all__ = [
     "PhaseMachine",
     "enter",
     "mermaid",
+    "register",
 ]
 
 log = logging.getLogger("nucleus_actors.supervisor")
@@ -137,6 +138,12 @@ MODULE_TABLE: Mapping[tuple[ModuleState, ModuleEvent], ModuleState] = {
 """(current state, event) -> next state. Anything else is an illegal transition."""
 
 del S, E
+
+
+def register(child: Child) -> None:
+    """A new module starts REGISTERED (the `[*] --> REGISTERED` edge)."""
+    child.state = ModuleState.REGISTERED
+    child.state_value = AsyncValue(ModuleState.REGISTERED)
 
 
 def enter(child: Child, event: ModuleEvent) -> ModuleState:

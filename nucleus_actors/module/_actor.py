@@ -21,7 +21,7 @@ from typing import Any, Protocol
 import trio
 from trio_util import AsyncValue
 
-from .. import _instrument
+from .. import _instrument, _transitions
 from .._groups import leaves
 from .._instrument import CallbackCall, Instrument
 from ..errors import ModuleError, RecordRejected, RegistryError
@@ -109,9 +109,10 @@ class Child:
         self.instance = instance
         self.host = host
         self.mailbox = Mailbox(spec.inbox, self._overflowed)
-        # Written only by `_transitions.enter` (the supervisor's transition table).
-        self.state = ModuleState.REGISTERED
-        self.state_value = AsyncValue(ModuleState.REGISTERED)
+        # Written only by `_transitions` (the supervisor's transition table).
+        self.state: ModuleState
+        self.state_value: AsyncValue[ModuleState]
+        _transitions.register(self)
         self.restarts = 0
         self.crashes = 0
         self.processed = 0
