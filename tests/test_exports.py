@@ -143,7 +143,8 @@ def test_runtime_objects_have_no_public_constructor_and_the_view_no_mutators() -
 DOCUMENTED_METHODS = {
     "LedgerEngine": {
         "add", "add_instrument", "append", "append_many", "config", "get", "init_all",
-        "modules", "phase", "read", "register", "remove", "remove_instrument", "restart",
+        "modules", "phase", "read", "register", "remove", "remove_instrument", "require_storage",
+        "restart",
         "start_all", "state", "statistics", "stop_all", "storage", "terminate", "verify",
         "wait_length", "wait_phase",
     },

@@ -29,7 +29,7 @@ from nucleus_actors import (
     open_ledger,
 )
 from nucleus_actors.hashing import canonical_bytes, genesis
-from nucleus_actors.storage import MemoryStorage
+from nucleus_actors.storage import MemoryStorage, StorageBatch
 from tests.conftest import Gate, Recorder
 
 Log = list[tuple[str, str, Any]]
@@ -504,9 +504,9 @@ class LyingStorage(MemoryStorage):
         self.lie_on = -1
         self.head_fails = False
 
-    async def append(self, entries: Any) -> None:
-        await super().append(entries)
-        if entries[0].seq == self.lie_on:
+    async def append(self, batch: StorageBatch) -> None:
+        await super().append(batch)
+        if batch.entries[0].seq == self.lie_on:
             self.head_fails = True
             raise StorageError("connection reset after commit")
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
 from typing import Any
 
 import pytest
@@ -12,7 +11,6 @@ import trio.lowlevel
 import trio.testing
 
 from nucleus_actors import (
-    Entry,
     LedgerConfig,
     LedgerEngine,
     LifecycleError,
@@ -27,7 +25,7 @@ from nucleus_actors import (
     Restart,
     open_ledger,
 )
-from nucleus_actors.storage import MemoryStorage
+from nucleus_actors.storage import MemoryStorage, StorageBatch
 from tests.conftest import FOREVER, Gate, Recorder, lifecycle, settle
 
 Log = list[tuple[str, str, Any]]
@@ -454,9 +452,9 @@ async def test_ask_pending_when_the_engine_closes_fails_instead_of_hanging(
 class SlowStorage(MemoryStorage):
     """A durable backend takes time per batch (SQLite fsyncs in a worker thread)."""
 
-    async def append(self, entries: Sequence[Entry]) -> None:
+    async def append(self, batch: StorageBatch) -> None:
         await trio.sleep(0.1)
-        await super().append(entries)
+        await super().append(batch)
 
 
 # Regression: review 8: Phases: stop_all racing startup, asks outliving the engine

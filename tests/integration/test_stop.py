@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import signal
-from collections.abc import Sequence
 from typing import Any
 
 import pytest
@@ -14,7 +13,6 @@ import trio.testing
 from nucleus_actors import (
     Backoff,
     CommitUnknown,
-    Entry,
     Hash,
     LedgerConfig,
     LedgerEngine,
@@ -28,7 +26,7 @@ from nucleus_actors import (
     StorageError,
     open_ledger,
 )
-from nucleus_actors.storage import MemoryStorage
+from nucleus_actors.storage import MemoryStorage, StorageBatch
 from tests.conftest import FOREVER, Gate, Recorder, lifecycle, settle
 
 Log = list[tuple[str, str, Any]]
@@ -379,9 +377,9 @@ class UnsureStorage(MemoryStorage):
         self.batches = 0
         self.head_broken = False
 
-    async def append(self, entries: Sequence[Entry]) -> None:
+    async def append(self, batch: StorageBatch) -> None:
         self.batches += 1
-        await super().append(entries)
+        await super().append(batch)
         if self.batches == 2:
             self.head_broken = True
             raise StorageError("disk said no (after writing)")
