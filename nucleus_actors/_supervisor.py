@@ -25,6 +25,7 @@ from typing import Any, Protocol
 import trio
 
 from ._instrument import Instrument
+from ._order import start_order
 from ._transitions import ModuleEvent, PhaseEvent, PhaseMachine, enter
 from .config import LedgerConfig
 from .errors import LedgerFailed, LifecycleError, ModuleError, RegistryError
@@ -174,42 +175,12 @@ class Supervisor:
         self.order.append(child)
 
     def resolve_order(self) -> None:
-        """Registration order, except that a module comes after the modules it depends on.
+        """Put the modules in start order (see `_order.start_order`).
 
         Raises:
             RegistryError: unknown dependency or a cycle (before anything runs).
         """
-        for child in self.order:
-            for dep in child.spec.depends_on:
-                if dep not in self.children:
-                    raise RegistryError(
-                        f"module {child.id!r} depends on unknown module {dep!r}",
-                        module_id=child.id,
-                    )
-        placed: list[Child] = []
-        done: set[str] = set()
-        remaining = list(self.order)
-        while remaining:
-            for child in remaining:
-                if all(dep in done for dep in child.spec.depends_on):
-                    placed.append(child)
-                    done.add(child.id)
-                    remaining.remove(child)
-                    break
-            else:
-                raise RegistryError(
-                    f"dependency cycle: {self._cycle(remaining)}", module_id=remaining[0].id
-                )
-        self.order = placed
-
-    def _cycle(self, remaining: list[Child]) -> str:
-        waiting = {c.id: c for c in remaining}
-        path = [remaining[0].id]
-        while True:
-            nxt = next(d for d in waiting[path[-1]].spec.depends_on if d in waiting)
-            if nxt in path:
-                return " -> ".join([*path[path.index(nxt) :], nxt])
-            path.append(nxt)
+        self.order = start_order(self.order, self.children)
 
     # -- events from actors ----------------------------------------------------------------
     def initialized(self, child: Child) -> None:
