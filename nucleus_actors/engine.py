@@ -25,7 +25,7 @@ from trio_util import AsyncValue
 from ._groups import leaves
 from ._pipeline import Pipeline, Request
 from .config import LedgerConfig
-from .errors import IntegrityError, InvalidRecord, LedgerFailed, LifecycleError
+from .errors import EventLoopError, IntegrityError, InvalidRecord, LedgerFailed, LifecycleError
 from .hashing import ChainVerifier, genesis
 from .lifecycle import LedgerState, Phase
 from .module._base import Module
@@ -103,6 +103,19 @@ def _unwrap(group: BaseExceptionGroup[BaseException]) -> NoReturn:
         if other is not chosen:
             chosen.add_note(f"(also raised while the ledger closed: {other!r})")
     raise chosen from chosen.__cause__
+
+
+def _wrong_loop() -> EventLoopError:
+    """The error for a ledger opened outside trio (asyncio's "Task got bad yield" otherwise)."""
+    try:
+        import sniffio
+
+        where = f" (called from {sniffio.current_async_library()})"
+    except Exception:  # sniffio missing or no known library: say nothing more
+        where = ""
+    return EventLoopError(
+        f"nucleus_actors runs on trio; from asyncio use nucleus_actors.aio.open_ledger{where}"
+    )
 
 
 class LedgerEngine:
@@ -239,9 +252,12 @@ class LedgerEngine:
         """Open storage and the ledger's nursery.
 
         Raises:
+            EventLoopError: not called from a trio task (e.g. under asyncio).
             LifecycleError: the engine was already opened once.
             StorageError: the storage cannot be opened (lock held, other ledger, ...).
         """
+        if not trio.lowlevel.in_trio_task():
+            raise _wrong_loop()
         if self._used:
             raise LifecycleError(
                 f"ledger {self.config.ledger_id!r} engine was already opened; an engine is "
@@ -656,7 +672,8 @@ async def open_ledger(
 ) -> AsyncIterator[LedgerEngine]:
     """Open a ledger, register `modules`, `init_all`, `start_all`, and yield the engine.
 
-    Leaving the block stops it as `LedgerEngine.__aexit__` describes.
+    Leaving the block stops it as `LedgerEngine.__aexit__` describes. It needs trio: from
+    asyncio it raises `EventLoopError` (use `nucleus_actors.aio.open_ledger` there).
     """
     engine = LedgerEngine(config, storage)
     for module in modules:
