@@ -111,11 +111,20 @@ class _Bridge:
     """
 
     def __init__(
-        self, engine: LedgerEngine, loop: asyncio.AbstractEventLoop, *, guest: bool
+        self,
+        engine: LedgerEngine,
+        loop: asyncio.AbstractEventLoop,
+        *,
+        guest: bool,
+        clock: trio.abc.Clock | None,
     ) -> None:
         self.engine = engine
         self.loop = loop
         self.guest = guest  # trio guest mode on the host loop (benchmarks only)
+        self.clock = clock  # tests: a MockClock for the trio loop
+        self.calls = 0  # calls sent (statistics for tests and benchmarks)
+        self.crossings = 0  # host -> trio wake-ups (one per batch of operations)
+        self.returns = 0  # trio -> host wake-ups (one per batch of outcomes)
         self._lock = threading.Lock()
         self._inbox: deque[tuple[int, Any]] = deque()
         self._inbox_scheduled = False
@@ -129,6 +138,7 @@ class _Bridge:
         self._workers: trio.Nursery | None = None
         self._body: trio.CancelScope | None = None
         self._exit = trio.Event()
+        self._flush: Future | None = None  # resolved to make `_flusher` post the outbox
         self._exit_reason: _Exit = "normal"
         # host side
         self.ready: asyncio.Future[None] = loop.create_future()
@@ -138,25 +148,38 @@ class _Bridge:
 
     # -- host side ---------------------------------------------------------------------------
     def send(self, kind: int, item: Any) -> bool:
-        """Queue an operation for the trio side; False if it has closed."""
+        """Queue an operation for the trio side (host loop); False if it has closed.
+
+        The trio side is woken once per pass of the host loop, after every task that runs in
+        that pass has queued its calls (a `call_soon`, not a wake-up per call: each wake-up
+        is a syscall that also hands the GIL to the trio thread).
+        """
         with self._lock:
             if self._closed:
                 return False
             self._inbox.append((kind, item))
-            token = self._token
-            if self._inbox_scheduled or token is None:  # None: `run` drains it when it starts
+            self.calls += kind == _CALL
+            if self._inbox_scheduled:
                 return True
             self._inbox_scheduled = True
+        self.loop.call_soon(self._wake_trio)
+        return True
+
+    def _wake_trio(self) -> None:
+        with self._lock:
+            token = self._token
+        if token is None:
+            return  # not started yet: `run` drains the inbox when it starts
         # RunFinishedError: closed meanwhile, and `_close` answered what was queued.
         with contextlib.suppress(trio.RunFinishedError):
             token.run_sync_soon(self._drain_inbox)
-        return True
 
     def _drain_outbox(self) -> None:
         with self._lock:
             calls = list(self._outbox)
             self._outbox.clear()
             self._outbox_scheduled = False
+            self.returns += bool(calls)
         for call in calls:
             _resolve(call)
 
@@ -184,6 +207,7 @@ class _Bridge:
             ops = list(self._inbox)
             self._inbox.clear()
             self._inbox_scheduled = False
+            self.crossings += 1
         for kind, item in ops:
             if kind == _CALL:
                 self._pending.append(item)
@@ -242,7 +266,18 @@ class _Bridge:
             if self._outbox_scheduled:
                 return
             self._outbox_scheduled = True
-        self.post(self._drain_outbox)
+        if self._flush is not None:
+            self._flush._resolve()
+        else:
+            self.post(self._drain_outbox)
+
+    async def _flusher(self) -> None:
+        """Post the outbox to the host once per trio scheduling batch: the calls that finish
+        together (a pipeline batch answers many appends at once) cross back together."""
+        while True:
+            self._flush = Future()
+            await self._flush._wait()
+            self.post(self._drain_outbox)
 
     def _close(self) -> None:
         """The trio side ends: refuse new operations, answer the ones not started."""
@@ -268,6 +303,8 @@ class _Bridge:
         try:
             async with trio.open_nursery() as workers:
                 self._workers = workers
+                if not self.guest:
+                    workers.start_soon(self._flusher)
                 try:
                     with trio.CancelScope() as body:
                         self._body = body
@@ -304,13 +341,14 @@ class _Bridge:
                 run_sync_soon_not_threadsafe=self.loop.call_soon,
                 done_callback=guest_done,
                 host_uses_signal_set_wakeup_fd=True,
+                clock=self.clock,
             )
             return None
 
         def main() -> None:
             error: BaseException | None = None
             try:
-                trio.run(self.run, on_ready)
+                trio.run(self.run, on_ready, clock=self.clock)
             except BaseException as exc:  # handed to the host loop, raised there
                 error = exc
             self.post(self._finished, error)
@@ -662,16 +700,19 @@ class _LedgerContext:
         storage: StorageBackend | None,
         modules: Sequence[Module | Callable[[], Module] | ModuleSpec[Any]],
         guest: bool,
+        clock: trio.abc.Clock | None,
     ) -> None:
         self._engine = LedgerEngine(config, storage)
         for module in modules:
             self._engine.register(module)
         self._guest = guest
+        self._clock = clock
         self._ledger: Ledger | None = None
         self._bridge: _Bridge | None = None
         self._thread: threading.Thread | None = None
         self._task: asyncio.Task[Any] | None = None
         self._cancelling = 0
+        self._entered = False  # the block is running
         self._exiting = False
         self._cancelled_block = False  # we cancelled the block: the trio side ended first
 
@@ -684,7 +725,7 @@ class _LedgerContext:
             )
         loop = asyncio.get_running_loop()
         task = asyncio.current_task()
-        bridge = _Bridge(self._engine, loop, guest=self._guest)
+        bridge = _Bridge(self._engine, loop, guest=self._guest, clock=self._clock)
         ledger = Ledger(bridge)
         self._bridge, self._ledger, self._task = bridge, ledger, task
         self._cancelling = task.cancelling() if task is not None else 0
@@ -712,6 +753,7 @@ class _LedgerContext:
             if error is None:  # pragma: no cover - the trio run ends only after an exit
                 error = LifecycleError("the ledger's trio loop ended during startup")
             raise error
+        self._entered = True
         return ledger
 
     def _on_finished(self) -> None:
@@ -723,8 +765,8 @@ class _LedgerContext:
         if (
             not self._exiting
             and self._task is not None
+            and self._entered
             and bridge is not None
-            and bridge.ready.done()
             and bridge.error is not None
         ):
             self._cancelled_block = True
@@ -779,6 +821,7 @@ def open_ledger(
     storage: StorageBackend | None = None,
     modules: Sequence[Module | Callable[[], Module] | ModuleSpec[Any]] = (),
     _guest: bool = False,
+    _clock: trio.abc.Clock | None = None,
 ) -> _LedgerContext:
     """Open a ledger for asyncio code: `async with aio.open_ledger(config) as ledger:`.
 
@@ -800,7 +843,9 @@ def open_ledger(
         StorageError: the storage cannot be opened.
         LedgerFailed: the ledger failed while the block ran.
     """
-    return _LedgerContext(config, storage, modules, _guest)
+    # `_guest` (trio guest mode on the host loop instead of a thread) exists for
+    # benchmarks/bench_aio.py, which measures both designs; `_clock` for tests.
+    return _LedgerContext(config, storage, modules, _guest, _clock)
 
 
 async def run_in_host(fn: Callable[..., Coroutine[Any, Any, T]], *args: Any) -> T:
