@@ -35,6 +35,7 @@ import trio
 
 from ._future import Future
 from ._groups import leaves
+from ._pipeline import Request
 from .config import LedgerConfig
 from .engine import LedgerEngine
 from .errors import EventLoopError, LifecycleError
@@ -77,14 +78,18 @@ class _Call:
         "error",
         "fn",
         "future",
+        "request",
         "scope",
         "settled",
         "value",
     )
 
-    def __init__(self, fn: Callable[..., Awaitable[Any]], args: tuple[Any, ...], future: Any):
-        self.fn = fn
+    def __init__(
+        self, fn: Callable[..., Awaitable[Any]] | None, args: tuple[Any, ...], future: Any
+    ) -> None:
+        self.fn = fn  # None: an append (`args` = records, single), submitted to the pipeline
         self.args = args
+        self.request: _AppendRequest | None = None
         self.future: asyncio.Future[None] = future
         self.scope: trio.CancelScope | None = None
         self.cancelled = False  # the host asked to cancel it
@@ -92,6 +97,32 @@ class _Call:
         self.settled = False  # host side: the outcome was received
         self.value: Any = None
         self.error: BaseException | None = None
+
+
+class _AppendRequest(Request):
+    """An append submitted by the bridge: no trio task waits for it; resolving it hands the
+    outcome straight to the host (the fast path: no task per call on the trio side)."""
+
+    __slots__ = ("bridge", "call", "single")
+
+    def __init__(self, records: list[Record], bridge: _Bridge, call: _Call, single: bool):
+        super().__init__(records)
+        self.bridge = bridge
+        self.call = call
+        self.single = single
+
+    def _resolve(self) -> None:
+        self._done = True
+        call = self.call
+        if call.delivered:
+            return  # cancelled by the host meanwhile: already answered
+        if self.error is not None:
+            call.error = self.error
+        elif self.receipts is None:  # pragma: no cover - defensive, as in Request.wait
+            call.error = LifecycleError("append was withdrawn")
+        else:
+            call.value = self.receipts[0] if self.single else self.receipts
+        self.bridge._deliver(call)
 
 
 _CALL: Final = 0
@@ -209,7 +240,9 @@ class _Bridge:
             self._inbox_scheduled = False
             self.crossings += 1
         for kind, item in ops:
-            if kind == _CALL:
+            if kind == _CALL and item.fn is None:
+                self._submit_append(item)
+            elif kind == _CALL:
                 self._pending.append(item)
                 if self._idle:
                     self._idle.pop()._resolve()
@@ -221,11 +254,38 @@ class _Bridge:
                 call.cancelled = True
                 if call.scope is not None:
                     call.scope.cancel()
+                request = call.request
+                if request is not None and not call.delivered:
+                    # What `Request.wait` does when its caller is cancelled: withdrawn unless
+                    # already handed to storage (then it may still commit).
+                    if not request.storing:
+                        request.withdrawn = True
+                    call.error = _NotRun()
+                    self._deliver(call)
             else:
                 self._exit_reason = item
                 if item == "cancelled" and self._body is not None:
                     self._body.cancel()
                 self._exit.set()
+
+    def _submit_append(self, call: _Call) -> None:
+        """`LedgerEngine.append`/`append_many` up to `request.wait()`, the same checks in the
+        same order (keep in step with engine.py), with the bridge as the waiter."""
+        engine = self.engine
+        records, single = call.args
+        try:
+            engine._require("append", Phase.RUNNING)
+            batch = engine._check_records(records, "append" if single else "append_many")
+        except Exception as exc:
+            call.error = exc
+            self._deliver(call)
+            return
+        if not batch:
+            call.value = []
+            self._deliver(call)
+            return
+        call.request = _AppendRequest(batch, self, call, single)
+        engine._pipeline.submit(call.request)
 
     async def _worker(self) -> None:
         """Run calls one after another; park while there is none (a pool, not a task per
@@ -243,6 +303,7 @@ class _Bridge:
                         self._idle.remove(waiter)
                     raise
             call = self._pending.popleft()
+            assert call.fn is not None  # appends never queue here
             with trio.CancelScope() as scope:
                 call.scope = scope
                 if call.cancelled:
@@ -395,8 +456,11 @@ class Ledger:
         state = "open" if self._open else "closed"
         return f"<aio.Ledger {self.config.ledger_id!r} {state}>"
 
-    async def _call(self, what: str, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
-        """Run `await fn(*args)` on the trio loop; return its result or raise its error."""
+    async def _call(self, what: str, fn: Callable[..., Awaitable[T]] | None, *args: Any) -> T:
+        """Run `await fn(*args)` on the trio loop; return its result or raise its error.
+
+        `fn=None` is an append (`args`: records, single) that goes straight to the pipeline.
+        """
         if asyncio.get_running_loop() is not self._loop:
             raise EventLoopError(
                 f"cannot {what}: ledger {self.config.ledger_id!r} belongs to the event loop that "
@@ -463,11 +527,13 @@ class Ledger:
         reached storage; once handed to storage it may still commit although the task sees
         `CancelledError` (as in trio); either way it is settled when `CancelledError` is raised.
         """
-        return await self._call("append", self._engine.append, record)
+        receipt: Receipt = await self._call("append", None, [record], True)
+        return receipt
 
     async def append_many(self, records: Iterable[Record]) -> list[Receipt]:
         """Append records all-or-nothing (`LedgerEngine.append_many`). Cancellation as `append`."""
-        return await self._call("append", self._engine.append_many, list(records))
+        receipts: list[Receipt] = await self._call("append", None, list(records), False)
+        return receipts
 
     # -- reads -------------------------------------------------------------------------------
     async def get(self, seq: int) -> Entry:
