@@ -304,10 +304,12 @@ class _Bridge:
                     raise
             call = self._pending.popleft()
             assert call.fn is not None  # appends never queue here
+            if call.cancelled:  # cancelled by the host before it started: it never runs
+                call.error = _NotRun()
+                self._deliver(call)
+                continue
             with trio.CancelScope() as scope:
                 call.scope = scope
-                if call.cancelled:
-                    scope.cancel()
                 try:
                     call.value = await call.fn(*call.args)
                 except BaseException as exc:  # delivered to the host, raised there

@@ -486,3 +486,71 @@ def test_run_in_host_runs_on_the_host_loop() -> None:
     with contextlib.suppress(KeyboardInterrupt):
         run(main)
     assert seen == [(0, True), (1, True), (2, True)]
+
+
+def test_cancelled_ask_returns_once_trio_has_cancelled_it() -> None:
+    class Slow(Module):
+        id = "slow"
+
+        async def init(self, ctx: ModuleContext) -> None:
+            self.release = trio.Event()
+            self.finished = 0
+
+    async def main() -> None:
+        async with aio.open_ledger(config()) as ledger:
+            slow = Slow()
+            handle = await ledger.add(slow)
+            entered = asyncio.Event()
+
+            async def slow_question(module: Slow) -> str:
+                async def notify() -> None:
+                    entered.set()
+
+                await aio.run_in_host(notify)
+                await module.release.wait()
+                module.finished += 1
+                return "late answer"
+
+            task = asyncio.create_task(handle.ask(slow_question))
+            await entered.wait()
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+
+            async def release(engine: LedgerEngine) -> None:
+                slow.release.set()
+
+            await ledger.run_in_trio(release)
+            # As in trio: the running ask finished inside the actor, its result discarded.
+            assert await handle.ask(lambda module: module.finished) == 1
+
+    run(main)
+
+
+def test_append_many_of_nothing_and_run_in_trio() -> None:
+    async def main() -> None:
+        async with aio.open_ledger(config()) as ledger:
+            assert await ledger.append_many([]) == []
+
+            async def length(engine: LedgerEngine) -> int:
+                await trio.lowlevel.checkpoint()
+                return engine.state.length
+
+            assert await ledger.run_in_trio(length) == 0
+
+    run(main)
+
+
+def test_guest_mode_design_still_works() -> None:
+    """The other design (trio guest mode on the asyncio loop), kept for bench_aio.py."""
+
+    async def main() -> None:
+        opened = aio.open_ledger(config(), modules=[Validator()], _guest=True)
+        async with opened as ledger:
+            receipts = await asyncio.gather(*(ledger.append(Record("a", {})) for _ in range(10)))
+            assert sorted(r.seq for r in receipts) == list(range(10))
+            assert [e.seq async for e in ledger.read()] == list(range(10))
+            with pytest.raises(RecordRejected):
+                await ledger.append(Record("a", {"bad": 1}))
+
+    run(main)
