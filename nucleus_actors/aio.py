@@ -449,10 +449,17 @@ class Ledger:
         self._engine = bridge.engine
         self._loop = bridge.loop
         self._open = False
-        self.config: LedgerConfig = bridge.engine.config
+        self._modules = Modules(self)
+
+    @property
+    def config(self) -> LedgerConfig:
         """The ledger's configuration."""
-        self.modules = Modules(self)
-        """The ledger's modules: `status()`, `counts()`, `get(id or class)`."""
+        return self._engine.config
+
+    @property
+    def modules(self) -> Modules:
+        """The ledger's modules: `await status()`, `await counts()`, `await get(id or class)`."""
+        return self._modules
 
     def __repr__(self) -> str:
         state = "open" if self._open else "closed"
