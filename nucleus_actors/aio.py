@@ -176,6 +176,7 @@ class _Bridge:
         self.done: asyncio.Future[None] = loop.create_future()
         self.error: BaseException | None = None  # how the trio side ended
         self.on_finished: Callable[[], None] = lambda: None
+        self.in_flight: set[_Call] = set()  # sent, not answered yet (host loop)
 
     # -- host side ---------------------------------------------------------------------------
     def send(self, kind: int, item: Any) -> bool:
@@ -212,11 +213,22 @@ class _Bridge:
             self._outbox_scheduled = False
             self.returns += bool(calls)
         for call in calls:
-            _resolve(call)
+            self.resolve(call)
+
+    def resolve(self, call: _Call) -> None:
+        """Host loop: hand a finished call's outcome to the task awaiting it."""
+        call.settled = True
+        self.in_flight.discard(call)
+        future = call.future
+        if not future.done():
+            future.set_result(None)
 
     def _finished(self, error: BaseException | None) -> None:
         """The trio run has ended (host loop)."""
         self._drain_outbox()
+        for call in list(self.in_flight):  # never answered (the trio run crashed): closed
+            call.error = _NotRun()
+            self.resolve(call)
         self.error = error
         if not self.done.done():
             self.done.set_result(None)
@@ -322,7 +334,7 @@ class _Bridge:
             return
         call.delivered = True
         if self.guest:
-            _resolve(call)
+            self.resolve(call)
             return
         with self._lock:
             self._outbox.append(call)
@@ -421,14 +433,6 @@ class _Bridge:
         return thread
 
 
-def _resolve(call: _Call) -> None:
-    """Host loop: hand a finished call's outcome to the task awaiting it."""
-    call.settled = True
-    future = call.future
-    if not future.done():
-        future.set_result(None)
-
-
 class Ledger:
     """A running ledger seen from asyncio: the `LedgerEngine` API, every call awaitable.
 
@@ -479,6 +483,7 @@ class Ledger:
         call = _Call(fn, args, self._loop.create_future())
         if not self._open or not bridge.send(_CALL, call):
             raise self._closed(what)
+        bridge.in_flight.add(call)
         try:
             await call.future
         except asyncio.CancelledError:

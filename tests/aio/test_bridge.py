@@ -257,8 +257,13 @@ def test_leaving_the_block_stops_modules() -> None:
         async with aio.open_ledger(config(), modules=[Counter(log)]) as ledger:
             await ledger.append(Record("a", {}))
             assert log == ["init"]
+            follower = asyncio.create_task(ledger.wait_length(10))
+            await asyncio.sleep(0)
         assert log == ["init", "stop"]
         assert "closed" in repr(ledger)
+        # A call still waiting when the ledger stopped gets the engine's answer.
+        with pytest.raises(LifecycleError, match="will not grow: it is STOPPED with 1 entries"):
+            await follower
 
     run(main)
 
