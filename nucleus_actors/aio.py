@@ -135,10 +135,12 @@ _Exit = Literal["normal", "raised", "cancelled"]
 class _Bridge:
     """Both ends of one ledger's bridge: the host (asyncio) side and the trio side.
 
-    Host -> trio: operations go into `_inbox`; the first one of a batch schedules one
-    `_drain_inbox` on the trio loop (`TrioToken.run_sync_soon`). Trio -> host: finished calls go
-    into `_outbox`; the first one of a batch schedules one `_drain_outbox` on the host loop
-    (`call_soon_threadsafe`). So N concurrent callers cost two wake-ups, not 2N.
+    Host -> trio: operations go into `_inbox`; the first one sent in a pass of the host loop
+    schedules, at the end of that pass, one `_drain_inbox` on the trio loop
+    (`TrioToken.run_sync_soon`). Trio -> host: finished calls go into `_outbox`; the first one
+    wakes `_flusher`, which posts one `_drain_outbox` to the host loop
+    (`call_soon_threadsafe`) after the trio tasks runnable with it have run. So N concurrent
+    callers cost two wake-ups, not 2N.
     """
 
     def __init__(
@@ -349,10 +351,13 @@ class _Bridge:
     async def _flusher(self) -> None:
         """Post the outbox to the host once per trio scheduling batch: the calls that finish
         together (a pipeline batch answers many appends at once) cross back together."""
-        while True:
-            self._flush = Future()
-            await self._flush._wait()
-            self.post(self._drain_outbox)
+        try:
+            while True:
+                self._flush = Future()
+                await self._flush._wait()
+                self.post(self._drain_outbox)
+        finally:
+            self._flush = None  # later outcomes are posted one batch at a time by `_deliver`
 
     def _close(self) -> None:
         """The trio side ends: refuse new operations, answer the ones not started."""
