@@ -29,7 +29,7 @@ import threading
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Sequence
 from types import TracebackType
-from typing import Any, Final, Generic, Literal, TypeVar
+from typing import Any, Final, Generic, Literal, TypeVar, TypeVarTuple, Unpack, overload
 
 import trio
 
@@ -51,6 +51,7 @@ __all__ = ["Ledger", "ModuleHandle", "Modules", "open_ledger", "run_in_host"]
 
 T = TypeVar("T")
 M = TypeVar("M", bound=Module)
+Ts = TypeVarTuple("Ts")
 
 _READ_CHUNK: Final = 256  # entries fetched per crossing by `Ledger.read`
 _IDLE_WORKERS: Final = 64  # parked trio worker tasks kept for the next burst of calls
@@ -581,9 +582,13 @@ class Ledger:
         return await self._call("verify", self._engine.verify)
 
     # -- dynamic control ---------------------------------------------------------------------
-    async def add(
-        self, module: Module | Callable[[], Module] | ModuleSpec[Any], /, **options: Any
-    ) -> ModuleHandle[Module]:
+    @overload
+    async def add(self, module: ModuleSpec[M], /, **options: Any) -> ModuleHandle[M]: ...
+
+    @overload
+    async def add(self, module: M | Callable[[], M], /, **options: Any) -> ModuleHandle[M]: ...
+
+    async def add(self, module: Any, /, **options: Any) -> ModuleHandle[Any]:
         """Register, init and start a module while RUNNING (`LedgerEngine.add`).
 
         Cancellation: the module is cancelled and forgotten, as if `add` failed.
@@ -720,7 +725,13 @@ class Modules:
         registry = self._ledger._engine.modules
         return await self._ledger._call("read module counts", _sync, registry.counts)
 
-    async def get(self, key: str | type[M]) -> ModuleHandle[Any]:
+    @overload
+    async def get(self, key: type[M]) -> ModuleHandle[M]: ...
+
+    @overload
+    async def get(self, key: str) -> ModuleHandle[Module]: ...
+
+    async def get(self, key: type[M] | str) -> ModuleHandle[Any]:
         """The handle of a module, by id or by class (`ModuleRegistry.get`).
 
         Raises:
@@ -761,7 +772,13 @@ class ModuleHandle(Generic[M]):
         """Wait until the module is in one of the given states. Cancellation: stops waiting."""
         return await self._ledger._call("wait_state", self._handle.wait_state, state, *more)
 
-    async def ask(self, fn: Callable[..., Any], *args: Any) -> Any:
+    @overload
+    async def ask(self, fn: Callable[[M, Unpack[Ts]], Awaitable[T]], *args: *Ts) -> T: ...
+
+    @overload
+    async def ask(self, fn: Callable[[M, Unpack[Ts]], T], *args: *Ts) -> T: ...
+
+    async def ask(self, fn: Callable[..., Any], *args: Any) -> Any:  # type: ignore[misc]
         """Run `fn(module, *args)` inside the module's actor; return its result
         (`ModuleHandle.ask`). `fn` runs on the trio loop: it is trio code (sync, or async
         using trio), never asyncio code.
