@@ -825,7 +825,13 @@ class _LedgerContext:
                 "call aio.open_ledger again to reopen",
                 phase=self._engine.phase,
             )
-        loop = asyncio.get_running_loop()
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            raise EventLoopError(
+                "nucleus_actors.aio.open_ledger runs under asyncio; from trio use "
+                "nucleus_actors.open_ledger"
+            ) from None
         task = asyncio.current_task()
         bridge = _Bridge(self._engine, loop, guest=self._guest, clock=self._clock)
         ledger = Ledger(bridge)
@@ -944,6 +950,7 @@ def open_ledger(
         RegistryError / TypeError / ValueError: as `LedgerEngine.register` (at once).
         StorageError: the storage cannot be opened.
         LedgerFailed: the ledger failed while the block ran.
+        EventLoopError: entered outside asyncio (under trio, use `nucleus_actors.open_ledger`).
     """
     # `_guest` (trio guest mode on the host loop instead of a thread) exists for
     # benchmarks/bench_aio.py, which measures both designs; `_clock` for tests.

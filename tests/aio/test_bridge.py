@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import threading
 from typing import Any
 
@@ -419,7 +420,7 @@ def test_trio_open_ledger_under_asyncio_says_what_to_use() -> None:
             pytest.fail("must not open")
 
     for main in (with_open_ledger, with_engine):
-        with pytest.raises(EventLoopError, match=message):
+        with pytest.raises(EventLoopError, match=re.escape(message)):
             run(main)
 
 
@@ -559,3 +560,9 @@ def test_guest_mode_design_still_works() -> None:
                 await ledger.append(Record("a", {"bad": 1}))
 
     run(main)
+
+
+async def test_aio_open_ledger_under_trio_says_what_to_use() -> None:
+    with pytest.raises(EventLoopError, match=re.escape("from trio use nucleus_actors.open_ledger")):
+        async with aio.open_ledger(config()):
+            pytest.fail("must not open")
