@@ -450,8 +450,8 @@ class Ledger:
 
     Cancellation, for every coroutine: cancelling the awaiting task cancels the call on the
     trio side, with the effect the engine method documents for cancellation; `CancelledError`
-    is raised once the trio side has finished the call (so an append is then either withdrawn
-    or committed, never still pending).
+    is raised once the trio side has taken the cancellation into account, when the trio call
+    would have returned (so an append not yet handed to storage is withdrawn by then).
     """
 
     def __init__(self, bridge: _Bridge) -> None:
@@ -544,8 +544,8 @@ class Ledger:
         """Append one record; return its receipt once stored and delivered.
 
         As `LedgerEngine.append`, errors included. Cancellation: withdrawn if it had not
-        reached storage; once handed to storage it may still commit although the task sees
-        `CancelledError` (as in trio); either way it is settled when `CancelledError` is raised.
+        reached storage (withdrawn by the time `CancelledError` is raised); once handed to
+        storage it may still commit although the task sees `CancelledError`, as in trio.
         """
         receipt: Receipt = await self._call("append", None, [record], True)
         return receipt
