@@ -16,7 +16,7 @@ objects, raised unchanged. docs/asyncio.md explains the design and why it is a t
 than trio's guest mode.
 
 Cancellation is faithful both ways: cancelling an asyncio task that awaits a call cancels that
-call on the trio side (and the task sees `CancelledError` once the trio side has finished it);
+call on the trio side (and the task sees `CancelledError` when the trio call has returned);
 leaving the `async with` block stops the ledger as leaving the trio `open_ledger` does; a
 ledger that fails on the trio side cancels the block and `LedgerFailed` comes out of it.
 """
