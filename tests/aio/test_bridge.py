@@ -563,3 +563,22 @@ async def test_aio_open_ledger_under_trio_says_what_to_use() -> None:
     with pytest.raises(EventLoopError, match=re.escape("from trio use nucleus_actors.open_ledger")):
         async with aio.open_ledger(config()):
             pytest.fail("must not open")
+
+
+def test_run_in_host_raises_the_host_error_in_trio() -> None:
+    async def main() -> None:
+        async with aio.open_ledger(config()) as ledger:
+            handle = await ledger.add(Counter())
+
+            async def fails_on_host() -> None:
+                raise KeyError("host side")
+
+            async def question(module: Counter) -> None:
+                await aio.run_in_host(fails_on_host)
+
+            # `ask` raises what its function raised (not a crash): here the host's own error.
+            with pytest.raises(KeyError, match="host side"):
+                await handle.ask(question)
+            assert (await handle.status()).crashes == 0
+
+    run(main)
