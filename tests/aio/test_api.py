@@ -11,9 +11,18 @@ DOCS = Path(__file__).resolve().parents[2] / "docs"
 
 # Engine methods that `aio.open_ledger` runs itself (the block gets a started ledger).
 RUN_BY_OPEN_LEDGER = {"register", "init_all", "start_all"}
-# Trio-side plumbing (supervisor callbacks, the nursery, the storage object, the modules' view),
-# and `phase`, which `await ledger.state()` carries.
-ENGINE_INTERNAL = {"set_phase", "escalated", "nursery", "storage", "ledger_reader", "phase"}
+# Trio-side plumbing (supervisor callbacks, the nursery, the storage object and its capability
+# check used by storage features, the modules' view), and `phase`, which `await ledger.state()`
+# carries.
+ENGINE_INTERNAL = {
+    "set_phase",
+    "escalated",
+    "nursery",
+    "storage",
+    "require_storage",
+    "ledger_reader",
+    "phase",
+}
 
 
 def _public(cls: type) -> set[str]:
