@@ -582,3 +582,41 @@ def test_run_in_host_raises_the_host_error_in_trio() -> None:
             assert (await handle.status()).crashes == 0
 
     run(main)
+
+
+def test_leaving_by_cancellation_caps_unbounded_stops_with_exit_timeout() -> None:
+    class Stubborn(Module):
+        id = "stubborn"
+
+        async def stop(self, ctx: ModuleContext) -> None:
+            await trio.sleep_forever()
+
+    async def block(started: asyncio.Event) -> None:
+        clock = trio.testing.MockClock(autojump_threshold=0)
+        spec = ModuleSpec(Stubborn(), shutdown=None)  # an orderly exit would wait forever
+        async with aio.open_ledger(config(exit_timeout=30.0), modules=[spec], _clock=clock):
+            started.set()
+            await asyncio.Event().wait()
+
+    async def main() -> None:
+        started = asyncio.Event()
+        task = asyncio.create_task(block(started))
+        await started.wait()
+        task.cancel()  # a trio cancellation of the block: exit_timeout bounds the stop
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    run(main)
+
+
+def test_system_exit_in_the_block_stops_the_ledger_and_propagates() -> None:
+    log: list[str] = []
+
+    async def main() -> None:
+        async with aio.open_ledger(config(), modules=[Counter(log)]):
+            raise SystemExit(3)
+
+    with pytest.raises(SystemExit) as exited:
+        run(main)
+    assert exited.value.code == 3
+    assert log == ["init", "stop"]
