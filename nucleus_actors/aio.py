@@ -903,7 +903,7 @@ class _LedgerContext:
         bridge.send(_EXIT, reason)
         # Stopping is bounded by the modules' shutdown deadlines: wait for it through further
         # cancellations (as trio shields the stop), then re-raise what the block raised.
-        await _wait_uncancellable(bridge.done)
+        interrupted = await _wait_uncancellable(bridge.done)
         self._join()
         error = bridge.error
         if self._cancelled_block and self._task is not None:
@@ -916,6 +916,8 @@ class _LedgerContext:
             if self._task.uncancel() > self._cancelling and exc is not None:
                 return None  # also cancelled from elsewhere: stay cancelled
         if error is None or isinstance(error, _HostRaised):
+            if interrupted and exc is None:
+                raise asyncio.CancelledError  # cancelled while stopping: delivered now
             return None
         if exc is not None and not isinstance(exc, Exception | asyncio.CancelledError):
             error.add_note(f"(raised while the block left with {exc!r})")

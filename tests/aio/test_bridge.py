@@ -620,3 +620,48 @@ def test_system_exit_in_the_block_stops_the_ledger_and_propagates() -> None:
         run(main)
     assert exited.value.code == 3
     assert log == ["init", "stop"]
+
+
+def test_cancelled_while_stopping_the_stop_finishes_then_cancellation_is_raised() -> None:
+    class SlowStop(Module):
+        id = "slow-stop"
+
+        def __init__(self, stopping: asyncio.Event, log: list[str]) -> None:
+            self.stopping = stopping
+            self.log = log
+
+        async def init(self, ctx: ModuleContext) -> None:
+            self.release = trio.Event()
+
+        async def stop(self, ctx: ModuleContext) -> None:
+            async def notify() -> None:
+                self.stopping.set()
+
+            await aio.run_in_host(notify)
+            await self.release.wait()  # the host task is cancelled meanwhile
+            self.log.append("stopped")
+
+    log: list[str] = []
+
+    async def main() -> None:
+        stopping = asyncio.Event()
+        module = SlowStop(stopping, log)
+        opened: list[aio.Ledger] = []
+
+        async def block() -> None:
+            async with aio.open_ledger(config(), modules=[module]) as ledger:
+                opened.append(ledger)  # and leave in order
+
+        async def release(engine: LedgerEngine) -> None:
+            module.release.set()
+
+        task = asyncio.create_task(block())
+        await stopping.wait()
+        task.cancel()
+        await asyncio.sleep(0)
+        await opened[0].run_in_trio(release)  # the bridge serves calls while it stops
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert log == ["stopped"]  # the stop ran to its end first
+
+    run(main)
