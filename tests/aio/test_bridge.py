@@ -458,6 +458,9 @@ def test_two_ledgers_in_one_loop_each_with_its_thread() -> None:
             assert {"nucleus-aio ledger 'one'", "nucleus-aio ledger 'two'"} <= names
             await asyncio.gather(one.append(Record("a", {})), two.append(Record("b", {})))
             assert (await one.state()).head != (await two.state()).head
+        # Each thread has ended by the time its `async with` is left.
+        names = {t.name for t in threading.enumerate()}
+        assert not any(name.startswith("nucleus-aio") for name in names)
 
     run(main)
 
