@@ -25,11 +25,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import inspect
 import threading
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Sequence
 from types import TracebackType
-from typing import Any, Final, Generic, Literal, TypeVar, TypeVarTuple, Unpack, overload
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    Final,
+    Generic,
+    Literal,
+    TypeVar,
+    TypeVarTuple,
+    Unpack,
+    overload,
+)
 
 import trio
 
@@ -623,6 +635,27 @@ class Ledger:
         trio cancellation) and `CancelledError` is raised once it has returned.
         """
         return await self._call("run_in_trio", fn, self._engine)
+
+    if not TYPE_CHECKING:  # at run time only: type checkers keep flagging unknown names
+
+        def __getattr__(self, name: str) -> Callable[..., Awaitable[Any]]:
+            """Any other public coroutine method of `LedgerEngine` (one added after this
+            module was written), forwarded as the methods above are."""
+            engine_type = type(self._engine)
+            method = getattr(engine_type, name, None) if not name.startswith("_") else None
+            if method is None or not inspect.iscoroutinefunction(method):
+                raise AttributeError(
+                    f"aio.Ledger has no attribute {name!r} (engine coroutines are forwarded; "
+                    "for anything else use `await ledger.run_in_trio(fn)`)"
+                )
+            bound = getattr(self._engine, name)
+
+            async def forward(*args: Any, **kwargs: Any) -> Any:
+                return await self._call(name, functools.partial(bound, **kwargs), *args)
+
+            forward.__name__ = name
+            forward.__doc__ = method.__doc__
+            return forward
 
 
 async def _state(engine: LedgerEngine) -> LedgerState:
