@@ -25,7 +25,7 @@ from trio_util import AsyncValue
 from ._groups import leaves
 from ._pipeline import Pipeline, Request
 from .config import LedgerConfig
-from .errors import EventLoopError, IntegrityError, InvalidRecord, LedgerFailed, LifecycleError
+from .errors import IntegrityError, InvalidRecord, LedgerFailed, LifecycleError
 from .hashing import ChainVerifier, genesis
 from .lifecycle import LedgerState, Phase
 from .module._base import Module
@@ -106,8 +106,10 @@ def _unwrap(group: BaseExceptionGroup[BaseException]) -> NoReturn:
     raise chosen from chosen.__cause__
 
 
-def _wrong_loop() -> EventLoopError:
+def _wrong_loop() -> Exception:
     """The error for a ledger opened outside trio (asyncio's "Task got bad yield" otherwise)."""
+    from .errors import EventLoopError  # imported here: keeps this addition self-contained
+
     try:
         import sniffio
 
