@@ -25,6 +25,7 @@ from ._future import Future
 from .errors import (
     IntegrityError,
     InvalidRecord,
+    LedgerFailed,
     LifecycleError,
     ModuleError,
     NucleusError,
@@ -107,6 +108,7 @@ class Pipeline:
         self._cancel_requested = False
         self.batches_done = 0
         self._resync = False  # a storage failure left the head uncertain
+        self._moved = False  # the last failed batch found storage's head moved under us
         self._stopped = False  # the sequencer task has ended: submit() fails at once
         self._current: list[Request] = []
         self._idle = trio.Event()
@@ -290,6 +292,9 @@ class Pipeline:
         if self._resync:
             try:
                 await self._resync_head()
+            except IntegrityError as exc:
+                self._diverged(exc, live)
+                return
             except Exception as exc:
                 for request in live:
                     unavailable = StorageError(f"append failed, storage is unavailable: {exc!r}")
@@ -343,6 +348,16 @@ class Pipeline:
                 self._scope.cancel()
         if error is not None:
             cause, known = error
+            if self._moved:
+                # Storage's head is neither ours nor this batch's: something else wrote to it.
+                # Continue from it if it extends our chain, else fail the ledger (loudly),
+                # before the callers hear of their failure.
+                try:
+                    await self._resync_head()
+                except IntegrityError as exc:
+                    self._diverged(exc, [])
+                except Exception:
+                    log.warning("could not re-read the storage head", exc_info=True)
             what = "nothing stored" if known else "storage could not tell whether it was stored"
             for request, _ in committing:
                 failure = StorageError(f"append failed, {what}: {cause}")
@@ -388,6 +403,7 @@ class Pipeline:
         nothing of the batch was stored (False: the backend could not tell us)."""
         storage = self._engine.storage
         entries = batch.entries
+        self._moved = False
         try:
             await storage.append(batch)
         except Exception as exc:
@@ -398,8 +414,37 @@ class Pipeline:
                 return exc, False
             if length == entries[-1].seq + 1 and head == entries[-1].hash:
                 return None  # committed although the backend reported an error
+            engine = self._engine
+            if (length, head) != (engine._length, engine._head):
+                log.error(
+                    "ledger %r: storage head (%d, %s) differs from the ledger's (%d, %s) after "
+                    "a failed append: another writer? re-reading it",
+                    engine.config.ledger_id, length, head.hex(), engine._length,
+                    engine._head.hex(),
+                )  # fmt: skip
+                self._moved = self._resync = True
             return exc, True
         return None
+
+    def _diverged(self, error: IntegrityError, requests: list[Request]) -> None:
+        """Storage holds a chain that does not continue the ledger's (entries lost or
+        overwritten, another writer): fail the ledger, loudly. Appending on would 503 forever
+        while the ledger looked ready."""
+        engine = self._engine
+        self._resync = False
+        failure = LedgerFailed(
+            f"ledger {engine.config.ledger_id!r} failed: its storage no longer holds the chain "
+            f"it committed ({engine._length} entries, head {engine._head.hex()}): {error}; "
+            "was the ledger written by another process (a second writer through another path "
+            "to the same file)?",
+            phase=Phase.FAILED,
+        )
+        failure.__cause__ = error
+        log.critical("%s", failure)
+        for request in requests:
+            request.fail(failure)
+        engine.set_phase(Phase.FAILED)
+        engine.escalated(failure)
 
     async def settle_unknown(self) -> None:
         """Before the modules stop: adopt (and deliver) a batch of unknown outcome that did
@@ -420,10 +465,18 @@ class Pipeline:
         sees every committed entry).
 
         Raises:
-            IntegrityError: what storage holds beyond our head does not continue the chain.
+            IntegrityError: storage holds fewer entries than the ledger committed, another
+                head at the same length, or entries beyond our head that do not continue the
+                chain.
         """
         engine = self._engine
         length, head = await engine.storage.head()
+        if length < engine._length or (length == engine._length and head != engine._head):
+            raise IntegrityError(
+                f"storage head ({length}, {head.hex()}) is not the ledger's head "
+                f"({engine._length}, {engine._head.hex()}) nor a continuation of it",
+                seq=min(length, engine._length),
+            )
         if length != engine._length:
             verifier = ChainVerifier(engine._head, engine._length)
             adopted: list[Entry] = []

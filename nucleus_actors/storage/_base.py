@@ -16,6 +16,7 @@ from types import MappingProxyType
 from typing import Final, Protocol, TypeVar, cast, runtime_checkable
 
 from ..errors import StorageError
+from ..hashing import chain_step
 from ..record import Entry, Hash
 
 __all__ = [
@@ -204,14 +205,16 @@ def check_range(start: int, stop: int | None) -> None:
         raise ValueError(f"read stop must be None or an int >= start ({start}), got {stop!r}")
 
 
-def check_batch(batch: StorageBatch, length: int) -> int:
+def check_batch(batch: StorageBatch, length: int, head: Hash | None = None) -> int:
     """Check a batch against a store holding `length` entries; return the length after it.
 
     What every backend checks before it stores anything (`MemoryStorage` and `SQLiteStorage`
-    call it): entry seqs run on from `length`; each cursor names a module (a non-empty str) and
-    a seq `-1 <= seq < new length`; each idempotency record covers stored seqs; each tree tile
-    holds only complete nodes of the tree after the batch (tile `(L, N)` of width `w` needs
-    `256 * N + w <= new_length >> (8 * L)`, as C2SP tlog-tiles).
+    call it): entry seqs run on from `length`; with `head` (the stored head hash), the first
+    entry's chain hash recomputes from it (one hash: a batch chained to another head, by a
+    writer that no longer knows the store, is refused); each cursor names a module (a
+    non-empty str) and a seq `-1 <= seq < new length`; each idempotency record covers stored
+    seqs; each tree tile holds only complete nodes of the tree after the batch (tile `(L, N)`
+    of width `w` needs `256 * N + w <= new_length >> (8 * L)`, as C2SP tlog-tiles).
 
     Raises:
         StorageError: the first rule broken, with the offending value; nothing may be stored.
@@ -225,6 +228,14 @@ def check_batch(batch: StorageBatch, length: int) -> int:
         if entry.seq != length + offset:
             raise StorageError(
                 f"append out of order: entry seq {entry.seq}, expected {length + offset}"
+            )
+    if head is not None and batch.entries:
+        first = batch.entries[0]
+        if chain_step(head, first.seq, first.canonical) != first.hash:
+            raise StorageError(
+                f"append does not continue the stored chain: entry {first.seq} was chained "
+                f"to another head than the stored one ({head.hex()}); has another writer "
+                "written to this store?"
             )
     after = length + len(batch.entries)
     for module_id, seq in batch.cursors.items():
