@@ -205,7 +205,9 @@ def check_range(start: int, stop: int | None) -> None:
         raise ValueError(f"read stop must be None or an int >= start ({start}), got {stop!r}")
 
 
-def check_batch(batch: StorageBatch, length: int, head: Hash | None = None) -> int:
+def check_batch(
+    batch: StorageBatch, length: int, head: Hash | None = None, *, backend: object = None
+) -> int:
     """Check a batch against a store holding `length` entries; return the length after it.
 
     What every backend checks before it stores anything (`MemoryStorage` and `SQLiteStorage`
@@ -214,7 +216,8 @@ def check_batch(batch: StorageBatch, length: int, head: Hash | None = None) -> i
     writer that no longer knows the store, is refused); each cursor names a module (a
     non-empty str) and a seq `-1 <= seq < new length`; each idempotency record covers stored
     seqs; each tree tile holds only complete nodes of the tree after the batch (tile `(L, N)`
-    of width `w` needs `256 * N + w <= new_length >> (8 * L)`, as C2SP tlog-tiles).
+    of width `w` needs `256 * N + w <= new_length >> (8 * L)`, as C2SP tlog-tiles). With
+    `backend`, a part whose capability the backend lacks is refused (never dropped silently).
 
     Raises:
         StorageError: the first rule broken, with the offending value; nothing may be stored.
@@ -229,6 +232,17 @@ def check_batch(batch: StorageBatch, length: int, head: Hash | None = None) -> i
             raise StorageError(
                 f"append out of order: entry seq {entry.seq}, expected {length + offset}"
             )
+    if backend is not None:
+        for part, capability in (
+            ("cursors", CursorStore),
+            ("tree", TreeStore),
+            ("idempotency", IdempotencyStore),
+        ):
+            if getattr(batch, part) and not isinstance(backend, capability):
+                raise StorageError(
+                    f"storage backend {_name(backend)} lacks the {capability.__name__} "
+                    f"capability: it cannot store the batch's {part}; see {DOCS}"
+                )
     if head is not None and batch.entries:
         first = batch.entries[0]
         if chain_step(head, first.seq, first.canonical) != first.hash:

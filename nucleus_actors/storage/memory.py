@@ -112,7 +112,7 @@ class MemoryStorage:
         """
         await trio.lowlevel.checkpoint_if_cancelled()
         self._check_open("append")
-        check_batch(batch, len(self._rows), self._head)
+        check_batch(batch, len(self._rows), self._head, backend=self)
         entries: Sequence[Entry] = batch.entries
         if entries:
             self._rows.extend((entry.canonical, entry.hash) for entry in entries)

@@ -768,7 +768,7 @@ class SQLiteStorage:
             await self.head()
         expected = self._length
         assert self._head is not None
-        after = check_batch(batch, expected, self._head)
+        after = check_batch(batch, expected, self._head, backend=self)
         if batch.empty:
             await trio.lowlevel.checkpoint()
             return
