@@ -394,9 +394,10 @@ class Pipeline:
                     nursery.start_soon(child.mailbox.deliver, rest, child.spec.overflow)
 
     def _batch(self, entries: list[Entry]) -> StorageBatch:
-        """The one `StorageBatch` of this group commit: its entries, and whatever else must
-        commit atomically with them (cursors, tree tiles, idempotency keys)."""
-        return StorageBatch(entries=entries)
+        """The one `StorageBatch` of this group commit: its entries, built on the ledger's head
+        (`prev`), and whatever else must commit atomically with them (cursors, tree tiles,
+        idempotency keys)."""
+        return StorageBatch(entries=entries, prev=self._engine._head)
 
     async def _store(self, batch: StorageBatch) -> tuple[BaseException, bool] | None:
         """Append to storage. None if stored; else (error, known) where `known` says that
@@ -412,7 +413,7 @@ class Pipeline:
             except Exception:
                 self._resync = True  # re-read the head before the next batch
                 return exc, False
-            if length == entries[-1].seq + 1 and head == entries[-1].hash:
+            if entries and length == entries[-1].seq + 1 and head == entries[-1].hash:
                 return None  # committed although the backend reported an error
             engine = self._engine
             if (length, head) != (engine._length, engine._head):

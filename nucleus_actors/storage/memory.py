@@ -103,7 +103,7 @@ class MemoryStorage:
 
     async def append(self, batch: StorageBatch) -> None:
         """Store a batch (entries, cursors, tiles, keys), atomically: every part is checked
-        (`check_batch`, including that the first entry chains to the stored head) before
+        (`check_batch`, including that the batch was built on the stored head) before
         anything is stored. Never yields to other tasks: it only checks
         for cancellation first (raising `Cancelled` with nothing stored).
 
@@ -117,7 +117,8 @@ class MemoryStorage:
         if entries:
             self._rows.extend((entry.canonical, entry.hash) for entry in entries)
             self._head = entries[-1].hash
-        self._cursors.update(batch.cursors)
+        if batch.cursors:
+            self._cursors.update(batch.cursors)
         for tile in batch.tree:
             old = self._tiles.get(tile.key)
             if old is None or tile.width >= old.width:

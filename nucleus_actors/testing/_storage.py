@@ -222,14 +222,15 @@ class StorageConformance:
         await storage.close()
 
     async def _test_a_batch_chained_to_another_head_is_refused(self, factory: Factory) -> None:
-        """A batch whose first entry is not chained to the stored head (another writer's view)
-        is refused, nothing stored."""
+        """A batch built on another head than the stored one (`prev`: another writer's view)
+        is refused, nothing stored; one built on the stored head is accepted."""
         storage = await _opened(factory)
         entries = make_entries(LEDGER, 0, 2)
-        await storage.append(StorageBatch(entries=entries[:1]))
+        await storage.append(StorageBatch(entries=entries[:1], prev=genesis(LEDGER)))
         other = make_entries(LEDGER, 0, 2, kind="other")
-        await _refused(storage, StorageBatch(entries=other[1:]), "chain")
-        await storage.append(StorageBatch(entries=entries[1:]))
+        await _refused(storage, StorageBatch(entries=other[1:], prev=other[0].hash), "chain")
+        await _refused(storage, StorageBatch(entries=[], prev=other[0].hash), "chain")
+        await storage.append(StorageBatch(entries=entries[1:], prev=entries[0].hash))
         assert await _all(storage) == entries
         await storage.close()
 
