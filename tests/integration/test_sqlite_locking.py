@@ -278,6 +278,32 @@ def _can_mount() -> bool:
 
 
 @pytest.mark.skipif(not _can_mount(), reason="needs unshare -m and mount (CAP_SYS_ADMIN)")
+async def test_a_second_writer_through_a_bind_mount_is_refused(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    other = tmp_path / "other"
+    data.mkdir()
+    other.mkdir()
+    path = data / "ledger.db"
+    async with open_ledger(LedgerConfig(ledger_id="orders"), storage=SQLiteStorage(path)) as led:
+        receipts = await _append(led, 20, "first")
+        # The database file bind-mounted onto another path (a bind mount of the directory
+        # would share the sidecar lock too): only the lock on the file itself sees the alias.
+        alias = other / "ledger.db"
+        alias.touch()
+        script = f"mount --bind {path} {alias} && {sys.executable} -c '{SECOND_WRITER}' {alias}"
+        done = await trio.to_thread.run_sync(
+            lambda: subprocess.run(
+                ["unshare", "-m", "sh", "-c", script], capture_output=True, text=True, timeout=120
+            )
+        )
+        assert done.stdout.startswith(
+            f"refused: ledger file {alias} is already open for writing by another process"
+        ), done.stdout + done.stderr
+        receipts += await _append(led, 20, "first")
+    await _check_nothing_lost(path, receipts)
+
+
+@pytest.mark.skipif(not _can_mount(), reason="needs unshare -m and mount (CAP_SYS_ADMIN)")
 @pytest.mark.parametrize("how", ["verify_file", "nucleus verify"])
 def test_verify_works_on_a_read_only_mount(how: str, tmp_path: Path) -> None:
     data = tmp_path / "data"
