@@ -22,10 +22,12 @@ from typing import TYPE_CHECKING
 import trio
 
 from ._future import Future
+from ._transitions import PhaseEvent
 from .errors import (
     CommitUnknown,
     IntegrityError,
     InvalidRecord,
+    LedgerFailed,
     LifecycleError,
     ModuleError,
     NucleusError,
@@ -139,6 +141,7 @@ class Pipeline:
         self._cancel_requested = False
         self.batches_done = 0
         self._resync = False  # a storage failure left the head uncertain
+        self._moved = False  # the last failed batch found storage's head moved under us
         self._stopped = False  # the sequencer task has ended: submit() fails at once
         self._current: list[Request] = []
         self._idle = trio.Event()
@@ -320,6 +323,9 @@ class Pipeline:
         if self._resync:
             try:
                 await self._resync_head()
+            except IntegrityError as exc:
+                self._diverged(exc, live)
+                return
             except Exception as exc:
                 for request in live:
                     unavailable = StorageError(f"append failed, storage is unavailable: {exc!r}")
@@ -373,6 +379,16 @@ class Pipeline:
                 self._scope.cancel()
         if error is not None:
             cause, known = error
+            if self._moved:
+                # Storage's head is neither ours nor this batch's: something else wrote to it.
+                # Continue from it if it extends our chain, else fail the ledger (loudly),
+                # before the callers hear of their failure.
+                try:
+                    await self._resync_head()
+                except IntegrityError as exc:
+                    self._diverged(exc, [])
+                except Exception:
+                    log.warning("could not re-read the storage head", exc_info=True)
             for request, _ in committing:
                 # Unknown: the batch may have landed (it is adopted and delivered if so).
                 failure = (
@@ -412,15 +428,17 @@ class Pipeline:
                     nursery.start_soon(child.mailbox.deliver, rest, child.spec.overflow)
 
     def _batch(self, entries: list[Entry]) -> StorageBatch:
-        """The one `StorageBatch` of this group commit: its entries, and whatever else must
-        commit atomically with them (cursors, tree tiles, idempotency keys)."""
-        return StorageBatch(entries=entries)
+        """The one `StorageBatch` of this group commit: its entries, built on the ledger's head
+        (`prev`), and whatever else must commit atomically with them (cursors, tree tiles,
+        idempotency keys)."""
+        return StorageBatch(entries=entries, prev=self.chain.head)
 
     async def _store(self, batch: StorageBatch) -> tuple[BaseException, bool] | None:
         """Append to storage. None if stored; else (error, known) where `known` says that
         nothing of the batch was stored (False: the backend could not tell us)."""
         storage = self._engine.storage
         entries = batch.entries
+        self._moved = False
         try:
             await storage.append(batch)
         except Exception as exc:
@@ -429,10 +447,42 @@ class Pipeline:
             except Exception:
                 self._resync = True  # re-read the head before the next batch
                 return exc, False
-            if length == entries[-1].seq + 1 and head == entries[-1].hash:
+            if entries and length == entries[-1].seq + 1 and head == entries[-1].hash:
                 return None  # committed although the backend reported an error
+            chain = self.chain
+            if (length, head) != (chain.length, chain.head):
+                log.error(
+                    "ledger %r: storage head (%d, %s) differs from the ledger's (%d, %s) after "
+                    "a failed append: another writer? re-reading it",
+                    self._engine.config.ledger_id, length, head.hex(), chain.length,
+                    chain.head.hex(),
+                )  # fmt: skip
+                self._moved = self._resync = True
             return exc, True
         return None
+
+    def _diverged(self, error: IntegrityError, requests: list[Request]) -> None:
+        """Storage holds a chain that does not continue the ledger's (entries lost or
+        overwritten, another writer): fail the ledger, loudly. Appending on would 503 forever
+        while the ledger looked ready."""
+        engine = self._engine
+        self._resync = False
+        failure = LedgerFailed(
+            f"ledger {engine.config.ledger_id!r} failed: its storage no longer holds the chain "
+            f"it committed ({self.chain.length} entries, head {self.chain.head.hex()}): "
+            f"{error}; "
+            "was the ledger written by another process (a second writer through another path "
+            "to the same file)?",
+            phase=Phase.FAILED,
+        )
+        failure.__cause__ = error
+        log.critical("%s", failure)
+        for request in requests:
+            request.fail(failure)
+        supervisor = engine._supervisor
+        if supervisor.phase is Phase.RUNNING:  # (while STOPPING the stop goes on; the block
+            supervisor.fire(PhaseEvent.ESCALATED)  # still ends with LedgerFailed)
+        engine._escalated(failure)
 
     async def settle_unknown(self) -> None:
         """Before the modules stop: adopt (and deliver) a batch of unknown outcome that did
@@ -453,11 +503,19 @@ class Pipeline:
         sees every committed entry).
 
         Raises:
-            IntegrityError: what storage holds beyond our head does not continue the chain.
+            IntegrityError: storage holds fewer entries than the ledger committed, another
+                head at the same length, or entries beyond our head that do not continue the
+                chain.
         """
         engine = self._engine
         chain = self.chain
         length, head = await engine.storage.head()
+        if length < chain.length or (length == chain.length and head != chain.head):
+            raise IntegrityError(
+                f"storage head ({length}, {head.hex()}) is not the ledger's head "
+                f"({chain.length}, {chain.head.hex()}) nor a continuation of it",
+                seq=min(length, chain.length),
+            )
         if length != chain.length:
             verifier = ChainVerifier(chain.head, chain.length)
             adopted: list[Entry] = []
