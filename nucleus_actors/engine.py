@@ -31,7 +31,7 @@ from .lifecycle import LedgerState, Phase
 from .module._base import Module
 from .module._context import LedgerReader
 from .module._spec import ModuleSpec
-from .record import Entry, Hash, Receipt, Record
+from .record import Entry, Hash, Receipt, Record, committed_bytes
 from .registry import ModuleHandle, ModuleRegistry, Statistics
 from .storage import MemoryStorage, StorageBackend
 
@@ -533,7 +533,7 @@ class LedgerEngine:
         limit = self.config.max_record_bytes
         # The committed bytes are the record's body plus `,"seq":N,"ts":T}`: estimate that
         # suffix once with the current length and last timestamp.
-        suffix = len(b',"seq":%d,"ts":%d}' % (self._length, self._last_ts))
+        suffix = len(committed_bytes(b"", self._length, self._last_ts))
         checked = []
         for record in records:
             if not isinstance(record, Record):
