@@ -12,7 +12,6 @@ ledger); 3 the daemon is unreachable; 4 the daemon refused the token.
 from __future__ import annotations
 
 import enum
-import json
 import logging
 import os
 import sys
@@ -36,7 +35,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from . import __version__
+from . import __version__, _jcs
 from .daemon.client import (
     DEFAULT_URL,
     EXIT_BAD_INPUT,
@@ -401,23 +400,63 @@ def _parse_meta(items: list[str]) -> dict[str, str]:
 def _stdin_records(
     stream: IO[str], kind: str | None, meta: dict[str, str]
 ) -> Iterator[tuple[int, dict[str, Any]]]:
-    """`(line number, record)` for each non-blank line of JSON Lines input."""
-    for number, line in enumerate(stream, start=1):
+    """`(line number, record)` for each non-blank line of JSON Lines input.
+
+    Each record is validated here as the daemon would (JSON, I-JSON, `Record` rules), so bad
+    input is refused with its line number before anything of its batch is sent.
+    """
+    lines = iter(stream)
+    number = 0
+    while True:
+        number += 1
+        try:
+            line = next(lines)
+        except StopIteration:
+            return
+        except UnicodeDecodeError as exc:
+            raise InvalidRecord(f"stdin line {number}: not UTF-8 text ({exc.reason})") from None
         if not line.strip():
             continue
-        try:
-            value = json.loads(line)
-        except ValueError as exc:
-            raise InvalidRecord(f"stdin line {number}: not JSON: {exc}") from None
+        value = _parse_json(line, f"stdin line {number}")
         if kind is not None:
-            yield number, {"kind": kind, "payload": value, "meta": meta}
-            continue
-        if not isinstance(value, dict) or "kind" not in value or "payload" not in value:
+            record = {"kind": kind, "payload": value, "meta": meta}
+        elif not isinstance(value, dict) or "kind" not in value or "payload" not in value:
             raise InvalidRecord(
                 f"stdin line {number}: without --kind each line must be an object with "
                 f'"kind" and "payload" (and optional "meta"), got {line.strip()[:80]!r}'
             )
-        yield number, {**value, "meta": {**meta, **(value.get("meta") or {})}}
+        else:
+            record = {**value, "meta": {**meta, **(value.get("meta") or {})}}
+        _validate(record, f"stdin line {number}")
+        yield number, record
+
+
+def _parse_json(text: str, where: str) -> Any:
+    """`text` parsed as I-JSON (duplicate member names refused).
+
+    Raises:
+        InvalidRecord: naming `where`, for text that is not JSON or nests too deeply.
+    """
+    try:
+        return _jcs.loads(text)
+    except RecursionError:
+        raise InvalidRecord(f"{where}: JSON nests too deeply to parse") from None
+    except ValueError as exc:
+        raise InvalidRecord(f"{where}: not JSON: {exc}") from None
+
+
+def _validate(record: Any, where: str) -> None:
+    """Check a record object by the rules the daemon applies (kind, payload, meta).
+
+    Raises:
+        InvalidRecord: naming `where` and the broken rule.
+    """
+    try:
+        if not isinstance(record, dict) or not isinstance(record.get("meta", {}), dict):
+            raise InvalidRecord('a record is an object {"kind", "payload", "meta"}')
+        Record(record.get("kind"), record.get("payload"), record.get("meta") or {})  # type: ignore[arg-type]
+    except InvalidRecord as exc:
+        raise InvalidRecord(f"{where}: {exc}") from None
 
 
 @app.command()
@@ -448,19 +487,22 @@ def append(
     nothing of its batch is stored.
     """
     extra = _parse_meta(meta or [])
+    single: dict[str, Any] | None = None
+    if payload is not None:  # checked before the daemon is contacted: bad input exits 2
+        if kind is None:
+            _error("--json needs --kind")
+            raise typer.Exit(EXIT_CONFIG)
+        try:
+            single = {"kind": kind, "payload": _parse_json(payload, "--json"), "meta": extra}
+            _validate(single, "--json")
+        except InvalidRecord as exc:
+            _error(str(exc))
+            raise typer.Exit(EXIT_BAD_INPUT) from None
     try:
         with _client(url, token_env) as api:
             target = api.pick_ledger(ledger)
-            if payload is not None:
-                if kind is None:
-                    _error("--json needs --kind")
-                    raise typer.Exit(EXIT_CONFIG)
-                try:
-                    value = json.loads(payload)
-                except ValueError as exc:
-                    _error(f"--json is not JSON: {exc}")
-                    raise typer.Exit(EXIT_CONFIG) from None
-                receipt = api.append(target, {"kind": kind, "payload": value, "meta": extra})
+            if single is not None:
+                receipt = api.append(target, single)
                 _out.print(dumps(receipt), markup=False)
                 return
             if sys.stdin.isatty():

@@ -31,16 +31,18 @@ import trio
 from fastapi import FastAPI, Header, Query, Request, Security
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
+from fastapi.routing import APIRoute
 from fastapi.security import HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .. import __version__
+from .. import __version__, _jcs
 from ..engine import LedgerEngine
-from ..errors import InvalidRecord, LifecycleError, NucleusError
+from ..errors import InvalidRecord, LifecycleError, NucleusError, _printable
 from ..lifecycle import ModuleState
 from ..module import Module
 from ..record import Record
@@ -220,12 +222,19 @@ class _Guard:
     checks pass.
     """
 
-    def __init__(self, app: ASGIApp, state: DaemonState) -> None:
+    def __init__(self, app: ASGIApp, state: DaemonState, routes: list[Any] | None = None) -> None:
         self.app = app
         self.state = state
+        self.routes = routes
+
+    def _routed(self, scope: Scope) -> bool:
+        """True when some route takes this POST (else routing answers 404/405 itself)."""
+        if self.routes is None:
+            return True
+        return any(route.matches(scope)[0] is Match.FULL for route in self.routes)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] != "POST":
+        if scope["type"] != "http" or scope["method"] != "POST" or not self._routed(scope):
             await self.app(scope, receive, send)
             return
         problem = self._check_headers(Headers(scope=scope))
@@ -295,6 +304,43 @@ def _too_large(limit: int, size: int | None = None) -> Problem:
     )
 
 
+# -- I-JSON bodies and method routing --------------------------------------------------------
+class _IJsonRoute(APIRoute):
+    """A route whose JSON body is parsed as I-JSON (RFC 7493): a duplicate member name is a
+    422 problem naming it, where `json.loads` would silently keep the last value."""
+
+    def get_route_handler(self) -> Any:
+        handler = super().get_route_handler()
+        if self.body_field is None:
+            return handler
+
+        async def parse_then_handle(request: Request) -> Response:
+            if _is_json(request.headers.get("content-type")):
+                try:
+                    # Starlette's Request.json() returns `_json` when it is set: FastAPI then
+                    # validates what this parse produced instead of parsing again.
+                    request._json = _jcs.loads(await request.body())
+                except _jcs.DuplicateKey as exc:
+                    raise Problem("invalid-request", str(exc), key=_printable(exc.key)) from None
+                except (ValueError, RecursionError):
+                    pass  # not JSON: FastAPI parses again and reports it (malformed-json)
+            response: Response = await handler(request)
+            return response
+
+        return parse_then_handle
+
+
+def _allowed_methods(routes: list[Any], scope: Scope) -> list[str]:
+    """Every method some route serves at `scope`'s path (for `Allow`), sorted."""
+    methods: set[str] = set()
+    probe = {**scope, "method": "\0"}  # matches no route's method: a path-only match
+    for route in routes:
+        match, _ = route.matches(probe)
+        if match is not Match.NONE:
+            methods.update(getattr(route, "methods", None) or ())
+    return sorted(methods)
+
+
 # -- the app ---------------------------------------------------------------------------------
 def create_app(state: DaemonState) -> FastAPI:
     """The FastAPI application serving `state`'s ledgers (one per daemon).
@@ -311,7 +357,8 @@ def create_app(state: DaemonState) -> FastAPI:
         docs_url="/docs",
         redoc_url=None,
     )
-    app.add_middleware(_Guard, state=state)
+    app.router.route_class = _IJsonRoute
+    app.add_middleware(_Guard, state=state, routes=app.router.routes)
     _install_error_handlers(app)
     bearer = HTTPBearer(auto_error=False, description="Needed for writes when a token is set.")
     write_security = [Security(bearer)]
@@ -697,7 +744,13 @@ def _install_error_handlers(app: FastAPI) -> None:
             "not-found": f"no route {request.url.path}",
             "method-not-allowed": f"{request.method} is not allowed on {request.url.path}",
         }.get(slug, str(exc.detail))
-        return problem_response(Problem(slug, detail, headers=exc.headers), request.url.path)
+        headers = exc.headers
+        if slug == "method-not-allowed":
+            # Starlette names the methods of the first route matching the path only; a path
+            # served by several routes (GET and POST .../records) allows all of theirs.
+            allowed = _allowed_methods(app.router.routes, request.scope)
+            headers = {**(headers or {}), "Allow": ", ".join(allowed)}
+        return problem_response(Problem(slug, detail, headers=headers), request.url.path)
 
     @app.exception_handler(Exception)
     async def on_bug(request: Request, exc: Exception) -> Response:
