@@ -49,7 +49,7 @@ from .daemon.discovery import installed_modules
 from .daemon.logs import configure_logging
 from .daemon.server import EXIT_CONFIG, EXIT_FAILURE, Daemon
 from .daemon.template import CONFIG_TEMPLATE
-from .daemon.wire import dumps, jsonl_line
+from .daemon.wire import dumps, entry_line, export_header, jsonl_line
 from .errors import IntegrityError, InvalidRecord, StorageError
 from .hashing import canonical_bytes, chain_hash, genesis, leaf_hash
 from .record import Hash, Record
@@ -681,11 +681,13 @@ def export(
     """Export a ledger's entries as JSON Lines, with a progress bar.
 
     Exports `[--from, --to)` as the ledger stands when the command starts (entries appended
-    meanwhile are left for the next export). Each line is byte for byte what the
-    `jsonl-mirror` module writes. With `--verify` (default) each entry's chain hash is
-    recomputed from its record and the previous hash, so the file is known to match the
-    daemon's chain; a mismatch exits 1. With `--output`, the file appears only once complete
-    (written to FILE.partial, then renamed).
+    meanwhile are left for the next export). The first line is a header `{"nucleus_export":
+    1, "ledger_id", "from", "prev"}` (prev = the chain hash before the first entry), then one
+    line per entry with its canonical bytes (base64) beside the decoded fields: the format of
+    docs/hashing.md, which the `jsonl-mirror` module writes too. With `--verify` (default)
+    each entry's chain hash is recomputed from its record and the previous hash, so the file
+    is known to match the daemon's chain; a mismatch exits 1. With `--output`, the file
+    appears only once complete (written to FILE.partial, then renamed).
     """
     del export_format  # one format so far
     try:
@@ -717,13 +719,12 @@ def _export(
     except OSError as exc:
         _error(f"cannot write {partial_path}: {exc.strerror or exc}")
         raise typer.Exit(EXIT_CONFIG) from None
-    prev: Hash | None = None
-    if check:
-        prev = (
-            genesis(ledger)
-            if start == 0
-            else Hash.from_hex(api.page(ledger, start - 1, 1)["entries"][0]["hash"])
-        )
+    # The header names the ledger and CHAIN_{start-1}, so that a slice verifies on its own.
+    prev = (
+        genesis(ledger)
+        if start == 0
+        else Hash.from_hex(api.page(ledger, start - 1, 1)["entries"][0]["hash"])
+    )
     columns = (
         TextColumn(f"exporting {escape(ledger)}"),
         BarColumn(),
@@ -735,10 +736,12 @@ def _export(
     try:
         with Progress(*columns, console=_err, disable=not progress) as bar:
             task = bar.add_task("export", total=stop - start)
+            sink.write(export_header(ledger, start, prev))
             for entry in api.entries(ledger, start, stop):
-                if prev is not None:
-                    prev = _check_link(ledger, entry, prev)
-                sink.write(jsonl_line(entry))
+                record = _committed_record(ledger, entry)
+                if check:
+                    prev = _check_link(ledger, entry, record, prev)
+                sink.write(entry_line(record, Hash.from_hex(entry["hash"])))
                 written += 1
                 if written % 256 == 0:
                     bar.update(task, completed=written)
@@ -757,16 +760,21 @@ def _export(
     _err.print(f"exported {written} entries of {ledger!r} to {where}{checked}", markup=False)
 
 
-def _check_link(ledger: str, entry: dict[str, Any], prev: Hash) -> Hash:
-    seq = entry["seq"]
+def _committed_record(ledger: str, entry: dict[str, Any]) -> Record:
+    """The committed record of an entry the API served (exit 1 if it is not one)."""
+    seq = entry.get("seq")
     try:
-        record = Record(
+        return Record(
             entry["kind"], entry["payload"], entry["meta"], seq=seq, timestamp=entry["timestamp"]
         )
-        expected = chain_hash(prev, seq, leaf_hash(canonical_bytes(record)))
     except (InvalidRecord, KeyError, TypeError) as exc:
-        _error(f"entry {seq} of {ledger!r} cannot be checked: {exc}")
+        _error(f"entry {seq} of {ledger!r} cannot be exported: {exc}")
         raise typer.Exit(EXIT_FAILURE) from None
+
+
+def _check_link(ledger: str, entry: dict[str, Any], record: Record, prev: Hash) -> Hash:
+    seq = entry["seq"]
+    expected = chain_hash(prev, seq, leaf_hash(canonical_bytes(record)))
     if expected.hex() != entry["hash"]:
         _error(
             f"entry {seq} of {ledger!r} does not chain: its hash is {entry['hash']}, its record "

@@ -27,9 +27,10 @@ import trio
 
 from .._jcs import json_path
 from ..errors import RecordRejected
+from ..hashing import genesis
 from ..module import Module, ModuleContext
 from ..record import Hash, Record
-from .wire import entry_line
+from .wire import entry_line, export_header, parse_export_header
 
 __all__ = [
     "JsonSchemaValidator",
@@ -389,12 +390,14 @@ class _MirrorFile:
         self.path = Path(path)
         self.file: IO[bytes] | None = None
 
-    def open_and_scan(self) -> tuple[int, str] | None:
-        """Open for appending; return `(seq, hash)` of the last complete line, or None when
-        the file is empty. A torn last line (no newline: a crash mid-write) is cut off.
+    def open_and_scan(self) -> tuple[dict[str, Any] | None, tuple[int, str] | None]:
+        """Open for appending; return the header (None when the file is empty) and `(seq,
+        hash)` of the last complete entry line (None when there is none). A torn last line
+        (no newline: a crash mid-write) is cut off.
 
         Raises:
-            ValueError: the last line is not a mirrored entry.
+            ValueError: the file does not start with an export header, or its last line is
+                not a mirrored entry.
         """
         self.path = Path(os.path.expanduser(self.given)).absolute()
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -417,9 +420,23 @@ class _MirrorFile:
                 file.flush()
                 os.fsync(file.fileno())
             self.file = file
-            if not complete:
-                return None
+            if keep == 0:
+                return None, None
+            file.seek(0)
+            first = file.readline()
+            try:
+                header = parse_export_header(first)
+            except ValueError as exc:
+                raise ValueError(f"{self.path}: {exc}") from None
+            if header is None:
+                raise ValueError(
+                    f"{self.path} does not start with an export header line (a mirror "
+                    "written before the export format had one?): move it away, the mirror "
+                    "then writes the whole ledger again"
+                )
             last = complete[:-1].rsplit(b"\n", 1)[-1]
+            if len(first) >= keep:
+                return header, None  # the header alone
             try:
                 data = json.loads(last)
                 seq, digest = data["seq"], data["hash"]
@@ -430,7 +447,7 @@ class _MirrorFile:
                     f"{self.path} does not look like a jsonl-mirror file: its last line is not "
                     f"an entry ({type(exc).__name__}: {exc})"
                 ) from None
-            return seq, digest
+            return header, (seq, digest)
         except BaseException:
             file.close()
             self.file = None
@@ -464,8 +481,10 @@ class JsonlMirror(Module):
         fsync: fsync after every entry (default false: the OS writes it back; the file is
             flushed after every entry and fsynced on stop).
 
-    Each line is the entry as the API serves it (`seq`, `kind`, `payload`, `meta`,
-    `timestamp`, `hash`), byte for byte what `nucleus export --format jsonl` writes.
+    The file is in the export format (docs/hashing.md, "Exports"): a header line
+    `{"nucleus_export":1,"ledger_id","from":0,"prev"}`, then one line per entry (`seq`,
+    `kind`, `payload`, `meta`, `timestamp`, `hash`, `canonical`): byte for byte what `nucleus
+    export` writes for the same ledger.
 
     Resuming: on `init` (first start, restart after a crash, daemon restart) it reads the
     file's last line, cuts off a torn one (a crash mid-write), checks that this entry's hash
@@ -502,9 +521,17 @@ class JsonlMirror(Module):
         self.fsync = fsync
         self._ctx = ctx
         file = _MirrorFile(path)
-        last = await trio.to_thread.run_sync(file.open_and_scan)
+        header, last = await trio.to_thread.run_sync(file.open_and_scan)
         self.file = file
         try:
+            if header is None:
+                file.write(export_header(ctx.ledger_id, 0, genesis(ctx.ledger_id)))
+            elif header["ledger_id"] != ctx.ledger_id or header["from"] != 0:
+                raise ValueError(
+                    f"{file.path} mirrors ledger {header['ledger_id']!r} from seq "
+                    f"{header['from']}, not ledger {ctx.ledger_id!r} from 0 (move it away to "
+                    "start afresh)"
+                )
             self.next_seq = 0 if last is None else await self._check(ctx, file, *last)
             await self._catch_up(ctx.ledger.state.length)
         except BaseException:
