@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import hmac
 import logging
+import re
 from collections.abc import AsyncIterator
 from typing import Annotated, Any, Final
 
@@ -33,7 +34,7 @@ from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 from fastapi.security import HTTPBearer
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -41,11 +42,12 @@ from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .. import __version__, _jcs
+from .._jcs import MAX_DEPTH, MAX_SAFE_INTEGER
 from ..engine import LedgerEngine
 from ..errors import InvalidRecord, LifecycleError, NucleusError, _printable
 from ..lifecycle import ModuleState
 from ..module import Module
-from ..record import Record
+from ..record import KIND_FORBIDDEN, MAX_KIND_LENGTH, Record
 from ..registry import ModuleHandle
 from .host import DaemonState, LedgerHost
 from .problems import Problem, problem_from_error, problem_response
@@ -76,15 +78,59 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, use_attribute_docstrings=True)
 
 
+def _kind_pattern() -> str:
+    """`Record.kind`'s rule as an ECMA-262 / Python `pattern`: BMP characters as `\\uXXXX`
+    escapes, astral ones literally (a `\\U` escape is not ECMA-262). Lone surrogates are left
+    out of the class: they are not Unicode text, so no valid JSON string holds one (I-JSON),
+    and regex engines working on UTF-8 refuse them in a class."""
+
+    def literal(match: re.Match[str]) -> str:
+        return chr(int(match.group(1), 16))
+
+    forbidden = KIND_FORBIDDEN.replace(r"\ud800-\udfff", "")
+    return "^[^" + re.sub(r"\\U([0-9a-fA-F]{8})", literal, forbidden) + "]+$"
+
+
+JSON_VALUE_SCHEMA: Final[dict[str, Any]] = {
+    "description": "A JSON value as records store it (RFC 8785 numbers are IEEE doubles). "
+    "Numbers: integers and every whole number within +/-(2**53-1); whole numbers of "
+    "magnitude in [2**53, 1e21) are refused however they are written (send them as "
+    "strings); from 1e21 on, a number written with a fraction or an exponent (1e21, 1.5e300) "
+    "is accepted. No NaN or infinities; strings are Unicode text (no lone surrogates); "
+    f"arrays and objects nest at most {MAX_DEPTH} deep; object member names are unique "
+    "(I-JSON). The record's canonical size is limited by the ledger's max_record_bytes.",
+    "anyOf": [
+        {"type": "null"},
+        {"type": "boolean"},
+        {"type": "string"},
+        {"type": "integer", "minimum": -MAX_SAFE_INTEGER, "maximum": MAX_SAFE_INTEGER},
+        {"type": "number", "not": {"type": "integer"}},
+        {"type": "array", "items": {"$ref": "#/components/schemas/JsonValue"}},
+        {"type": "object", "additionalProperties": {"$ref": "#/components/schemas/JsonValue"}},
+    ],
+}
+"""The OpenAPI schema of a payload (`#/components/schemas/JsonValue`)."""
+
+
 class RecordIn(_Model):
     """A record to append."""
 
-    kind: str
-    """What happened, e.g. `order.created`: 1..256 printable characters, no whitespace."""
-    payload: Any
-    """Any JSON value (integers within +/-(2**53-1); send larger ones as strings)."""
-    meta: dict[str, str] = Field(default_factory=dict)
-    """String metadata, covered by the hash."""
+    kind: str = Field(
+        json_schema_extra={
+            "minLength": 1,
+            "maxLength": MAX_KIND_LENGTH,
+            "pattern": _kind_pattern(),
+        }
+    )
+    """What happened, e.g. `order.created`: 1..256 printable characters, no whitespace
+    (no character of Unicode categories Cc, Cf, Cs, Zs, Zl, Zp)."""
+    payload: Annotated[Any, WithJsonSchema({"allOf": [{"$ref": "#/components/schemas/JsonValue"}]})]
+    """Any JSON value (see `JsonValue`: integers within +/-(2**53-1), send larger ones as
+    strings)."""
+    meta: dict[str, str] = Field(
+        default_factory=dict, json_schema_extra={"propertyNames": {"minLength": 1}}
+    )
+    """String metadata, covered by the hash (member names are non-empty)."""
 
     def record(self) -> Record:
         """The `Record` (raises `InvalidRecord` for a bad kind, payload or meta)."""
@@ -304,6 +350,20 @@ def _too_large(limit: int, size: int | None = None) -> Problem:
     )
 
 
+def _publish_json_value(app: FastAPI) -> None:
+    """Add `JsonValue` (the payload schema, recursive) to the app's OpenAPI components."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        document = build()
+        document.setdefault("components", {}).setdefault("schemas", {})["JsonValue"] = (
+            JSON_VALUE_SCHEMA
+        )
+        return document
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
 # -- I-JSON bodies and method routing --------------------------------------------------------
 class _IJsonRoute(APIRoute):
     """A route whose JSON body is parsed as I-JSON (RFC 7493): a duplicate member name is a
@@ -331,12 +391,19 @@ class _IJsonRoute(APIRoute):
 
 
 def _allowed_methods(routes: list[Any], scope: Scope) -> list[str]:
-    """Every method some route serves at `scope`'s path (for `Allow`), sorted."""
-    methods: set[str] = set()
+    """The methods of the routes serving `scope`'s path, for `Allow`, sorted.
+
+    When several route paths match (`.../records/batch` also matches `.../records/{seq}`),
+    the most literal ones (fewest path parameters) name the resource, as the OpenAPI does.
+    """
     probe = {**scope, "method": "\0"}  # matches no route's method: a path-only match
-    for route in routes:
-        match, _ = route.matches(probe)
-        if match is not Match.NONE:
+    matching = [route for route in routes if route.matches(probe)[0] is not Match.NONE]
+    if not matching:
+        return []
+    fewest = min(len(getattr(route, "param_convertors", {})) for route in matching)
+    methods: set[str] = set()
+    for route in matching:
+        if len(getattr(route, "param_convertors", {})) == fewest:
             methods.update(getattr(route, "methods", None) or ())
     return sorted(methods)
 
@@ -358,6 +425,7 @@ def create_app(state: DaemonState) -> FastAPI:
         redoc_url=None,
     )
     app.router.route_class = _IJsonRoute
+    _publish_json_value(app)
     app.add_middleware(_Guard, state=state, routes=app.router.routes)
     _install_error_handlers(app)
     bearer = HTTPBearer(auto_error=False, description="Needed for writes when a token is set.")
@@ -708,6 +776,18 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def on_invalid(request: Request, exc: RequestValidationError) -> Response:
+        allowed = _allowed_methods(app.router.routes, request.scope)
+        if allowed and request.method not in allowed:
+            # GET .../records/batch reaches GET .../records/{seq} (and fails its validation),
+            # but the resource is the batch endpoint: POST only.
+            return problem_response(
+                Problem(
+                    "method-not-allowed",
+                    f"{request.method} is not allowed on {request.url.path}",
+                    headers={"Allow": ", ".join(allowed)},
+                ),
+                request.url.path,
+            )
         errors = exc.errors()
         for error in errors:
             if error.get("type") == "json_invalid":

@@ -84,8 +84,9 @@ async def test_a_lone_surrogate_key_is_a_422_with_a_printable_detail(
         ("POST", "/v1/ledgers/main/head", "GET"),
         ("PUT", "/v1/ledgers/main/records", "GET, POST"),
         ("DELETE", "/v1/ledgers/main/records/0", "GET"),
-        # GET .../records/{seq} also matches this path (and answers 422 for seq "batch").
-        ("PATCH", "/v1/ledgers/main/records/batch", "GET, POST"),
+        # .../records/batch also matches GET .../records/{seq}: the literal path wins.
+        ("PATCH", "/v1/ledgers/main/records/batch", "POST"),
+        ("GET", "/v1/ledgers/main/records/batch", "POST"),
         ("POST", "/healthz", "GET"),
     ],
 )
