@@ -786,6 +786,12 @@ def _check_link(ledger: str, entry: dict[str, Any], record: Record, prev: Hash) 
 
 def main() -> None:
     """Entry point of the `nucleus` console script."""
+    # `python -m nucleus_actors` puts the working directory first on sys.path, a console
+    # script puts its own bin directory there: do as -m does, so that `use = "mymods:Class"`
+    # finds mymods.py in the working directory with both (docs/cli.md: the same command).
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.insert(0, cwd)
     try:
         app()
     except KeyboardInterrupt:

@@ -23,6 +23,7 @@ from .lifecycle import ModuleState, Phase
 from .module._actor import Child, Outcome
 from .module._base import Module
 from .module._context import LedgerReader
+from .module._hooks import check_hooks
 from .module._mailbox import Ask, Lifecycle
 from .module._spec import ModuleSpec
 from .supervision import IntensityWindow, Restart, Strategy
@@ -416,6 +417,7 @@ class ModuleRegistry:
                 f"got {type(target).__name__}"
             )
         module_id = check_module_id(getattr(instance, "id", None))
+        check_hooks(instance, module_id)
         if module_id in self._children:
             raise RegistryError(f"module {module_id!r} is already present", module_id=module_id)
         if module_id in spec.depends_on:

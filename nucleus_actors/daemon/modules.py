@@ -77,6 +77,16 @@ class RequireFields(Module):
         self.fields: tuple[str, ...] = ()
         self.kinds: tuple[str, ...] = ()
 
+    @staticmethod
+    def check_config(config: Mapping[str, Any]) -> None:
+        """Check `fields` and `kinds` (`nucleus check` and `init` both call it).
+
+        Raises:
+            ValueError: `fields` is missing or not a list of strings, or `kinds` is malformed.
+        """
+        _strings(config, "fields", required=True)
+        _strings(config, "kinds", required=False)
+
     async def init(self, ctx: ModuleContext) -> None:
         """Read and check `fields` and `kinds` from the config.
 
@@ -140,15 +150,25 @@ class KindCounter(Module):
         """The first seq not counted yet."""
         self._ctx: ModuleContext | None = None
 
+    @staticmethod
+    def check_config(config: Mapping[str, Any]) -> None:
+        """Check `index` (`nucleus check` and `init` both call it).
+
+        Raises:
+            ValueError: `index` is not a boolean.
+        """
+        keep = config.get("index", False)
+        if not isinstance(keep, bool):
+            raise ValueError(f"config 'index' must be true or false, got {keep!r}")
+
     async def init(self, ctx: ModuleContext) -> None:
         """Read `index` from the config and rebuild the counts from the ledger.
 
         Raises:
             ValueError: `index` is not a boolean.
         """
+        self.check_config(ctx.config)
         keep = ctx.config.get("index", False)
-        if not isinstance(keep, bool):
-            raise ValueError(f"config 'index' must be true or false, got {keep!r}")
         self._ctx = ctx
         self.counts = {}
         self.index = {} if keep else None
@@ -270,30 +290,37 @@ class JsonSchemaValidator(Module):
         self.checked = 0
         self.rejected = 0
 
-    async def init(self, ctx: ModuleContext) -> None:
-        """Load and check every schema.
+    @staticmethod
+    def check_config(config: Mapping[str, Any]) -> None:
+        """Load and check every schema (`nucleus check` calls it; `init` compiles the same).
 
         Raises:
             ValueError: `schemas` is missing or malformed, a file does not load, a schema is
                 not a valid JSON Schema, or `unknown_kinds` is not "allow" or "reject".
         """
+        JsonSchemaValidator._compile(config)
+
+    @staticmethod
+    def _compile(config: Mapping[str, Any]) -> tuple[dict[str, Any], list[tuple[str, Any]], bool]:
+        """`(exact, prefixes longest first, reject_unknown)` from the config (blocking: it may
+        read schema files)."""
         from jsonschema import exceptions, validators
 
-        schemas = ctx.config.get("schemas")
+        schemas = config.get("schemas")
         if not isinstance(schemas, Mapping) or not schemas:
             raise ValueError(
                 f"config 'schemas' must be a non-empty table of kind -> schema, got {schemas!r}"
             )
-        unknown = ctx.config.get("unknown_kinds", "allow")
+        unknown = config.get("unknown_kinds", "allow")
         if unknown not in ("allow", "reject"):
             raise ValueError(f"config 'unknown_kinds' must be 'allow' or 'reject', got {unknown!r}")
-        self.reject_unknown = unknown == "reject"
-        self.exact, prefixes = {}, []
+        exact: dict[str, Any] = {}
+        prefixes: list[tuple[str, Any]] = []
         for kind, given in schemas.items():
             if not isinstance(kind, str) or not kind:
                 raise ValueError(f"config 'schemas': {kind!r} is not a kind")
             if isinstance(given, str):
-                schema = await trio.to_thread.run_sync(_load_json_file, given, kind)
+                schema = _load_json_file(given, kind)
             elif isinstance(given, Mapping):
                 schema = dict(given)
             else:
@@ -314,8 +341,19 @@ class JsonSchemaValidator(Module):
             if kind.endswith("*"):
                 prefixes.append((kind[:-1], validator))
             else:
-                self.exact[kind] = validator
-        self.prefixes = sorted(prefixes, key=lambda item: -len(item[0]))
+                exact[kind] = validator
+        prefixes.sort(key=lambda item: -len(item[0]))
+        return exact, prefixes, unknown == "reject"
+
+    async def init(self, ctx: ModuleContext) -> None:
+        """Load and check every schema (in a worker thread: schema files are read).
+
+        Raises:
+            ValueError: `schemas` is missing or malformed, a file does not load, a schema is
+                not a valid JSON Schema, or `unknown_kinds` is not "allow" or "reject".
+        """
+        compiled = await trio.to_thread.run_sync(self._compile, ctx.config)
+        self.exact, self.prefixes, self.reject_unknown = compiled
 
     def _validator(self, kind: str) -> Any:
         found = self.exact.get(kind)
@@ -504,6 +542,20 @@ class JsonlMirror(Module):
         self.fsync = False
         self._ctx: ModuleContext | None = None
 
+    @staticmethod
+    def check_config(config: Mapping[str, Any]) -> None:
+        """Check `path` and `fsync` (`nucleus check` and `init` both call it).
+
+        Raises:
+            ValueError: `path` is not a non-empty string, or `fsync` is not a boolean.
+        """
+        path = config.get("path")
+        if not isinstance(path, str) or not path:
+            raise ValueError(f"config 'path' must be a non-empty string, got {path!r}")
+        fsync = config.get("fsync", False)
+        if not isinstance(fsync, bool):
+            raise ValueError(f"config 'fsync' must be true or false, got {fsync!r}")
+
     async def init(self, ctx: ModuleContext) -> None:
         """Open the file, check it against the ledger and copy what it misses.
 
@@ -512,13 +564,9 @@ class JsonlMirror(Module):
                 in the ledger or has another hash (it mirrors another ledger or was edited).
             OSError: the file cannot be opened or written.
         """
-        path = ctx.config.get("path")
-        if not isinstance(path, str) or not path:
-            raise ValueError(f"config 'path' must be a non-empty string, got {path!r}")
-        fsync = ctx.config.get("fsync", False)
-        if not isinstance(fsync, bool):
-            raise ValueError(f"config 'fsync' must be true or false, got {fsync!r}")
-        self.fsync = fsync
+        self.check_config(ctx.config)
+        path = ctx.config["path"]
+        self.fsync = ctx.config.get("fsync", False)
         self._ctx = ctx
         file = _MirrorFile(path)
         header, last = await trio.to_thread.run_sync(file.open_and_scan)
