@@ -668,7 +668,12 @@ async def _events(state: DaemonState, host: LedgerHost, start: int) -> AsyncIter
     engine = host.engine
     next_seq = start
     ending = False  # the ledger will not grow any more
-    while not state.stopping:
+    while True:
+        if state.stopping:
+            # Say so (clients wait before reconnecting, instead of retrying into a daemon
+            # that is going away), then end the response at once.
+            yield f"event: shutdown\ndata: {_dumps({'detail': 'the daemon is shutting down'})}\n\n"
+            return
         length = engine.state.length
         if next_seq < length:
             # Deliver what is committed, even while the ledger is going down (reads fail
