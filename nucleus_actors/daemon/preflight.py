@@ -29,18 +29,18 @@ def preflight(config: DaemonConfig, hosts: Mapping[str, LedgerHost]) -> list[Con
     """Every problem found by the checks above, in file order (empty when none)."""
     problems: list[ConfigProblem] = []
     for index, settings in enumerate(config.ledgers):
-        where = f"ledgers[{index}] (ledger {settings.id!r})"
+        where = f"ledgers[{index}]"
         problems += _module_configs(index, settings)
         host = hosts.get(settings.id)
         if host is not None:
             ids = [handle.id for handle in host.engine.modules]
             if len(ids) == len(settings.modules):  # else registering already failed
-                problems += _dependencies(where, settings, ids)
+                problems += _dependencies(index, settings, ids)
         path = settings.storage_path(config.base_dir)
         if path is not None:
             message = _storage_problem(path)
             if message is not None:
-                problems.append(ConfigProblem(f"{where}.storage", message))
+                problems.append(ConfigProblem(f"{where}.storage (ledger {settings.id!r})", message))
     return problems
 
 
@@ -67,7 +67,8 @@ def _module_configs(index: int, settings: LedgerSettings) -> list[ConfigProblem]
     return problems
 
 
-def _dependencies(where: str, settings: LedgerSettings, ids: list[str]) -> list[ConfigProblem]:
+def _dependencies(index: int, settings: LedgerSettings, ids: list[str]) -> list[ConfigProblem]:
+    where = f"ledgers[{index}]"
     problems = []
     depends = {
         module_id: list(m.depends_on) for module_id, m in zip(ids, settings.modules, strict=True)
@@ -77,7 +78,8 @@ def _dependencies(where: str, settings: LedgerSettings, ids: list[str]) -> list[
             if dep not in depends:
                 problems.append(
                     ConfigProblem(
-                        f"{where}.modules[{position}].depends_on",
+                        f"{where}.modules[{position}].depends_on (ledger {settings.id!r}, "
+                        f"module {module_id!r})",
                         f"module {module_id!r} depends on unknown module {dep!r} (the ledger's "
                         f"modules are {', '.join(ids)})",
                     )
@@ -90,7 +92,11 @@ def _dependencies(where: str, settings: LedgerSettings, ids: list[str]) -> list[
         ready = [m for m, deps in remaining.items() if all(d in done for d in deps)]
         if not ready:
             cycle = " -> ".join(sorted(remaining))
-            return [ConfigProblem(f"{where}.modules", f"dependency cycle among: {cycle}")]
+            return [
+                ConfigProblem(
+                    f"{where}.modules (ledger {settings.id!r})", f"dependency cycle among: {cycle}"
+                )
+            ]
         for module_id in ready:
             done.add(module_id)
             del remaining[module_id]
