@@ -37,7 +37,7 @@ from .errors import (
 from .hashing import ChainVerifier, chain_step, genesis
 from .lifecycle import Phase
 from .module._mailbox import Before
-from .record import Entry, Hash, Receipt, Record
+from .record import Entry, Hash, Receipt, Record, committed_bytes
 from .storage import StorageBatch
 
 if TYPE_CHECKING:
@@ -347,7 +347,7 @@ class Pipeline:
         for request in live:
             datas: list[bytes] = []
             for index, record in enumerate(request.records):
-                data = b'%s,"seq":%d,"ts":%d}' % (record._body, seq + len(datas), ts)
+                data = committed_bytes(record._body, seq + len(datas), ts)
                 if len(data) > max_bytes:
                     where = f" (record {index} of the batch)" if len(request.records) > 1 else ""
                     request.fail(

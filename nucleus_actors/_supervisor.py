@@ -33,6 +33,7 @@ from .lifecycle import ModuleState, Phase, StopResult
 from .module._actor import Child, Outcome
 from .module._base import Module
 from .module._context import LedgerReader
+from .module._hooks import check_hooks
 from .module._mailbox import Lifecycle, LifecycleOp
 from .module._spec import ModuleSpec
 from .registry import ModuleRegistry, check_module_id
@@ -164,6 +165,7 @@ class Supervisor:
                 f"got {type(target).__name__}"
             )
         module_id = check_module_id(getattr(instance, "id", None))
+        check_hooks(instance, module_id)
         if module_id in self.children:
             raise RegistryError(f"module {module_id!r} is already present", module_id=module_id)
         if module_id in spec.depends_on:

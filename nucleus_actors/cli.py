@@ -12,7 +12,6 @@ ledger); 3 the daemon is unreachable; 4 the daemon refused the token.
 from __future__ import annotations
 
 import enum
-import json
 import logging
 import os
 import sys
@@ -36,7 +35,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from . import __version__
+from . import __version__, _jcs
 from .daemon.client import (
     DEFAULT_URL,
     EXIT_BAD_INPUT,
@@ -50,7 +49,7 @@ from .daemon.discovery import installed_modules
 from .daemon.logs import configure_logging
 from .daemon.server import EXIT_CONFIG, EXIT_FAILURE, Daemon
 from .daemon.template import CONFIG_TEMPLATE
-from .daemon.wire import dumps, jsonl_line
+from .daemon.wire import dumps, entry_line, export_header, jsonl_line
 from .errors import IntegrityError, InvalidRecord, StorageError
 from .hashing import canonical_bytes, chain_hash, genesis, leaf_hash
 from .record import Hash, Record
@@ -401,23 +400,63 @@ def _parse_meta(items: list[str]) -> dict[str, str]:
 def _stdin_records(
     stream: IO[str], kind: str | None, meta: dict[str, str]
 ) -> Iterator[tuple[int, dict[str, Any]]]:
-    """`(line number, record)` for each non-blank line of JSON Lines input."""
-    for number, line in enumerate(stream, start=1):
+    """`(line number, record)` for each non-blank line of JSON Lines input.
+
+    Each record is validated here as the daemon would (JSON, I-JSON, `Record` rules), so bad
+    input is refused with its line number before anything of its batch is sent.
+    """
+    lines = iter(stream)
+    number = 0
+    while True:
+        number += 1
+        try:
+            line = next(lines)
+        except StopIteration:
+            return
+        except UnicodeDecodeError as exc:
+            raise InvalidRecord(f"stdin line {number}: not UTF-8 text ({exc.reason})") from None
         if not line.strip():
             continue
-        try:
-            value = json.loads(line)
-        except ValueError as exc:
-            raise InvalidRecord(f"stdin line {number}: not JSON: {exc}") from None
+        value = _parse_json(line, f"stdin line {number}")
         if kind is not None:
-            yield number, {"kind": kind, "payload": value, "meta": meta}
-            continue
-        if not isinstance(value, dict) or "kind" not in value or "payload" not in value:
+            record = {"kind": kind, "payload": value, "meta": meta}
+        elif not isinstance(value, dict) or "kind" not in value or "payload" not in value:
             raise InvalidRecord(
                 f"stdin line {number}: without --kind each line must be an object with "
                 f'"kind" and "payload" (and optional "meta"), got {line.strip()[:80]!r}'
             )
-        yield number, {**value, "meta": {**meta, **(value.get("meta") or {})}}
+        else:
+            record = {**value, "meta": {**meta, **(value.get("meta") or {})}}
+        _validate(record, f"stdin line {number}")
+        yield number, record
+
+
+def _parse_json(text: str, where: str) -> Any:
+    """`text` parsed as I-JSON (duplicate member names refused).
+
+    Raises:
+        InvalidRecord: naming `where`, for text that is not JSON or nests too deeply.
+    """
+    try:
+        return _jcs.loads(text)
+    except RecursionError:
+        raise InvalidRecord(f"{where}: JSON nests too deeply to parse") from None
+    except ValueError as exc:
+        raise InvalidRecord(f"{where}: not JSON: {exc}") from None
+
+
+def _validate(record: Any, where: str) -> None:
+    """Check a record object by the rules the daemon applies (kind, payload, meta).
+
+    Raises:
+        InvalidRecord: naming `where` and the broken rule.
+    """
+    try:
+        if not isinstance(record, dict) or not isinstance(record.get("meta", {}), dict):
+            raise InvalidRecord('a record is an object {"kind", "payload", "meta"}')
+        Record(record.get("kind"), record.get("payload"), record.get("meta") or {})  # type: ignore[arg-type]
+    except InvalidRecord as exc:
+        raise InvalidRecord(f"{where}: {exc}") from None
 
 
 @app.command()
@@ -448,19 +487,22 @@ def append(
     nothing of its batch is stored.
     """
     extra = _parse_meta(meta or [])
+    single: dict[str, Any] | None = None
+    if payload is not None:  # checked before the daemon is contacted: bad input exits 2
+        if kind is None:
+            _error("--json needs --kind")
+            raise typer.Exit(EXIT_CONFIG)
+        try:
+            single = {"kind": kind, "payload": _parse_json(payload, "--json"), "meta": extra}
+            _validate(single, "--json")
+        except InvalidRecord as exc:
+            _error(str(exc))
+            raise typer.Exit(EXIT_BAD_INPUT) from None
     try:
         with _client(url, token_env) as api:
             target = api.pick_ledger(ledger)
-            if payload is not None:
-                if kind is None:
-                    _error("--json needs --kind")
-                    raise typer.Exit(EXIT_CONFIG)
-                try:
-                    value = json.loads(payload)
-                except ValueError as exc:
-                    _error(f"--json is not JSON: {exc}")
-                    raise typer.Exit(EXIT_CONFIG) from None
-                receipt = api.append(target, {"kind": kind, "payload": value, "meta": extra})
+            if single is not None:
+                receipt = api.append(target, single)
                 _out.print(dumps(receipt), markup=False)
                 return
             if sys.stdin.isatty():
@@ -639,11 +681,13 @@ def export(
     """Export a ledger's entries as JSON Lines, with a progress bar.
 
     Exports `[--from, --to)` as the ledger stands when the command starts (entries appended
-    meanwhile are left for the next export). Each line is byte for byte what the
-    `jsonl-mirror` module writes. With `--verify` (default) each entry's chain hash is
-    recomputed from its record and the previous hash, so the file is known to match the
-    daemon's chain; a mismatch exits 1. With `--output`, the file appears only once complete
-    (written to FILE.partial, then renamed).
+    meanwhile are left for the next export). The first line is a header `{"nucleus_export":
+    1, "ledger_id", "from", "prev"}` (prev = the chain hash before the first entry), then one
+    line per entry with its canonical bytes (base64) beside the decoded fields: the format of
+    docs/hashing.md, which the `jsonl-mirror` module writes too. With `--verify` (default)
+    each entry's chain hash is recomputed from its record and the previous hash, so the file
+    is known to match the daemon's chain; a mismatch exits 1. With `--output`, the file
+    appears only once complete (written to FILE.partial, then renamed).
     """
     del export_format  # one format so far
     try:
@@ -675,13 +719,12 @@ def _export(
     except OSError as exc:
         _error(f"cannot write {partial_path}: {exc.strerror or exc}")
         raise typer.Exit(EXIT_CONFIG) from None
-    prev: Hash | None = None
-    if check:
-        prev = (
-            genesis(ledger)
-            if start == 0
-            else Hash.from_hex(api.page(ledger, start - 1, 1)["entries"][0]["hash"])
-        )
+    # The header names the ledger and CHAIN_{start-1}, so that a slice verifies on its own.
+    prev = (
+        genesis(ledger)
+        if start == 0
+        else Hash.from_hex(api.page(ledger, start - 1, 1)["entries"][0]["hash"])
+    )
     columns = (
         TextColumn(f"exporting {escape(ledger)}"),
         BarColumn(),
@@ -693,10 +736,12 @@ def _export(
     try:
         with Progress(*columns, console=_err, disable=not progress) as bar:
             task = bar.add_task("export", total=stop - start)
+            sink.write(export_header(ledger, start, prev))
             for entry in api.entries(ledger, start, stop):
-                if prev is not None:
-                    prev = _check_link(ledger, entry, prev)
-                sink.write(jsonl_line(entry))
+                record = _committed_record(ledger, entry)
+                if check:
+                    prev = _check_link(ledger, entry, record, prev)
+                sink.write(entry_line(record, Hash.from_hex(entry["hash"])))
                 written += 1
                 if written % 256 == 0:
                     bar.update(task, completed=written)
@@ -715,16 +760,21 @@ def _export(
     _err.print(f"exported {written} entries of {ledger!r} to {where}{checked}", markup=False)
 
 
-def _check_link(ledger: str, entry: dict[str, Any], prev: Hash) -> Hash:
-    seq = entry["seq"]
+def _committed_record(ledger: str, entry: dict[str, Any]) -> Record:
+    """The committed record of an entry the API served (exit 1 if it is not one)."""
+    seq = entry.get("seq")
     try:
-        record = Record(
+        return Record(
             entry["kind"], entry["payload"], entry["meta"], seq=seq, timestamp=entry["timestamp"]
         )
-        expected = chain_hash(prev, seq, leaf_hash(canonical_bytes(record)))
     except (InvalidRecord, KeyError, TypeError) as exc:
-        _error(f"entry {seq} of {ledger!r} cannot be checked: {exc}")
+        _error(f"entry {seq} of {ledger!r} cannot be exported: {exc}")
         raise typer.Exit(EXIT_FAILURE) from None
+
+
+def _check_link(ledger: str, entry: dict[str, Any], record: Record, prev: Hash) -> Hash:
+    seq = entry["seq"]
+    expected = chain_hash(prev, seq, leaf_hash(canonical_bytes(record)))
     if expected.hex() != entry["hash"]:
         _error(
             f"entry {seq} of {ledger!r} does not chain: its hash is {entry['hash']}, its record "
@@ -736,6 +786,12 @@ def _check_link(ledger: str, entry: dict[str, Any], prev: Hash) -> Hash:
 
 def main() -> None:
     """Entry point of the `nucleus` console script."""
+    # `python -m nucleus_actors` puts the working directory first on sys.path, a console
+    # script puts its own bin directory there: do as -m does, so that `use = "mymods:Class"`
+    # finds mymods.py in the working directory with both (docs/cli.md: the same command).
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.insert(0, cwd)
     try:
         app()
     except KeyboardInterrupt:

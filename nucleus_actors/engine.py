@@ -33,7 +33,7 @@ from .lifecycle import LedgerState, Phase
 from .module._base import Module
 from .module._context import LedgerReader
 from .module._spec import ModuleSpec
-from .record import Entry, Hash, Receipt, Record
+from .record import Entry, Hash, Receipt, Record, committed_bytes
 from .registry import ModuleHandle, ModuleRegistry, Statistics, _handle
 from .storage import MemoryStorage, StorageBackend, check_contract, require_capability
 
@@ -595,7 +595,7 @@ class LedgerEngine:
         limit = self.config.max_record_bytes
         # The committed bytes are the record's body plus `,"seq":N,"ts":T}`: estimate that
         # suffix once with the current length and last timestamp.
-        suffix = len(b',"seq":%d,"ts":%d}' % (self._chain.length, self._chain.last_ts))
+        suffix = len(committed_bytes(b"", self._chain.length, self._chain.last_ts))
         checked = []
         for record in records:
             if not isinstance(record, Record):

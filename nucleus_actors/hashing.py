@@ -22,7 +22,7 @@ from typing import Any, Final
 from blake3 import blake3
 
 from .errors import IntegrityError, InvalidRecord
-from .record import Entry, Hash, Record
+from .record import Entry, Hash, Record, body_of, committed_bytes
 
 __all__ = [
     "ChainVerifier",
@@ -56,7 +56,7 @@ def canonical_bytes(record: Record) -> bytes:
             "canonical bytes need a committed record (seq and timestamp set), "
             f"got seq={record.seq!r} timestamp={record.timestamp!r}"
         )
-    return b'%s,"seq":%d,"ts":%d}' % (record._body, record.seq, record.timestamp)
+    return committed_bytes(record._body, record.seq, record.timestamp)
 
 
 def genesis(ledger_id: str) -> Hash:
@@ -141,8 +141,7 @@ def decode_entry(seq: int, canonical: bytes, hash: bytes) -> Entry:
         obj = json.loads(canonical)
     except (ValueError, UnicodeDecodeError) as exc:
         raise IntegrityError(f"entry {seq}: canonical bytes are not JSON ({exc})", seq=seq) from exc
-    marker = canonical.rfind(b',"seq":')
-    record = _record_from(seq, obj, canonical[:marker] if marker > 0 else b"")
+    record = _record_from(seq, obj, body_of(canonical))
     try:
         digest = Hash(hash)
     except ValueError as exc:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import hmac
 import logging
+import re
 from collections.abc import AsyncIterator
 from typing import Annotated, Any, Final
 
@@ -31,19 +32,22 @@ import trio
 from fastapi import FastAPI, Header, Query, Request, Security
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
+from fastapi.routing import APIRoute
 from fastapi.security import HTTPBearer
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .. import __version__
+from .. import __version__, _jcs
+from .._jcs import MAX_DEPTH, MAX_SAFE_INTEGER
 from ..engine import LedgerEngine
-from ..errors import InvalidRecord, LifecycleError, NucleusError
+from ..errors import InvalidRecord, LifecycleError, NucleusError, _printable
 from ..lifecycle import ModuleState
 from ..module import Module
-from ..record import Record
+from ..record import KIND_FORBIDDEN, MAX_KIND_LENGTH, Record
 from ..registry import ModuleHandle
 from .host import DaemonState, LedgerHost
 from .problems import Problem, problem_from_error, problem_response
@@ -74,15 +78,59 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, use_attribute_docstrings=True)
 
 
+def _kind_pattern() -> str:
+    """`Record.kind`'s rule as an ECMA-262 / Python `pattern`: BMP characters as `\\uXXXX`
+    escapes, astral ones literally (a `\\U` escape is not ECMA-262). Lone surrogates are left
+    out of the class: they are not Unicode text, so no valid JSON string holds one (I-JSON),
+    and regex engines working on UTF-8 refuse them in a class."""
+
+    def literal(match: re.Match[str]) -> str:
+        return chr(int(match.group(1), 16))
+
+    forbidden = KIND_FORBIDDEN.replace(r"\ud800-\udfff", "")
+    return "^[^" + re.sub(r"\\U([0-9a-fA-F]{8})", literal, forbidden) + "]+$"
+
+
+JSON_VALUE_SCHEMA: Final[dict[str, Any]] = {
+    "description": "A JSON value as records store it (RFC 8785 numbers are IEEE doubles). "
+    "Numbers: integers and every whole number within +/-(2**53-1); whole numbers of "
+    "magnitude in [2**53, 1e21) are refused however they are written (send them as "
+    "strings); from 1e21 on, a number written with a fraction or an exponent (1e21, 1.5e300) "
+    "is accepted. No NaN or infinities; strings are Unicode text (no lone surrogates); "
+    f"arrays and objects nest at most {MAX_DEPTH} deep; object member names are unique "
+    "(I-JSON). The record's canonical size is limited by the ledger's max_record_bytes.",
+    "anyOf": [
+        {"type": "null"},
+        {"type": "boolean"},
+        {"type": "string"},
+        {"type": "integer", "minimum": -MAX_SAFE_INTEGER, "maximum": MAX_SAFE_INTEGER},
+        {"type": "number", "not": {"type": "integer"}},
+        {"type": "array", "items": {"$ref": "#/components/schemas/JsonValue"}},
+        {"type": "object", "additionalProperties": {"$ref": "#/components/schemas/JsonValue"}},
+    ],
+}
+"""The OpenAPI schema of a payload (`#/components/schemas/JsonValue`)."""
+
+
 class RecordIn(_Model):
     """A record to append."""
 
-    kind: str
-    """What happened, e.g. `order.created`: 1..256 printable characters, no whitespace."""
-    payload: Any
-    """Any JSON value (integers within +/-(2**53-1); send larger ones as strings)."""
-    meta: dict[str, str] = Field(default_factory=dict)
-    """String metadata, covered by the hash."""
+    kind: str = Field(
+        json_schema_extra={
+            "minLength": 1,
+            "maxLength": MAX_KIND_LENGTH,
+            "pattern": _kind_pattern(),
+        }
+    )
+    """What happened, e.g. `order.created`: 1..256 printable characters, no whitespace
+    (no character of Unicode categories Cc, Cf, Cs, Zs, Zl, Zp)."""
+    payload: Annotated[Any, WithJsonSchema({"allOf": [{"$ref": "#/components/schemas/JsonValue"}]})]
+    """Any JSON value (see `JsonValue`: integers within +/-(2**53-1), send larger ones as
+    strings)."""
+    meta: dict[str, str] = Field(
+        default_factory=dict, json_schema_extra={"propertyNames": {"minLength": 1}}
+    )
+    """String metadata, covered by the hash (member names are non-empty)."""
 
     def record(self) -> Record:
         """The `Record` (raises `InvalidRecord` for a bad kind, payload or meta)."""
@@ -220,12 +268,19 @@ class _Guard:
     checks pass.
     """
 
-    def __init__(self, app: ASGIApp, state: DaemonState) -> None:
+    def __init__(self, app: ASGIApp, state: DaemonState, routes: list[Any] | None = None) -> None:
         self.app = app
         self.state = state
+        self.routes = routes
+
+    def _routed(self, scope: Scope) -> bool:
+        """True when some route takes this POST (else routing answers 404/405 itself)."""
+        if self.routes is None:
+            return True
+        return any(route.matches(scope)[0] is Match.FULL for route in self.routes)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] != "POST":
+        if scope["type"] != "http" or scope["method"] != "POST" or not self._routed(scope):
             await self.app(scope, receive, send)
             return
         problem = self._check_headers(Headers(scope=scope))
@@ -295,6 +350,64 @@ def _too_large(limit: int, size: int | None = None) -> Problem:
     )
 
 
+def _publish_json_value(app: FastAPI) -> None:
+    """Add `JsonValue` (the payload schema, recursive) to the app's OpenAPI components."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        document = build()
+        document.setdefault("components", {}).setdefault("schemas", {})["JsonValue"] = (
+            JSON_VALUE_SCHEMA
+        )
+        return document
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+# -- I-JSON bodies and method routing --------------------------------------------------------
+class _IJsonRoute(APIRoute):
+    """A route whose JSON body is parsed as I-JSON (RFC 7493): a duplicate member name is a
+    422 problem naming it, where `json.loads` would silently keep the last value."""
+
+    def get_route_handler(self) -> Any:
+        handler = super().get_route_handler()
+        if self.body_field is None:
+            return handler
+
+        async def parse_then_handle(request: Request) -> Response:
+            if _is_json(request.headers.get("content-type")):
+                try:
+                    # Starlette's Request.json() returns `_json` when it is set: FastAPI then
+                    # validates what this parse produced instead of parsing again.
+                    request._json = _jcs.loads(await request.body())
+                except _jcs.DuplicateKey as exc:
+                    raise Problem("invalid-request", str(exc), key=_printable(exc.key)) from None
+                except (ValueError, RecursionError):
+                    pass  # not JSON: FastAPI parses again and reports it (malformed-json)
+            response: Response = await handler(request)
+            return response
+
+        return parse_then_handle
+
+
+def _allowed_methods(routes: list[Any], scope: Scope) -> list[str]:
+    """The methods of the routes serving `scope`'s path, for `Allow`, sorted.
+
+    When several route paths match (`.../records/batch` also matches `.../records/{seq}`),
+    the most literal ones (fewest path parameters) name the resource, as the OpenAPI does.
+    """
+    probe = {**scope, "method": "\0"}  # matches no route's method: a path-only match
+    matching = [route for route in routes if route.matches(probe)[0] is not Match.NONE]
+    if not matching:
+        return []
+    fewest = min(len(getattr(route, "param_convertors", {})) for route in matching)
+    methods: set[str] = set()
+    for route in matching:
+        if len(getattr(route, "param_convertors", {})) == fewest:
+            methods.update(getattr(route, "methods", None) or ())
+    return sorted(methods)
+
+
 # -- the app ---------------------------------------------------------------------------------
 def create_app(state: DaemonState) -> FastAPI:
     """The FastAPI application serving `state`'s ledgers (one per daemon).
@@ -311,7 +424,9 @@ def create_app(state: DaemonState) -> FastAPI:
         docs_url="/docs",
         redoc_url=None,
     )
-    app.add_middleware(_Guard, state=state)
+    app.router.route_class = _IJsonRoute
+    _publish_json_value(app)
+    app.add_middleware(_Guard, state=state, routes=app.router.routes)
     _install_error_handlers(app)
     bearer = HTTPBearer(auto_error=False, description="Needed for writes when a token is set.")
     write_security = [Security(bearer)]
@@ -553,7 +668,12 @@ async def _events(state: DaemonState, host: LedgerHost, start: int) -> AsyncIter
     engine = host.engine
     next_seq = start
     ending = False  # the ledger will not grow any more
-    while not state.stopping:
+    while True:
+        if state.stopping:
+            # Say so (clients wait before reconnecting, instead of retrying into a daemon
+            # that is going away), then end the response at once.
+            yield f"event: shutdown\ndata: {_dumps({'detail': 'the daemon is shutting down'})}\n\n"
+            return
         length = engine.state.length
         if next_seq < length:
             # Deliver what is committed, even while the ledger is going down (reads fail
@@ -661,6 +781,18 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def on_invalid(request: Request, exc: RequestValidationError) -> Response:
+        allowed = _allowed_methods(app.router.routes, request.scope)
+        if allowed and request.method not in allowed:
+            # GET .../records/batch reaches GET .../records/{seq} (and fails its validation),
+            # but the resource is the batch endpoint: POST only.
+            return problem_response(
+                Problem(
+                    "method-not-allowed",
+                    f"{request.method} is not allowed on {request.url.path}",
+                    headers={"Allow": ", ".join(allowed)},
+                ),
+                request.url.path,
+            )
         errors = exc.errors()
         for error in errors:
             if error.get("type") == "json_invalid":
@@ -697,7 +829,13 @@ def _install_error_handlers(app: FastAPI) -> None:
             "not-found": f"no route {request.url.path}",
             "method-not-allowed": f"{request.method} is not allowed on {request.url.path}",
         }.get(slug, str(exc.detail))
-        return problem_response(Problem(slug, detail, headers=exc.headers), request.url.path)
+        headers = exc.headers
+        if slug == "method-not-allowed":
+            # Starlette names the methods of the first route matching the path only; a path
+            # served by several routes (GET and POST .../records) allows all of theirs.
+            allowed = _allowed_methods(app.router.routes, request.scope)
+            headers = {**(headers or {}), "Allow": ", ".join(allowed)}
+        return problem_response(Problem(slug, detail, headers=headers), request.url.path)
 
     @app.exception_handler(Exception)
     async def on_bug(request: Request, exc: Exception) -> Response:

@@ -36,6 +36,7 @@ from .app import create_app
 from .config import ConfigError, ConfigProblem, DaemonConfig
 from .host import DaemonState, LedgerHost
 from .metrics import DaemonMetrics
+from .preflight import preflight
 
 __all__ = ["EXIT_CONFIG", "EXIT_FAILURE", "EXIT_OK", "Daemon", "build_hosts"]
 
@@ -79,6 +80,7 @@ def build_hosts(
             except (NucleusError, ValueError, TypeError) as exc:
                 problems.append(ConfigProblem(where, f"cannot register the module: {exc}"))
         hosts[settings.id] = LedgerHost(settings, engine, path)
+    problems += preflight(config, hosts)  # what `check` and `run` both refuse (exit 2)
     if problems:
         raise ConfigError("configuration", problems)
     return hosts
