@@ -22,6 +22,7 @@ PUBLIC_MODULES = [
     "nucleus_actors",
     "nucleus_actors.errors",
     "nucleus_actors.hashing",
+    "nucleus_actors.proofs",
     "nucleus_actors.storage",
 ]
 
