@@ -1,0 +1,289 @@
+"""The ledger's Merkle tree kept in storage as C2SP tlog-tiles: growth, roots and proofs.
+
+Tile `(L, N)` holds the hashes of tree level `8L` (level 0: leaf hashes) numbered
+`256N .. 256N + width - 1`; only complete nodes are stored (C2SP tlog-tiles). A node of height
+`h = 8L + r` (`0 <= r < 8`) is the root of `2^r` consecutive hashes inside one tile of level
+`L`, so any complete node costs one tile read and at most 127 hashes, and a proof of `O(log n)`
+nodes needs `O(log_256 n)` tiles, read in one `read_tiles` call.
+
+`TreeEdge` is the right edge of the tree (the last, partial tile of every level): the pipeline
+extends it with each batch's leaves and stores the tiles that changed in the same
+`StorageBatch`. Pure and sync (no trio): the engine does the awaiting.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from typing import Final
+
+from blake3 import blake3
+
+from .errors import IntegrityError, ProofError
+from .proofs import BLAKE3, ConsistencyProof, InclusionProof, consistency_ranges, inclusion_ranges
+from .record import Hash
+from .storage._base import TILE_WIDTH, TreeTile
+
+__all__ = ["TreeEdge", "TreeReader", "check_size", "edge_keys", "tiles_for_growth"]
+
+log = logging.getLogger("nucleus_actors.tree")
+
+_H: Final = 32  # bytes per hash
+_TILE_BITS: Final = 8  # log2(TILE_WIDTH)
+_new_hash: Final = bytes.__new__
+
+Key = tuple[int, int]
+Tiles = Mapping[Key, TreeTile]
+
+
+def _node(left: bytes, right: bytes) -> bytes:
+    return blake3(b"\x01" + left + right).digest()
+
+
+def _perfect_root(hashes: bytes | bytearray | memoryview, count: int) -> bytes:
+    """Root of `count` (a power of two) consecutive 32-byte hashes (a perfect subtree)."""
+    level = [bytes(hashes[i * _H : (i + 1) * _H]) for i in range(count)]
+    while len(level) > 1:
+        level = [_node(level[i], level[i + 1]) for i in range(0, len(level), 2)]
+    return level[0]
+
+
+def edge_keys(size: int) -> list[Key]:
+    """Keys of the partial (right-edge) tiles of a tree of `size` leaves, level 0 first."""
+    keys = []
+    level = 0
+    while size >> (_TILE_BITS * level):
+        count = size >> (_TILE_BITS * level)
+        if count % TILE_WIDTH:
+            keys.append((level, count // TILE_WIDTH))
+        level += 1
+    return keys
+
+
+def tiles_for_growth(old_size: int, new_size: int) -> list[Key]:
+    """Keys of the tiles that gain hashes when the tree grows from `old_size` to `new_size`."""
+    keys: list[Key] = []
+    level = 0
+    while new_size >> (_TILE_BITS * level):
+        before = old_size >> (_TILE_BITS * level)
+        after = new_size >> (_TILE_BITS * level)
+        if after > before:
+            first = before // TILE_WIDTH
+            last = (after - 1) // TILE_WIDTH
+            keys.extend((level, index) for index in range(first, last + 1))
+        level += 1
+    return keys
+
+
+class TreeEdge:
+    """The right edge of the tree: the partial tile of each level, and the tree size.
+
+    `extended(leaves)` returns the tiles to store and the edge after them, leaving this one
+    untouched, so a batch that fails to commit leaves the edge as it was.
+    """
+
+    __slots__ = ("_edges", "size")
+
+    def __init__(self, size: int = 0, edges: Sequence[bytes] = ()) -> None:
+        self.size = size
+        """Leaves in the tree."""
+        self._edges: list[bytes] = list(edges)  # level L: hashes of its partial tile
+
+    @classmethod
+    def from_tiles(cls, size: int, tiles: Tiles) -> TreeEdge:
+        """The edge of a stored tree of `size` leaves, from its `edge_keys(size)` tiles.
+
+        Raises:
+            IntegrityError: a tile is missing or narrower than the tree needs.
+        """
+        edges: list[bytes] = []
+        level = 0
+        while size >> (_TILE_BITS * level):
+            count = size >> (_TILE_BITS * level)
+            width = count % TILE_WIDTH
+            if width:
+                tile = tiles.get((level, count // TILE_WIDTH))
+                if tile is None or tile.width < width:
+                    have = "missing" if tile is None else f"{tile.width} wide"
+                    raise IntegrityError(
+                        f"tree tile ({level}, {count // TILE_WIDTH}) is {have}; a tree of {size} "
+                        f"entries needs {width} hashes in it",
+                        seq=(count // TILE_WIDTH * TILE_WIDTH) << (_TILE_BITS * level),
+                    )
+                edges.append(tile.hashes[: width * _H])
+            else:
+                edges.append(b"")
+            level += 1
+        return cls(size, edges)
+
+    def extended(self, leaves: Iterable[bytes]) -> tuple[list[TreeTile], TreeEdge]:
+        """Append leaf hashes: the tiles that changed (full or partial) and the new edge."""
+        edges = [bytearray(e) for e in self._edges]
+        size = self.size
+        new = [bytes(leaf) for leaf in leaves]
+        new_size = size + len(new)
+        tiles: list[TreeTile] = []
+        level = 0
+        while new:
+            if level == len(edges):
+                edges.append(bytearray())
+            edge = edges[level]
+            index = (size >> (_TILE_BITS * level)) // TILE_WIDTH
+            parents: list[bytes] = []
+            for value in new:
+                edge += value
+                if len(edge) == TILE_WIDTH * _H:
+                    full = bytes(edge)
+                    tiles.append(TreeTile(level=level, index=index, hashes=full))
+                    parents.append(_perfect_root(full, TILE_WIDTH))
+                    edge.clear()
+                    index += 1
+            if edge:
+                tiles.append(TreeTile(level=level, index=index, hashes=bytes(edge)))
+            new = parents
+            level += 1
+        return tiles, TreeEdge(new_size, [bytes(e) for e in edges])
+
+    def root(self) -> Hash:
+        """Root of the tree (`blake3()` of nothing when empty), from the edge alone."""
+        if not self.size:
+            return BLAKE3.empty()
+        # The complete subtrees of the decomposition, right to left: the set bits of size,
+        # lowest first; the bits 8L..8L+7 are groups of hashes in level L's partial tile.
+        value: bytes | None = None
+        for edge in self._edges:
+            count = len(edge) // _H
+            end = count
+            for r in range(_TILE_BITS):
+                if count >> r & 1:
+                    group = 1 << r
+                    start = end - group
+                    sub = _perfect_root(edge[start * _H : end * _H], group)
+                    value = sub if value is None else _node(sub, value)
+                    end = start
+        assert value is not None
+        return _new_hash(Hash, value)
+
+
+# --- reading nodes from stored tiles -----------------------------------------------------------
+
+
+def _range_nodes(start: int, end: int) -> list[tuple[int, int]]:
+    """The perfect subtrees `(height, index)` whose right fold is MTH(D[start:end]), left first.
+
+    `start` is a multiple of a power of two >= end - start (true of every range in a proof).
+    """
+    nodes = []
+    while start < end:
+        height = (end - start).bit_length() - 1
+        nodes.append((height, start >> height))
+        start += 1 << height
+    return nodes
+
+
+def _tile_of(height: int, index: int) -> tuple[Key, int, int]:
+    """Where node (height, index) lies: its tile key, first slot, and number of slots."""
+    level, r = divmod(height, _TILE_BITS)
+    first = index << r
+    return (level, first // TILE_WIDTH), first % TILE_WIDTH, 1 << r
+
+
+class TreeReader:
+    """Computes roots and proofs for trees up to `size` leaves from stored tiles.
+
+    Gather what a request needs (`want_*`), read those tiles in one call (`keys`), then
+    compute. Tiles may be wider than `size` needs (the ledger grew meanwhile): only the
+    prefix that a tree of `size` leaves has is used, and it never changes once stored.
+    """
+
+    __slots__ = ("_needed", "_tiles")
+
+    def __init__(self) -> None:
+        self._needed: set[Key] = set()
+        self._tiles: dict[Key, TreeTile] = {}
+
+    def _want(self, start: int, end: int) -> None:
+        for height, index in _range_nodes(start, end):
+            self._needed.add(_tile_of(height, index)[0])
+
+    def keys(self) -> list[Key]:
+        """The tiles to read, sorted."""
+        return sorted(self._needed)
+
+    async def load(
+        self, read_tiles: Callable[[Sequence[Key]], Awaitable[dict[Key, TreeTile]]]
+    ) -> None:
+        """Read every tile wanted so far (one call)."""
+        self._tiles = await read_tiles(self.keys())
+
+    def _node(self, height: int, index: int) -> bytes:
+        key, slot, count = _tile_of(height, index)
+        tile = self._tiles.get(key)
+        if tile is None or tile.width < slot + count:
+            have = "missing" if tile is None else f"{tile.width} wide"
+            raise IntegrityError(
+                f"tree tile {key} is {have}; node (height {height}, index {index}) needs "
+                f"{slot + count} hashes in it",
+                seq=index << height,
+            )
+        return _perfect_root(memoryview(tile.hashes)[slot * _H :], count)
+
+    def _range(self, start: int, end: int) -> Hash:
+        nodes = [self._node(h, k) for h, k in _range_nodes(start, end)]
+        value = nodes.pop()
+        while nodes:
+            value = _node(nodes.pop(), value)
+        return _new_hash(Hash, value)
+
+    # root
+    def want_root(self, size: int) -> None:
+        if size:
+            self._want(0, size)
+
+    def root(self, size: int) -> Hash:
+        return self._range(0, size) if size else BLAKE3.empty()
+
+    # inclusion
+    def want_inclusion(self, seq: int, size: int) -> None:
+        for a, b in inclusion_ranges(seq, size):
+            self._want(a, b)
+        self._want(seq, seq + 1)
+        self.want_root(size)
+
+    def inclusion(self, seq: int, size: int) -> InclusionProof:
+        return InclusionProof(
+            seq=seq,
+            size=size,
+            leaf=self._range(seq, seq + 1),
+            path=tuple(self._range(a, b) for a, b in inclusion_ranges(seq, size)),
+            root=self.root(size),
+        )
+
+    # consistency
+    def want_consistency(self, old_size: int, new_size: int) -> None:
+        for a, b in consistency_ranges(old_size, new_size):
+            self._want(a, b)
+        self.want_root(old_size)
+        self.want_root(new_size)
+
+    def consistency(self, old_size: int, new_size: int) -> ConsistencyProof:
+        return ConsistencyProof(
+            old_size=old_size,
+            new_size=new_size,
+            old_root=self.root(old_size),
+            new_root=self.root(new_size),
+            path=tuple(self._range(a, b) for a, b in consistency_ranges(old_size, new_size)),
+        )
+
+
+def check_size(name: str, value: object, length: int, minimum: int) -> int:
+    """Validate a size/seq argument of a proof request against the ledger `length`.
+
+    Raises:
+        ProofError: not an int, below `minimum`, or beyond the ledger.
+    """
+    if type(value) is not int or value < minimum:
+        raise ProofError(f"{name} must be an int >= {minimum}, got {value!r}")
+    if value > length:
+        raise ProofError(f"{name} {value} is beyond the ledger length {length}")
+    return value
