@@ -23,6 +23,7 @@ PUBLIC_MODULES = [
     "nucleus_actors.errors",
     "nucleus_actors.hashing",
     "nucleus_actors.proofs",
+    "nucleus_actors.checkpoint",
     "nucleus_actors.storage",
 ]
 
