@@ -21,10 +21,17 @@ from blake3 import blake3
 
 from .errors import IntegrityError, ProofError
 from .proofs import BLAKE3, ConsistencyProof, InclusionProof, consistency_ranges, inclusion_ranges
-from .record import Hash
-from .storage._base import TILE_WIDTH, TreeTile
+from .record import Entry, Hash
+from .storage._base import TILE_WIDTH, StorageBackend, StorageBatch, TreeStore, TreeTile
 
-__all__ = ["TreeEdge", "TreeReader", "check_size", "edge_keys", "tiles_for_growth"]
+__all__ = [
+    "LedgerTree",
+    "TreeEdge",
+    "TreeReader",
+    "check_size",
+    "edge_keys",
+    "tiles_for_growth",
+]
 
 log = logging.getLogger("nucleus_actors.tree")
 
@@ -287,3 +294,118 @@ def check_size(name: str, value: object, length: int, minimum: int) -> int:
     if value > length:
         raise ProofError(f"{name} {value} is beyond the ledger length {length}")
     return value
+
+
+# --- the engine's tree -------------------------------------------------------------------------
+
+BUILD_CHUNK: Final = 1 << 16
+"""Entries per batch of tiles when a tree is built for a ledger stored without one."""
+
+
+class LedgerTree:
+    """A ledger's Merkle tree: the right edge in memory, the tiles in a `TreeStore`.
+
+    The pipeline calls `grow` for each batch (the tiles go into the same `StorageBatch`) and
+    `adopt` once it committed; proofs read tiles of any size up to the committed length.
+    """
+
+    __slots__ = ("edge", "ledger_id", "store")
+
+    def __init__(self, store: TreeStore, ledger_id: str) -> None:
+        self.store = store
+        self.ledger_id = ledger_id
+        self.edge = TreeEdge()
+
+    async def open(self, storage: StorageBackend, length: int) -> None:
+        """Load the edge of the stored tree of `length` entries; build what is missing.
+
+        A ledger stored without tiles (an older file, or `merkle_tree=False` before) gets them
+        built once, from the last point where the stored tiles are complete, in batches of
+        `BUILD_CHUNK` entries (logged at INFO with progress). Cancellation: the batches stored
+        so far stay; the next open continues from them.
+
+        Raises:
+            StorageError: reading entries or storing tiles failed.
+        """
+        try:
+            self.edge = TreeEdge.from_tiles(length, await self.store.read_tiles(edge_keys(length)))
+            return
+        except IntegrityError:
+            pass
+        start = (length // BUILD_CHUNK) * BUILD_CHUNK
+        while start:
+            try:
+                stored = await self.store.read_tiles(edge_keys(start))
+                self.edge = TreeEdge.from_tiles(start, stored)
+                break
+            except IntegrityError:
+                start -= BUILD_CHUNK
+        else:
+            self.edge = TreeEdge()
+        log.info(
+            "ledger %r: building its Merkle tree tiles for entries %d..%d (stored without them)",
+            self.ledger_id,
+            start,
+            length,
+        )
+        while self.edge.size < length:
+            stop = min(length, self.edge.size + BUILD_CHUNK)
+            leaves: list[bytes] = []
+            entries = storage.read(self.edge.size, stop)
+            try:
+                async for entry in entries:
+                    leaves.append(BLAKE3.leaf(entry.canonical))
+            finally:
+                aclose = getattr(entries, "aclose", None)
+                if aclose is not None:
+                    await aclose()
+            if len(leaves) != stop - self.edge.size:
+                raise IntegrityError(
+                    f"storage returned {len(leaves)} entries from {self.edge.size}, expected "
+                    f"{stop - self.edge.size}",
+                    seq=self.edge.size + len(leaves),
+                )
+            tiles, grown = self.edge.extended(leaves)
+            await storage.append(StorageBatch(entries=(), tree=tiles))  # type: ignore[arg-type]
+            self.edge = grown
+            log.info("ledger %r: Merkle tree built for %d/%d entries", self.ledger_id, stop, length)
+
+    def grow(self, entries: Sequence[Entry]) -> tuple[list[TreeTile], TreeEdge]:
+        """The tiles a batch changes and the edge after it (adopt it once committed)."""
+        return self.edge.extended([BLAKE3.leaf(entry.canonical) for entry in entries])
+
+    async def reload(self, length: int) -> None:
+        """Re-read the edge after a batch of unknown outcome landed (it carried its tiles).
+
+        Raises:
+            IntegrityError: the stored tiles do not cover `length` entries.
+        """
+        self.edge = TreeEdge.from_tiles(length, await self.store.read_tiles(edge_keys(length)))
+
+    async def root(self, size: int | None, length: int) -> Hash:
+        if size is None or size == self.edge.size == length:
+            return self.edge.root()
+        check_size("size", size, length, 0)
+        reader = TreeReader()
+        reader.want_root(size)
+        await reader.load(self.store.read_tiles)
+        return reader.root(size)
+
+    async def inclusion(self, seq: int, size: int | None, length: int) -> InclusionProof:
+        size = length if size is None else check_size("size", size, length, 1)
+        if type(seq) is not int or not 0 <= seq < size:
+            raise ProofError(f"seq must be an int in [0, {size}) (the tree size), got {seq!r}")
+        reader = TreeReader()
+        reader.want_inclusion(seq, size)
+        await reader.load(self.store.read_tiles)
+        return reader.inclusion(seq, size)
+
+    async def consistency(
+        self, old_size: int, new_size: int | None, length: int
+    ) -> ConsistencyProof:
+        new_size = length if new_size is None else check_size("new_size", new_size, length, 1)
+        check_size("old_size", old_size, new_size, 1)
+        reader = TreeReader()
+        reader.want_consistency(old_size, new_size)
+        await reader.load(self.store.read_tiles)
+        return reader.consistency(old_size, new_size)
