@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 from collections import deque
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import trio
@@ -35,7 +36,7 @@ from .hashing import ChainVerifier, chain_step
 from .lifecycle import Phase
 from .module._mailbox import Before
 from .record import Entry, Hash, Receipt, Record
-from .storage import StorageBatch
+from .storage import StorageBatch, TreeTile
 
 if TYPE_CHECKING:
     from .engine import LedgerEngine
@@ -331,12 +332,14 @@ class Pipeline:
                 committing.append((request, start))
         if not entries:
             return
+        tree = engine._tree
+        tiles, grown = tree.grow(entries) if tree is not None else ([], None)
         for request, _ in committing:
             request.storing = True
         # Storage is never interrupted half-way: a batch is stored or not, and we learn which.
         self._storing = True
         try:
-            error = await self._store(self._batch(entries))
+            error = await self._store(self._batch(entries, tiles))
         finally:
             self._storing = False
             if self._cancel_requested and self._scope is not None:
@@ -352,6 +355,8 @@ class Pipeline:
         engine._length = seq
         engine._head = head
         engine._last_ts = ts
+        if tree is not None and grown is not None:
+            tree.edge = grown  # the batch's tiles are stored with it
         engine._grew()
         engine.modules.counters.appends += len(entries)
         for request, start in committing:
@@ -378,10 +383,10 @@ class Pipeline:
                 for child, rest in blocked:
                     nursery.start_soon(child.mailbox.deliver, rest, child.spec.overflow)
 
-    def _batch(self, entries: list[Entry]) -> StorageBatch:
+    def _batch(self, entries: list[Entry], tiles: Sequence[TreeTile] = ()) -> StorageBatch:
         """The one `StorageBatch` of this group commit: its entries, and whatever else must
         commit atomically with them (cursors, tree tiles, idempotency keys)."""
-        return StorageBatch(entries=entries)
+        return StorageBatch(entries=entries, tree=tiles)
 
     async def _store(self, batch: StorageBatch) -> tuple[BaseException, bool] | None:
         """Append to storage. None if stored; else (error, known) where `known` says that
@@ -437,6 +442,8 @@ class Pipeline:
                     seq=verifier.length,
                 )
             engine._length, engine._head = length, head
+            if engine._tree is not None:
+                await engine._tree.reload(length)  # the landed batch carried its tiles
             if adopted:
                 engine._last_ts = max(engine._last_ts, adopted[-1].timestamp)
                 engine.modules.counters.appends += len(adopted)

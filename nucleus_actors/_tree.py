@@ -366,7 +366,7 @@ class LedgerTree:
                     seq=self.edge.size + len(leaves),
                 )
             tiles, grown = self.edge.extended(leaves)
-            await storage.append(StorageBatch(entries=(), tree=tiles))  # type: ignore[arg-type]
+            await storage.append(StorageBatch(entries=(), tree=tiles))
             self.edge = grown
             log.info("ledger %r: Merkle tree built for %d/%d entries", self.ledger_id, stop, length)
 

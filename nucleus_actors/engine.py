@@ -684,15 +684,10 @@ class LedgerEngine:
         wanted = self.config.merkle_tree
         if wanted is False:
             return None
-        if not isinstance(self.storage, TreeStore):
-            if wanted:
-                raise StorageError(
-                    f"cannot keep the Merkle tree of ledger {self.config.ledger_id!r} "
-                    "(LedgerConfig.merkle_tree=True): storage backend "
-                    f"{type(self.storage).__name__} lacks the TreeStore capability"
-                )
+        if wanted is None and not isinstance(self.storage, TreeStore):
             return None
-        tree = LedgerTree(self.storage, self.config.ledger_id)
+        store = self.require_storage(TreeStore, "keep the Merkle tree (merkle_tree=True)")
+        tree = LedgerTree(store, self.config.ledger_id)
         await tree.open(self.storage, self._length)
         return tree
 
