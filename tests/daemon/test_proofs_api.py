@@ -176,7 +176,7 @@ async def test_never_signs_backwards(tmp_path: Path) -> None:
     # A shorter ledger (a restored backup): refused, unless the rollback is accepted.
     async with open_ledger(config) as engine:
         await engine.append_many([Record("k", {"n": n}) for n in range(5)])
-        with pytest.raises(IntegrityError, match="fewer than the 8 last signed.*--accept-rollback"):
+        with pytest.raises(IntegrityError, match=r"fewer than the 8 last signed.*--accept-rollback"):
             await _signer(engine, tmp_path).check()
         rolled = _signer(engine, tmp_path, accept_rollback=True)
         await rolled.check()
@@ -184,7 +184,7 @@ async def test_never_signs_backwards(tmp_path: Path) -> None:
     # The same length with other entries (a forked history) is refused too.
     async with open_ledger(config) as engine:
         await engine.append_many([Record("other", {"n": n}) for n in range(9)])
-        with pytest.raises(IntegrityError, match="Merkle root .* at size 5, not the signed one"):
+        with pytest.raises(IntegrityError, match=r"Merkle root .* at size 5, not the signed one"):
             await _signer(engine, tmp_path).check()
 
 
@@ -194,7 +194,7 @@ def test_key_files_must_be_private(tmp_path: Path) -> None:
     with pytest.raises(FileExistsError):
         write_key_file(path, SignerKey.generate("a/b"))
     os.chmod(path, 0o644)
-    with pytest.raises(ProofError, match="readable by others.*chmod 600"):
+    with pytest.raises(ProofError, match=r"readable by others.*chmod 600"):
         load_signer_key(path)
 
 
