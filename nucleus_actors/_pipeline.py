@@ -32,7 +32,7 @@ from .errors import (
     RecordRejected,
     StorageError,
 )
-from .hashing import ChainVerifier, chain_step
+from .hashing import ChainVerifier, chain_step, chain_step_leaf
 from .lifecycle import Phase
 from .module._mailbox import Before
 from .record import Entry, Hash, Receipt, Record
@@ -307,6 +307,8 @@ class Pipeline:
             return
         seq = engine._length
         head = engine._head
+        tree = engine._tree
+        leaves: list[bytes] | None = None if tree is None else []  # LEAF_i for the tree
         entries: list[Entry] = []
         committing: list[tuple[Request, int]] = []
         for request in live:
@@ -326,14 +328,17 @@ class Pipeline:
             else:
                 start = len(entries)
                 for record, data in zip(request.records, datas, strict=True):
-                    head = chain_step(head, seq, data)
+                    if leaves is None:
+                        head = chain_step(head, seq, data)
+                    else:
+                        leaf, head = chain_step_leaf(head, seq, data)
+                        leaves.append(leaf)
                     entries.append(Entry(seq, record._commit(seq, ts), head, data))
                     seq += 1
                 committing.append((request, start))
         if not entries:
             return
-        tree = engine._tree
-        tiles, grown = tree.grow(entries) if tree is not None else ([], None)
+        tiles, grown = tree.grow(leaves) if tree is not None and leaves else ([], None)
         for request, _ in committing:
             request.storing = True
         # Storage is never interrupted half-way: a batch is stored or not, and we learn which.

@@ -21,7 +21,7 @@ from blake3 import blake3
 
 from .errors import IntegrityError, ProofError
 from .proofs import BLAKE3, ConsistencyProof, InclusionProof, consistency_ranges, inclusion_ranges
-from .record import Entry, Hash
+from .record import Hash
 from .storage._base import TILE_WIDTH, StorageBackend, StorageBatch, TreeStore, TreeTile
 
 __all__ = [
@@ -49,10 +49,13 @@ def _node(left: bytes, right: bytes) -> bytes:
 
 def _perfect_root(hashes: bytes | bytearray | memoryview, count: int) -> bytes:
     """Root of `count` (a power of two) consecutive 32-byte hashes (a perfect subtree)."""
-    level = [bytes(hashes[i * _H : (i + 1) * _H]) for i in range(count)]
-    while len(level) > 1:
-        level = [_node(level[i], level[i + 1]) for i in range(0, len(level), 2)]
-    return level[0]
+    data = bytes(hashes[: count * _H])
+    # Siblings are adjacent: each NODE hashes 0x01 and 64 consecutive bytes of the level.
+    while len(data) > _H:
+        data = b"".join(
+            [blake3(b"\x01" + data[i : i + 2 * _H]).digest() for i in range(0, len(data), 2 * _H)]
+        )
+    return data
 
 
 def edge_keys(size: int) -> list[Key]:
@@ -125,31 +128,36 @@ class TreeEdge:
 
     def extended(self, leaves: Iterable[bytes]) -> tuple[list[TreeTile], TreeEdge]:
         """Append leaf hashes: the tiles that changed (full or partial) and the new edge."""
-        edges = [bytearray(e) for e in self._edges]
+        edges = list(self._edges)  # immutable bytes: the new edge shares what did not change
         size = self.size
         new = [bytes(leaf) for leaf in leaves]
         new_size = size + len(new)
         tiles: list[TreeTile] = []
+        full_bytes = TILE_WIDTH * _H
         level = 0
         while new:
             if level == len(edges):
-                edges.append(bytearray())
+                edges.append(b"")
             edge = edges[level]
             index = (size >> (_TILE_BITS * level)) // TILE_WIDTH
             parents: list[bytes] = []
-            for value in new:
-                edge += value
-                if len(edge) == TILE_WIDTH * _H:
-                    full = bytes(edge)
-                    tiles.append(TreeTile(level=level, index=index, hashes=full))
-                    parents.append(_perfect_root(full, TILE_WIDTH))
-                    edge.clear()
+            pos = 0
+            while pos < len(new):
+                room = TILE_WIDTH - len(edge) // _H
+                take = new[pos : pos + room]
+                pos += len(take)
+                edge += b"".join(take)  # one copy per tile per batch
+                if len(edge) == full_bytes:
+                    tiles.append(TreeTile(level=level, index=index, hashes=edge))
+                    parents.append(_perfect_root(edge, TILE_WIDTH))
+                    edge = b""
                     index += 1
             if edge:
-                tiles.append(TreeTile(level=level, index=index, hashes=bytes(edge)))
+                tiles.append(TreeTile(level=level, index=index, hashes=edge))
+            edges[level] = edge
             new = parents
             level += 1
-        return tiles, TreeEdge(new_size, [bytes(e) for e in edges])
+        return tiles, TreeEdge(new_size, edges)
 
     def root(self) -> Hash:
         """Root of the tree (`blake3()` of nothing when empty), from the edge alone."""
@@ -203,11 +211,12 @@ class TreeReader:
     prefix that a tree of `size` leaves has is used, and it never changes once stored.
     """
 
-    __slots__ = ("_needed", "_tiles")
+    __slots__ = ("_memo", "_needed", "_tiles")
 
     def __init__(self) -> None:
         self._needed: set[Key] = set()
         self._tiles: dict[Key, TreeTile] = {}
+        self._memo: dict[tuple[int, int], bytes] = {}  # (height, index) -> node hash
 
     def _want(self, start: int, end: int) -> None:
         for height, index in _range_nodes(start, end):
@@ -224,6 +233,12 @@ class TreeReader:
         self._tiles = await read_tiles(self.keys())
 
     def _node(self, height: int, index: int) -> bytes:
+        value = self._memo.get((height, index))
+        if value is None:
+            value = self._memo[height, index] = self._compute(height, index)
+        return value
+
+    def _compute(self, height: int, index: int) -> bytes:
         key, slot, count = _tile_of(height, index)
         tile = self._tiles.get(key)
         if tile is None or tile.width < slot + count:
@@ -370,9 +385,10 @@ class LedgerTree:
             self.edge = grown
             log.info("ledger %r: Merkle tree built for %d/%d entries", self.ledger_id, stop, length)
 
-    def grow(self, entries: Sequence[Entry]) -> tuple[list[TreeTile], TreeEdge]:
-        """The tiles a batch changes and the edge after it (adopt it once committed)."""
-        return self.edge.extended([BLAKE3.leaf(entry.canonical) for entry in entries])
+    def grow(self, leaves: Sequence[bytes]) -> tuple[list[TreeTile], TreeEdge]:
+        """The tiles a batch's leaf hashes change and the edge after it (adopt it once
+        committed)."""
+        return self.edge.extended(leaves)
 
     async def reload(self, length: int) -> None:
         """Re-read the edge after a batch of unknown outcome landed (it carried its tiles).

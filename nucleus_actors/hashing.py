@@ -30,6 +30,7 @@ __all__ = [
     "canonical_bytes",
     "chain_hash",
     "chain_step",
+    "chain_step_leaf",
     "decode_entry",
     "genesis",
     "leaf_hash",
@@ -85,6 +86,15 @@ def chain_step(prev: bytes, seq: int, data: bytes) -> Hash:
     """
     leaf = blake3(_LEAF + data).digest()
     return _new_hash(Hash, blake3(_CHAIN + prev + seq.to_bytes(8, "big") + leaf).digest())
+
+
+def chain_step_leaf(prev: bytes, seq: int, data: bytes) -> tuple[bytes, Hash]:
+    """`(LEAF_seq, CHAIN_seq)` from `CHAIN_seq-1` and the entry's canonical bytes.
+
+    `chain_step` that also returns the leaf hash (the Merkle tree's leaf), in one call.
+    """
+    leaf = blake3(_LEAF + data).digest()
+    return leaf, _new_hash(Hash, blake3(_CHAIN + prev + seq.to_bytes(8, "big") + leaf).digest())
 
 
 def node_hash(left: bytes, right: bytes) -> Hash:

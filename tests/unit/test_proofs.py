@@ -15,7 +15,7 @@ import pytest
 from blake3 import blake3
 
 from nucleus_actors import Hash, ProofError
-from nucleus_actors.hashing import leaf_hash, merkle_root, node_hash
+from nucleus_actors.hashing import chain_step, chain_step_leaf, leaf_hash, merkle_root, node_hash
 from nucleus_actors.proofs import (
     BLAKE3,
     SHA256,
@@ -160,6 +160,8 @@ def test_roots_match_the_definition_and_hashing() -> None:
     assert BLAKE3.node(LEAVES[0], LEAVES[1]) == node_hash(LEAVES[0], LEAVES[1])
     assert BLAKE3.leaf(b"entry 0") == LEAVES[0]
     assert isinstance(root(BLAKE3, LEAVES[:3]), Hash)
+    prev = Hash(bytes(32))
+    assert chain_step_leaf(prev, 7, b"entry 7") == (LEAVES[7], chain_step(prev, 7, b"entry 7"))
 
 
 def _check_inclusion(n: int, index: int, roots: dict[int, bytes]) -> None:
