@@ -14,6 +14,7 @@ extends it with each batch's leaves and stores the tiles that changed in the sam
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Final
 
@@ -26,6 +27,7 @@ from .storage._base import TILE_WIDTH, StorageBackend, StorageBatch, TreeStore, 
 
 __all__ = [
     "LedgerTree",
+    "TileCache",
     "TreeEdge",
     "TreeReader",
     "check_size",
@@ -203,20 +205,59 @@ def _tile_of(height: int, index: int) -> tuple[Key, int, int]:
     return (level, first // TILE_WIDTH), first % TILE_WIDTH, 1 << r
 
 
+def _tile_levels(hashes: bytes) -> list[bytes]:
+    """The nodes inside a tile: `levels[r]` holds its complete nodes of height `8L + r`
+    (`levels[0]` is the tile itself), r = 0..8."""
+    levels = [hashes]
+    current = hashes
+    step = 2 * _H
+    for _ in range(_TILE_BITS):
+        pairs = len(current) // step
+        current = b"".join(
+            [blake3(b"\x01" + current[i * step : (i + 1) * step]).digest() for i in range(pairs)]
+        )
+        levels.append(current)
+    return levels
+
+
+class TileCache:
+    """Full tiles (immutable once stored) with their inner nodes, least recently used out."""
+
+    __slots__ = ("_data", "capacity")
+
+    def __init__(self, capacity: int = 256) -> None:
+        self.capacity = capacity
+        """Most tiles kept (each about 16 KiB with its inner nodes)."""
+        self._data: OrderedDict[Key, list[bytes]] = OrderedDict()
+
+    def get(self, key: Key) -> list[bytes] | None:
+        levels = self._data.get(key)
+        if levels is not None:
+            self._data.move_to_end(key)
+        return levels
+
+    def put(self, key: Key, levels: list[bytes]) -> None:
+        self._data[key] = levels
+        self._data.move_to_end(key)
+        while len(self._data) > self.capacity:
+            self._data.popitem(last=False)
+
+
 class TreeReader:
     """Computes roots and proofs for trees up to `size` leaves from stored tiles.
 
     Gather what a request needs (`want_*`), read those tiles in one call (`keys`), then
     compute. Tiles may be wider than `size` needs (the ledger grew meanwhile): only the
-    prefix that a tree of `size` leaves has is used, and it never changes once stored.
+    prefix that a tree of `size` leaves has is used, and it never changes once stored. Full
+    tiles come from (and go to) `cache` when one is given.
     """
 
-    __slots__ = ("_memo", "_needed", "_tiles")
+    __slots__ = ("_cache", "_levels", "_needed")
 
-    def __init__(self) -> None:
+    def __init__(self, cache: TileCache | None = None) -> None:
         self._needed: set[Key] = set()
-        self._tiles: dict[Key, TreeTile] = {}
-        self._memo: dict[tuple[int, int], bytes] = {}  # (height, index) -> node hash
+        self._levels: dict[Key, list[bytes]] = {}
+        self._cache = cache
 
     def _want(self, start: int, end: int) -> None:
         for height, index in _range_nodes(start, end):
@@ -229,26 +270,34 @@ class TreeReader:
     async def load(
         self, read_tiles: Callable[[Sequence[Key]], Awaitable[dict[Key, TreeTile]]]
     ) -> None:
-        """Read every tile wanted so far (one call)."""
-        self._tiles = await read_tiles(self.keys())
+        """Read every tile wanted so far that the cache lacks (one call)."""
+        missing = []
+        for key in self.keys():
+            cached = None if self._cache is None else self._cache.get(key)
+            if cached is None:
+                missing.append(key)
+            else:
+                self._levels[key] = cached
+        if not missing:
+            return
+        for key, tile in (await read_tiles(missing)).items():
+            levels = self._levels[key] = _tile_levels(tile.hashes)
+            if self._cache is not None and tile.width == TILE_WIDTH:
+                self._cache.put(key, levels)
 
     def _node(self, height: int, index: int) -> bytes:
-        value = self._memo.get((height, index))
-        if value is None:
-            value = self._memo[height, index] = self._compute(height, index)
-        return value
-
-    def _compute(self, height: int, index: int) -> bytes:
         key, slot, count = _tile_of(height, index)
-        tile = self._tiles.get(key)
-        if tile is None or tile.width < slot + count:
-            have = "missing" if tile is None else f"{tile.width} wide"
+        levels = self._levels.get(key)
+        r = height % _TILE_BITS
+        at = (slot >> r) * _H
+        if levels is None or len(levels[r]) < at + _H:
+            have = "missing" if levels is None else f"{len(levels[0]) // _H} wide"
             raise IntegrityError(
                 f"tree tile {key} is {have}; node (height {height}, index {index}) needs "
                 f"{slot + count} hashes in it",
                 seq=index << height,
             )
-        return _perfect_root(memoryview(tile.hashes)[slot * _H :], count)
+        return levels[r][at : at + _H]
 
     def _range(self, start: int, end: int) -> Hash:
         nodes = [self._node(h, k) for h, k in _range_nodes(start, end)]
@@ -324,12 +373,13 @@ class LedgerTree:
     `adopt` once it committed; proofs read tiles of any size up to the committed length.
     """
 
-    __slots__ = ("edge", "ledger_id", "store")
+    __slots__ = ("cache", "edge", "ledger_id", "store")
 
     def __init__(self, store: TreeStore, ledger_id: str) -> None:
         self.store = store
         self.ledger_id = ledger_id
         self.edge = TreeEdge()
+        self.cache = TileCache()
 
     async def open(self, storage: StorageBackend, length: int) -> None:
         """Load the edge of the stored tree of `length` entries; build what is missing.
@@ -402,7 +452,7 @@ class LedgerTree:
         if size is None or size == self.edge.size == length:
             return self.edge.root()
         check_size("size", size, length, 0)
-        reader = TreeReader()
+        reader = TreeReader(self.cache)
         reader.want_root(size)
         await reader.load(self.store.read_tiles)
         return reader.root(size)
@@ -411,7 +461,7 @@ class LedgerTree:
         size = length if size is None else check_size("size", size, length, 1)
         if type(seq) is not int or not 0 <= seq < size:
             raise ProofError(f"seq must be an int in [0, {size}) (the tree size), got {seq!r}")
-        reader = TreeReader()
+        reader = TreeReader(self.cache)
         reader.want_inclusion(seq, size)
         await reader.load(self.store.read_tiles)
         return reader.inclusion(seq, size)
@@ -421,7 +471,7 @@ class LedgerTree:
     ) -> ConsistencyProof:
         new_size = length if new_size is None else check_size("new_size", new_size, length, 1)
         check_size("old_size", old_size, new_size, 1)
-        reader = TreeReader()
+        reader = TreeReader(self.cache)
         reader.want_consistency(old_size, new_size)
         await reader.load(self.store.read_tiles)
         return reader.consistency(old_size, new_size)

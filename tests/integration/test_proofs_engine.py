@@ -233,3 +233,36 @@ async def test_a_module_proves_from_its_read_only_view() -> None:
         # An ask is served after the deliveries queued before it (every append above).
         assert await engine.modules.get(Prover).ask(lambda m: len(m.proofs)) == 20
     assert [p.seq for p in prover.proofs] == list(range(20))
+
+
+class UnsureStorage(MemoryStorage):
+    """Stores the 2nd batch, then raises; right after, its head cannot be read either."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.batches = 0
+        self.head_broken = False
+
+    async def append(self, batch: Any) -> None:
+        self.batches += 1
+        await super().append(batch)
+        if self.batches == 2:
+            self.head_broken = True
+            raise StorageError("disk said no (after writing)")
+
+    async def head(self) -> Any:
+        if self.head_broken:
+            self.head_broken = False
+            raise StorageError("head unreadable")
+        return await super().head()
+
+
+async def test_a_batch_of_unknown_outcome_that_landed_keeps_the_tree_right() -> None:
+    async with open_ledger(CONFIG, storage=UnsureStorage()) as engine:
+        await engine.append_many([Record("k", {"n": i}) for i in range(300)])
+        with pytest.raises(StorageError, match="could not tell whether it was stored"):
+            await engine.append_many([Record("k", {"n": i}) for i in range(300, 520)])
+        # The next append re-reads the head, adopts the landed batch and its tiles.
+        await engine.append(Record("k", {"n": 520}))
+        assert engine.state.length == 521
+        await _check_everything(engine, [300, 301, 520, 521])

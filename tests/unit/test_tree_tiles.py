@@ -8,7 +8,14 @@ from collections.abc import Sequence
 import pytest
 
 from nucleus_actors import IntegrityError, ProofError
-from nucleus_actors._tree import TreeEdge, TreeReader, check_size, edge_keys, tiles_for_growth
+from nucleus_actors._tree import (
+    TileCache,
+    TreeEdge,
+    TreeReader,
+    check_size,
+    edge_keys,
+    tiles_for_growth,
+)
 from nucleus_actors.hashing import leaf_hash
 from nucleus_actors.proofs import BLAKE3, consistency_path, inclusion_path, root
 from nucleus_actors.storage._base import TreeTile
@@ -183,3 +190,28 @@ def test_check_size() -> None:
         check_size("size", 11, 10, 0)
     with pytest.raises(ProofError, match="got True"):
         check_size("size", True, 10, 0)
+
+
+async def test_full_tiles_come_from_the_cache() -> None:
+    store, _ = _grow([1000])
+    cache = TileCache(capacity=2)
+    first = TreeReader(cache)
+    first.want_inclusion(10, 1000)
+    await first.load(store.read_tiles)
+    assert store.reads[-1] == [(0, 0), (0, 3), (1, 0)]
+    proof = first.inclusion(10, 1000)
+    second = TreeReader(cache)
+    second.want_inclusion(10, 1000)
+    await second.load(store.read_tiles)
+    # (0, 0) is full and cached; the partial tiles (0, 3) and (1, 0) are read again.
+    assert store.reads[-1] == [(0, 3), (1, 0)]
+    assert second.inclusion(10, 1000) == proof
+    third = TreeReader(cache)
+    third.want_inclusion(300, 1000)  # tiles (0, 1) and (0, 2) are full: (0, 0) is evicted
+    third.want_inclusion(600, 1000)
+    await third.load(store.read_tiles)
+    fourth = TreeReader(cache)
+    fourth.want_inclusion(10, 1000)
+    await fourth.load(store.read_tiles)
+    assert (0, 0) in store.reads[-1]
+    assert fourth.inclusion(10, 1000) == proof
