@@ -23,7 +23,7 @@ import trio
 
 from ..checkpoint import Checkpoint, SignerKey
 from ..engine import LedgerEngine
-from ..errors import IntegrityError, NucleusError, ProofError
+from ..errors import IntegrityError, NucleusError, ProofError, StorageError
 from ..hashing import genesis
 from ..record import Hash
 
@@ -219,6 +219,7 @@ class CheckpointSigner:
 
         Raises:
             IntegrityError: the ledger no longer extends the last signed checkpoint.
+            StorageError: the state file cannot be written (nothing is published).
         """
         async with self._lock:
             state = self.engine.state
@@ -240,7 +241,13 @@ class CheckpointSigner:
             signed = SignedState(state.length, root, state.head, note)
             origins = _read_states(self.state_file)
             origins[self.origin] = signed.to_json()
-            _write_states(self.state_file, origins)  # durable before anyone sees the note
+            try:
+                _write_states(self.state_file, origins)  # durable before anyone sees the note
+            except OSError as exc:
+                raise StorageError(
+                    f"cannot record the signed checkpoint in {self.state_file}: {exc}; "
+                    "it is not published"
+                ) from exc
             self.last = signed
             log.info(
                 "ledger %r: signed checkpoint %s size %d",

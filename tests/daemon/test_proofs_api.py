@@ -19,6 +19,7 @@ from nucleus_actors import (
     LedgerConfig,
     LedgerEngine,
     Record,
+    StorageError,
     open_ledger,
 )
 from nucleus_actors.checkpoint import Checkpoint, SignerKey
@@ -210,3 +211,29 @@ async def test_openapi_documents_the_proof_routes() -> None:
     assert "422" in consistency["responses"]
     checkpoint = paths["/v1/ledgers/{ledger}/checkpoint"]["get"]
     assert "text/plain" in checkpoint["responses"]["200"]["content"]
+
+
+async def test_a_state_file_that_cannot_be_written_publishes_nothing(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    from nucleus_actors.daemon import checkpoints
+
+    def broken(path: Path, origins: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    async with open_ledger(LedgerConfig(ledger_id="main")) as engine:
+        signer = _signer(engine, tmp_path)
+        await signer.check()
+        monkeypatch.setattr(checkpoints, "_write_states", broken)
+        with pytest.raises(StorageError, match="cannot record the signed checkpoint"):
+            await signer.latest()
+        assert signer.last is None
+        async for api in _api(_host(engine, signer)):
+            response = await api.get("/v1/ledgers/main/checkpoint")
+            assert response.status_code == 503
+        with trio.move_on_after(1):  # the periodic signer logs it and keeps going
+            await signer.run()
+    assert "cannot sign a checkpoint" in caplog.text
