@@ -53,6 +53,8 @@ _SOURCES: dict[str, str] = {
     "Hash": ".record",
     "Receipt": ".record",
     "Record": ".record",
+    "ConsistencyProof": ".proofs",
+    "InclusionProof": ".proofs",
     "ModuleCounts": ".registry",
     "ModuleHandle": ".registry",
     "ModuleRegistry": ".registry",
@@ -93,6 +95,7 @@ if _typing.TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     )
     from .lifecycle import LedgerState, ModuleState, Phase, StopResult
     from .module import LedgerReader, Module, ModuleContext, ModuleSpec, Overflow
+    from .proofs import ConsistencyProof, InclusionProof
     from .record import Entry, Hash, Receipt, Record
     from .registry import ModuleCounts, ModuleHandle, ModuleRegistry, ModuleStatus, Statistics
     from .supervision import Backoff, Restart, Strategy
@@ -134,6 +137,8 @@ __all__ = [
     "Entry",
     "Hash",
     "Receipt",
+    "InclusionProof",
+    "ConsistencyProof",
     # errors
     "NucleusError",
     "ModuleError",

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 from collections import deque
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import trio
@@ -34,11 +35,11 @@ from .errors import (
     RecordRejected,
     StorageError,
 )
-from .hashing import ChainVerifier, chain_step, genesis
+from .hashing import ChainVerifier, chain_step, chain_step_leaf, genesis
 from .lifecycle import Phase
 from .module._mailbox import Before
 from .record import Entry, Hash, Receipt, Record, committed_bytes
-from .storage import StorageBatch
+from .storage import StorageBatch, TreeTile
 
 if TYPE_CHECKING:
     from .engine import LedgerEngine
@@ -342,6 +343,8 @@ class Pipeline:
             return
         seq = self.chain.length
         head = self.chain.head
+        tree = engine._tree
+        leaves: list[bytes] | None = None if tree is None else []  # LEAF_i for the tree
         entries: list[Entry] = []
         committing: list[tuple[Request, int]] = []
         for request in live:
@@ -361,18 +364,23 @@ class Pipeline:
             else:
                 start = len(entries)
                 for record, data in zip(request.records, datas, strict=True):
-                    head = chain_step(head, seq, data)
+                    if leaves is None:
+                        head = chain_step(head, seq, data)
+                    else:
+                        leaf, head = chain_step_leaf(head, seq, data)
+                        leaves.append(leaf)
                     entries.append(Entry(seq, record._commit(seq, ts), head, data))
                     seq += 1
                 committing.append((request, start))
         if not entries:
             return
+        tiles, grown = tree.grow(leaves) if tree is not None and leaves else ([], None)
         for request, _ in committing:
             request.storing = True
         # Storage is never interrupted half-way: a batch is stored or not, and we learn which.
         self._storing = True
         try:
-            error = await self._store(self._batch(entries))
+            error = await self._store(self._batch(entries, tiles))
         finally:
             self._storing = False
             if self._cancel_requested and self._scope is not None:
@@ -401,6 +409,8 @@ class Pipeline:
                 failure.__cause__ = cause
                 request.fail(failure)
             return
+        if tree is not None and grown is not None:
+            tree.edge = grown  # the batch's tiles are stored with it
         self.chain.advance(seq, head, ts)
         self.appends += len(entries)
         for request, start in committing:
@@ -427,11 +437,11 @@ class Pipeline:
                 for child, rest in blocked:
                     nursery.start_soon(child.mailbox.deliver, rest, child.spec.overflow)
 
-    def _batch(self, entries: list[Entry]) -> StorageBatch:
+    def _batch(self, entries: list[Entry], tiles: Sequence[TreeTile] = ()) -> StorageBatch:
         """The one `StorageBatch` of this group commit: its entries, built on the ledger's head
         (`prev`), and whatever else must commit atomically with them (cursors, tree tiles,
         idempotency keys)."""
-        return StorageBatch(entries=entries, prev=self.chain.head)
+        return StorageBatch(entries=entries, prev=self.chain.head, tree=tiles)
 
     async def _store(self, batch: StorageBatch) -> tuple[BaseException, bool] | None:
         """Append to storage. None if stored; else (error, known) where `known` says that
@@ -528,6 +538,8 @@ class Pipeline:
                     f"storage head ({length}, {head.hex()}) does not follow the chain",
                     seq=verifier.length,
                 )
+            if engine._tree is not None:
+                await engine._tree.reload(length)  # the landed batch carried its tiles
             last_ts = max(chain.last_ts, adopted[-1].timestamp) if adopted else chain.last_ts
             self.appends += len(adopted)
             chain.advance(length, head, last_ts)

@@ -157,6 +157,14 @@ def run(
     log_level: Annotated[
         str, typer.Option("--log-level", help="debug, info, warning or error.")
     ] = "info",
+    accept_rollback: Annotated[
+        bool,
+        typer.Option(
+            "--accept-rollback",
+            help="Start even if a ledger is behind (or diverges from) the last checkpoint "
+            "its key signed, e.g. after restoring a backup on purpose.",
+        ),
+    ] = False,
 ) -> None:
     """Run the ledger daemon: every ledger of CONFIG behind the HTTP/JSON API.
 
@@ -172,7 +180,7 @@ def run(
     configure_logging(log_format.value, level)
     try:
         settings = load_config(config)
-        daemon = Daemon(settings, host=host, port=port)
+        daemon = Daemon(settings, host=host, port=port, accept_rollback=accept_rollback)
     except ConfigError as exc:
         _err.print(str(exc), markup=False)
         raise typer.Exit(EXIT_CONFIG) from None
@@ -182,12 +190,27 @@ def run(
 @app.command()
 def verify(
     path: Annotated[Path, typer.Argument(help="A SQLite ledger file.")],
+    checkpoint: Annotated[
+        Path | None,
+        typer.Option("--checkpoint", help="A signed checkpoint (note file) the file must match."),
+    ] = None,
+    key: Annotated[
+        str | None,
+        typer.Option("--key", help="The checkpoint's verifier key (the string, or a file)."),
+    ] = None,
 ) -> None:
     """Verify a ledger file's whole hash chain (safe beside a running daemon).
 
-    Exits 0 when it verifies, 1 on an integrity failure (naming the first bad seq), 2 when
-    the file is missing or not a ledger file.
+    With `--checkpoint NOTE --key VKEY` it also checks the checkpoint's signature and that the
+    file's Merkle root and chain head at the checkpoint's size are the signed ones.
+
+    Exits 0 when it verifies, 1 on an integrity failure (naming the first bad seq) or a
+    checkpoint that does not match, 2 when the file is missing or not a ledger file, or the
+    checkpoint or key cannot be read.
     """
+    if (checkpoint is None) != (key is None):
+        _error("--checkpoint and --key go together")
+        raise typer.Exit(EXIT_CONFIG)
     columns = (
         TextColumn("verifying {task.description}"),
         BarColumn(),
@@ -212,6 +235,135 @@ def verify(
             raise typer.Exit(EXIT_CONFIG) from None
     entries = "entry" if length == 1 else "entries"
     _out.print(f"{path}: ok, {length} {entries}, head {head.hex()}", markup=False)
+    if checkpoint is not None and key is not None:
+        _out.print(_verify_checkpoint_file(path, checkpoint, key, length), markup=False)
+
+
+def _verifier_key(key: str) -> Any:
+    """A `VerifierKey` from its string or from a file holding it (exit 2 if unusable)."""
+    from .checkpoint import VerifierKey
+    from .errors import ProofError
+
+    text = key
+    candidate = Path(key)
+    if "+" not in key or candidate.is_file():
+        try:
+            text = candidate.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            _error(f"--key {key!r} is neither a verifier key nor a readable file: {exc}")
+            raise typer.Exit(EXIT_CONFIG) from None
+    try:
+        return VerifierKey.parse(text)
+    except ProofError as exc:
+        _error(f"--key: {exc}")
+        raise typer.Exit(EXIT_CONFIG) from None
+
+
+def _read_note(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        _error(f"cannot read the checkpoint {path}: {exc}")
+        raise typer.Exit(EXIT_CONFIG) from None
+
+
+def _checked_checkpoint(note: str, verifier: Any, what: str) -> Any:
+    from .checkpoint import Checkpoint
+    from .errors import ProofError
+
+    try:
+        return Checkpoint.verify(note, verifier)
+    except ProofError as exc:
+        _error(f"{what} does not verify: {exc}")
+        raise typer.Exit(EXIT_FAILURE) from None
+
+
+def _verify_checkpoint_file(path: Path, note_path: Path, key: str, length: int) -> str:
+    """Check a verified ledger file against a signed checkpoint; the line to print."""
+    import sqlite3
+
+    from ._tree import TreeEdge
+    from .proofs import BLAKE3
+
+    checkpoint = _checked_checkpoint(_read_note(note_path), _verifier_key(key), str(note_path))
+    size = checkpoint.size
+    if size > length:
+        _error(f"{path}: the checkpoint covers {size} entries, the file holds {length}")
+        raise typer.Exit(EXIT_FAILURE)
+    uri = path.resolve().as_uri() + "?mode=ro"
+    try:
+        conn = sqlite3.connect(uri, uri=True)
+        try:
+            ledger_id = conn.execute("SELECT value FROM meta WHERE key = 'ledger_id'").fetchone()
+            edge, start = TreeEdge(), 0
+            while start < size:
+                rows = conn.execute(
+                    "SELECT canonical FROM entries WHERE seq >= ? AND seq < ? ORDER BY seq",
+                    (start, min(size, start + 65536)),
+                ).fetchall()
+                if not rows:
+                    break
+                _, edge = edge.extended([BLAKE3.leaf(row[0]) for row in rows])
+                start += len(rows)
+            last = conn.execute("SELECT hash FROM entries WHERE seq = ?", (size - 1,)).fetchone()
+        finally:
+            conn.close()
+    except sqlite3.Error as exc:
+        _error(f"{path}: cannot read it for the checkpoint: {exc}")
+        raise typer.Exit(EXIT_CONFIG) from None
+    chain = genesis(ledger_id[0]) if size == 0 else Hash(last[0])
+    root = edge.root()
+    if edge.size != size or root != checkpoint.root:
+        _error(
+            f"{path}: Merkle root at size {size} is {root.hex()}, the checkpoint signs "
+            f"{checkpoint.root.hex()}"
+        )
+        raise typer.Exit(EXIT_FAILURE)
+    if checkpoint.chain is not None and chain != checkpoint.chain:
+        _error(
+            f"{path}: chain head at size {size} is {chain.hex()}, the checkpoint signs "
+            f"{checkpoint.chain.hex()}"
+        )
+        raise typer.Exit(EXIT_FAILURE)
+    return (
+        f"{path}: matches checkpoint {checkpoint.origin!r} at size {size} "
+        f"(root {root.hex()}, chain {chain.hex()})"
+    )
+
+
+@app.command()
+def keygen(
+    name: Annotated[
+        str, typer.Argument(help="Key name: the checkpoint origin, e.g. HOSTNAME/LEDGER.")
+    ],
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", "-o", help="Key file to write (default: NAME with / as _, .key)."),
+    ] = None,
+) -> None:
+    """Create a checkpoint signer key: writes the key file (mode 0600), prints the verifier key.
+
+    Point a ledger's `checkpoint_key` at the file; publish the printed verifier key
+    (`name+keyid+base64`) so that anyone can check the daemon's checkpoints. Refuses to
+    overwrite a file (exit 2).
+    """
+    from .checkpoint import SignerKey
+    from .daemon.checkpoints import write_key_file
+    from .errors import ProofError
+
+    try:
+        key = SignerKey.generate(name)
+    except ProofError as exc:
+        _error(str(exc))
+        raise typer.Exit(EXIT_CONFIG) from None
+    path = out if out is not None else Path(name.replace("/", "_") + ".key")
+    try:
+        write_key_file(path, key)
+    except OSError as exc:
+        _error(f"cannot write the key file {path}: {exc}")
+        raise typer.Exit(EXIT_CONFIG) from None
+    _out.print(str(key.verifier()), markup=False)
+    _err.print(f"wrote signer key {path} (mode 0600): keep it secret", markup=False)
 
 
 # -- discovery -------------------------------------------------------------------------------
@@ -782,6 +934,128 @@ def _check_link(ledger: str, entry: dict[str, Any], record: Record, prev: Hash) 
         )
         raise typer.Exit(EXIT_FAILURE)
     return expected
+
+
+# -- proofs (client) --------------------------------------------------------------------------
+prove_app = typer.Typer(
+    help="Fetch a Merkle proof from a daemon and verify it locally against a signed "
+    "checkpoint: exit 0 when it verifies, 1 when it does not.",
+    no_args_is_help=True,
+)
+app.add_typer(prove_app, name="prove")
+
+KeyOpt = Annotated[
+    str, typer.Option("--key", help="The checkpoint's verifier key (the string, or a file).")
+]
+
+
+def _checkpoint_from(client: Any, ledger: str, path: Path | None, verifier: Any) -> Any:
+    note = _read_note(path) if path is not None else client.checkpoint(ledger)
+    return _checked_checkpoint(note, verifier, str(path or f"{ledger!r}'s checkpoint"))
+
+
+@prove_app.command("inclusion")
+def prove_inclusion(
+    seq: Annotated[int, typer.Argument(min=0, help="The entry's seq.")],
+    key: KeyOpt,
+    checkpoint: Annotated[
+        Path | None,
+        typer.Option("--checkpoint", help="Signed checkpoint file (default: fetch the latest)."),
+    ] = None,
+    url: Url = DEFAULT_URL,
+    token_env: TokenEnv = "NUCLEUS_TOKEN",
+    ledger: LedgerOpt = None,
+) -> None:
+    """Prove that entry SEQ, as the daemon serves it, is in a signed checkpoint's tree.
+
+    Checks the checkpoint's signature, fetches the inclusion proof at the checkpoint's size and
+    the entry, recomputes the entry's leaf hash from its record, and verifies the proof
+    against the checkpoint's root.
+    """
+    from .errors import ProofError
+    from .proofs import InclusionProof
+
+    verifier = _verifier_key(key)
+    try:
+        with _client(url, token_env) as client:
+            name = client.pick_ledger(ledger)
+            signed = _checkpoint_from(client, name, checkpoint, verifier)
+            if seq >= signed.size:
+                _error(f"entry {seq} is not in the checkpoint: it covers {signed.size} entries")
+                raise typer.Exit(EXIT_FAILURE)
+            raw = client.inclusion_proof(name, seq, signed.size)
+            entry = client.entry(name, seq)
+    except ClientError as exc:
+        raise _fail(exc) from None
+    try:
+        proof = InclusionProof.from_json(raw)
+        record = Record(
+            entry["kind"], entry["payload"], entry["meta"], seq=seq, timestamp=entry["timestamp"]
+        )
+        leaf = leaf_hash(canonical_bytes(record))
+        if (proof.seq, proof.size, proof.root) != (seq, signed.size, signed.root):
+            raise ProofError("the proof is not for this entry at the checkpoint's size and root")
+        if leaf != proof.leaf:
+            raise ProofError(f"the entry's leaf hash is {leaf.hex()}, the proof's {proof.leaf}")
+        proof.verify()
+    except (ProofError, InvalidRecord, KeyError, TypeError) as exc:
+        _error(f"entry {seq} of {name!r}: inclusion does not verify: {exc}")
+        raise typer.Exit(EXIT_FAILURE) from None
+    _out.print(
+        f"entry {seq} of {name!r} is in checkpoint {signed.origin!r} at size {signed.size} "
+        f"({len(proof.path)} hashes, root {signed.root.hex()})",
+        markup=False,
+    )
+
+
+@prove_app.command("consistency")
+def prove_consistency(
+    old: Annotated[Path, typer.Argument(help="The older signed checkpoint (note file).")],
+    key: KeyOpt,
+    checkpoint: Annotated[
+        Path | None,
+        typer.Option("--checkpoint", help="Newer checkpoint file (default: fetch the latest)."),
+    ] = None,
+    url: Url = DEFAULT_URL,
+    token_env: TokenEnv = "NUCLEUS_TOKEN",
+    ledger: LedgerOpt = None,
+) -> None:
+    """Prove that the ledger only grew between two signed checkpoints (OLD, then the newer).
+
+    Checks both signatures, fetches the consistency proof between their sizes, and verifies it
+    against both roots.
+    """
+    from .errors import ProofError
+    from .proofs import ConsistencyProof
+
+    verifier = _verifier_key(key)
+    older = _checked_checkpoint(_read_note(old), verifier, str(old))
+    try:
+        with _client(url, token_env) as client:
+            name = client.pick_ledger(ledger)
+            newer = _checkpoint_from(client, name, checkpoint, verifier)
+            raw = None
+            if 0 < older.size <= newer.size:
+                raw = client.consistency_proof(name, older.size, newer.size)
+    except ClientError as exc:
+        raise _fail(exc) from None
+    try:
+        if older.size > newer.size:
+            raise ProofError(f"the older checkpoint ({older.size}) is larger ({newer.size})")
+        if older.size == newer.size and (older.root, older.chain) != (newer.root, newer.chain):
+            raise ProofError(f"two different checkpoints of the same size {older.size}")
+        if raw is not None:
+            proof = ConsistencyProof.from_json(raw)
+            if (proof.old_root, proof.new_root) != (older.root, newer.root):
+                raise ProofError("the proof's roots are not the checkpoints' roots")
+            proof.verify()
+    except ProofError as exc:
+        _error(f"{name!r}: consistency does not verify: {exc}")
+        raise typer.Exit(EXIT_FAILURE) from None
+    _out.print(
+        f"{name!r}: checkpoint at size {older.size} is a prefix of the one at size {newer.size}",
+        markup=False,
+    )
 
 
 def main() -> None:

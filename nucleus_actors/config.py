@@ -64,6 +64,9 @@ class LedgerConfig:
     """Cap on `stop_all` when leaving `async with` by cancellation, for `shutdown=None`."""
     max_batch: int = 1024
     """Most records one pipeline batch carries through hooks and storage."""
+    merkle_tree: bool | None = None
+    """Keep the Merkle tree (tiles in storage) for `root` and proofs: `None` (default) when the
+    storage implements `TreeStore`, `True` requires it (open fails otherwise), `False` never."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.ledger_id, str) or not LEDGER_ID_PATTERN.fullmatch(self.ledger_id):
@@ -87,6 +90,10 @@ class LedgerConfig:
         if self.backoff is not None and not isinstance(self.backoff, Backoff):
             raise ValueError(
                 f"LedgerConfig.backoff must be a Backoff or None, got {self.backoff!r}"
+            )
+        if self.merkle_tree is not None and not isinstance(self.merkle_tree, bool):
+            raise ValueError(
+                f"LedgerConfig.merkle_tree must be None, True or False, got {self.merkle_tree!r}"
             )
         if not callable(self.wall_clock):
             raise ValueError(f"LedgerConfig.wall_clock must be callable, got {self.wall_clock!r}")

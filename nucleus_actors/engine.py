@@ -26,16 +26,19 @@ from ._instrument import Instrument
 from ._pipeline import Pipeline, Request
 from ._supervisor import Supervisor
 from ._transitions import PhaseEvent
+from ._tree import LedgerTree
 from .config import LedgerConfig
-from .errors import IntegrityError, InvalidRecord, LedgerFailed, LifecycleError
+from .errors import IntegrityError, InvalidRecord, LedgerFailed, LifecycleError, StorageError
 from .hashing import ChainVerifier, genesis
 from .lifecycle import LedgerState, Phase
 from .module._base import Module
 from .module._context import LedgerReader
 from .module._spec import ModuleSpec
+from .proofs import ConsistencyProof, InclusionProof
 from .record import Entry, Hash, Receipt, Record, committed_bytes
 from .registry import ModuleHandle, ModuleRegistry, Statistics, _handle
 from .storage import MemoryStorage, StorageBackend, check_contract, require_capability
+from .storage._base import TreeStore
 
 __all__ = ["LedgerEngine", "open_ledger"]
 
@@ -83,6 +86,17 @@ class _ReadOnlyLedger:
 
     async def verify(self) -> Hash:
         return await self._engine.verify()
+
+    async def root(self, size: int | None = None) -> Hash:
+        return await self._engine.root(size)
+
+    async def inclusion_proof(self, seq: int, size: int | None = None) -> InclusionProof:
+        return await self._engine.inclusion_proof(seq, size)
+
+    async def consistency_proof(
+        self, old_size: int, new_size: int | None = None
+    ) -> ConsistencyProof:
+        return await self._engine.consistency_proof(old_size, new_size)
 
 
 def _is_cancellation(exc: BaseException) -> bool:
@@ -147,6 +161,7 @@ class LedgerEngine:
         self._transition_done = trio.Event()
         self._failure: LedgerFailed | None = None
         self._chain = self._pipeline.chain  # length, head, last timestamp: the pipeline's
+        self._tree: LedgerTree | None = None  # the Merkle tree (None: not kept)
 
     def __repr__(self) -> str:
         length = self._chain.length
@@ -318,6 +333,7 @@ class LedgerEngine:
                 last = await _first(storage.read(chain.length - 1, chain.length))
                 if last is not None:
                     chain.last_ts = last.timestamp
+            self._tree = await self._open_tree()
             failure: BaseException | None = None
             try:
                 async with trio.open_nursery() as nursery:
@@ -708,6 +724,76 @@ class LedgerEngine:
                 seq=expected - 1,
             )
         return verifier.head
+
+    # -- Merkle tree and proofs ------------------------------------------------------------
+    async def _open_tree(self) -> LedgerTree | None:
+        """The ledger's tree, loaded (or built once, for storage written without it)."""
+        wanted = self.config.merkle_tree
+        if wanted is False:
+            return None
+        if wanted is None and not isinstance(self.storage, TreeStore):
+            return None
+        store = self.require_storage(TreeStore, "keep the Merkle tree (merkle_tree=True)")
+        tree = LedgerTree(store, self.config.ledger_id)
+        await tree.open(self.storage, self._chain.length)
+        return tree
+
+    def _proof_tree(self, what: str) -> LedgerTree:
+        if not self._open:
+            raise self._not_open(what)
+        if self._tree is None:
+            why = (
+                "LedgerConfig.merkle_tree=False"
+                if self.config.merkle_tree is False
+                else f"storage backend {type(self.storage).__name__} lacks TreeStore"
+            )
+            raise StorageError(
+                f"cannot {what}: ledger {self.config.ledger_id!r} keeps no Merkle tree ({why})"
+            )
+        return self._tree
+
+    async def root(self, size: int | None = None) -> Hash:
+        """Merkle root (docs/hashing.md) of the first `size` entries (`None`: every committed
+        entry; `blake3()` of nothing for 0).
+
+        `root()` is computed from memory; a past size reads O(log n) tree tiles from storage.
+        Cancellation: nothing to undo.
+
+        Raises:
+            ProofError: `size` is not an int in `[0, length]`. StorageError: the ledger keeps
+                no tree, or storage failed. LifecycleError: the engine is not open.
+        """
+        return await self._proof_tree("compute a Merkle root").root(size, self._chain.length)
+
+    async def inclusion_proof(self, seq: int, size: int | None = None) -> InclusionProof:
+        """Proof that entry `seq` is in the tree of the first `size` entries (`None`: all).
+
+        One storage read of O(log n) tree tiles; the proof holds at most `ceil(log2 size)`
+        hashes. Cancellation: nothing to undo.
+
+        Raises:
+            ProofError: `seq` not in `[0, size)` or `size` not in `[1, length]`.
+            StorageError: the ledger keeps no tree, or storage failed.
+            LifecycleError: the engine is not open.
+        """
+        return await self._proof_tree("prove inclusion").inclusion(seq, size, self._chain.length)
+
+    async def consistency_proof(
+        self, old_size: int, new_size: int | None = None
+    ) -> ConsistencyProof:
+        """Proof that the tree of `old_size` entries is a prefix of the `new_size` one (`None`:
+        every committed entry).
+
+        One storage read of O(log n) tree tiles; at most `ceil(log2 new_size) + 1` hashes.
+        Cancellation: nothing to undo.
+
+        Raises:
+            ProofError: `old_size` not in `[1, new_size]` or `new_size` not in `[1, length]`.
+            StorageError: the ledger keeps no tree, or storage failed.
+            LifecycleError: the engine is not open.
+        """
+        tree = self._proof_tree("prove consistency")
+        return await tree.consistency(old_size, new_size, self._chain.length)
 
 
 @asynccontextmanager

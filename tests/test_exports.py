@@ -23,6 +23,8 @@ PUBLIC_MODULES = [
     "nucleus_actors",
     "nucleus_actors.errors",
     "nucleus_actors.hashing",
+    "nucleus_actors.proofs",
+    "nucleus_actors.checkpoint",
     "nucleus_actors.storage",
 ]
 
@@ -144,7 +146,7 @@ DOCUMENTED_METHODS = {
     "LedgerEngine": {
         "add", "add_instrument", "append", "append_many", "config", "get", "init_all",
         "modules", "phase", "read", "register", "remove", "remove_instrument", "require_storage",
-        "restart",
+        "restart", "root", "inclusion_proof", "consistency_proof",
         "start_all", "state", "statistics", "stop_all", "storage", "terminate", "verify",
         "wait_length", "wait_phase",
     },

@@ -12,6 +12,9 @@ Paths and shapes are a contract for clients in other languages (docs/daemon.md):
 | `GET /v1/ledgers` | 200 `{"ledgers":[{"id","length","phase"}]}` |
 | `GET /v1/ledgers/{ledger}/modules` | 200 `{"modules":[...]}` |
 | `GET /v1/ledgers/{ledger}/stream?from=` | 200 `text/event-stream` |
+| `GET /v1/ledgers/{ledger}/checkpoint` | 200 `text/plain` signed note |
+| `GET /v1/ledgers/{ledger}/proof/inclusion?seq=&size=` | 200 `{"seq","size","leaf",...}` |
+| `GET /v1/ledgers/{ledger}/proof/consistency?from=&to=` | 200 `{"from","to","path",...}` |
 | `GET /healthz`, `GET /readyz`, `GET /openapi.json` | 200 |
 | `GET /metrics` | 200 Prometheus text |
 
@@ -44,7 +47,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from .. import __version__, _jcs
 from .._jcs import MAX_DEPTH, MAX_SAFE_INTEGER
 from ..engine import LedgerEngine
-from ..errors import InvalidRecord, LifecycleError, NucleusError, _printable
+from ..errors import InvalidRecord, LifecycleError, NucleusError, ProofError, _printable
 from ..lifecycle import ModuleState
 from ..module import Module
 from ..record import KIND_FORBIDDEN, MAX_KIND_LENGTH, Record
@@ -223,6 +226,27 @@ class ModulesOut(BaseModel):
     """Module statuses of a ledger, in start order."""
 
     modules: list[ModuleStatusOut]
+
+
+class InclusionProofOut(BaseModel):
+    """Entry `seq` is in the Merkle tree of `size` entries (RFC 9162 inclusion proof)."""
+
+    seq: int
+    size: int
+    leaf: str = Field(description="LEAF_seq, 64 lowercase hex digits")
+    path: list[str] = Field(description="sibling hashes, the one next to the leaf first (hex)")
+    root: str = Field(description="Merkle root of the tree of `size` entries (hex)")
+
+
+class ConsistencyProofOut(BaseModel):
+    """The tree of `from` entries is a prefix of the tree of `to` entries (RFC 9162)."""
+
+    model_config = ConfigDict(populate_by_name=True)
+    from_: int = Field(alias="from")
+    to: int
+    old_root: str = Field(description="Merkle root at size `from` (hex)")
+    new_root: str = Field(description="Merkle root at size `to` (hex)")
+    path: list[str] = Field(description="RFC 9162 consistency proof hashes (hex)")
 
 
 class ProblemOut(BaseModel):
@@ -564,6 +588,70 @@ def create_app(state: DaemonState) -> FastAPI:
                 "phase": str(state_.phase),
             }
         )
+
+    @app.get(
+        "/v1/ledgers/{ledger}/checkpoint",
+        response_class=Response,
+        responses={
+            200: {
+                "content": {"text/plain": {"schema": {"type": "string"}}},
+                "description": "C2SP signed note holding a C2SP tlog-checkpoint "
+                "(docs/verification.md)",
+            },
+            **_problems(404, 500, 503),
+        },
+        summary="The latest signed checkpoint (signing one first if the ledger grew)",
+    )
+    async def checkpoint(ledger: LedgerId) -> Response:
+        host, _ = serving(ledger)
+        if host.signer is None:
+            raise Problem(
+                "no-checkpoint",
+                f"ledger {ledger!r} has no checkpoint_key: it signs no checkpoints",
+                ledger=ledger,
+            )
+        note = await host.signer.latest()
+        return Response(note, media_type="text/plain; charset=utf-8")
+
+    @app.get(
+        "/v1/ledgers/{ledger}/proof/inclusion",
+        response_model=InclusionProofOut,
+        responses=_problems(404, 422, 503),
+        summary="Merkle inclusion proof of an entry",
+    )
+    async def inclusion_proof(
+        ledger: LedgerId,
+        seq: Annotated[int, Query(ge=0, description="the entry's seq")],
+        size: Annotated[
+            int | None, Query(ge=1, description="tree size (default: the ledger length)")
+        ] = None,
+    ) -> Response:
+        _, engine = serving(ledger)
+        try:
+            proof = await engine.inclusion_proof(seq, size)
+        except ProofError as exc:
+            raise Problem("invalid-request", str(exc), ledger=ledger) from None
+        return JSONResponse(proof.to_json())
+
+    @app.get(
+        "/v1/ledgers/{ledger}/proof/consistency",
+        response_model=ConsistencyProofOut,
+        responses=_problems(404, 422, 503),
+        summary="Merkle consistency proof between two tree sizes",
+    )
+    async def consistency_proof(
+        ledger: LedgerId,
+        from_: Annotated[int, Query(alias="from", ge=1, description="the older tree size")],
+        to: Annotated[
+            int | None, Query(ge=1, description="the newer tree size (default: the length)")
+        ] = None,
+    ) -> Response:
+        _, engine = serving(ledger)
+        try:
+            proof = await engine.consistency_proof(from_, to)
+        except ProofError as exc:
+            raise Problem("invalid-request", str(exc), ledger=ledger) from None
+        return JSONResponse(proof.to_json())
 
     @app.get("/v1/ledgers", response_model=LedgersOut, summary="Every ledger of the daemon")
     async def ledgers() -> Response:

@@ -369,6 +369,40 @@ class DaemonClient:
             sleep(delay)
             delay = min(delay * 2, 5.0)
 
+    # -- proofs --------------------------------------------------------------------------
+    def checkpoint(self, ledger: str) -> str:
+        """The ledger's latest signed checkpoint (the note's text)."""
+        try:
+            response = self._http.request("GET", f"/v1/ledgers/{ledger}/checkpoint")
+        except httpx.HTTPError as exc:
+            raise self._unreachable(exc) from exc
+        if not response.is_success:
+            raise self._error(response)
+        return response.text
+
+    def inclusion_proof(self, ledger: str, seq: int, size: int | None = None) -> dict[str, Any]:
+        """`{"seq", "size", "leaf", "path", "root"}` (hashes in hex)."""
+        params = {"seq": seq} if size is None else {"seq": seq, "size": size}
+        result: dict[str, Any] = self._request(
+            "GET", f"/v1/ledgers/{ledger}/proof/inclusion", params=params
+        )
+        return result
+
+    def consistency_proof(
+        self, ledger: str, old_size: int, new_size: int | None = None
+    ) -> dict[str, Any]:
+        """`{"from", "to", "old_root", "new_root", "path"}` (hashes in hex)."""
+        params = {"from": old_size} if new_size is None else {"from": old_size, "to": new_size}
+        result: dict[str, Any] = self._request(
+            "GET", f"/v1/ledgers/{ledger}/proof/consistency", params=params
+        )
+        return result
+
+    def entry(self, ledger: str, seq: int) -> dict[str, Any]:
+        """One entry: `{"seq", "kind", "payload", "meta", "timestamp", "hash"}`."""
+        result: dict[str, Any] = self._request("GET", f"/v1/ledgers/{ledger}/records/{seq}")
+        return result
+
     # -- writes --------------------------------------------------------------------------
     def append(self, ledger: str, record: Mapping[str, Any]) -> dict[str, Any]:
         """Append one record (`{"kind", "payload", "meta"?}`); return its receipt."""

@@ -233,11 +233,35 @@ class LedgerSettings(_Section):
     """Largest record accepted, measured on its canonical bytes."""
     modules: list[ModuleSettings] = Field(default_factory=list)
     """The ledger's modules, in start order (after `depends_on`)."""
+    checkpoint_key: str | None = None
+    """Signer key file (`nucleus keygen`), relative to the config file's directory: the daemon
+    signs checkpoints of this ledger with it. Unset: no checkpoints."""
+    checkpoint_origin: str | None = None
+    """The checkpoints' origin line, which must be the key's name; unset:
+    `<hostname>/<ledger id>`."""
+    checkpoint_interval: float = Field(default=60.0, gt=0, allow_inf_nan=False)
+    """Seconds between signed checkpoints (one is signed only when the ledger grew)."""
 
     @field_validator("id")
     @classmethod
     def _id(cls, value: str) -> str:
         return _matching(value, LEDGER_ID_PATTERN, _ID_RULE)
+
+    @field_validator("checkpoint_origin")
+    @classmethod
+    def _origin(cls, value: str | None) -> str | None:
+        if value is not None and (not value or "+" in value or any(c.isspace() for c in value)):
+            raise PydanticCustomError(
+                "origin", "must be a non-empty key name without spaces or '+'", {}
+            )
+        return value
+
+    def checkpoint_key_path(self, base_dir: Path) -> Path | None:
+        """The absolute signer key path (relative to `base_dir`), or None when unset."""
+        if self.checkpoint_key is None:
+            return None
+        path = Path(os.path.expanduser(self.checkpoint_key))
+        return path if path.is_absolute() else (base_dir / path).resolve()
 
     def storage_path(self, base_dir: Path) -> Path | None:
         """The absolute SQLite path (relative paths resolve against `base_dir`), or None for

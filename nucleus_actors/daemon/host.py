@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -11,6 +12,9 @@ from ..engine import LedgerEngine
 from ..lifecycle import Phase
 from .config import LedgerSettings
 from .metrics import DaemonMetrics
+
+if TYPE_CHECKING:
+    from .checkpoints import CheckpointSigner
 
 __all__ = ["DaemonState", "LedgerHost"]
 
@@ -37,6 +41,8 @@ class LedgerHost:
         """True while the engine is RUNNING inside its task and may be read and written."""
         self.failure: BaseException | None = None
         """Why the ledger failed (startup error or `LedgerFailed`), else None."""
+        self.signer: CheckpointSigner | None = None
+        """Signs the ledger's checkpoints (None: no `checkpoint_key` configured)."""
         self._changed = trio.Event()
 
     @property

@@ -35,6 +35,7 @@ PROBLEMS: Final[Mapping[str, tuple[int, str]]] = {
     "not-found": (404, "Not found"),
     "unknown-ledger": (404, "Unknown ledger"),
     "unknown-seq": (404, "No entry at this seq"),
+    "no-checkpoint": (404, "The ledger signs no checkpoints"),
     "method-not-allowed": (405, "Method not allowed"),
     "record-rejected": (409, "Record rejected by a module"),
     "body-too-large": (413, "Request body too large"),

@@ -30,10 +30,11 @@ from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
 
 from ..engine import LedgerEngine
-from ..errors import NucleusError, RegistryError
+from ..errors import NucleusError, ProofError, RegistryError
 from ..storage import MemoryStorage, SQLiteStorage, StorageBackend
 from .app import create_app
-from .config import ConfigError, ConfigProblem, DaemonConfig
+from .checkpoints import CheckpointSigner, default_origin, load_signer_key
+from .config import ConfigError, ConfigProblem, DaemonConfig, LedgerSettings
 from .host import DaemonState, LedgerHost
 from .metrics import DaemonMetrics
 from .preflight import preflight
@@ -50,14 +51,51 @@ EXIT_CONFIG: Final = 2
 """The configuration is unusable (nothing was started, or startup found a config problem)."""
 
 
+def _signer(
+    config: DaemonConfig, settings: LedgerSettings, engine: LedgerEngine, accept_rollback: bool
+) -> CheckpointSigner | None:
+    """The ledger's checkpoint signer, or None without `checkpoint_key`.
+
+    Raises:
+        ValueError: the key file cannot be read, is not private, or is named otherwise than
+            the origin.
+    """
+    path = settings.checkpoint_key_path(config.base_dir)
+    if path is None:
+        return None
+    try:
+        key = load_signer_key(path)
+    except (OSError, ProofError) as exc:
+        raise ValueError(f"cannot use the signer key file {path}: {exc}") from None
+    origin = settings.checkpoint_origin or default_origin(settings.id)
+    if key.name != origin:
+        raise ValueError(
+            f"the signer key in {path} is named {key.name!r}, the checkpoint origin is "
+            f"{origin!r}: they must match (`nucleus keygen {origin}`, or set checkpoint_origin)"
+        )
+    return CheckpointSigner(
+        engine,
+        key,
+        path,
+        origin=origin,
+        interval=settings.checkpoint_interval,
+        accept_rollback=accept_rollback,
+    )
+
+
 def build_hosts(
-    config: DaemonConfig, *, metrics: DaemonMetrics | None = None
+    config: DaemonConfig,
+    *,
+    metrics: DaemonMetrics | None = None,
+    accept_rollback: bool = False,
 ) -> dict[str, LedgerHost]:
     """Create every ledger's storage and engine and register its modules (nothing runs yet).
 
     Args:
         config: the validated configuration.
         metrics: when given, every module instance gets its hooks timed into it.
+        accept_rollback: let checkpoint signers start on a ledger rolled back behind the last
+            checkpoint they signed (`nucleus run --accept-rollback`).
 
     Raises:
         ConfigError: a module cannot be registered (its factory fails, duplicate id, bad
@@ -80,6 +118,10 @@ def build_hosts(
             except (NucleusError, ValueError, TypeError) as exc:
                 problems.append(ConfigProblem(where, f"cannot register the module: {exc}"))
         hosts[settings.id] = LedgerHost(settings, engine, path)
+        try:
+            hosts[settings.id].signer = _signer(config, settings, engine, accept_rollback)
+        except ValueError as exc:
+            problems.append(ConfigProblem(f"ledgers[{index}].checkpoint_key", str(exc)))
     problems += preflight(config, hosts)  # what `check` and `run` both refuse (exit 2)
     if problems:
         raise ConfigError("configuration", problems)
@@ -99,6 +141,8 @@ class Daemon:
         port: overrides `config.port` (`0` picks a free port).
         environ: where the token variable is read (default `os.environ`).
         force_exit: called with an exit status on a second signal (default `os._exit`).
+        accept_rollback: start checkpoint signers even on a ledger rolled back behind the
+            last checkpoint they signed (`nucleus run --accept-rollback`).
 
     Raises:
         ConfigError: a module cannot be registered (see `build_hosts`).
@@ -112,6 +156,7 @@ class Daemon:
         port: int | None = None,
         environ: dict[str, str] | None = None,
         force_exit: Callable[[int], object] = os._exit,
+        accept_rollback: bool = False,
     ) -> None:
         self.config = config
         self.host = config.host if host is None else host
@@ -120,7 +165,7 @@ class Daemon:
         self.metrics = DaemonMetrics()
         """This daemon's metrics (its own registry), served at `/metrics`."""
         self.state = DaemonState(
-            build_hosts(config, metrics=self.metrics),
+            build_hosts(config, metrics=self.metrics, accept_rollback=accept_rollback),
             token=env.get(config.token_env) or None,
             max_body_bytes=config.max_body_bytes,
             metrics=self.metrics,
@@ -166,6 +211,8 @@ class Daemon:
         started = False
         try:
             async with engine:
+                if host.signer is not None:
+                    await host.signer.check()  # never sign backwards (a restored backup?)
                 await engine.init_all()
                 await engine.start_all()
                 host.serving = True
@@ -180,7 +227,11 @@ class Daemon:
                     ", ".join(h.id for h in engine.modules) or "none",
                 )
                 task_status.started()
-                await self._release.wait()
+                async with trio.open_nursery() as signing:
+                    if host.signer is not None:
+                        signing.start_soon(host.signer.run)
+                    await self._release.wait()
+                    signing.cancel_scope.cancel()
                 host.serving = False
                 await engine.stop_all()
             log.info("ledger %r stopped: %d entries", host.id, engine.state.length)
