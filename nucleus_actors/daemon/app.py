@@ -45,6 +45,7 @@ from ..lifecycle import ModuleState
 from ..module import Module
 from ..record import Record
 from ..registry import ModuleHandle
+from .guards import Admission, HostCheck, RequestId
 from .host import DaemonState, LedgerHost
 from .problems import Problem, problem_from_error, problem_response
 from .wire import dumps as _dumps
@@ -312,6 +313,9 @@ def create_app(state: DaemonState) -> FastAPI:
         redoc_url=None,
     )
     app.add_middleware(_Guard, state=state)
+    app.add_middleware(Admission, state=state)
+    app.add_middleware(HostCheck, state=state)
+    app.add_middleware(RequestId)
     _install_error_handlers(app)
     bearer = HTTPBearer(auto_error=False, description="Needed for writes when a token is set.")
     write_security = [Security(bearer)]

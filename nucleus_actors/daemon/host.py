@@ -10,6 +10,7 @@ import trio
 from ..engine import LedgerEngine
 from ..lifecycle import Phase
 from .config import LedgerSettings
+from .guards import ByteBudget, HostAllowList, HttpLimits
 from .metrics import DaemonMetrics
 
 __all__ = ["DaemonState", "LedgerHost"]
@@ -70,6 +71,7 @@ class DaemonState:
         token: str | None,
         max_body_bytes: int,
         metrics: DaemonMetrics | None = None,
+        limits: HttpLimits | None = None,
     ) -> None:
         self.hosts: dict[str, LedgerHost] = dict(hosts)
         """Ledgers by id, in configuration order."""
@@ -82,9 +84,21 @@ class DaemonState:
         self.metrics = DaemonMetrics() if metrics is None else metrics
         """What `/metrics` serves (a fresh registry unless the daemon passes its own)."""
         self.metrics.watch(self.hosts.values)
+        self.limits = HttpLimits() if limits is None else limits
+        """HTTP limits: `read_timeout`, `max_connections`, `max_batch_records`, ..."""
+        self.budget = ByteBudget(self.limits.body_budget_bytes)
+        """The byte budget shared by large request bodies."""
+        self.allowed_hosts: HostAllowList | None = (
+            None if self.limits.allowed_hosts is None else HostAllowList(self.limits.allowed_hosts)
+        )
+        """The `Host` values answered; None answers any (the daemon sets the defaults once it
+        knows its port)."""
+        self.stopped = trio.Event()
+        """Set with `stopping` (what waiters wait on)."""
 
     def begin_stopping(self) -> None:
         """Mark the daemon as stopping and end every stream."""
         self.stopping = True
+        self.stopped.set()
         for host in self.hosts.values():
             host.notify()

@@ -22,18 +22,18 @@ import os
 import signal
 import sys
 from collections.abc import AsyncIterator, Callable
-from functools import partial
 from typing import Final
 
 import trio
 from hypercorn.config import Config as HypercornConfig
-from hypercorn.trio import serve
 
 from ..engine import LedgerEngine
 from ..errors import NucleusError, RegistryError
 from ..storage import MemoryStorage, SQLiteStorage, StorageBackend
 from .app import create_app
 from .config import ConfigError, ConfigProblem, DaemonConfig
+from .connections import HttpServer
+from .guards import HostAllowList
 from .host import DaemonState, LedgerHost
 from .metrics import DaemonMetrics
 
@@ -122,6 +122,7 @@ class Daemon:
             token=env.get(config.token_env) or None,
             max_body_bytes=config.max_body_bytes,
             metrics=self.metrics,
+            limits=config.http_limits(),
         )
         self.urls: list[str] = []
         """Where the server listens once bound (`http://HOST:PORT`)."""
@@ -227,10 +228,10 @@ class Daemon:
         try:
             async with trio.open_nursery() as nursery:
                 trigger = self._stop.wait
-                urls: list[str] = await nursery.start(
-                    partial(serve, app, config, shutdown_trigger=trigger)  # type: ignore[arg-type]
-                )
+                server = HttpServer(app, config, self.state.limits)
+                urls: list[str] = await nursery.start(server.serve, trigger)
                 self.urls = urls
+                self._allow_hosts(urls, server)
                 for url in urls:
                     log.info("listening on %s", url)
                 self._log_access_policy()
@@ -242,6 +243,28 @@ class Daemon:
             self.request_stop(EXIT_FAILURE)
             return
         log.info("HTTP server stopped")
+
+    def _allow_hosts(self, urls: list[str], server: HttpServer) -> None:
+        """Fill in the default `allowed_hosts` now that the port is known; log the limits."""
+        if self.state.allowed_hosts is None and urls:
+            port = int(urls[0].rsplit(":", 1)[1])
+            self.state.allowed_hosts = HostAllowList.defaults(self.host, port)
+            if self.host in ("0.0.0.0", "::", ""):
+                log.warning(
+                    "listening on every interface with the default allowed_hosts (loopback "
+                    "names only): list the names clients use in allowed_hosts"
+                )
+        limits = self.state.limits
+        allowed = self.state.allowed_hosts
+        log.info(
+            "limits: max_connections %d, read_timeout %gs, max_body_bytes %d, "
+            "max_batch_records %d, allowed hosts: %s",
+            server.max_connections,
+            limits.read_timeout,
+            self.state.max_body_bytes,
+            limits.max_batch_records,
+            "any" if allowed is None else ", ".join(allowed.entries),
+        )
 
     def _log_access_policy(self) -> None:
         env = self.config.token_env
