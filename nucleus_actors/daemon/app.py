@@ -45,7 +45,7 @@ from ..lifecycle import ModuleState
 from ..module import Module
 from ..record import Record
 from ..registry import ModuleHandle
-from .guards import Admission, HostCheck, RequestId
+from .guards import Admission, HostCheck, RequestId, check_batch_size
 from .host import DaemonState, LedgerHost
 from .problems import Problem, problem_from_error, problem_response
 from .wire import dumps as _dumps
@@ -66,6 +66,9 @@ INFO_SECONDS: Final = 1.0
 MAX_PAGE_BYTES: Final = 4 << 20
 """A range read stops adding entries once they hold this many canonical bytes (at least one
 entry is always returned; `next` continues)."""
+
+CHECK_SLICE: Final = 100
+"""A batch's records are checked this many at a time, with a checkpoint between slices."""
 
 LedgerId = Annotated[str, PathParam(description="ledger id")]
 
@@ -370,8 +373,11 @@ def create_app(state: DaemonState) -> FastAPI:
     )
     async def append_batch(ledger: LedgerId, body: BatchIn) -> Response:
         _, engine = serving(ledger)
+        check_batch_size(state, len(body.records))
         records = []
         for index, item in enumerate(body.records):
+            if index % CHECK_SLICE == CHECK_SLICE - 1:
+                await trio.lowlevel.checkpoint()  # let other requests run (/healthz, reads)
             try:
                 records.append(item.record())
             except InvalidRecord as exc:
@@ -512,7 +518,8 @@ def create_app(state: DaemonState) -> FastAPI:
         host, engine = serving(ledger)
         if last_event_id is not None:
             text = last_event_id.strip()
-            if not text.isdigit():
+            # ASCII digits only ('²'.isdigit() is true), at most 19 of them (a seq fits)
+            if not (text.isascii() and text.isdigit() and len(text) <= 19):
                 raise Problem(
                     "invalid-request",
                     f"Last-Event-ID must be the seq of an entry, got {last_event_id!r}",

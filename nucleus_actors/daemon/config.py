@@ -289,9 +289,9 @@ class DaemonConfig(_Section):
     max_connections: int = Field(default=1000, ge=1)
     """Most connections served at once (lowered to fit the open-file limit); at the cap, the
     connection that waited longest without a complete request is closed."""
-    max_batch_records: int = Field(default=10_000, ge=1)
+    max_batch_records: int = Field(default=1000, ge=1)
     """Most records in one batch append (413 beyond)."""
-    body_budget_bytes: int = Field(default=16 << 20, ge=1 << 16)
+    body_budget_bytes: int = Field(default=8 << 20, ge=1 << 16)
     """Bytes of large bodies (over 64 KiB each) read and processed at once; more wait (at
     most `read_timeout`, then 503)."""
     ledgers: list[LedgerSettings] = Field(min_length=1)

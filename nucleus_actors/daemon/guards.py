@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import re
 import time
 import uuid
 from collections.abc import Callable, Iterable
@@ -38,6 +39,7 @@ if TYPE_CHECKING:
 __all__ = [
     "CONNECTION_KEY",
     "SMALL_BODY_BYTES",
+    "check_batch_size",
     "Admission",
     "ByteBudget",
     "HostAllowList",
@@ -62,6 +64,7 @@ REQUEST_ID_MAX: Final = 128
 """Longest `X-Request-Id` echoed back; a longer or non-printable one is replaced."""
 
 _HEALTH_PATHS: Final = frozenset({"/healthz", "/readyz"})
+_NAME: Final = re.compile(r"[a-z0-9._-]+")  # a DNS name or IPv4 address, lowercased
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -72,9 +75,9 @@ class HttpLimits:
     """Seconds a client has to send a request's head, and again its whole body."""
     max_connections: int = 1000
     """Most connections served at once (also kept below the process's file limit)."""
-    max_batch_records: int = 10_000
+    max_batch_records: int = 1000
     """Most records in one batch append."""
-    body_budget_bytes: int = 16 << 20
+    body_budget_bytes: int = 8 << 20
     """Bytes of large request bodies (over 64 KiB each) being read or processed at once."""
     allowed_hosts: tuple[str, ...] | None = None
     """`Host` values accepted (`name` or `name:port`; `*` accepts any); None = the defaults
@@ -190,7 +193,7 @@ def _split_host(value: str) -> tuple[str, int | None] | None:
         port_text = rest[1:]
     else:
         name, sep, port_text = value.partition(":")
-        if not name or ":" in port_text:
+        if _NAME.fullmatch(name) is None or ":" in port_text:
             return None
         if not sep:
             return name, None
@@ -457,6 +460,17 @@ class _BodyReader:
             nursery.start_soon(run)
             nursery.start_soon(watch)
         return result[0] if result else None
+
+
+def check_batch_size(state: DaemonState, count: int) -> None:
+    """Raise the 413 `batch-too-large` problem for a batch over `max_batch_records`."""
+    limit = state.limits.max_batch_records
+    if count > limit:
+        raise Problem(
+            "batch-too-large",
+            f"the batch has {count} records, over max_batch_records={limit}",
+            limit=limit,
+        )
 
 
 def _with_close(message: Message) -> Message:

@@ -216,8 +216,12 @@ class DaemonMetrics:
     def render(self, accept: str | None) -> tuple[bytes, str]:
         """The exposition for a scrape with this `Accept` header: `(body, content type)`
         (OpenMetrics when the scraper asks for it, else the Prometheus text format)."""
-        encoder, content_type = choose_encoder(accept or "")
-        return encoder(self.registry), content_type
+        try:
+            encoder, content_type = choose_encoder(accept or "")
+            return encoder(self.registry), content_type
+        except (TypeError, ValueError):  # e.g. `version=abc`: not a version it can compare
+            encoder, content_type = choose_encoder("")
+            return encoder(self.registry), content_type
 
 
 def _timed_before(

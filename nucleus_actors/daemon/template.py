@@ -43,8 +43,8 @@ allowed_hosts = ["localhost", "127.0.0.1", "[::1]"]
 # large bodies (over 64 KiB) processed at once.
 read_timeout = 10.0
 max_connections = 1000
-max_batch_records = 10000
-body_budget_bytes = 16777216
+max_batch_records = 1000
+body_budget_bytes = 8388608
 
 [[ledgers]]
 # The ledger id: part of every API path (/v1/ledgers/main/...) and of the genesis hash.
