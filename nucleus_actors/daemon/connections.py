@@ -55,6 +55,13 @@ FD_RESERVE: Final = 64
 ACCEPT_RETRY: Final = 0.1
 """Seconds before accepting again after the process ran out of file descriptors."""
 
+SHUTDOWN_POLL: Final = 0.01
+"""Seconds between checks, on shutdown, whether every admitted request has been answered."""
+
+SHUTDOWN_LINGER: Final = 0.5
+"""Seconds, on shutdown after every admitted request was answered, that connections still
+closing (or answering a refusal) get before they are closed."""
+
 _CAPACITY_ERRNOS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
 
 
@@ -120,6 +127,9 @@ class _Connection(TCPServer):
         """The daemon decided to close it: nothing read from now on reaches the app."""
         self.since = trio.current_time()
         """When its current request (or its idle wait) began: the oldest is shed first."""
+        # The reader may wait inside hypercorn for a paused (pipelined) request that will
+        # never be read once the connection closes: closing cancels it.
+        self._reader = trio.CancelScope()
 
     # -- what the guards and the server see -------------------------------------------------
     def admit(self) -> bool:
@@ -129,6 +139,28 @@ class _Connection(TCPServer):
             return False
         self.admitted = True
         return True
+
+    def describe(self) -> str:
+        """One line about its state, for the log."""
+        wrapper = getattr(self, "protocol", None)
+        h11_connection = getattr(getattr(wrapper, "protocol", None), "connection", None)
+        states = (
+            f"client {getattr(h11_connection, 'their_state', '?')}, "
+            f"server {getattr(h11_connection, 'our_state', '?')}"
+        )
+        return (
+            f"idle={self.idle} admitted={self.admitted} closing={self.closing} "
+            f"since={self.since:.3f} ({states})"
+        )
+
+    @property
+    def busy(self) -> bool:
+        """An admitted request whose answer is not yet fully written."""
+        if not self.admitted or self.closing:
+            return False
+        h11_connection = getattr(getattr(self.protocol, "protocol", None), "connection", None)
+        state = getattr(h11_connection, "our_state", None)
+        return state not in (h11.DONE, h11.MUST_CLOSE, h11.CLOSED, h11.ERROR)
 
     @property
     def sheddable(self) -> bool:
@@ -141,6 +173,7 @@ class _Connection(TCPServer):
         if self.closing:
             return
         self.closing = True
+        self._reader.cancel()
         stream = self.stream
         transport = getattr(stream, "transport_stream", stream)
         socket = getattr(transport, "socket", None)
@@ -176,7 +209,8 @@ class _Connection(TCPServer):
                     self.protocol.protocol = _H11(*args)
                 await self.protocol.initiate()
                 await self.idle_task.restart(self._task_group, self._idle_timeout)
-                await self._read_data()
+                with self._reader:
+                    await self._read_data()
         except OSError:
             pass
         finally:
@@ -203,6 +237,9 @@ class _Connection(TCPServer):
                     await self.protocol.handle(Closed())
             return
         await super().protocol_send(event)
+        if isinstance(event, Closed):  # the protocol closed it (e.g. `Connection: close`)
+            self.closing = True
+            self._reader.cancel()
 
     async def _read_data(self) -> None:
         while True:
@@ -312,14 +349,20 @@ class HttpServer:
             if connection.idle and not connection.admitted:
                 connection.abort()
         with trio.move_on_after(self.config.graceful_timeout) as waited:
+            while any(connection.busy for connection in self.connections):
+                await trio.sleep(SHUTDOWN_POLL)
+        # Everything admitted is answered; refusals (503, Connection: close) and closes in
+        # progress get a moment, then whatever is left is closed.
+        with trio.move_on_after(SHUTDOWN_LINGER):
             if self.connections:
                 await self._drained.wait()
         if waited.cancelled_caught:
-            busy = sum(1 for connection in self.connections if connection.admitted)
+            busy = sum(1 for connection in self.connections if connection.busy)
             log.warning(
-                "graceful_timeout=%gs passed with %d request(s) still running: closing them",
+                "graceful_timeout=%gs passed with %d request(s) still running: closing them (%s)",
                 self.config.graceful_timeout,
                 busy,
+                "; ".join(connection.describe() for connection in list(self.connections)[:5]),
             )
 
     async def _accept(

@@ -9,6 +9,7 @@ import json
 import resource
 import signal
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -343,7 +344,10 @@ def test_sigterm_under_64_keep_alive_writers_answers_every_committed_append(
         while sum(len(w.receipts) for w in writers) < 500 and time.monotonic() < deadline:
             time.sleep(0.05)
         daemon.send(signal.SIGTERM)
-        assert daemon.wait() == 0, daemon.log
+        try:
+            assert daemon.wait() == 0, daemon.log
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"no exit after SIGTERM:\n{daemon.log}") from None
         for writer in writers:
             writer.join(60)
     finally:
