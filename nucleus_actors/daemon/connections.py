@@ -55,9 +55,6 @@ FD_RESERVE: Final = 64
 ACCEPT_RETRY: Final = 0.1
 """Seconds before accepting again after the process ran out of file descriptors."""
 
-SHUTDOWN_POLL: Final = 0.01
-"""Seconds between checks, on shutdown, whether every admitted request has been answered."""
-
 SHUTDOWN_LINGER: Final = 0.5
 """Seconds, on shutdown after every admitted request was answered, that connections still
 closing (or answering a refusal) get before they are closed."""
@@ -174,6 +171,7 @@ class _Connection(TCPServer):
             return
         self.closing = True
         self._reader.cancel()
+        self.server.changed()
         stream = self.stream
         transport = getattr(stream, "transport_stream", stream)
         socket = getattr(transport, "socket", None)
@@ -235,11 +233,13 @@ class _Connection(TCPServer):
                 if scope.cancelled_caught:
                     self.abort()
                     await self.protocol.handle(Closed())
+            self.server.changed()
             return
         await super().protocol_send(event)
         if isinstance(event, Closed):  # the protocol closed it (e.g. `Connection: close`)
             self.closing = True
             self._reader.cancel()
+        self.server.changed()
 
     async def _read_data(self) -> None:
         while True:
@@ -286,6 +286,11 @@ class HttpServer:
         self.context = WorkerContext(None)
         self.overload = RateLimitedLog(log)
         self._drained = trio.Event()
+        self._changed = trio.Event()  # set whenever a connection writes, closes or ends
+
+    def changed(self) -> None:
+        """A connection made progress (wakes the shutdown's wait)."""
+        self._changed.set()
 
     def open_count(self) -> int:
         """Connections counted against the cap (those being closed are not)."""
@@ -350,7 +355,8 @@ class HttpServer:
                 connection.abort()
         with trio.move_on_after(self.config.graceful_timeout) as waited:
             while any(connection.busy for connection in self.connections):
-                await trio.sleep(SHUTDOWN_POLL)
+                self._changed = trio.Event()
+                await self._changed.wait()
         # Everything admitted is answered; refusals (503, Connection: close) and closes in
         # progress get a moment, then whatever is left is closed.
         with trio.move_on_after(SHUTDOWN_LINGER):
@@ -432,5 +438,6 @@ class HttpServer:
             await connection.run()
         finally:
             self.connections.discard(connection)
+            self.changed()
             if not self.connections:
                 self._drained.set()
