@@ -35,7 +35,7 @@ from .hashing import ChainVerifier, chain_step
 from .lifecycle import Phase
 from .module._mailbox import Before
 from .record import Entry, Hash, Receipt, Record
-from .storage import StorageBatch
+from .storage import IdempotencyRecord, StorageBatch
 
 if TYPE_CHECKING:
     from .engine import LedgerEngine
@@ -51,11 +51,12 @@ _MAX_SAFE = 2**53 - 1
 class Request(Future):
     """One `append` (one record) or `append_many` (all-or-nothing) waiting for the pipeline."""
 
-    __slots__ = ("error", "receipts", "records", "storing", "withdrawn")
+    __slots__ = ("error", "idempotency", "receipts", "records", "storing", "withdrawn")
 
-    def __init__(self, records: list[Record]) -> None:
+    def __init__(self, records: list[Record], idempotency: tuple[str, str] | None = None) -> None:
         super().__init__()
         self.records = records
+        self.idempotency = idempotency  # (key, fingerprint): committed with the entries
         self.error: BaseException | None = None
         self.receipts: list[Receipt] | None = None
         self.storing = False  # handed to storage: no longer withdrawable
@@ -336,7 +337,18 @@ class Pipeline:
         # Storage is never interrupted half-way: a batch is stored or not, and we learn which.
         self._storing = True
         try:
-            error = await self._store(self._batch(entries))
+            keys = [
+                IdempotencyRecord(
+                    key=request.idempotency[0],
+                    fingerprint=request.idempotency[1],
+                    first_seq=entries[start].seq,
+                    count=len(request.records),
+                    created=ts,
+                )
+                for request, start in committing
+                if request.idempotency is not None
+            ]
+            error = await self._store(self._batch(entries, keys))
         finally:
             self._storing = False
             if self._cancel_requested and self._scope is not None:
@@ -378,10 +390,12 @@ class Pipeline:
                 for child, rest in blocked:
                     nursery.start_soon(child.mailbox.deliver, rest, child.spec.overflow)
 
-    def _batch(self, entries: list[Entry]) -> StorageBatch:
+    def _batch(
+        self, entries: list[Entry], keys: list[IdempotencyRecord] | None = None
+    ) -> StorageBatch:
         """The one `StorageBatch` of this group commit: its entries, and whatever else must
         commit atomically with them (cursors, tree tiles, idempotency keys)."""
-        return StorageBatch(entries=entries)
+        return StorageBatch(entries=entries, idempotency=keys or ())
 
     async def _store(self, batch: StorageBatch) -> tuple[BaseException, bool] | None:
         """Append to storage. None if stored; else (error, known) where `known` says that

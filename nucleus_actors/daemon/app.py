@@ -45,7 +45,7 @@ from ..lifecycle import ModuleState
 from ..module import Module
 from ..record import Record
 from ..registry import ModuleHandle
-from .guards import Admission, HostCheck, RequestId, check_batch_size
+from .guards import Admission, HostCheck, RequestId, check_batch_size, checked_key
 from .host import DaemonState, LedgerHost
 from .problems import Problem, problem_from_error, problem_response
 from .wire import dumps as _dumps
@@ -71,6 +71,14 @@ CHECK_SLICE: Final = 100
 """A batch's records are checked this many at a time, with a checkpoint between slices."""
 
 LedgerId = Annotated[str, PathParam(description="ledger id")]
+IdempotencyKey = Annotated[
+    str | None,
+    Header(
+        alias="Idempotency-Key",
+        description="retry safely: the same key and body within idempotency_window return "
+        "the first receipts (with `Idempotent-Replayed: true`) instead of appending again",
+    ),
+]
 
 
 # -- schemas (request bodies and documented responses) ---------------------------------------
@@ -351,27 +359,37 @@ def create_app(state: DaemonState) -> FastAPI:
         status_code=201,
         response_model=ReceiptOut,
         dependencies=write_security,
-        responses=_problems(400, 401, 404, 409, 413, 415, 422, 503),
+        responses=_problems(400, 401, 404, 409, 413, 415, 421, 422, 503),
         summary="Append one record",
     )
-    async def append(ledger: LedgerId, body: RecordIn) -> Response:
+    async def append(
+        ledger: LedgerId, body: RecordIn, idempotency_key: IdempotencyKey = None
+    ) -> Response:
         _, engine = serving(ledger)
-        receipt = await engine.append(body.record())
-        return JSONResponse(
-            receipt_json(receipt),
-            status_code=201,
-            headers={"Location": f"/v1/ledgers/{ledger}/records/{receipt.seq}"},
-        )
+        replayed = False
+        if idempotency_key is None:
+            receipt = await engine.append(body.record())
+        else:
+            receipts, replayed = await engine.append_keyed(
+                [body.record()], checked_key(idempotency_key)
+            )
+            receipt = receipts[0]
+        headers = {"Location": f"/v1/ledgers/{ledger}/records/{receipt.seq}"}
+        if replayed:
+            headers["Idempotent-Replayed"] = "true"
+        return JSONResponse(receipt_json(receipt), status_code=201, headers=headers)
 
     @app.post(
         "/v1/ledgers/{ledger}/records/batch",
         status_code=201,
         response_model=BatchOut,
         dependencies=write_security,
-        responses=_problems(400, 401, 404, 409, 413, 415, 422, 503),
+        responses=_problems(400, 401, 404, 409, 413, 415, 421, 422, 503),
         summary="Append records all-or-nothing",
     )
-    async def append_batch(ledger: LedgerId, body: BatchIn) -> Response:
+    async def append_batch(
+        ledger: LedgerId, body: BatchIn, idempotency_key: IdempotencyKey = None
+    ) -> Response:
         _, engine = serving(ledger)
         check_batch_size(state, len(body.records))
         records = []
@@ -388,8 +406,16 @@ def create_app(state: DaemonState) -> FastAPI:
                     path=exc.path,
                     index=index,
                 ) from exc
-        receipts = await engine.append_many(records)
-        return JSONResponse({"receipts": [receipt_json(r) for r in receipts]}, status_code=201)
+        replayed = False
+        if idempotency_key is None:
+            receipts = await engine.append_many(records)
+        else:
+            receipts, replayed = await engine.append_keyed(records, checked_key(idempotency_key))
+        return JSONResponse(
+            {"receipts": [receipt_json(r) for r in receipts]},
+            status_code=201,
+            headers={"Idempotent-Replayed": "true"} if replayed else None,
+        )
 
     @app.get(
         "/v1/ledgers/{ledger}/records",

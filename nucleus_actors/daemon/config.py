@@ -234,6 +234,9 @@ class LedgerSettings(_Section):
     """Delay between consecutive restarts of a module; unset restarts at once."""
     max_record_bytes: int = Field(default=1 << 20, ge=64)
     """Largest record accepted, measured on its canonical bytes."""
+    idempotency_window: float = Field(default=86400.0, gt=0, allow_inf_nan=False)
+    """Seconds an `Idempotency-Key` is remembered: a retry with the same key and body within
+    it gets the first receipts instead of appending again."""
     modules: list[ModuleSettings] = Field(default_factory=list)
     """The ledger's modules, in start order (after `depends_on`)."""
 
@@ -259,6 +262,7 @@ class LedgerSettings(_Section):
             restart_window=self.restart_window,
             backoff=None if self.backoff is None else self.backoff.build(),
             max_record_bytes=self.max_record_bytes,
+            idempotency_window=self.idempotency_window,
         )
 
 

@@ -40,6 +40,7 @@ __all__ = [
     "CONNECTION_KEY",
     "SMALL_BODY_BYTES",
     "check_batch_size",
+    "checked_key",
     "Admission",
     "ByteBudget",
     "HostAllowList",
@@ -471,6 +472,19 @@ def check_batch_size(state: DaemonState, count: int) -> None:
             f"the batch has {count} records, over max_batch_records={limit}",
             limit=limit,
         )
+
+
+def checked_key(key: str) -> str:
+    """An `Idempotency-Key` header value, or the 400 problem when it is not 1..255 printable
+    ASCII characters (a quoted string, as the IETF draft writes it, is unquoted)."""
+    if len(key) >= 2 and key[0] == key[-1] == '"':
+        key = key[1:-1]
+    if not (0 < len(key) <= 255 and all(" " < c <= "~" for c in key)):
+        raise Problem(
+            "bad-request",
+            f"Idempotency-Key must be 1..255 printable ASCII characters, got {key[:300]!r}",
+        )
+    return key
 
 
 def _with_close(message: Message) -> Message:

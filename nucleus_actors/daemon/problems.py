@@ -14,6 +14,7 @@ from typing import Any, Final
 from starlette.responses import Response
 
 from ..errors import (
+    IdempotencyConflict,
     IntegrityError,
     InvalidRecord,
     LifecycleError,
@@ -45,12 +46,14 @@ PROBLEMS: Final[Mapping[str, tuple[int, str]]] = {
     "method-not-allowed": (405, "Method not allowed"),
     "request-timeout": (408, "Request too slow"),
     "record-rejected": (409, "Record rejected by a module"),
+    "idempotency-key-in-flight": (409, "Idempotency key in flight"),
     "body-too-large": (413, "Request body too large"),
     "batch-too-large": (413, "Too many records in a batch"),
     "unsupported-media-type": (415, "Unsupported media type"),
     "misdirected-request": (421, "Host not served here"),
     "invalid-request": (422, "Invalid request"),
     "invalid-record": (422, "Invalid record"),
+    "idempotency-key-reused": (422, "Idempotency key reused"),
     "header-too-large": (431, "Request header fields too large"),
     "integrity-error": (500, "Stored chain does not verify"),
     "internal-error": (500, "Internal error"),
@@ -160,6 +163,9 @@ def problem_from_error(exc: NucleusError, *, ledger: str) -> Problem:
             path=getattr(exc, "path", None),
             schema_path=getattr(exc, "schema_path", None),
         )
+    if isinstance(exc, IdempotencyConflict):
+        slug = "idempotency-key-in-flight" if exc.in_flight else "idempotency-key-reused"
+        return Problem(slug, str(exc), ledger=ledger, key=exc.key)
     if isinstance(exc, InvalidRecord):
         return Problem("invalid-record", str(exc), ledger=ledger, path=exc.path)
     if isinstance(exc, ModuleError):

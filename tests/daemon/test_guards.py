@@ -348,3 +348,30 @@ def test_rate_limited_log_reports_once_per_interval(caplog: pytest.LogCaptureFix
 
 def engine_length(state: DaemonState) -> int:
     return state.hosts["main"].engine.state.length
+
+
+# -- idempotency -----------------------------------------------------------------------------
+async def test_idempotency_key_replays_refuses_a_different_body_and_checks_the_key() -> None:
+    async with api() as (client, state, _):
+        url = "/v1/ledgers/main/records"
+        key = {"Idempotency-Key": "order-7"}
+        first = await client.post(url, json={"kind": "k", "payload": 7}, headers=key)
+        assert first.status_code == 201
+        assert "idempotent-replayed" not in first.headers
+        again = await client.post(url, json={"kind": "k", "payload": 7}, headers=key)
+        assert again.status_code == 201
+        assert again.headers["idempotent-replayed"] == "true"
+        assert again.json() == first.json()
+        other = await client.post(url, json={"kind": "k", "payload": 8}, headers=key)
+        assert problem(other, 422, "idempotency-key-reused")["key"] == "order-7"
+        batch = {"records": [{"kind": "k", "payload": 1}, {"kind": "k", "payload": 2}]}
+        bkey = {"Idempotency-Key": '"b-1"'}
+        one = await client.post(url + "/batch", json=batch, headers=bkey)
+        two = await client.post(url + "/batch", json=batch, headers=bkey)
+        assert two.headers["idempotent-replayed"] == "true"
+        assert one.json() == two.json()
+        bad = await client.post(
+            url, json={"kind": "k", "payload": 1}, headers={"Idempotency-Key": "a b"}
+        )
+        problem(bad, 400, "bad-request")
+        assert engine_length(state) == 3
