@@ -107,6 +107,7 @@ class Pipeline:
         self._storing = False
         self._cancel_requested = False
         self.batches_done = 0
+        self.progressed_at = 0.0  # trio time the sequencer last started work or finished a batch
         self._resync = False  # a storage failure left the head uncertain
         self._stopped = False  # the sequencer task has ended: submit() fails at once
         self._current: list[Request] = []
@@ -173,10 +174,12 @@ class Pipeline:
                         self._idle.set()
                         self._wakeup = Future()
                         await self._wakeup._wait()
+                        self.progressed_at = trio.current_time()
                     self._current = self._take()
                     await self._process(self._current)
                     self._current = []
                     self.batches_done += 1
+                    self.progressed_at = trio.current_time()
                     if not self._queue:
                         self._idle.set()
         finally:

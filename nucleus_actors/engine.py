@@ -174,6 +174,16 @@ class LedgerEngine:
         """The module registry: `get`, iteration in start order, `status()`, `counts()`."""
         return self._registry
 
+    def append_stalled_for(self) -> float:
+        """Seconds appends have been waiting without the pipeline finishing a batch; 0.0 when
+        no append is waiting or in progress. A large value means something holds every
+        append back (e.g. a module's `after_append` hangs with `timeout=None` and its
+        inbox is full under `Overflow.BLOCK`)."""
+        pipeline = self._pipeline
+        if not pipeline._queue and not pipeline._current:
+            return 0.0
+        return max(0.0, trio.current_time() - pipeline.progressed_at)
+
     def statistics(self) -> Statistics:
         """Counters: committed appends, rejects, crashes, restarts."""
         return self._registry.statistics()

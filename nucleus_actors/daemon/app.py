@@ -572,9 +572,20 @@ def create_app(state: DaemonState) -> FastAPI:
         ready = not state.stopping and all(
             host.serving and host.phase.name == "RUNNING" for host in state.hosts.values()
         )
-        if not ready:
+        bound = state.limits.stall_timeout
+        stalled = {
+            host.id: round(host.engine.append_stalled_for(), 3)
+            for host in state.hosts.values()
+            if host.serving and host.engine.append_stalled_for() > bound
+        }
+        if not ready or stalled:
             why = "the daemon is stopping" if state.stopping else "not every ledger is running"
-            raise Problem("not-ready", why, ledgers=phases)
+            if ready:
+                why = (
+                    f"appends to {', '.join(map(repr, stalled))} made no progress for over "
+                    f"stall_timeout={bound:g} s"
+                )
+            raise Problem("not-ready", why, ledgers=phases, stalled=stalled or None)
         return JSONResponse({"status": "ready", "ledgers": phases})
 
     return app

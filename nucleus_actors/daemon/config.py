@@ -295,6 +295,9 @@ class DaemonConfig(_Section):
     connection that waited longest without a complete request is closed."""
     max_batch_records: int = Field(default=1000, ge=1)
     """Most records in one batch append (413 beyond)."""
+    stall_timeout: float = Field(default=30.0, gt=0, allow_inf_nan=False)
+    """`/readyz` answers 503 for a ledger whose appends have waited this many seconds without
+    progress (a hung module holding every append back)."""
     body_budget_bytes: int = Field(default=8 << 20, ge=1 << 16)
     """Bytes of large bodies (over 64 KiB each) read and processed at once; more wait (at
     most `read_timeout`, then 503)."""
@@ -326,6 +329,7 @@ class DaemonConfig(_Section):
             max_connections=self.max_connections,
             max_batch_records=self.max_batch_records,
             body_budget_bytes=self.body_budget_bytes,
+            stall_timeout=self.stall_timeout,
             allowed_hosts=None if self.allowed_hosts is None else tuple(self.allowed_hosts),
         )
 

@@ -80,6 +80,8 @@ class HttpLimits:
     """Most records in one batch append."""
     body_budget_bytes: int = 8 << 20
     """Bytes of large request bodies (over 64 KiB each) being read or processed at once."""
+    stall_timeout: float = 30.0
+    """`/readyz` reports a ledger whose appends made no progress for this long."""
     allowed_hosts: tuple[str, ...] | None = None
     """`Host` values accepted (`name` or `name:port`; `*` accepts any); None = the defaults
     (the bind address, `localhost`, `127.0.0.1`, `[::1]`, each with the port)."""

@@ -44,6 +44,8 @@ allowed_hosts = ["localhost", "127.0.0.1", "[::1]"]
 read_timeout = 10.0
 max_connections = 1000
 max_batch_records = 1000
+# /readyz answers 503 for a ledger whose appends have made no progress for this many seconds.
+stall_timeout = 30.0
 body_budget_bytes = 8388608
 
 [[ledgers]]

@@ -15,7 +15,7 @@ import trio
 import trio.lowlevel
 import trio.testing
 
-from nucleus_actors import LedgerConfig, open_ledger
+from nucleus_actors import Hash, LedgerConfig, Record, open_ledger
 from nucleus_actors.daemon import DaemonState, LedgerHost, create_app, parse_config
 from nucleus_actors.daemon.guards import (
     ByteBudget,
@@ -24,6 +24,7 @@ from nucleus_actors.daemon.guards import (
     RateLimitedLog,
     valid_request_id,
 )
+from nucleus_actors.module import Module, ModuleSpec, Overflow
 
 PROBLEM = "application/problem+json"
 
@@ -375,3 +376,40 @@ async def test_idempotency_key_replays_refuses_a_different_body_and_checks_the_k
         )
         problem(bad, 400, "bad-request")
         assert engine_length(state) == 3
+
+
+# -- readiness reports stuck appends ---------------------------------------------------------
+class Hang(Module):
+    id = "hang"
+
+    async def after_append(self, record: Record, hash: Hash) -> None:
+        await trio.sleep_forever()
+
+
+async def test_readyz_reports_a_ledger_whose_appends_are_stuck(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    settings = parse_config(
+        {"ledgers": [{"id": "main", "storage": ":memory:"}]}, base_dir=Path(".")
+    ).ledgers[0]
+    spec = ModuleSpec(Hang, timeout=None, inbox=1, overflow=Overflow.BLOCK, shutdown=0)
+    async with open_ledger(LedgerConfig(ledger_id="main"), modules=[spec]) as engine:
+        host = LedgerHost(settings, engine, None)
+        host.serving = True
+        state = DaemonState(
+            {"main": host}, token=None, max_body_bytes=1 << 20, limits=HttpLimits(stall_timeout=5)
+        )
+        transport = httpx.ASGITransport(app=create_app(state))
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            assert (await client.get("/readyz")).status_code == 200
+            async with trio.open_nursery() as nursery:
+                for n in range(4):  # one in the module, one in its inbox, then appends wait
+                    nursery.start_soon(engine.append, Record("k", n))
+                await trio.sleep(4)
+                assert engine.append_stalled_for() > 0
+                assert (await client.get("/readyz")).status_code == 200
+                await trio.sleep(2)
+                body = problem(await client.get("/readyz"), 503, "not-ready")
+                assert body["stalled"]["main"] > 5
+                assert "stall_timeout=5" in body["detail"]
+                nursery.cancel_scope.cancel()
