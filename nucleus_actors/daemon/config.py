@@ -234,6 +234,10 @@ class LedgerSettings(_Section):
     """Delay between consecutive restarts of a module; unset restarts at once."""
     max_record_bytes: int = Field(default=1 << 20, ge=64)
     """Largest record accepted, measured on its canonical bytes."""
+    verify_on_open: Literal["tail", "full"] = "tail"
+    """`"tail"`: opening checks the chain's last entries, then the whole chain is verified in
+    the background (metric `nucleus_ledger_verified_entries`); `"full"`: the whole chain is
+    verified before the ledger serves (a bad entry stops it from starting)."""
     idempotency_window: float = Field(default=86400.0, gt=0, allow_inf_nan=False)
     """Seconds an `Idempotency-Key` is remembered: a retry with the same key and body within
     it gets the first receipts instead of appending again."""

@@ -38,6 +38,10 @@ class LedgerHost:
         """True while the engine is RUNNING inside its task and may be read and written."""
         self.failure: BaseException | None = None
         """Why the ledger failed (startup error or `LedgerFailed`), else None."""
+        self.verified_entries = 0
+        """Entries the last completed full verification covered (0 before one completed)."""
+        self.verify_failed = False
+        """The last full verification found an entry that does not verify."""
         self._changed = trio.Event()
 
     @property

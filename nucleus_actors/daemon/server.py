@@ -28,7 +28,7 @@ import trio
 from hypercorn.config import Config as HypercornConfig
 
 from ..engine import LedgerEngine
-from ..errors import NucleusError, RegistryError
+from ..errors import IntegrityError, NucleusError, RegistryError
 from ..storage import MemoryStorage, SQLiteStorage, StorageBackend
 from .app import create_app
 from .config import ConfigError, ConfigProblem, DaemonConfig
@@ -165,6 +165,8 @@ class Daemon:
         started = False
         try:
             async with engine:
+                if host.settings.verify_on_open == "full":
+                    await self._verify(host)  # IntegrityError: the ledger does not start
                 await engine.init_all()
                 await engine.start_all()
                 host.serving = True
@@ -179,7 +181,11 @@ class Daemon:
                     ", ".join(h.id for h in engine.modules) or "none",
                 )
                 task_status.started()
-                await self._release.wait()
+                async with trio.open_nursery() as background:
+                    if host.settings.verify_on_open == "tail":
+                        background.start_soon(self._verify_in_background, host)
+                    await self._release.wait()
+                    background.cancel_scope.cancel()
                 host.serving = False
                 await engine.stop_all()
             log.info("ledger %r stopped: %d entries", host.id, engine.state.length)
@@ -192,6 +198,28 @@ class Daemon:
             host.notify()
             if not started:
                 task_status.started()
+
+    async def _verify(self, host: LedgerHost) -> None:
+        """Verify the whole chain of `host`'s ledger (as it is now); record the outcome."""
+        length = host.engine.state.length
+        try:
+            await host.engine.verify()
+        except IntegrityError:
+            host.verify_failed = True
+            raise
+        host.verify_failed = False
+        host.verified_entries = length
+        log.info("ledger %r: the whole chain verifies (%d entries)", host.id, length)
+
+    async def _verify_in_background(self, host: LedgerHost) -> None:
+        """`verify_on_open = "tail"`: verify the whole chain once, while the ledger serves; a
+        bad entry is logged (and shown by `nucleus_ledger_verify_failed`)."""
+        try:
+            await self._verify(host)
+        except IntegrityError as exc:
+            log.error("ledger %r: background verification failed: %s", host.id, exc)
+        except NucleusError as exc:  # the ledger went down meanwhile
+            log.warning("ledger %r: background verification stopped: %s", host.id, exc)
 
     def _ledger_failed(self, host: LedgerHost, exc: BaseException, *, started: bool) -> None:
         when = "failed" if started else "failed to start"

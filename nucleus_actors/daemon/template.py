@@ -63,6 +63,9 @@ max_restarts = 3
 restart_window = 5.0
 # Largest record, in bytes of its canonical JSON.
 max_record_bytes = 1048576
+# "tail": check the chain's end on open and the whole chain in the background; "full":
+# verify the whole chain before serving.
+verify_on_open = "tail"
 
 # A validator: "order.*" records must carry a "customer" (else 409 Conflict).
 [[ledgers.modules]]

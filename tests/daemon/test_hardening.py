@@ -386,3 +386,49 @@ def read_ledger(path: Path) -> dict[str, int]:
 
     trio.run(read)
     return out
+
+
+# -- verify_on_open --------------------------------------------------------------------------
+def tampered_ledger(directory: Path) -> None:
+    """A 200-entry ledger `main` whose entry 100 was altered on disk (its tail is intact)."""
+    import sqlite3
+
+    import trio
+
+    from nucleus_actors import LedgerConfig, Record, open_ledger
+    from nucleus_actors.storage import SQLiteStorage
+
+    async def fill() -> None:
+        storage = SQLiteStorage(directory / "main.db")
+        async with open_ledger(LedgerConfig(ledger_id="main"), storage=storage) as engine:
+            await engine.append_many([Record("k", {"n": n}) for n in range(200)])
+
+    trio.run(fill)
+    with sqlite3.connect(directory / "main.db") as db:
+        db.execute(
+            "UPDATE entries SET canonical = replace(canonical, '\"n\":100', '\"n\":101') "
+            "WHERE seq = 100"
+        )
+
+
+@pytest.mark.parametrize("mode", ["tail", "full"])
+def test_verify_on_open_finds_a_tampered_middle_entry(tmp_path: Path, mode: str) -> None:
+    tampered_ledger(tmp_path)
+    config = tmp_path / "nucleus.toml"
+    config.write_text(f'[[ledgers]]\nid = "main"\nstorage = "main.db"\nverify_on_open = "{mode}"\n')
+    daemon = DaemonProcess(config)
+    try:
+        if mode == "full":
+            assert daemon.wait() == 1
+            assert "entry 100" in daemon.log or "seq 100" in daemon.log, daemon.log
+            return
+        where = address(daemon)
+        line = daemon.wait_log("background verification failed")
+        assert "100" in line
+        status, _, body = parse(exchange(where, get("/metrics", host=f"localhost:{where[1]}")))
+        assert status == 200
+        text = body.decode()
+        assert 'nucleus_ledger_verify_failed{ledger="main"} 1.0' in text
+        assert 'nucleus_ledger_verified_entries{ledger="main"} 0.0' in text
+    finally:
+        daemon.close()
