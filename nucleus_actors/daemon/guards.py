@@ -445,24 +445,19 @@ class _BodyReader:
     async def _wait(self, awaitable: Any, deadline: float) -> Any:
         """The awaitable's result, or None at the deadline or when the daemon starts stopping
         (then `refusal` says which)."""
-        result: list[Any] = []
-        stopped = self.state.stopped
-        async with trio.open_nursery() as nursery:
-
-            async def run() -> None:
-                result.append(await awaitable)
-                nursery.cancel_scope.cancel()
-
-            async def watch() -> None:
-                await stopped.wait()
-                if not self.streaming:
-                    self.refusal = self.refusal or _stopping()
-                    nursery.cancel_scope.cancel()
-
-            nursery.cancel_scope.deadline = deadline
-            nursery.start_soon(run)
-            nursery.start_soon(watch)
-        return result[0] if result else None
+        scopes = self.state.body_scopes
+        with trio.move_on_at(deadline) as scope:
+            if not self.streaming:
+                if self.state.stopping:
+                    scope.cancel()
+                scopes.add(scope)  # `begin_stopping` cancels it
+            try:
+                return await awaitable
+            finally:
+                scopes.discard(scope)
+        if self.state.stopping and not self.streaming and self.refusal is None:
+            self.refusal = _stopping()
+        return None
 
 
 def check_batch_size(state: DaemonState, count: int) -> None:

@@ -99,10 +99,15 @@ class DaemonState:
         knows its port)."""
         self.stopped = trio.Event()
         """Set with `stopping` (what waiters wait on)."""
+        self.body_scopes: set[trio.CancelScope] = set()
+        """Cancel scopes of request bodies being read: `begin_stopping` cancels them (the
+        writes are refused with 503, nothing was acted on)."""
 
     def begin_stopping(self) -> None:
         """Mark the daemon as stopping and end every stream."""
         self.stopping = True
         self.stopped.set()
+        for scope in list(self.body_scopes):
+            scope.cancel()
         for host in self.hosts.values():
             host.notify()
