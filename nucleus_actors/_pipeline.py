@@ -39,7 +39,7 @@ from .hashing import ChainVerifier, chain_step, chain_step_leaf, genesis
 from .lifecycle import Phase
 from .module._mailbox import Before
 from .record import Entry, Hash, Receipt, Record, committed_bytes
-from .storage import StorageBatch, TreeTile
+from .storage import IdempotencyRecord, StorageBatch, TreeTile
 
 if TYPE_CHECKING:
     from .engine import LedgerEngine
@@ -55,11 +55,12 @@ _MAX_SAFE = 2**53 - 1
 class Request(Future):
     """One `append` (one record) or `append_many` (all-or-nothing) waiting for the pipeline."""
 
-    __slots__ = ("error", "receipts", "records", "storing", "withdrawn")
+    __slots__ = ("error", "idempotency", "receipts", "records", "storing", "withdrawn")
 
-    def __init__(self, records: list[Record]) -> None:
+    def __init__(self, records: list[Record], idempotency: tuple[str, str] | None = None) -> None:
         super().__init__()
         self.records = records
+        self.idempotency = idempotency  # (key, fingerprint): committed with the entries
         self.error: BaseException | None = None
         self.receipts: list[Receipt] | None = None
         self.storing = False  # handed to storage: no longer withdrawable
@@ -141,6 +142,7 @@ class Pipeline:
         self._storing = False
         self._cancel_requested = False
         self.batches_done = 0
+        self.progressed_at = 0.0  # trio time the sequencer last started work or finished a batch
         self._resync = False  # a storage failure left the head uncertain
         self._moved = False  # the last failed batch found storage's head moved under us
         self._stopped = False  # the sequencer task has ended: submit() fails at once
@@ -208,10 +210,12 @@ class Pipeline:
                         self._idle.set()
                         self._wakeup = Future()
                         await self._wakeup._wait()
+                        self.progressed_at = trio.current_time()
                     self._current = self._take()
                     await self._process(self._current)
                     self._current = []
                     self.batches_done += 1
+                    self.progressed_at = trio.current_time()
                     if not self._queue:
                         self._idle.set()
         finally:
@@ -380,7 +384,18 @@ class Pipeline:
         # Storage is never interrupted half-way: a batch is stored or not, and we learn which.
         self._storing = True
         try:
-            error = await self._store(self._batch(entries, tiles))
+            keys = [
+                IdempotencyRecord(
+                    key=request.idempotency[0],
+                    fingerprint=request.idempotency[1],
+                    first_seq=entries[start].seq,
+                    count=len(request.records),
+                    created=ts,
+                )
+                for request, start in committing
+                if request.idempotency is not None
+            ]
+            error = await self._store(self._batch(entries, tiles, keys))
         finally:
             self._storing = False
             if self._cancel_requested and self._scope is not None:
@@ -437,11 +452,18 @@ class Pipeline:
                 for child, rest in blocked:
                     nursery.start_soon(child.mailbox.deliver, rest, child.spec.overflow)
 
-    def _batch(self, entries: list[Entry], tiles: Sequence[TreeTile] = ()) -> StorageBatch:
+    def _batch(
+        self,
+        entries: list[Entry],
+        tiles: Sequence[TreeTile] = (),
+        keys: list[IdempotencyRecord] | None = None,
+    ) -> StorageBatch:
         """The one `StorageBatch` of this group commit: its entries, built on the ledger's head
         (`prev`), and whatever else must commit atomically with them (cursors, tree tiles,
         idempotency keys)."""
-        return StorageBatch(entries=entries, prev=self.chain.head, tree=tiles)
+        return StorageBatch(
+            entries=entries, prev=self.chain.head, tree=tiles, idempotency=keys or ()
+        )
 
     async def _store(self, batch: StorageBatch) -> tuple[BaseException, bool] | None:
         """Append to storage. None if stored; else (error, known) where `known` says that

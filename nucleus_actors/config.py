@@ -67,6 +67,8 @@ class LedgerConfig:
     merkle_tree: bool | None = None
     """Keep the Merkle tree (tiles in storage) for `root` and proofs: `None` (default) when the
     storage implements `TreeStore`, `True` requires it (open fails otherwise), `False` never."""
+    idempotency_window: float = 86400.0
+    """Seconds an idempotency key is remembered (a retry within it gets the first receipts)."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.ledger_id, str) or not LEDGER_ID_PATTERN.fullmatch(self.ledger_id):
@@ -84,6 +86,13 @@ class LedgerConfig:
         if type(self.max_record_bytes) is not int or self.max_record_bytes < 64:
             raise ValueError(
                 f"LedgerConfig.max_record_bytes must be an int >= 64, got {self.max_record_bytes!r}"
+            )
+        if not isinstance(self.idempotency_window, (int, float)) or not (
+            0 < self.idempotency_window < float("inf")
+        ):
+            raise ValueError(
+                f"idempotency_window must be a finite number of seconds > 0, "
+                f"got {self.idempotency_window!r}"
             )
         if type(self.max_batch) is not int or self.max_batch < 1:
             raise ValueError(f"LedgerConfig.max_batch must be an int >= 1, got {self.max_batch!r}")

@@ -12,6 +12,7 @@ NucleusError
 │   ├── IntegrityError       chain mismatch (seq of the first bad entry)
 │   ├── CommitUnknown        the batch may or may not be stored (acknowledgement lost)
 │   └── Fenced               another writer holds the ledger (a newer fencing epoch)
+├── IdempotencyConflict      an idempotency key in flight, or reused for a different request
 ├── ProofError               (also ValueError)  a proof or checkpoint fails to verify
 └── EventLoopError           (also RuntimeError) a trio API called from another event loop
 ```
@@ -29,6 +30,7 @@ __all__ = [
     "CommitUnknown",
     "EventLoopError",
     "Fenced",
+    "IdempotencyConflict",
     "IntegrityError",
     "InvalidRecord",
     "LedgerFailed",
@@ -211,3 +213,19 @@ class EventLoopError(NucleusError, RuntimeError):
 
     nucleus_actors runs on trio; from asyncio use `nucleus_actors.aio.open_ledger`.
     """
+
+
+class IdempotencyConflict(NucleusError):
+    """An append with an idempotency key cannot run: the key is in flight, or it was used
+    (within the window) for a different request.
+
+    Attributes:
+        key: the idempotency key.
+        in_flight: True when another append with the key has not finished yet (retry later:
+            HTTP 409); False when the key's first use had a different request (HTTP 422).
+    """
+
+    def __init__(self, message: str, *, key: str, in_flight: bool) -> None:
+        super().__init__(message)
+        self.key = key
+        self.in_flight = in_flight

@@ -52,6 +52,7 @@ from ..lifecycle import ModuleState
 from ..module import Module
 from ..record import KIND_FORBIDDEN, MAX_KIND_LENGTH, Record
 from ..registry import ModuleHandle
+from .guards import Admission, HostCheck, RequestId, check_batch_size, checked_key
 from .host import DaemonState, LedgerHost
 from .problems import Problem, problem_from_error, problem_response
 from .wire import dumps as _dumps
@@ -73,7 +74,18 @@ MAX_PAGE_BYTES: Final = 4 << 20
 """A range read stops adding entries once they hold this many canonical bytes (at least one
 entry is always returned; `next` continues)."""
 
+CHECK_SLICE: Final = 100
+"""A batch's records are checked this many at a time, with a checkpoint between slices."""
+
 LedgerId = Annotated[str, PathParam(description="ledger id")]
+IdempotencyKey = Annotated[
+    str | None,
+    Header(
+        alias="Idempotency-Key",
+        description="retry safely: the same key and body within idempotency_window return "
+        "the first receipts (with `Idempotent-Replayed: true`) instead of appending again",
+    ),
+]
 
 
 # -- schemas (request bodies and documented responses) ---------------------------------------
@@ -451,6 +463,9 @@ def create_app(state: DaemonState) -> FastAPI:
     app.router.route_class = _IJsonRoute
     _publish_json_value(app)
     app.add_middleware(_Guard, state=state, routes=app.router.routes)
+    app.add_middleware(Admission, state=state)
+    app.add_middleware(HostCheck, state=state)
+    app.add_middleware(RequestId)
     _install_error_handlers(app)
     bearer = HTTPBearer(auto_error=False, description="Needed for writes when a token is set.")
     write_security = [Security(bearer)]
@@ -483,30 +498,43 @@ def create_app(state: DaemonState) -> FastAPI:
         status_code=201,
         response_model=ReceiptOut,
         dependencies=write_security,
-        responses=_problems(400, 401, 404, 409, 413, 415, 422, 503),
+        responses=_problems(400, 401, 404, 409, 413, 415, 421, 422, 503),
         summary="Append one record",
     )
-    async def append(ledger: LedgerId, body: RecordIn) -> Response:
+    async def append(
+        ledger: LedgerId, body: RecordIn, idempotency_key: IdempotencyKey = None
+    ) -> Response:
         _, engine = serving(ledger)
-        receipt = await engine.append(body.record())
-        return JSONResponse(
-            receipt_json(receipt),
-            status_code=201,
-            headers={"Location": f"/v1/ledgers/{ledger}/records/{receipt.seq}"},
-        )
+        replayed = False
+        if idempotency_key is None:
+            receipt = await engine.append(body.record())
+        else:
+            receipts, replayed = await engine.append_keyed(
+                [body.record()], checked_key(idempotency_key)
+            )
+            receipt = receipts[0]
+        headers = {"Location": f"/v1/ledgers/{ledger}/records/{receipt.seq}"}
+        if replayed:
+            headers["Idempotent-Replayed"] = "true"
+        return JSONResponse(receipt_json(receipt), status_code=201, headers=headers)
 
     @app.post(
         "/v1/ledgers/{ledger}/records/batch",
         status_code=201,
         response_model=BatchOut,
         dependencies=write_security,
-        responses=_problems(400, 401, 404, 409, 413, 415, 422, 503),
+        responses=_problems(400, 401, 404, 409, 413, 415, 421, 422, 503),
         summary="Append records all-or-nothing",
     )
-    async def append_batch(ledger: LedgerId, body: BatchIn) -> Response:
+    async def append_batch(
+        ledger: LedgerId, body: BatchIn, idempotency_key: IdempotencyKey = None
+    ) -> Response:
         _, engine = serving(ledger)
+        check_batch_size(state, len(body.records))
         records = []
         for index, item in enumerate(body.records):
+            if index % CHECK_SLICE == CHECK_SLICE - 1:
+                await trio.lowlevel.checkpoint()  # let other requests run (/healthz, reads)
             try:
                 records.append(item.record())
             except InvalidRecord as exc:
@@ -517,8 +545,16 @@ def create_app(state: DaemonState) -> FastAPI:
                     path=exc.path,
                     index=index,
                 ) from exc
-        receipts = await engine.append_many(records)
-        return JSONResponse({"receipts": [receipt_json(r) for r in receipts]}, status_code=201)
+        replayed = False
+        if idempotency_key is None:
+            receipts = await engine.append_many(records)
+        else:
+            receipts, replayed = await engine.append_keyed(records, checked_key(idempotency_key))
+        return JSONResponse(
+            {"receipts": [receipt_json(r) for r in receipts]},
+            status_code=201,
+            headers={"Idempotent-Replayed": "true"} if replayed else None,
+        )
 
     @app.get(
         "/v1/ledgers/{ledger}/records",
@@ -711,7 +747,8 @@ def create_app(state: DaemonState) -> FastAPI:
         host, engine = serving(ledger)
         if last_event_id is not None:
             text = last_event_id.strip()
-            if not text.isdigit():
+            # ASCII digits only ('²'.isdigit() is true), at most 19 of them (a seq fits)
+            if not (text.isascii() and text.isdigit() and len(text) <= 19):
                 raise Problem(
                     "invalid-request",
                     f"Last-Event-ID must be the seq of an entry, got {last_event_id!r}",
@@ -738,9 +775,20 @@ def create_app(state: DaemonState) -> FastAPI:
         ready = not state.stopping and all(
             host.serving and host.phase.name == "RUNNING" for host in state.hosts.values()
         )
-        if not ready:
+        bound = state.limits.stall_timeout
+        stalled = {
+            host.id: round(host.engine.append_stalled_for(), 3)
+            for host in state.hosts.values()
+            if host.serving and host.engine.append_stalled_for() > bound
+        }
+        if not ready or stalled:
             why = "the daemon is stopping" if state.stopping else "not every ledger is running"
-            raise Problem("not-ready", why, ledgers=phases)
+            if ready:
+                why = (
+                    f"appends to {', '.join(map(repr, stalled))} made no progress for over "
+                    f"stall_timeout={bound:g} s"
+                )
+            raise Problem("not-ready", why, ledgers=phases, stalled=stalled or None)
         return JSONResponse({"status": "ready", "ledgers": phases})
 
     return app

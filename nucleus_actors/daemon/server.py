@@ -22,19 +22,19 @@ import os
 import signal
 import sys
 from collections.abc import AsyncIterator, Callable
-from functools import partial
 from typing import Final
 
 import trio
 from hypercorn.config import Config as HypercornConfig
-from hypercorn.trio import serve
 
 from ..engine import LedgerEngine
-from ..errors import NucleusError, ProofError, RegistryError
+from ..errors import IntegrityError, NucleusError, ProofError, RegistryError
 from ..storage import MemoryStorage, SQLiteStorage, StorageBackend
 from .app import create_app
 from .checkpoints import CheckpointSigner, default_origin, load_signer_key
 from .config import ConfigError, ConfigProblem, DaemonConfig, LedgerSettings
+from .connections import HttpServer
+from .guards import HostAllowList
 from .host import DaemonState, LedgerHost
 from .metrics import DaemonMetrics
 from .preflight import preflight
@@ -169,6 +169,7 @@ class Daemon:
             token=env.get(config.token_env) or None,
             max_body_bytes=config.max_body_bytes,
             metrics=self.metrics,
+            limits=config.http_limits(),
         )
         self.urls: list[str] = []
         """Where the server listens once bound (`http://HOST:PORT`)."""
@@ -211,6 +212,8 @@ class Daemon:
         started = False
         try:
             async with engine:
+                if host.settings.verify_on_open == "full":
+                    await self._verify(host)  # IntegrityError: the ledger does not start
                 if host.signer is not None:
                     await host.signer.check()  # never sign backwards (a restored backup?)
                 await engine.init_all()
@@ -227,11 +230,13 @@ class Daemon:
                     ", ".join(h.id for h in engine.modules) or "none",
                 )
                 task_status.started()
-                async with trio.open_nursery() as signing:
+                async with trio.open_nursery() as background:
                     if host.signer is not None:
-                        signing.start_soon(host.signer.run)
+                        background.start_soon(host.signer.run)
+                    if host.settings.verify_on_open == "tail":
+                        background.start_soon(self._verify_in_background, host)
                     await self._release.wait()
-                    signing.cancel_scope.cancel()
+                    background.cancel_scope.cancel()
                 host.serving = False
                 await engine.stop_all()
             log.info("ledger %r stopped: %d entries", host.id, engine.state.length)
@@ -244,6 +249,28 @@ class Daemon:
             host.notify()
             if not started:
                 task_status.started()
+
+    async def _verify(self, host: LedgerHost) -> None:
+        """Verify the whole chain of `host`'s ledger (as it is now); record the outcome."""
+        length = host.engine.state.length
+        try:
+            await host.engine.verify()
+        except IntegrityError:
+            host.verify_failed = True
+            raise
+        host.verify_failed = False
+        host.verified_entries = length
+        log.info("ledger %r: the whole chain verifies (%d entries)", host.id, length)
+
+    async def _verify_in_background(self, host: LedgerHost) -> None:
+        """`verify_on_open = "tail"`: verify the whole chain once, while the ledger serves; a
+        bad entry is logged (and shown by `nucleus_ledger_verify_failed`)."""
+        try:
+            await self._verify(host)
+        except IntegrityError as exc:
+            log.error("ledger %r: background verification failed: %s", host.id, exc)
+        except NucleusError as exc:  # the ledger went down meanwhile
+            log.warning("ledger %r: background verification stopped: %s", host.id, exc)
 
     def _ledger_failed(self, host: LedgerHost, exc: BaseException, *, started: bool) -> None:
         when = "failed" if started else "failed to start"
@@ -280,10 +307,10 @@ class Daemon:
         try:
             async with trio.open_nursery() as nursery:
                 trigger = self._stop.wait
-                urls: list[str] = await nursery.start(
-                    partial(serve, app, config, shutdown_trigger=trigger)  # type: ignore[arg-type]
-                )
+                server = HttpServer(app, config, self.state.limits)
+                urls: list[str] = await nursery.start(server.serve, trigger)
                 self.urls = urls
+                self._allow_hosts(urls, server)
                 for url in urls:
                     log.info("listening on %s", url)
                 self._log_access_policy()
@@ -295,6 +322,28 @@ class Daemon:
             self.request_stop(EXIT_FAILURE)
             return
         log.info("HTTP server stopped")
+
+    def _allow_hosts(self, urls: list[str], server: HttpServer) -> None:
+        """Fill in the default `allowed_hosts` now that the port is known; log the limits."""
+        if self.state.allowed_hosts is None and urls:
+            port = int(urls[0].rsplit(":", 1)[1])
+            self.state.allowed_hosts = HostAllowList.defaults(self.host, port)
+            if self.host in ("0.0.0.0", "::", ""):
+                log.warning(
+                    "listening on every interface with the default allowed_hosts (loopback "
+                    "names only): list the names clients use in allowed_hosts"
+                )
+        limits = self.state.limits
+        allowed = self.state.allowed_hosts
+        log.info(
+            "limits: max_connections %d, read_timeout %gs, max_body_bytes %d, "
+            "max_batch_records %d, allowed hosts: %s",
+            server.max_connections,
+            limits.read_timeout,
+            self.state.max_body_bytes,
+            limits.max_batch_records,
+            "any" if allowed is None else ", ".join(allowed.entries),
+        )
 
     def _log_access_policy(self) -> None:
         env = self.config.token_env
