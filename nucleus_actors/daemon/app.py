@@ -82,6 +82,7 @@ IdempotencyKey = Annotated[
     str | None,
     Header(
         alias="Idempotency-Key",
+        pattern=r'^([!-~]{1,255}|"[!-~]{1,255}")$',
         description="retry safely: the same key and body within idempotency_window return "
         "the first receipts (with `Idempotent-Replayed: true`) instead of appending again",
     ),
@@ -665,8 +666,8 @@ def create_app(state: DaemonState) -> FastAPI:
         _, engine = serving(ledger)
         try:
             proof = await engine.inclusion_proof(seq, size)
-        except ProofError as exc:
-            raise Problem("invalid-request", str(exc), ledger=ledger) from None
+        except ProofError as exc:  # well-formed, but the ledger has no such tree or entry
+            raise Problem("not-found", str(exc), ledger=ledger) from None
         return JSONResponse(proof.to_json())
 
     @app.get(
@@ -685,8 +686,8 @@ def create_app(state: DaemonState) -> FastAPI:
         _, engine = serving(ledger)
         try:
             proof = await engine.consistency_proof(from_, to)
-        except ProofError as exc:
-            raise Problem("invalid-request", str(exc), ledger=ledger) from None
+        except ProofError as exc:  # well-formed, but the ledger has no such tree or entry
+            raise Problem("not-found", str(exc), ledger=ledger) from None
         return JSONResponse(proof.to_json())
 
     @app.get("/v1/ledgers", response_model=LedgersOut, summary="Every ledger of the daemon")

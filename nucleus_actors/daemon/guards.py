@@ -474,7 +474,7 @@ def check_batch_size(state: DaemonState, count: int) -> None:
 def checked_key(key: str) -> str:
     """An `Idempotency-Key` header value, or the 400 problem when it is not 1..255 printable
     ASCII characters (a quoted string, as the IETF draft writes it, is unquoted)."""
-    if len(key) >= 2 and key[0] == key[-1] == '"':
+    if len(key) > 2 and key[0] == key[-1] == '"':
         key = key[1:-1]
     if not (0 < len(key) <= 255 and all(" " < c <= "~" for c in key)):
         raise Problem(

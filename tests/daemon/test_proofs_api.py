@@ -92,14 +92,14 @@ async def test_proof_endpoints_answer_json_that_verifies() -> None:
 @pytest.mark.parametrize(
     ("path", "params", "status", "detail"),
     [
-        ("inclusion", {"seq": 10}, 422, "seq must be an int in"),
-        ("inclusion", {"seq": 0, "size": 11}, 422, "beyond the ledger length 10"),
+        ("inclusion", {"seq": 10}, 404, "seq must be an int in"),
+        ("inclusion", {"seq": 0, "size": 11}, 404, "beyond the ledger length 10"),
         ("inclusion", {"seq": -1}, 422, "greater than or equal to 0"),
         ("inclusion", {"seq": "x"}, 422, "valid integer"),
         ("inclusion", {}, 422, "Field required"),
         ("consistency", {"from": 0}, 422, "greater than or equal to 1"),
-        ("consistency", {"from": 5, "to": 4}, 422, "beyond the ledger length 4"),
-        ("consistency", {"from": 3, "to": 11}, 422, "beyond the ledger length 10"),
+        ("consistency", {"from": 5, "to": 4}, 404, "beyond the ledger length 4"),
+        ("consistency", {"from": 3, "to": 11}, 404, "beyond the ledger length 10"),
     ],
 )
 async def test_bad_proof_parameters_are_4xx_problems(
