@@ -35,7 +35,7 @@ from .errors import (
     RecordRejected,
     StorageError,
 )
-from .hashing import ChainVerifier, chain_step, chain_step_leaf, genesis
+from .hashing import ChainVerifier, chain_step, chain_step_leaf, genesis, leaf_hash
 from .lifecycle import Phase
 from .module._mailbox import Before
 from .record import Entry, Hash, Receipt, Record, committed_bytes
@@ -560,8 +560,15 @@ class Pipeline:
                     f"storage head ({length}, {head.hex()}) does not follow the chain",
                     seq=verifier.length,
                 )
-            if engine._tree is not None:
-                await engine._tree.reload(length)  # the landed batch carried its tiles
+            tree = engine._tree
+            if tree is not None and adopted:
+                # A batch of ours carried its tiles; entries another writer stored did not:
+                # extend the tree over what was adopted and store its tiles (an upsert either
+                # way), so proofs keep covering every entry.
+                tiles, grown = tree.grow([leaf_hash(e.canonical) for e in adopted])
+                if tiles:
+                    await engine.storage.append(StorageBatch(entries=(), tree=tiles))
+                tree.edge = grown
             last_ts = max(chain.last_ts, adopted[-1].timestamp) if adopted else chain.last_ts
             self.appends += len(adopted)
             chain.advance(length, head, last_ts)

@@ -70,6 +70,9 @@ async def test_entries_written_behind_the_engine_that_extend_its_chain_are_adopt
         receipt = await ledger.append(Record("own", {"n": 2}))
         assert receipt.seq == 3
         assert await ledger.verify() == receipt.hash
+        # the Merkle tree covers the adopted entries too (their tiles were built on adoption)
+        for seq in range(4):
+            (await ledger.inclusion_proof(seq)).verify()
         kinds = await ledger.modules.get(Seen).ask(lambda m: list(m.kinds))
     assert kinds == [(0, "own"), (1, "foreign"), (2, "foreign"), (3, "own")]
 
