@@ -34,6 +34,7 @@ from ..errors import NucleusError, RegistryError
 from ..storage import MemoryStorage, SQLiteStorage, StorageBackend
 from .app import create_app
 from .config import ConfigError, ConfigProblem, DaemonConfig
+from .events import watch_lifecycle
 from .host import DaemonState, LedgerHost
 from .metrics import DaemonMetrics
 
@@ -279,6 +280,7 @@ class Daemon:
         async with trio.open_nursery() as ledgers:
             for host in self.state.hosts.values():
                 await ledgers.start(self._run_ledger, host)
+            ledgers.start_soon(watch_lifecycle, self.state)  # GET .../events (events.py)
             if not self._stop.is_set():
                 await self._serve()
             await self._stop.wait()
