@@ -174,15 +174,13 @@ async def test_the_dashboard_is_served_without_anything_from_elsewhere() -> None
 def _source_digest() -> str:
     """The digest `npm run build:ui` writes into the built page (clients/typescript)."""
     root = REPO / "clients" / "typescript"
-    files = sorted(
-        [p for p in (root / "dashboard").rglob("*") if p.is_file()]
-        + [p for p in (root / "src").rglob("*.ts") if p.is_file()]
-        + [root / "package-lock.json", root / "vite.config.ts"]
-    )
+    files = [p for p in (root / "dashboard").rglob("*") if p.is_file()]
+    files += [p for p in (root / "src").rglob("*.ts") if p.is_file()]
+    files += [root / "package-lock.json", root / "vite.config.ts"]
     digest = hashlib.sha256()
-    for path in files:
-        digest.update(path.relative_to(root).as_posix().encode() + b"\0")
-        digest.update(path.read_bytes() + b"\0")
+    for name in sorted(path.relative_to(root).as_posix() for path in files):
+        digest.update(name.encode() + b"\0")
+        digest.update((root / name).read_bytes() + b"\0")
     return digest.hexdigest()
 
 
