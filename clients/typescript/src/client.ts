@@ -40,6 +40,18 @@ export type Problem = Schemas["ProblemOut"];
 export type LifecycleEvent =
   paths["/v1/ledgers/{ledger}/events"]["get"]["responses"][200]["content"]["text/event-stream"];
 
+/** Optional routes a daemon serves (`NucleusClient.features()`). */
+export interface Features {
+  /** `GET /v1/ledgers/{id}/checkpoint` (signed checkpoints). */
+  checkpoint: boolean;
+  /** `GET /v1/ledgers/{id}/proof/inclusion` and `/proof/consistency`. */
+  proofs: boolean;
+  /** `GET /v1/ledgers/{id}/statistics`. */
+  statistics: boolean;
+  /** `GET /v1/ledgers/{id}/events`. */
+  events: boolean;
+}
+
 /** How to reach the daemon. */
 export interface ClientOptions {
   /** The daemon's base URL, e.g. `http://127.0.0.1:8470` (a path prefix is kept). */
@@ -207,11 +219,37 @@ export class NucleusClient {
     return this.json<Statistics>(`${NucleusClient.ledgerPath(id)}/statistics`);
   }
 
+  private featuresCache: Promise<Features> | undefined;
+
+  /**
+   * What this daemon serves beyond the core API, read once from its `/openapi.json` (so that
+   * optional calls are not tried, and no 404 is logged, on daemons without them).
+   */
+  features(): Promise<Features> {
+    this.featuresCache ??= this.json<{ paths?: Record<string, unknown> }>("/openapi.json").then(
+      (document) => {
+        const paths = new Set(Object.keys(document.paths ?? {}));
+        return {
+          checkpoint: paths.has("/v1/ledgers/{ledger}/checkpoint"),
+          proofs: paths.has("/v1/ledgers/{ledger}/proof/inclusion") && paths.has("/v1/ledgers/{ledger}/proof/consistency"),
+          statistics: paths.has("/v1/ledgers/{ledger}/statistics"),
+          events: paths.has("/v1/ledgers/{ledger}/events"),
+        };
+      },
+      (error: unknown) => {
+        this.featuresCache = undefined;
+        throw error;
+      },
+    );
+    return this.featuresCache;
+  }
+
   /**
    * The ledger's signed checkpoint (a C2SP signed note), or `null` when this daemon does not
-   * serve checkpoints (404 without a ledger problem).
+   * serve checkpoints (see `features()`).
    */
   async checkpoint(id: string): Promise<string | null> {
+    if (!(await this.features()).checkpoint) return null;
     try {
       return await (await this.request(`${NucleusClient.ledgerPath(id)}/checkpoint`, {}, "text/plain")).text();
     } catch (error) {

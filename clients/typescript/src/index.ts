@@ -7,6 +7,7 @@ export {
   NucleusClient,
   type ClientOptions,
   type Entry,
+  type Features,
   type Head,
   type LedgerSummary,
   type LifecycleEvent,

@@ -274,9 +274,9 @@ function renderTimeline(): void {
       title.textContent = `${new Date(event.time / 1000).toISOString()} ${event.type} → ${event.state}${event.last_error && event.type === "crash" ? `: ${event.last_error}` : ""}`;
       let mark: SVGElement;
       if (event.type === "crash") {
-        mark = svg("path", { d: `M${ex} ${y - 8} L${ex + 7} ${y + 5} L${ex - 7} ${y + 5} Z`, class: "mark crash" });
+        mark = svg("path", { d: `M${ex} ${y - 11} L${ex + 6} ${y - 1} L${ex - 6} ${y - 1} Z`, class: "mark crash" });
       } else if (event.type === "restart") {
-        mark = svg("circle", { cx: ex, cy: y, r: 5, class: "mark restart" });
+        mark = svg("circle", { cx: ex, cy: y + 5, r: 4.5, class: "mark restart" });
       } else {
         mark = svg("line", { x1: ex, x2: ex, y1: y - 7, y2: y + 7, class: `mark statechange state-${event.state}` });
       }
