@@ -101,6 +101,24 @@ describe("NucleusClient against a real daemon", () => {
     assert.ok(stats.last_event > before);
   });
 
+  test("examples/tour.mjs runs and prints what the docs say", async () => {
+    await append(daemon.url, "main", "tour", { hello: "world" });
+    const result = spawnSync(process.execPath, [join(PACKAGE_ROOT, "examples", "tour.mjs")], {
+      env: { ...process.env, NUCLEUS_URL: daemon.url },
+      encoding: "utf8",
+      timeout: 30_000,
+    });
+    assert.equal(result.status, 0, result.stderr);
+    const out = result.stdout;
+    assert.match(out, /^ledger main: \d+ entries, head [0-9a-f]{64}$/m);
+    assert.match(out, /^chain ok up to [0-9a-f]{64}$/m);
+    assert.match(out, /^module crasher: running, incarnation \d+, \d+ crashes$/m);
+    assert.match(out, /^checkpoint: not served$/m);
+    assert.match(out, /^event 1: crasher state -> running$/m);
+    assert.match(out, /^verified \d+ entries against the head$/m);
+    assert.match(out, /^404 unknown-seq$/m);
+  });
+
   test("verifyRange agrees with the daemon, then names a tampered seq", async () => {
     for (let i = 0; i < 5; i++) await append(daemon.url, "main", "v", { i, text: "caf\u00e9 \ud83d\ude00", x: [1.5, -0, 1e21] });
     const whole = await client.verifyRange("main");
