@@ -27,9 +27,9 @@ export CHROMIUM
 cd clients/typescript
 echo "== npm ci"
 npm ci --no-audit --no-fund --loglevel=error
-echo "== typecheck + build"
-npm run --silent typecheck
+echo "== build + typecheck"
 npm run --silent build
+npm run --silent typecheck
 echo "== client tests (real daemon)"
 npm test --silent
 echo "== browser tests (chromium $("$CHROMIUM" --version 2>/dev/null | awk '{print $2}'))"
