@@ -194,3 +194,28 @@ def test_the_committed_dashboard_is_built_from_the_current_sources() -> None:
         "the dashboard sources changed since the committed build: run "
         "`npm run build:ui` in clients/typescript and commit nucleus_actors/daemon/dashboard"
     )
+
+
+def test_a_running_daemon_records_its_modules_lifecycle(tmp_path: Path) -> None:
+    from tests.daemon.conftest import DaemonProcess, client
+
+    config = tmp_path / "nucleus.toml"
+    config.write_text(
+        '[[ledgers]]\nid = "main"\nstorage = ":memory:"\n\n'
+        '[[ledgers.modules]]\nuse = "kind-counter"\n'
+    )
+    daemon = DaemonProcess(config)
+    try:
+        url = daemon.wait_listening()
+        with client(url) as api, api.stream("GET", "/v1/ledgers/main/events") as response:
+            assert response.status_code == 200
+            assert response.headers["content-type"].startswith("text/event-stream")
+            lines = response.iter_lines()
+            message = [next(lines) for _ in range(3)]
+        assert message[:2] == ["id: 1", "event: lifecycle"]
+        data = json.loads(message[2].removeprefix("data: "))
+        assert (data["module"], data["type"], data["state"]) == ("kind-counter", "state", "running")
+        with client(url) as api:
+            assert api.get("/v1/ledgers/main/statistics").json()["last_event"] == 1
+    finally:
+        daemon.close()
