@@ -85,7 +85,9 @@ describe("the dashboard at /ui", () => {
     await page.locator('#modules tr[data-module="crasher"][data-state="running"]').waitFor();
     await page.locator('#tail li[data-seq="4"]').waitFor();
     assert.equal(await page.locator("#stat-length").textContent(), "5");
-    assert.deepEqual(await page.locator("#ledgers button").allTextContents(), ["main", "aux"]);
+    const tabs = page.locator("#ledgers button");
+    assert.deepEqual(await tabs.evaluateAll((buttons) => buttons.map((b) => (b as HTMLElement).dataset.ledger)), ["main", "aux"]);
+    await page.locator('#ledgers button[data-ledger="main"] .ledger-length', { hasText: "5" }).waitFor();
     assert.equal(await page.locator("#stat-checkpoint").textContent(), "not served by this daemon");
     await page.waitForTimeout(1200); // a few polls and both streams running
     assert.deepEqual(consoleErrors, []);

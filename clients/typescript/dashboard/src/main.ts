@@ -52,14 +52,34 @@ async function loadLedgers(): Promise<void> {
     ...ledgers.map((l) => {
       const button = document.createElement("button");
       button.type = "button";
-      button.textContent = l.id;
       button.dataset.ledger = l.id;
+      const name = document.createElement("span");
+      name.textContent = l.id;
+      const length = document.createElement("span");
+      length.className = "ledger-length";
+      button.append(name, length);
+      labelLedger(button, l);
       button.addEventListener("click", () => select(l.id));
       return button;
     }),
   );
   if (ledger === null || !ledgers.some((l) => l.id === ledger)) ledger = ledgers[0]?.id ?? null;
   if (ledger !== null) select(ledger);
+}
+
+function labelLedger(button: HTMLElement, summary: { length: number; phase: string }): void {
+  const length = button.querySelector(".ledger-length");
+  if (length) length.textContent = String(summary.length);
+  button.dataset.phase = summary.phase;
+  button.title = `${summary.length} entries, ${summary.phase}`;
+}
+
+async function refreshLedgers(): Promise<void> {
+  const summaries = await client.ledgers();
+  for (const summary of summaries) {
+    const button = $("ledgers").querySelector<HTMLElement>(`button[data-ledger="${CSS.escape(summary.id)}"]`);
+    if (button) labelLedger(button, summary);
+  }
 }
 
 function select(id: string): void {
@@ -120,7 +140,7 @@ async function refresh(): Promise<void> {
   const id = ledger;
   if (id === null) return;
   try {
-    const [stats, modules] = await Promise.all([client.statistics(id), client.modules(id)]);
+    const [stats, modules] = await Promise.all([client.statistics(id), client.modules(id), refreshLedgers()]);
     if (id !== ledger) return;
     setConnection("live");
     $("token-form").hidden = true;
