@@ -146,10 +146,19 @@ export class NucleusClient {
   }
 
   private async request(path: string, init: RequestInit = {}, accept = "application/json"): Promise<Response> {
-    const response = await this.fetchFn(this.baseUrl + path, {
+    const request: RequestInit = {
       ...init,
       headers: this.headers({ Accept: accept, ...(init.headers as Record<string, string> | undefined) }),
-    });
+    };
+    let response: Response;
+    try {
+      response = await this.fetchFn(this.baseUrl + path, request);
+    } catch (error) {
+      // Every call is an idempotent GET: try once more when the connection failed (a pooled
+      // keep-alive connection the server closed while idle fails the next request on it).
+      if (init.signal?.aborted || !(error instanceof TypeError)) throw error;
+      response = await this.fetchFn(this.baseUrl + path, request);
+    }
     if (!response.ok) {
       let problem: Problem | undefined;
       try {
@@ -279,12 +288,14 @@ export class NucleusClient {
    */
   async *tail(id: string, options: TailOptions = {}): AsyncGenerator<Entry, void, undefined> {
     const { signal, reconnect = true, retryMs = 1000 } = options;
-    let last: number | undefined = options.from === undefined ? undefined : options.from - 1;
+    // The seq of the last entry yielded (or the one before `from`): every (re)connection
+    // resumes right after it.
+    let last = options.from === undefined ? (await this.head(id)).length - 1 : options.from - 1;
     while (!signal?.aborted) {
       const headers: Record<string, string> = {};
       let query = "";
-      if (last !== undefined && last >= 0) headers["Last-Event-ID"] = String(last);
-      else if (last === -1) query = "?from=0";
+      if (last >= 0) headers["Last-Event-ID"] = String(last);
+      else query = "?from=0";
       try {
         const init: RequestInit = { headers };
         if (signal) init.signal = signal;
@@ -293,14 +304,13 @@ export class NucleusClient {
         for await (const event of parseEventStream(response.body)) {
           if (event.event === "entry") {
             const entry = JSON.parse(event.data) as Entry;
-            if (last !== undefined && entry.seq <= last) continue;
+            if (entry.seq <= last) continue;
             last = entry.seq;
             yield entry;
           } else if (event.event === "error") {
             throw new NucleusApiError(503, JSON.parse(event.data) as Problem, `${NucleusClient.ledgerPath(id)}/stream`);
           }
         }
-        if (last === undefined) last = (await this.head(id).catch(() => undefined))?.length;
         throw new Error("the stream ended");
       } catch (error) {
         if (signal?.aborted) return;
@@ -331,7 +341,6 @@ export class NucleusClient {
         for await (const event of parseEventStream(response.body)) {
           if (event.event !== "lifecycle") continue;
           const data = JSON.parse(event.data) as LifecycleEvent;
-          if (data.id < last) last = 0; // the daemon restarted: its ids start again
           last = data.id;
           yield data;
         }

@@ -132,9 +132,31 @@ describe("NucleusClient against a real daemon", () => {
     assert.equal(py.status, 0, py.stderr);
     assert.ok(py.stdout.includes(head.head), py.stdout);
 
-    await daemon.stop();
-    await tamper(join(daemon.dir, "main.db"), 2);
-    await daemon.start(daemon.port);
+    // A tail across the daemon's restart resumes after the last seq it yielded.
+    const controller = new AbortController();
+    const tailed: number[] = [];
+    let disconnects = 0;
+    const length = head.length;
+    const tailing = (async () => {
+      const options = { from: length, signal: controller.signal, retryMs: 200, onDisconnect: () => void disconnects++ };
+      for await (const entry of client.tail("main", options)) {
+        tailed.push(entry.seq);
+        if (entry.seq === length + 1) controller.abort();
+      }
+    })();
+    try {
+      await append(daemon.url, "main", "before-restart", null);
+      await eventually(async () => (tailed.length === 1 ? true : undefined), 10_000, "the first tailed entry");
+      await daemon.stop();
+      await tamper(join(daemon.dir, "main.db"), 2);
+      await daemon.start(daemon.port);
+      await append(daemon.url, "main", "after-restart", null);
+      await tailing;
+      assert.deepEqual(tailed, [length, length + 1]);
+    } finally {
+      controller.abort(); // a failure above must not leave the tail retrying forever
+    }
+    assert.ok(disconnects >= 1);
     const broken = await client.verifyRange("main");
     assert.equal(broken.ok, false);
     assert.equal(!broken.ok && broken.seq, 2);
