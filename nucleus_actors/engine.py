@@ -108,6 +108,21 @@ def _unwrap(group: BaseExceptionGroup[BaseException]) -> NoReturn:
     raise chosen from chosen.__cause__
 
 
+def _wrong_loop() -> Exception:
+    """The error for a ledger opened outside trio (asyncio's "Task got bad yield" otherwise)."""
+    from .errors import EventLoopError  # imported here: keeps this addition self-contained
+
+    try:
+        import sniffio
+
+        where = f" (called from {sniffio.current_async_library()})"
+    except Exception:  # sniffio missing or no known library: say nothing more
+        where = ""
+    return EventLoopError(
+        f"nucleus_actors runs on trio; from asyncio use nucleus_actors.aio.open_ledger{where}"
+    )
+
+
 class LedgerEngine:
     """One ledger: append-only chained storage, modules run as supervised actors.
 
@@ -256,10 +271,13 @@ class LedgerEngine:
         """Open storage and the ledger's nursery.
 
         Raises:
+            EventLoopError: not called from a trio task (e.g. under asyncio).
             LifecycleError: the engine was already opened once.
             StorageError: the storage cannot be opened (lock held, other ledger, ...), or it
                 implements another storage contract than v2 (`check_contract`).
         """
+        if not trio.lowlevel.in_trio_task():
+            raise _wrong_loop()
         if self._used:
             raise LifecycleError(
                 f"ledger {self.config.ledger_id!r} engine was already opened; an engine is "
@@ -701,7 +719,8 @@ async def open_ledger(
 ) -> AsyncIterator[LedgerEngine]:
     """Open a ledger, register `modules`, `init_all`, `start_all`, and yield the engine.
 
-    Leaving the block stops it as `LedgerEngine.__aexit__` describes.
+    Leaving the block stops it as `LedgerEngine.__aexit__` describes. It needs trio: from
+    asyncio it raises `EventLoopError` (use `nucleus_actors.aio.open_ledger` there).
     """
     engine = LedgerEngine(config, storage)
     for module in modules:
