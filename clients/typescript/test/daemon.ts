@@ -1,6 +1,7 @@
 // Start a real daemon (`nucleus run` on a temporary config) for the tests, and stop it.
 import { spawn, type ChildProcess } from "node:child_process";
 import { mkdtempSync, writeFileSync } from "node:fs";
+import { request as httpRequest } from "node:http";
 import { tmpdir } from "node:os";
 import { dirname, join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
@@ -52,8 +53,22 @@ export class TestDaemon {
     writeFileSync(this.config, configText);
   }
 
-  /** Start `nucleus run CONFIG --port P` (0: a free port) and wait for `listening on URL`. */
+  /**
+   * Start `nucleus run CONFIG --port P` (0: a free port) and wait for `listening on URL`. A
+   * restart on the same port retries for a while if the port is still (or again) taken.
+   */
   async start(port = 0): Promise<string> {
+    for (let attempt = 1; ; attempt++) {
+      try {
+        return await this.startOnce(port);
+      } catch (error) {
+        if (port === 0 || attempt >= 20 || !this.log.includes("cannot listen")) throw error;
+        await new Promise((r) => setTimeout(r, 500));
+      }
+    }
+  }
+
+  private async startOnce(port: number): Promise<string> {
     const env: NodeJS.ProcessEnv = { ...process.env, ...this.env };
     if (!("NUCLEUS_TOKEN" in this.env)) delete env.NUCLEUS_TOKEN;
     env.PYTHONPATH = [REPO_ROOT, FIXTURES, process.env.PYTHONPATH].filter(Boolean).join(":");
@@ -114,15 +129,30 @@ export class TestDaemon {
   }
 }
 
-/** POST JSON to the daemon (tests write through HTTP; the client is read-only). */
-export async function append(url: string, ledger: string, kind: string, payload: unknown, meta: Record<string, string> = {}): Promise<{ seq: number; hash: string; timestamp: number }> {
-  const response = await fetch(`${url}/v1/ledgers/${ledger}/records`, {
-    method: "POST",
-    headers: { "Content-Type": "application/json" },
-    body: JSON.stringify({ kind, payload, meta }),
+/**
+ * POST JSON to the daemon (tests write through HTTP; the client is read-only). A fresh
+ * connection each time (node:http, no agent): a pooled keep-alive socket the daemon closed
+ * while idle would fail the request, and a POST must not be retried blindly.
+ */
+export function append(url: string, ledger: string, kind: string, payload: unknown, meta: Record<string, string> = {}): Promise<{ seq: number; hash: string; timestamp: number }> {
+  const body = JSON.stringify({ kind, payload, meta });
+  return new Promise((resolveReceipt, reject) => {
+    const request = httpRequest(
+      `${url}/v1/ledgers/${ledger}/records`,
+      { method: "POST", agent: false, headers: { "Content-Type": "application/json", "Content-Length": Buffer.byteLength(body) } },
+      (response) => {
+        let text = "";
+        response.setEncoding("utf8");
+        response.on("data", (chunk: string) => (text += chunk));
+        response.on("end", () => {
+          if (response.statusCode !== 201) reject(new Error(`append failed: ${response.statusCode} ${text}`));
+          else resolveReceipt(JSON.parse(text) as { seq: number; hash: string; timestamp: number });
+        });
+      },
+    );
+    request.on("error", reject);
+    request.end(body);
   });
-  if (response.status !== 201) throw new Error(`append failed: ${response.status} ${await response.text()}`);
-  return (await response.json()) as { seq: number; hash: string; timestamp: number };
 }
 
 /** Change the payload of entry `seq` in a SQLite ledger file (keeping valid JSON), as an attacker would. */
