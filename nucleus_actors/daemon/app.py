@@ -55,6 +55,7 @@ from ..registry import ModuleHandle
 from .guards import Admission, HostCheck, RequestId, check_batch_size, checked_key
 from .host import DaemonState, LedgerHost
 from .problems import Problem, problem_from_error, problem_response
+from .ui import install_ui
 from .wire import dumps as _dumps
 from .wire import entry_json, receipt_json
 
@@ -792,6 +793,7 @@ def create_app(state: DaemonState) -> FastAPI:
             raise Problem("not-ready", why, ledgers=phases, stalled=stalled or None)
         return JSONResponse({"status": "ready", "ledgers": phases})
 
+    install_ui(app, state)  # /ui, /v1/ledgers/{ledger}/events and /statistics (ui.py, events.py)
     return app
 
 

@@ -34,6 +34,7 @@ from .app import create_app
 from .checkpoints import CheckpointSigner, default_origin, load_signer_key
 from .config import ConfigError, ConfigProblem, DaemonConfig, LedgerSettings
 from .connections import HttpServer
+from .events import watch_lifecycle
 from .guards import HostAllowList
 from .host import DaemonState, LedgerHost
 from .metrics import DaemonMetrics
@@ -381,6 +382,7 @@ class Daemon:
         async with trio.open_nursery() as ledgers:
             for host in self.state.hosts.values():
                 await ledgers.start(self._run_ledger, host)
+            ledgers.start_soon(watch_lifecycle, self.state)  # GET .../events (events.py)
             if not self._stop.is_set():
                 await self._serve()
             await self._stop.wait()
