@@ -67,7 +67,7 @@ class StorageBatch:
 
     entries: Sequence[Entry]
     """New entries, contiguous with the stored head (may be empty: a cursors-only batch)."""
-    cursors: Mapping[str, int] = field(default=_EMPTY)
+    cursors: Mapping[str, int] = field(default_factory=lambda: _EMPTY)
     """Module id -> highest seq that module processed (upserted; needs `CursorStore`)."""
     tree: Sequence[TreeTile] = ()
     """Merkle tree tiles to upsert (needs `TreeStore`)."""
