@@ -45,6 +45,7 @@ from ..lifecycle import ModuleState
 from ..module import Module
 from ..record import Record
 from ..registry import ModuleHandle
+from .fastpath import FastAppend
 from .host import DaemonState, LedgerHost
 from .problems import Problem, problem_from_error, problem_response
 from .wire import dumps as _dumps
@@ -311,6 +312,7 @@ def create_app(state: DaemonState) -> FastAPI:
         docs_url="/docs",
         redoc_url=None,
     )
+    app.add_middleware(FastAppend, state=state)  # innermost: after every guard
     app.add_middleware(_Guard, state=state)
     _install_error_handlers(app)
     bearer = HTTPBearer(auto_error=False, description="Needed for writes when a token is set.")
