@@ -607,7 +607,8 @@ class LedgerEngine:
         limit = self.config.max_record_bytes
         suffix = len(b',"seq":%d,"ts":%d}' % (self._length, self._last_ts))
         slots: list[Request | NucleusError] = []
-        for record in records:
+        given: Iterable[object] = records  # callers may pass anything: check each item
+        for record in given:
             if not isinstance(record, Record):
                 found = type(record).__name__
                 slots.append(InvalidRecord(f"append_each takes Records, got {found}"))

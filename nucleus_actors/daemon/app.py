@@ -48,6 +48,7 @@ from ..registry import ModuleHandle
 from .fastpath import FastAppend
 from .host import DaemonState, LedgerHost
 from .problems import Problem, problem_from_error, problem_response
+from .stream import install_stream_route, media_problem, stream_path
 from .wire import dumps as _dumps
 from .wire import entry_json, receipt_json
 
@@ -229,6 +230,9 @@ class _Guard:
         if scope["type"] != "http" or scope["method"] != "POST":
             await self.app(scope, receive, send)
             return
+        if stream_path(scope["path"]):
+            await self._stream(scope, receive, send)
+            return
         problem = self._check_headers(Headers(scope=scope))
         if problem is not None:
             await problem_response(problem, scope["path"])(scope, receive, send)
@@ -263,6 +267,24 @@ class _Guard:
             return await receive()
 
         await self.app(scope, replay, send)
+
+    async def _stream(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """The NDJSON stream route: token and media type; its body is read as it arrives
+        (no `max_body_bytes` for the whole body: each line is bounded instead)."""
+        headers = Headers(scope=scope)
+        token = self.state.token
+        problem = None
+        if token is not None and not _authorized(headers.get("authorization"), token):
+            problem = Problem(
+                "unauthorized",
+                "writes need the header 'Authorization: Bearer <token>' with the daemon's token",
+                headers={"WWW-Authenticate": 'Bearer realm="nucleus"'},
+            )
+        problem = problem or media_problem(headers.get("content-type"))
+        if problem is not None:
+            await problem_response(problem, scope["path"])(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
 
     def _check_headers(self, headers: Headers) -> Problem | None:
         token = self.state.token
@@ -382,6 +404,10 @@ def create_app(state: DaemonState) -> FastAPI:
                 ) from exc
         receipts = await engine.append_many(records)
         return JSONResponse({"receipts": [receipt_json(r) for r in receipts]}, status_code=201)
+
+    install_stream_route(
+        app, state, serving, write_security, _problems(401, 404, 413, 415, 422, 503)
+    )
 
     @app.get(
         "/v1/ledgers/{ledger}/records",
