@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import sys
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from functools import partial
@@ -40,9 +41,9 @@ from . import __version__
 from .daemon.client import (
     DEFAULT_URL,
     EXIT_BAD_INPUT,
-    ApiError,
     ClientError,
     DaemonClient,
+    DaemonUnreachable,
     Reconnecting,
 )
 from .daemon.config import ConfigError, load_config
@@ -398,26 +399,57 @@ def _parse_meta(items: list[str]) -> dict[str, str]:
     return meta
 
 
-def _stdin_records(
-    stream: IO[str], kind: str | None, meta: dict[str, str]
-) -> Iterator[tuple[int, dict[str, Any]]]:
-    """`(line number, record)` for each non-blank line of JSON Lines input."""
-    for number, line in enumerate(stream, start=1):
-        if not line.strip():
-            continue
-        try:
-            value = json.loads(line)
-        except ValueError as exc:
-            raise InvalidRecord(f"stdin line {number}: not JSON: {exc}") from None
-        if kind is not None:
-            yield number, {"kind": kind, "payload": value, "meta": meta}
-            continue
-        if not isinstance(value, dict) or "kind" not in value or "payload" not in value:
-            raise InvalidRecord(
-                f"stdin line {number}: without --kind each line must be an object with "
-                f'"kind" and "payload" (and optional "meta"), got {line.strip()[:80]!r}'
-            )
-        yield number, {**value, "meta": {**meta, **(value.get("meta") or {})}}
+def _stdin_lines(
+    stream: IO[bytes], kind: str | None, meta: dict[str, str], problems: dict[int, str]
+) -> Iterator[bytes]:
+    """NDJSON chunks for the stream route, one output line per stdin line (so the daemon's
+    line numbers are stdin's), read as they come (a pipe need not end).
+
+    A line the daemon could never take (not JSON with `--kind`; not a record object without
+    it) is noted in `problems` and sent as a blank line (which the daemon skips).
+    """
+    read = getattr(stream, "read1", stream.read)
+    number = 0
+    pending = b""
+    while True:
+        block = read(1 << 16)
+        if not block:
+            break
+        lines = (pending + block).split(b"\n")
+        pending = lines.pop()
+        out = []
+        for raw in lines:
+            number += 1
+            out.append(_stdin_line(number, raw, kind, meta, problems))
+        yield b"".join(out)
+    if pending.strip():
+        yield _stdin_line(number + 1, pending, kind, meta, problems)
+
+
+def _stdin_line(
+    number: int, raw: bytes, kind: str | None, meta: dict[str, str], problems: dict[int, str]
+) -> bytes:
+    if not raw.strip():
+        return b"\n"
+    if kind is None and not meta:
+        return raw.rstrip(b"\r") + b"\n"  # a whole record: the daemon checks it
+    try:
+        value = json.loads(raw)
+    except ValueError as exc:
+        problems[number] = f"not JSON: {exc}"
+        return b"\n"
+    if kind is not None:
+        record: Any = {"kind": kind, "payload": value, "meta": meta}
+    elif not isinstance(value, dict) or "kind" not in value or "payload" not in value:
+        problems[number] = (
+            'without --kind each line must be an object with "kind" and "payload" (and '
+            f'optional "meta"), got {raw.decode(errors="replace").strip()[:80]!r}'
+        )
+        return b"\n"
+    else:
+        extra = value.get("meta")
+        record = {**value, "meta": {**meta, **extra} if isinstance(extra, dict) else extra}
+    return dumps(record).encode() + b"\n"
 
 
 @app.command()
@@ -433,8 +465,16 @@ def append(
         list[str] | None, typer.Option("--meta", "-m", help="KEY=VALUE metadata (repeatable).")
     ] = None,
     batch_size: Annotated[
-        int, typer.Option("--batch-size", min=1, max=10000, help="Records per batch (stdin).")
-    ] = 500,
+        int | None,
+        typer.Option("--batch-size", hidden=True, help="Ignored: stdin is streamed."),
+    ] = None,
+    progress: Annotated[
+        bool | None,
+        typer.Option(
+            "--progress/--no-progress",
+            help="Show records/s and the count on stderr (default: when it is a terminal).",
+        ),
+    ] = None,
     url: Url = DEFAULT_URL,
     token_env: TokenEnv = "NUCLEUS_TOKEN",
     ledger: LedgerOpt = None,
@@ -442,11 +482,13 @@ def append(
     """Append a record (`--kind K --json PAYLOAD`), or many from stdin as JSON Lines.
 
     From stdin, each line is a payload (with `--kind`) or a whole record
-    `{"kind", "payload", "meta"}`; lines are sent in all-or-nothing batches of
-    `--batch-size`. Receipts (`{"seq","hash","timestamp"}`) go to stdout, one per line. If a
-    line is refused, the batches before it stay appended (the message says which seqs) and
-    nothing of its batch is stored.
+    `{"kind", "payload", "meta"}`. Lines are streamed to the daemon as they are read and
+    appended one by one; each receipt (`{"line","seq","hash","timestamp"}`) goes to stdout as
+    soon as its record is durable. A refused line (not JSON, invalid, vetoed) is reported on
+    stderr with its line number and the others go on; the exit status is then 2 (bad input)
+    or 1 (refused by a module or the daemon).
     """
+    del batch_size  # accepted for old scripts; stdin is streamed record by record
     extra = _parse_meta(meta or [])
     try:
         with _client(url, token_env) as api:
@@ -466,62 +508,91 @@ def append(
             if sys.stdin.isatty():
                 _error("give --kind K --json PAYLOAD, or pipe JSON Lines records on stdin")
                 raise typer.Exit(EXIT_CONFIG)
-            _append_stream(api, target, _stdin_records(sys.stdin, kind, extra), batch_size)
+            _append_stdin(api, target, kind, extra, progress)
     except ClientError as exc:
         raise _fail(exc) from None
 
 
-def _append_stream(
-    api: DaemonClient,
-    ledger: str,
-    records: Iterator[tuple[int, dict[str, Any]]],
-    batch_size: int,
+def _append_stdin(
+    api: DaemonClient, ledger: str, kind: str | None, meta: dict[str, str], progress: bool | None
 ) -> None:
-    done: list[int] = []  # seqs appended
+    """Stream stdin to the daemon's NDJSON route; receipts to stdout as they come back."""
+    from .daemon.upload import UploadError, upload_ndjson
 
-    def summary() -> str:
-        if not done:
-            return "nothing was appended"
-        return f"{len(done)} record(s) were appended before it (seqs {done[0]}..{done[-1]})"
+    problems: dict[int, str] = {}  # refused before sending: line -> why
+    seqs: list[int] = []
+    failed = [0]
+    worst = [0]  # exit status: 2 for bad input, else 1 when something failed
+    show = _err.is_terminal if progress is None else progress
+    columns = (
+        TextColumn(f"appending to {escape(ledger)}"),
+        TextColumn("{task.completed:,.0f} records"),
+        TextColumn("{task.fields[rate]}"),
+        TimeElapsedColumn(),
+    )
 
-    def send(batch: list[tuple[int, dict[str, Any]]]) -> None:
-        try:
-            receipts = api.append_batch(ledger, [record for _, record in batch])
-        except ApiError as exc:
-            index = exc.problem.get("index")
-            if len(batch) == 1:
-                index = 0
-            if isinstance(index, int) and 0 <= index < len(batch):
-                where = f"stdin line {batch[index][0]}: "
+    def report(number: int, message: str, bad_input: bool) -> None:
+        failed[0] += 1
+        worst[0] = max(worst[0], EXIT_BAD_INPUT if bad_input else EXIT_FAILURE)
+        _error(f"stdin line {number}: {message}")
+
+    def flush_problems(upto: float) -> None:
+        for number in sorted(n for n in problems if n < upto):
+            report(number, problems.pop(number), bad_input=True)
+
+    with Progress(*columns, console=_err, disable=not show, transient=True) as bar:
+        task = bar.add_task("append", total=None, rate="")
+        started = time.monotonic()
+
+        def on_line(answer: dict[str, Any]) -> None:
+            line = answer.get("line")
+            if isinstance(line, int):
+                flush_problems(line)
+            if "seq" in answer:
+                seqs.append(answer["seq"])
+                _out.print(dumps(answer), markup=False)
+                elapsed = max(time.monotonic() - started, 1e-6)
+                bar.update(task, completed=len(seqs), rate=f"{len(seqs) / elapsed:,.0f}/s")
+            elif "summary" in answer:
+                flush_problems(float("inf"))
             else:
-                where = f"stdin lines {batch[0][0]}..{batch[-1][0]}: "
-            _error(f"{where}{exc.detail}; nothing of its batch was stored; {summary()}")
-            raise typer.Exit(exc.exit_code) from None
-        for receipt in receipts:
-            _out.print(dumps(receipt), markup=False)
-        done.extend(r["seq"] for r in receipts)
+                status = int(answer.get("status", 0))
+                report(int(line or 0), str(answer.get("detail", answer)), status in _BAD_INPUT)
 
-    batch: list[tuple[int, dict[str, Any]]] = []
-    try:
-        for item in records:
-            batch.append(item)
-            if len(batch) >= batch_size:
-                send(batch)
-                batch = []
-    except InvalidRecord as exc:
-        if batch:
-            send(batch)  # the lines before the bad one are fine
-        _error(f"{exc}; {summary()}")
-        raise typer.Exit(EXIT_BAD_INPUT) from None
-    if batch:
-        send(batch)
-    if done:
+        headers = {"User-Agent": "nucleus-cli"}
+        if api.token:
+            headers["Authorization"] = f"Bearer {api.token}"
+        try:
+            upload_ndjson(
+                api.url,
+                f"/v1/ledgers/{ledger}/records/stream",
+                _stdin_lines(sys.stdin.buffer, kind, meta, problems),
+                on_line,
+                headers=headers,
+            )
+        except UploadError as exc:
+            if exc.status:
+                raise api.error_from(exc.status, exc.headers, exc.body) from None
+            raise DaemonUnreachable(
+                f"cannot reach the daemon at {api.url}: {exc}; is `nucleus run` running there? "
+                "(set the address with --url or $NUCLEUS_URL)"
+            ) from None
+    flush_problems(float("inf"))
+    done = f"seqs {seqs[0]}..{seqs[-1]}" if seqs else "nothing appended"
+    if failed[0]:
         _err.print(
-            f"appended {len(done)} record(s) to {ledger!r}: seqs {done[0]}..{done[-1]}",
+            f"appended {len(seqs)} record(s) to {ledger!r} ({done}); {failed[0]} line(s) "
+            "failed (each error above names its line)",
             markup=False,
         )
+        raise typer.Exit(worst[0])
+    if seqs:
+        _err.print(f"appended {len(seqs)} record(s) to {ledger!r}: {done}", markup=False)
     else:
         _err.print("stdin held no records: nothing appended", markup=False)
+
+
+_BAD_INPUT = frozenset({400, 413, 415, 422})
 
 
 class TailFormat(enum.StrEnum):

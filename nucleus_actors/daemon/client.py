@@ -132,6 +132,8 @@ class DaemonClient:
         transport: httpx.BaseTransport | None = None,
     ) -> None:
         self.url = url.rstrip("/")
+        self.token = token or None
+        """The bearer token sent with every request, or None."""
         self.token_env = token_env
         self._has_token = bool(token)
         headers = {"Authorization": f"Bearer {token}"} if token else {}
@@ -214,6 +216,13 @@ class DaemonClient:
                 problem=problem,
             )
         return ApiError(f"{detail} ({status})", status=status, problem=problem)
+
+    def error_from(self, status: int, headers: Mapping[str, str], body: bytes) -> ClientError:
+        """The `ClientError` for an error answer received outside httpx (the upload)."""
+        request = httpx.Request("POST", self.url)
+        return self._error(
+            httpx.Response(status, headers=dict(headers), content=body, request=request)
+        )
 
     # -- reads ---------------------------------------------------------------------------
     def ledgers(self) -> list[dict[str, Any]]:

@@ -46,7 +46,6 @@ use = "kind-counter"
 """
 
 
-
 @schemathesis.serializer("application/x-ndjson")
 def _ndjson(ctx: Any, value: Any) -> bytes:
     """The stream route's body: one JSON value per line (a non-list is one line)."""

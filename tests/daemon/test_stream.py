@@ -13,8 +13,10 @@ from typing import Any
 import httpx
 import pytest
 import trio
+from typer.testing import CliRunner
 
 from nucleus_actors import LedgerConfig, ModuleSpec, Record, open_ledger
+from nucleus_actors.cli import app as cli_app
 from nucleus_actors.daemon import DaemonState, LedgerHost, create_app, parse_config
 from nucleus_actors.daemon import stream as stream_module
 from nucleus_actors.daemon.modules import RequireFields
@@ -279,3 +281,22 @@ async def test_the_stream_appends_records_as_append_would() -> None:
 
 def test_the_group_size_is_the_pipeline_batch() -> None:
     assert LedgerConfig(ledger_id="x").max_batch == stream_module.GROUP
+
+
+def test_nucleus_append_streams_records_larger_than_a_request_body(
+    daemon: DaemonProcess,
+) -> None:
+    # five 900 KB records: 4.5 MB, over the daemon's max_body_bytes (4 MiB) taken together;
+    # the count-based batches `nucleus append` used to send failed on them
+    url = daemon.wait_listening()
+    before = _head(url)
+    text = "".join(json.dumps({"n": n, "blob": "x" * 900_000}) + "\n" for n in range(5))
+    result = CliRunner().invoke(
+        cli_app, ["append", "-k", "blob"], input=text, env={"NUCLEUS_URL": url}
+    )
+    assert result.exit_code == 0, result.output
+    answers = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [a["line"] for a in answers] == [1, 2, 3, 4, 5]
+    assert [a["seq"] for a in answers] == list(range(before, before + 5))
+    assert _head(url) == before + 5
+    assert "appended 5 record(s) to 'main'" in result.stderr
