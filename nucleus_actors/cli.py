@@ -21,21 +21,9 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
-from typing import IO, Annotated, Any
+from typing import IO, TYPE_CHECKING, Annotated, Any
 
-import trio
 import typer
-from rich.console import Console
-from rich.markup import escape
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
-from rich.table import Table
 
 from . import __version__
 from .daemon.client import (
@@ -46,16 +34,83 @@ from .daemon.client import (
     DaemonUnreachable,
     Reconnecting,
 )
-from .daemon.config import ConfigError, load_config
-from .daemon.discovery import installed_modules
-from .daemon.logs import configure_logging
-from .daemon.server import EXIT_CONFIG, EXIT_FAILURE, Daemon
 from .daemon.template import CONFIG_TEMPLATE
 from .daemon.wire import dumps, jsonl_line
 from .errors import IntegrityError, InvalidRecord, StorageError
 from .hashing import canonical_bytes, chain_hash, genesis, leaf_hash
 from .record import Hash, Record
-from .storage import verify_file
+
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.progress import Progress as _Progress
+    from rich.table import Table as _Table
+
+# Client commands and `--version` must start fast: trio, the server (FastAPI, hypercorn),
+# pydantic, httpx and most of rich are imported where a command needs them, not here (a test
+# checks `sys.modules` after a client command).
+EXIT_FAILURE = 1
+"""Same as `daemon.server.EXIT_FAILURE` (a test checks)."""
+EXIT_CONFIG = 2
+"""Same as `daemon.server.EXIT_CONFIG` (a test checks)."""
+
+
+def escape(text: str) -> str:
+    """`rich.markup.escape`, imported on first use."""
+    from rich.markup import escape as rich_escape
+
+    return rich_escape(text)
+
+
+def Progress(*columns: Any, **options: Any) -> _Progress:
+    """`rich.progress.Progress`, imported on first use."""
+    from rich.progress import Progress as RichProgress
+
+    return RichProgress(*columns, **options)
+
+
+def _column(name: str) -> Any:
+    def make(*args: Any, **kwargs: Any) -> Any:
+        import rich.progress
+
+        return getattr(rich.progress, name)(*args, **kwargs)
+
+    make.__name__ = name
+    return make
+
+
+BarColumn = _column("BarColumn")
+MofNCompleteColumn = _column("MofNCompleteColumn")
+TextColumn = _column("TextColumn")
+TimeElapsedColumn = _column("TimeElapsedColumn")
+TimeRemainingColumn = _column("TimeRemainingColumn")
+
+
+def Table(*args: Any, **kwargs: Any) -> _Table:
+    """`rich.table.Table`, imported on first use."""
+    from rich.table import Table as RichTable
+
+    return RichTable(*args, **kwargs)
+
+
+class _LazyConsole:
+    """A `rich.console.Console` created on first use."""
+
+    def __init__(self, **options: Any) -> None:
+        self._options = options
+        self._console: Console | None = None
+
+    @property
+    def real(self) -> Console:
+        """The console itself (where rich wants a `Console`, e.g. `Progress(console=...)`)."""
+        if self._console is None:
+            from rich.console import Console
+
+            self._console = Console(**self._options)
+        return self._console
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real, name)
+
 
 __all__ = ["app", "main"]
 
@@ -70,8 +125,8 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-_out = Console(highlight=False, soft_wrap=True)
-_err = Console(stderr=True, highlight=False, soft_wrap=True)
+_out: Any = _LazyConsole(highlight=False, soft_wrap=True)
+_err: Any = _LazyConsole(stderr=True, highlight=False, soft_wrap=True)
 
 
 class LogFormat(enum.StrEnum):
@@ -87,7 +142,7 @@ def _error(message: str) -> None:
 
 def _version(value: bool) -> None:
     if value:
-        _out.print(f"nucleus_actors {__version__}", markup=False)
+        print(f"nucleus_actors {__version__}")  # not rich: `--version` must start fast
         raise typer.Exit()
 
 
@@ -127,6 +182,9 @@ def check(
     config: Annotated[Path, typer.Argument(help="The daemon's TOML configuration file.")],
 ) -> None:
     """Validate a configuration (imports and builds every module, starts nothing)."""
+    from .daemon.config import ConfigError, load_config
+    from .daemon.server import Daemon
+
     try:
         settings = load_config(config)
         Daemon(settings)
@@ -167,6 +225,12 @@ def run(
     signal forces exit. Exits 1 when a ledger fails (on_ledger_failure = "exit"), 2 on a
     configuration error.
     """
+    import trio
+
+    from .daemon.config import ConfigError, load_config
+    from .daemon.logs import configure_logging
+    from .daemon.server import Daemon
+
     level = logging.getLevelNamesMapping().get(log_level.upper())
     if level is None:
         _error(f"--log-level must be debug, info, warning or error, got {log_level!r}")
@@ -190,13 +254,17 @@ def verify(
     Exits 0 when it verifies, 1 on an integrity failure (naming the first bad seq), 2 when
     the file is missing or not a ledger file.
     """
+    import trio
+
+    from .storage import verify_file
+
     columns = (
         TextColumn("verifying {task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
     )
-    with Progress(*columns, console=_err, transient=False) as progress:
+    with Progress(*columns, console=_err.real, transient=False) as progress:
         task = progress.add_task(str(path), total=None)
 
         def report(done: int, total: int) -> None:
@@ -226,6 +294,8 @@ def list_modules(
     Each is imported to read its class version; one that does not import is listed with the
     error and the command exits 1. Run it with the daemon's Python environment.
     """
+    from .daemon.discovery import installed_modules
+
     rows: list[dict[str, Any]] = []
     broken = 0
     for found in installed_modules():
@@ -540,7 +610,7 @@ def _append_stdin(
         for number in sorted(n for n in problems if n < upto):
             report(number, problems.pop(number), bad_input=True)
 
-    with Progress(*columns, console=_err, disable=not show, transient=True) as bar:
+    with Progress(*columns, console=_err.real, disable=not show, transient=True) as bar:
         task = bar.add_task("append", total=None, rate="")
         started = time.monotonic()
 
@@ -762,7 +832,7 @@ def _export(
     )
     written = 0
     try:
-        with Progress(*columns, console=_err, disable=not progress) as bar:
+        with Progress(*columns, console=_err.real, disable=not progress) as bar:
             task = bar.add_task("export", total=stop - start)
             for entry in api.entries(ledger, start, stop):
                 if prev is not None:

@@ -133,8 +133,9 @@ def test_the_core_imports_without_the_daemon_extra() -> None:
     result = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, env=subprocess_env()
     )
-    # nucleus_actors.daemon itself needs the extra; the core does not.
-    assert "ModuleNotFoundError" in result.stderr
+    # nucleus_actors.daemon imports lazily: its built-in modules need no server framework.
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "core ok"
     core_only = code.replace("import nucleus_actors.daemon.modules\n", "")
     result = subprocess.run(
         [sys.executable, "-c", core_only], capture_output=True, text=True, env=subprocess_env()
