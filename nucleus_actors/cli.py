@@ -212,18 +212,29 @@ def run(
         ),
     ] = None,
     log_format: Annotated[
-        LogFormat, typer.Option("--log-format", help="Log lines as text or JSON.")
-    ] = LogFormat.text,
+        LogFormat | None,
+        typer.Option("--log-format", help="Log lines as text or JSON (overrides the file)."),
+    ] = None,
     log_level: Annotated[
-        str, typer.Option("--log-level", help="debug, info, warning or error.")
-    ] = "info",
+        str | None,
+        typer.Option("--log-level", help="debug, info, warning or error (overrides the file)."),
+    ] = None,
+    access_log: Annotated[
+        bool | None,
+        typer.Option(
+            "--access-log/--no-access-log",
+            help="One log line per HTTP request (overrides the file's access_log).",
+        ),
+    ] = None,
 ) -> None:
     """Run the ledger daemon: every ledger of CONFIG behind the HTTP/JSON API.
 
     Logs "listening on http://HOST:PORT" once bound. SIGTERM or SIGINT shuts down
     gracefully (in-flight requests finish, every module's stop runs) and exits 0; a second
-    signal forces exit. Exits 1 when a ledger fails (on_ledger_failure = "exit"), 2 on a
-    configuration error.
+    signal forces exit. SIGHUP reloads the log level, the token files and module configs
+    (docs/operations.md). Exits 1 when a ledger fails (on_ledger_failure = "exit"), 2 on a
+    configuration error. `$NUCLEUS_HOST`, `$NUCLEUS_PORT`, `$NUCLEUS_LOG_LEVEL` and
+    `$NUCLEUS_LOG_FORMAT` override the file; options override both.
     """
     import trio
 
@@ -231,14 +242,42 @@ def run(
     from .daemon.logs import configure_logging
     from .daemon.server import Daemon
 
-    level = logging.getLevelNamesMapping().get(log_level.upper())
-    if level is None:
-        _error(f"--log-level must be debug, info, warning or error, got {log_level!r}")
-        raise typer.Exit(EXIT_CONFIG)
-    configure_logging(log_format.value, level)
     try:
         settings = load_config(config)
-        daemon = Daemon(settings, host=host, port=port)
+    except ConfigError as exc:
+        _err.print(str(exc), markup=False)
+        raise typer.Exit(EXIT_CONFIG) from None
+    env = os.environ
+    host = host or env.get("NUCLEUS_HOST") or None
+    if port is None and env.get("NUCLEUS_PORT"):
+        text = env["NUCLEUS_PORT"]
+        if not text.isdigit() or int(text) > 65535:
+            _error(f"$NUCLEUS_PORT must be a port number (0..65535), got {text!r}")
+            raise typer.Exit(EXIT_CONFIG)
+        port = int(text)
+    level_name = log_level or env.get("NUCLEUS_LOG_LEVEL") or settings.log_level
+    level = logging.getLevelNamesMapping().get(level_name.upper())
+    if level is None or level_name.lower() not in ("debug", "info", "warning", "error"):
+        where = "--log-level" if log_level else "$NUCLEUS_LOG_LEVEL"
+        _error(f"{where} must be debug, info, warning or error, got {level_name!r}")
+        raise typer.Exit(EXIT_CONFIG)
+    format_name = (
+        log_format.value if log_format else env.get("NUCLEUS_LOG_FORMAT") or settings.log_format
+    )
+    if format_name not in ("text", "json"):
+        _error(f"$NUCLEUS_LOG_FORMAT must be text or json, got {format_name!r}")
+        raise typer.Exit(EXIT_CONFIG)
+    access = settings.access_log if access_log is None else access_log
+    configure_logging("json" if format_name == "json" else "text", level, access_log=access)
+    try:
+        daemon = Daemon(
+            settings,
+            host=host,
+            port=port,
+            config_path=config,
+            log_level_fixed=bool(log_level or env.get("NUCLEUS_LOG_LEVEL")),
+            access_log=access,
+        )
     except ConfigError as exc:
         _err.print(str(exc), markup=False)
         raise typer.Exit(EXIT_CONFIG) from None

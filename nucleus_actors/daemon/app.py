@@ -45,6 +45,7 @@ from ..lifecycle import ModuleState
 from ..module import Module
 from ..record import Record
 from ..registry import ModuleHandle
+from .auth import ReadGuard
 from .fastpath import FastAppend
 from .host import DaemonState, LedgerHost
 from .problems import Problem, problem_from_error, problem_response
@@ -336,6 +337,7 @@ def create_app(state: DaemonState) -> FastAPI:
     )
     app.add_middleware(FastAppend, state=state)  # innermost: after every guard
     app.add_middleware(_Guard, state=state)
+    app.add_middleware(ReadGuard, state=state)
     _install_error_handlers(app)
     bearer = HTTPBearer(auto_error=False, description="Needed for writes when a token is set.")
     write_security = [Security(bearer)]
