@@ -46,6 +46,7 @@ from ..module import Module
 from ..record import Record
 from ..registry import ModuleHandle
 from .auth import ReadGuard
+from .docs_ui import install_docs
 from .fastpath import FastAppend
 from .host import DaemonState, LedgerHost
 from .problems import Problem, problem_from_error, problem_response
@@ -332,9 +333,10 @@ def create_app(state: DaemonState) -> FastAPI:
         description="Append-only blake3-chained ledgers with supervised modules. "
         "Errors are RFC 9457 problem details (application/problem+json).",
         openapi_url="/openapi.json",
-        docs_url="/docs",
+        docs_url=None,  # install_docs: Swagger UI served locally (works offline)
         redoc_url=None,
     )
+    install_docs(app, title=app.title)
     app.add_middleware(FastAppend, state=state)  # innermost: after every guard
     app.add_middleware(_Guard, state=state)
     app.add_middleware(ReadGuard, state=state)

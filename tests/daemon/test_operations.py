@@ -275,3 +275,25 @@ def test_tls_cert_and_key_go_together(tmp_path: Path) -> None:
                           timeout=60, env=_env(), check=False)  # fmt: skip
     assert proc.returncode == 2
     assert "tls_cert and tls_key go together" in proc.stdout + proc.stderr
+
+
+async def test_the_docs_page_works_offline() -> None:
+    from nucleus_actors.daemon import DaemonState, create_app
+
+    app = create_app(DaemonState({}, token=None, max_body_bytes=1024))
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as api:
+        page = await api.get("/docs")
+        assert page.status_code == 200
+        html = page.text
+        # every script and stylesheet is served by the daemon itself: no CDN
+        assert "cdn" not in html.lower()
+        assert "https://" not in html.replace("https://swagger.io", "")
+        for asset in ("swagger-ui-bundle.js", "swagger-ui.css", "favicon-32x32.png"):
+            assert f"/docs/assets/{asset}" in html
+            response = await api.get(f"/docs/assets/{asset}")
+            assert response.status_code == 200
+            assert len(response.content) > 500
+        assert (await api.get("/docs/assets/../../etc/passwd")).status_code == 404
+        assert (await api.get("/docs/assets/index.html")).status_code == 404
+        assert "/docs" not in (await api.get("/openapi.json")).json()["paths"]
