@@ -119,7 +119,7 @@ app = typer.Typer(
     help="Run and inspect nucleus_actors ledgers: blake3-chained append-only logs with "
     "supervised modules.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     pretty_exceptions_enable=False,
     rich_markup_mode="markdown",
     context_settings={"help_option_names": ["-h", "--help"]},

@@ -88,3 +88,21 @@ def test_client_commands_import_no_server_framework(
 def test_light_constants_agree_with_their_server_side_twins() -> None:
     assert (cli.EXIT_FAILURE, cli.EXIT_CONFIG) == (server.EXIT_FAILURE, server.EXIT_CONFIG)
     assert client.PROBLEM_TYPE_PREFIX == problems.PROBLEM_TYPE_PREFIX
+
+
+def test_shell_completion_script_and_completions() -> None:
+    script = subprocess.run(
+        [sys.executable, "-c", "from nucleus_actors.cli import main; main()",
+         "--show-completion", "bash"],
+        capture_output=True, text=True, env=subprocess_env(), timeout=60, check=False,
+    )  # fmt: skip
+    assert script.returncode == 0, script.stderr
+    assert "complete_bash" in script.stdout
+    env = subprocess_env(_NUCLEUS_COMPLETE="complete_bash", COMP_WORDS="nucleus run --log",
+                         COMP_CWORD="2")  # fmt: skip
+    words = subprocess.run(
+        [sys.executable, "-c",
+         "import sys; sys.argv[0] = 'nucleus'; from nucleus_actors.cli import main; main()"],
+        capture_output=True, text=True, env=env, timeout=60, check=False,
+    ).stdout.split()  # fmt: skip
+    assert words == ["--log-format", "--log-level"]
