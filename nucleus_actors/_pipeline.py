@@ -35,6 +35,7 @@ from .hashing import ChainVerifier, chain_step
 from .lifecycle import Phase
 from .module._mailbox import Before
 from .record import Entry, Hash, Receipt, Record
+from .storage import StorageBatch
 
 if TYPE_CHECKING:
     from .engine import LedgerEngine
@@ -335,7 +336,7 @@ class Pipeline:
         # Storage is never interrupted half-way: a batch is stored or not, and we learn which.
         self._storing = True
         try:
-            error = await self._store(entries)
+            error = await self._store(self._batch(entries))
         finally:
             self._storing = False
             if self._cancel_requested and self._scope is not None:
@@ -377,12 +378,18 @@ class Pipeline:
                 for child, rest in blocked:
                     nursery.start_soon(child.mailbox.deliver, rest, child.spec.overflow)
 
-    async def _store(self, entries: list[Entry]) -> tuple[BaseException, bool] | None:
+    def _batch(self, entries: list[Entry]) -> StorageBatch:
+        """The one `StorageBatch` of this group commit: its entries, and whatever else must
+        commit atomically with them (cursors, tree tiles, idempotency keys)."""
+        return StorageBatch(entries=entries)
+
+    async def _store(self, batch: StorageBatch) -> tuple[BaseException, bool] | None:
         """Append to storage. None if stored; else (error, known) where `known` says that
         nothing of the batch was stored (False: the backend could not tell us)."""
         storage = self._engine.storage
+        entries = batch.entries
         try:
-            await storage.append(entries)
+            await storage.append(batch)
         except Exception as exc:
             try:
                 length, head = await storage.head()

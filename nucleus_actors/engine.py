@@ -33,11 +33,12 @@ from .module._context import LedgerReader
 from .module._spec import ModuleSpec
 from .record import Entry, Hash, Receipt, Record
 from .registry import ModuleHandle, ModuleRegistry, Statistics
-from .storage import MemoryStorage, StorageBackend
+from .storage import MemoryStorage, StorageBackend, check_contract, require_capability
 
 __all__ = ["LedgerEngine", "open_ledger"]
 
 M = TypeVar("M", bound=Module)
+C = TypeVar("C")
 
 _DRAIN_SLICE = 0.1  # how often the stop drain checks that the pipeline still makes progress
 
@@ -204,6 +205,19 @@ class LedgerEngine:
         if self._length_lot:
             self._length_lot.unpark_all()
 
+    def require_storage(self, capability: Callable[..., C], feature: str) -> C:
+        """The ledger's storage as `capability` (`CursorStore`, `TreeStore`,
+        `IdempotencyStore`), or a clear error when the backend lacks it.
+
+        Features that store more than entries call it when they are used (registering a
+        durable module, asking for a proof, an idempotent append).
+
+        Raises:
+            StorageError: the backend lacks the capability (naming the backend, the capability
+                and `feature`, e.g. "register durable module 'audit'").
+        """
+        return require_capability(self.storage, capability, feature)
+
     @property
     def nursery(self) -> trio.Nursery:
         if self._nursery is None:
@@ -240,7 +254,8 @@ class LedgerEngine:
 
         Raises:
             LifecycleError: the engine was already opened once.
-            StorageError: the storage cannot be opened (lock held, other ledger, ...).
+            StorageError: the storage cannot be opened (lock held, other ledger, ...), or it
+                implements another storage contract than v2 (`check_contract`).
         """
         if self._used:
             raise LifecycleError(
@@ -273,6 +288,7 @@ class LedgerEngine:
     @asynccontextmanager
     async def _lifetime(self) -> AsyncIterator[None]:
         storage = self.storage
+        check_contract(storage)  # a v1 backend is refused before it is opened
         await storage.open(self.config.ledger_id)
         try:
             self._length, self._head = await storage.head()

@@ -1,15 +1,26 @@
-"""The `StorageBackend` protocol every ledger store implements."""
+"""The storage contract (v2): `StorageBackend`, the `StorageBatch` it commits, capabilities.
+
+A backend implements `StorageBackend` (open, head, append a `StorageBatch`, read, close) and
+declares `storage_contract = 2`. Features that store more than entries need a *capability*, a
+separate protocol the backend implements too: `CursorStore` (durable modules' cursors),
+`TreeStore` (Merkle tree tiles, for proofs), `IdempotencyStore` (idempotency keys). The engine
+checks the contract when it opens the storage (`check_contract`) and a capability when a
+feature is used (`require_capability`). See docs/storage.md, "Writing a backend".
+"""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Protocol, runtime_checkable
+from typing import Final, Protocol, TypeVar, cast, runtime_checkable
 
+from ..errors import StorageError
 from ..record import Entry, Hash
 
 __all__ = [
+    "CAPABILITIES",
+    "STORAGE_CONTRACT",
     "CursorStore",
     "IdempotencyRecord",
     "IdempotencyStore",
@@ -17,8 +28,16 @@ __all__ = [
     "StorageBatch",
     "TreeStore",
     "TreeTile",
+    "check_batch",
+    "check_contract",
     "check_range",
+    "require_capability",
 ]
+
+STORAGE_CONTRACT: Final = 2
+"""The storage contract version this build speaks: `append(batch: StorageBatch)`."""
+
+DOCS: Final = "docs/storage.md, 'Writing a backend'"
 
 TILE_WIDTH = 256
 """Hashes in a full tree tile (C2SP tlog-tiles)."""
@@ -36,10 +55,28 @@ class TreeTile:
     """`width` 32-byte hashes concatenated, 1 <= width <= 256. A partial tile (width < 256) is
     replaced when a wider tile with the same (level, index) is stored."""
 
+    def __post_init__(self) -> None:
+        if type(self.level) is not int or self.level < 0:
+            raise ValueError(f"TreeTile level must be an int >= 0, got {self.level!r}")
+        if type(self.index) is not int or self.index < 0:
+            raise ValueError(f"TreeTile index must be an int >= 0, got {self.index!r}")
+        if not isinstance(self.hashes, bytes):
+            raise TypeError(f"TreeTile hashes must be bytes, got {type(self.hashes).__name__}")
+        size = len(self.hashes)
+        if size % 32 or not 1 <= size // 32 <= TILE_WIDTH:
+            raise ValueError(
+                f"TreeTile hashes must be 1 to {TILE_WIDTH} 32-byte hashes, got {size} bytes"
+            )
+
     @property
     def width(self) -> int:
         """Number of hashes in the tile."""
         return len(self.hashes) // 32
+
+    @property
+    def key(self) -> tuple[int, int]:
+        """`(level, index)`: what identifies the tile in storage."""
+        return self.level, self.index
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -57,22 +94,44 @@ class IdempotencyRecord:
     created: int
     """When the key was committed, UTC microseconds since the Unix epoch (window expiry)."""
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.key, str) or not self.key:
+            raise ValueError(f"IdempotencyRecord key must be a non-empty str, got {self.key!r}")
+        for name in ("first_seq", "created"):
+            value = getattr(self, name)
+            if type(value) is not int or value < 0:
+                raise ValueError(f"IdempotencyRecord {name} must be an int >= 0, got {value!r}")
+        if type(self.count) is not int or self.count < 1:
+            raise ValueError(f"IdempotencyRecord count must be an int >= 1, got {self.count!r}")
+
 
 _EMPTY: Mapping[str, int] = MappingProxyType({})
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class StorageBatch:
-    """Everything one group commit stores, atomically: all of it or none of it."""
+    """Everything one group commit stores, atomically: all of it or none of it.
+
+    The engine builds one per group commit and hands it to `StorageBackend.append`. A backend
+    stores every part in one transaction, or refuses the whole batch (nothing stored). A part
+    that is not empty needs its capability (`CursorStore`, `TreeStore`, `IdempotencyStore`).
+    """
 
     entries: Sequence[Entry]
     """New entries, contiguous with the stored head (may be empty: a cursors-only batch)."""
     cursors: Mapping[str, int] = field(default_factory=lambda: _EMPTY)
     """Module id -> highest seq that module processed (upserted; needs `CursorStore`)."""
     tree: Sequence[TreeTile] = ()
-    """Merkle tree tiles to upsert (needs `TreeStore`)."""
+    """Merkle tree tiles to upsert by (level, index); a wider tile replaces a partial one, a
+    narrower one never replaces a wider one (needs `TreeStore`)."""
     idempotency: Sequence[IdempotencyRecord] = ()
-    """Idempotency keys committed with the entries (needs `IdempotencyStore`)."""
+    """Idempotency keys committed with the entries; a record replaces one stored earlier under
+    the same key (needs `IdempotencyStore`)."""
+
+    @property
+    def empty(self) -> bool:
+        """Nothing to store at all (no entries, cursors, tiles or keys)."""
+        return not (self.entries or self.cursors or self.tree or self.idempotency)
 
 
 @runtime_checkable
@@ -82,7 +141,16 @@ class StorageBackend(Protocol):
     The engine groups appends (group commit) and hands each batch to `append` once; a backend
     commits each batch atomically and durably. Reads may run concurrently with appends and see a
     prefix of the ledger.
+
+    Contract v2 (this one): `append` takes a `StorageBatch`, and the class says so with
+    `storage_contract = 2`. A v1 backend (`append(entries)`, no `storage_contract`) is refused
+    when the engine opens it, with an error naming v2 (see `check_contract`).
     """
+
+    @property
+    def storage_contract(self) -> int:
+        """The contract version the backend implements: `2` (a class attribute will do)."""
+        ...
 
     async def open(self, ledger_id: str) -> None:
         """Create the store for `ledger_id`, or check an existing one belongs to it.
@@ -97,13 +165,17 @@ class StorageBackend(Protocol):
         """`(length, head hash)`; `(0, genesis(ledger_id))` for an empty ledger."""
         ...
 
-    async def append(self, entries: Sequence[Entry]) -> None:
-        """Store `entries` atomically: all or none, durable on return.
+    async def append(self, batch: StorageBatch) -> None:
+        """Store `batch` atomically (entries, cursors, tiles, keys): all or none, durable on
+        return.
 
-        `entries[0].seq` equals the current length and seqs are contiguous.
+        `batch.entries[0].seq` equals the current length and seqs are contiguous. A batch with
+        no entries may still carry cursors (and must still be stored).
 
         Raises:
-            StorageError: nothing of the batch was stored.
+            StorageError: nothing of the batch was stored (including a part whose capability
+                the backend lacks). CommitUnknown: the backend cannot tell whether the batch
+                was stored (the engine then re-reads the head).
         """
         ...
 
@@ -130,6 +202,54 @@ def check_range(start: int, stop: int | None) -> None:
         raise ValueError(f"read start must be an int >= 0, got {start!r}")
     if stop is not None and (type(stop) is not int or stop < start):
         raise ValueError(f"read stop must be None or an int >= start ({start}), got {stop!r}")
+
+
+def check_batch(batch: StorageBatch, length: int) -> int:
+    """Check a batch against a store holding `length` entries; return the length after it.
+
+    What every backend checks before it stores anything (`MemoryStorage` and `SQLiteStorage`
+    call it): entry seqs run on from `length`; each cursor names a module (a non-empty str) and
+    a seq `-1 <= seq < new length`; each idempotency record covers stored seqs; each tree tile
+    holds only complete nodes of the tree after the batch (tile `(L, N)` of width `w` needs
+    `256 * N + w <= new_length >> (8 * L)`, as C2SP tlog-tiles).
+
+    Raises:
+        StorageError: the first rule broken, with the offending value; nothing may be stored.
+    """
+    if not isinstance(batch, StorageBatch):
+        raise StorageError(
+            f"append takes a StorageBatch (storage contract v{STORAGE_CONTRACT}), got "
+            f"{type(batch).__name__}"
+        )
+    for offset, entry in enumerate(batch.entries):
+        if entry.seq != length + offset:
+            raise StorageError(
+                f"append out of order: entry seq {entry.seq}, expected {length + offset}"
+            )
+    after = length + len(batch.entries)
+    for module_id, seq in batch.cursors.items():
+        if not isinstance(module_id, str) or not module_id:
+            raise StorageError(f"cursor module id must be a non-empty str, got {module_id!r}")
+        if type(seq) is not int or not -1 <= seq < after:
+            raise StorageError(
+                f"cursor of module {module_id!r} must be an int from -1 to {after - 1} (the "
+                f"last seq after this batch), got {seq!r}"
+            )
+    for record in batch.idempotency:
+        if record.first_seq + record.count > after:
+            raise StorageError(
+                f"idempotency key {record.key!r} covers seqs {record.first_seq} to "
+                f"{record.first_seq + record.count - 1}, beyond the last seq {after - 1}"
+            )
+    for tile in batch.tree:
+        complete = after >> (8 * tile.level)
+        if TILE_WIDTH * tile.index + tile.width > complete:
+            raise StorageError(
+                f"tree tile (level {tile.level}, index {tile.index}, width {tile.width}) "
+                f"holds nodes beyond the {complete} complete nodes of its tree level for "
+                f"{after} entries"
+            )
+    return after
 
 
 @runtime_checkable
@@ -161,3 +281,85 @@ class IdempotencyStore(Protocol):
     async def prune_idempotency(self, created_before: int) -> int:
         """Delete keys committed before `created_before` (UTC microseconds); returns how many."""
         ...
+
+
+CAPABILITIES: Final = (CursorStore, TreeStore, IdempotencyStore)
+"""Every capability protocol, in documentation order."""
+
+_C = TypeVar("_C")
+
+
+def _name(storage: object) -> str:
+    cls = type(storage)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def check_contract(storage: object) -> None:
+    """Check that `storage` implements storage contract v2 (the engine calls it at open).
+
+    A backend declares the contract with `storage_contract = 2` (`MemoryStorage` and
+    `SQLiteStorage` do, and so does any subclass of them). A backend written for v1 (its
+    `append` takes a list of entries, it has no `storage_contract`) is refused here rather than
+    failing on its first append.
+
+    Raises:
+        StorageError: `storage` is not a storage backend, or implements another contract
+            version (the message names the backend, v2 and the docs).
+    """
+    missing = [
+        name for name in ("open", "head", "append", "read", "close")
+        if not callable(getattr(storage, name, None))
+    ]  # fmt: skip
+    if missing:
+        raise StorageError(
+            f"{_name(storage)} is not a storage backend: it has no {', '.join(missing)} "
+            f"(a backend implements the StorageBackend protocol, storage contract "
+            f"v{STORAGE_CONTRACT}; see {DOCS})"
+        )
+    version = getattr(storage, "storage_contract", None)
+    if version == STORAGE_CONTRACT and type(version) is int:
+        return
+    if version is None:
+        raise StorageError(
+            f"storage backend {_name(storage)} implements storage contract v1 (it has no "
+            f"`storage_contract` attribute; its append takes a list of entries); this version "
+            f"of nucleus_actors needs storage contract v{STORAGE_CONTRACT}: "
+            "`append(batch: StorageBatch)` storing batch.entries (and any cursors, tree tiles "
+            f"and idempotency keys) atomically, and `storage_contract = {STORAGE_CONTRACT}` on "
+            f"the class; see {DOCS}"
+        )
+    raise StorageError(
+        f"storage backend {_name(storage)} implements storage contract {version!r}; this "
+        f"version of nucleus_actors speaks storage contract v{STORAGE_CONTRACT} only; see {DOCS}"
+    )
+
+
+def require_capability(storage: object, capability: Callable[..., _C], feature: str) -> _C:
+    """`storage` typed as `capability`, or a clear error naming what is missing.
+
+    Args:
+        storage: the backend.
+        capability: `CursorStore`, `TreeStore` or `IdempotencyStore`.
+        feature: what needs it, for the message (e.g. "register durable module 'audit'").
+
+    Raises:
+        StorageError: the backend does not implement `capability` (the message names the
+            backend, the capability, its missing methods and the feature).
+        TypeError: `capability` is not one of the capability protocols.
+    """
+    if capability not in CAPABILITIES:
+        names = ", ".join(c.__name__ for c in CAPABILITIES)
+        raise TypeError(f"require_capability takes one of {names}, got {capability!r}")
+    protocol = cast("type[object]", capability)
+    if isinstance(storage, protocol):
+        return cast("_C", storage)
+    methods = [
+        name
+        for name in ("load_cursors", "read_tiles", "get_idempotency", "prune_idempotency")
+        if hasattr(protocol, name) and not callable(getattr(storage, name, None))
+    ]
+    raise StorageError(
+        f"cannot {feature}: storage backend {_name(storage)} lacks the {protocol.__name__} "
+        f"capability (missing {', '.join(methods)}); use a backend that implements it "
+        f"(MemoryStorage and SQLiteStorage do; see {DOCS})"
+    )

@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
+from typing import ClassVar
 
 import trio
 
 from ..errors import StorageError
 from ..hashing import decode_entry, genesis
 from ..record import Entry, Hash
-from ._base import check_range
+from ._base import (
+    STORAGE_CONTRACT,
+    IdempotencyRecord,
+    StorageBatch,
+    TreeTile,
+    check_batch,
+    check_range,
+)
 
 __all__ = ["MemoryStorage"]
 
@@ -45,13 +53,21 @@ class MemoryStorage:
     Like a file, one `MemoryStorage` can be opened again by a later engine (the chain
     continues) but by one engine at a time, and only for the ledger id it was first opened for.
     It stores each entry's exact canonical bytes and chain hash, and decodes records on read.
+
+    Storage contract v2 with every capability: `CursorStore`, `TreeStore`, `IdempotencyStore`.
     """
+
+    storage_contract: ClassVar[int] = STORAGE_CONTRACT
+    """Storage contract v2: `append` takes a `StorageBatch`."""
 
     def __init__(self) -> None:
         self._ledger_id: str | None = None
         self._is_open = False
         self._rows: list[tuple[bytes, Hash]] = []
         self._head: Hash | None = None
+        self._cursors: dict[str, int] = {}
+        self._tiles: dict[tuple[int, int], TreeTile] = {}
+        self._keys: dict[str, IdempotencyRecord] = {}
 
     async def open(self, ledger_id: str) -> None:
         """Claim the store for `ledger_id` (a checkpoint; nothing to undo if cancelled).
@@ -85,24 +101,74 @@ class MemoryStorage:
         assert self._head is not None
         return len(self._rows), self._head
 
-    async def append(self, entries: Sequence[Entry]) -> None:
-        """Store a batch, atomically. Never yields to other tasks: it only checks for
-        cancellation first (raising `Cancelled` with nothing stored).
+    async def append(self, batch: StorageBatch) -> None:
+        """Store a batch (entries, cursors, tiles, keys), atomically: every part is checked
+        (`check_batch`) before anything is stored. Never yields to other tasks: it only checks
+        for cancellation first (raising `Cancelled` with nothing stored).
 
         Raises:
-            StorageError: not open, or seqs are not contiguous with the head.
+            StorageError: not open, or the batch breaks a `check_batch` rule (nothing stored).
         """
         await trio.lowlevel.checkpoint_if_cancelled()
         self._check_open("append")
-        expected = len(self._rows)
-        for offset, entry in enumerate(entries):
-            if entry.seq != expected + offset:
-                raise StorageError(
-                    f"append out of order: entry seq {entry.seq}, expected {expected + offset}"
-                )
+        check_batch(batch, len(self._rows))
+        entries: Sequence[Entry] = batch.entries
         if entries:
             self._rows.extend((entry.canonical, entry.hash) for entry in entries)
             self._head = entries[-1].hash
+        self._cursors.update(batch.cursors)
+        for tile in batch.tree:
+            old = self._tiles.get(tile.key)
+            if old is None or tile.width >= old.width:
+                self._tiles[tile.key] = tile
+        for record in batch.idempotency:
+            self._keys[record.key] = record
+
+    # -- capabilities ----------------------------------------------------------------------
+    async def load_cursors(self) -> dict[str, int]:
+        """Every stored cursor, module id -> highest seq processed. A checkpoint.
+
+        Raises:
+            StorageError: not open.
+        """
+        await trio.lowlevel.checkpoint()
+        self._check_open("load cursors")
+        return dict(self._cursors)
+
+    async def read_tiles(self, keys: Sequence[tuple[int, int]]) -> dict[tuple[int, int], TreeTile]:
+        """The stored tiles among `keys` (`(level, index)`); missing ones are absent. A
+        checkpoint.
+
+        Raises:
+            StorageError: not open.
+        """
+        await trio.lowlevel.checkpoint()
+        self._check_open("read tree tiles")
+        return {key: self._tiles[key] for key in keys if key in self._tiles}
+
+    async def get_idempotency(self, key: str) -> IdempotencyRecord | None:
+        """The record stored under `key`, or None. A checkpoint.
+
+        Raises:
+            StorageError: not open.
+        """
+        await trio.lowlevel.checkpoint()
+        self._check_open("look up an idempotency key")
+        return self._keys.get(key)
+
+    async def prune_idempotency(self, created_before: int) -> int:
+        """Delete the keys committed before `created_before` (UTC microseconds); return how
+        many. A checkpoint (atomic: no other task runs meanwhile).
+
+        Raises:
+            StorageError: not open.
+        """
+        await trio.lowlevel.checkpoint()
+        self._check_open("prune idempotency keys")
+        old = [key for key, record in self._keys.items() if record.created < created_before]
+        for key in old:
+            del self._keys[key]
+        return len(old)
 
     def read(self, start: int, stop: int | None = None) -> AsyncIterator[Entry]:
         """Entries `start <= seq < stop` (`None`: up to the head when the read began).

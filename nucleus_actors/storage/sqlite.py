@@ -1,6 +1,6 @@
 """`SQLiteStorage`: the embedded durable backend (stdlib `sqlite3`, WAL), and `verify_file`.
 
-File layout (format version 1), next to `<path>` itself:
+File layout (format version 2), next to `<path>` itself:
 
 ```
 <path>          the SQLite database (WAL mode)
@@ -9,10 +9,24 @@ File layout (format version 1), next to `<path>` itself:
 <path>.lock     sidecar file whose OS flock marks the single writer (never deleted)
 
 CREATE TABLE meta    (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
-    -- format_version '1', ledger_id, hash_scheme, created_by
+    -- format_version '2', ledger_id, hash_scheme, created_by
 CREATE TABLE entries (seq INTEGER PRIMARY KEY, canonical BLOB NOT NULL, hash BLOB NOT NULL);
     -- canonical: the exact RFC 8785 bytes hashed into LEAF_seq; hash: CHAIN_seq (32 bytes)
+-- format 2 (migration from 1: add these tables):
+CREATE TABLE cursors (module TEXT PRIMARY KEY, seq INTEGER NOT NULL) WITHOUT ROWID;
+CREATE TABLE tree_tiles (level INTEGER NOT NULL, idx INTEGER NOT NULL, hashes BLOB NOT NULL,
+                         PRIMARY KEY (level, idx)) WITHOUT ROWID;
+CREATE TABLE idempotency (key TEXT PRIMARY KEY, fingerprint TEXT NOT NULL,
+                          first_seq INTEGER NOT NULL, count INTEGER NOT NULL,
+                          created INTEGER NOT NULL) WITHOUT ROWID;
+CREATE INDEX idempotency_created ON idempotency (created);
 ```
+
+Migrations: `_MIGRATIONS` lists the steps from each format to the next, in order. Opening an
+older file runs the missing steps, each in its own transaction (the format version in `meta` is
+updated in the same transaction, so a crash leaves the file at the last completed step); a new
+file is created at format 1 and migrated in its creating transaction, so the steps are the one
+definition of the schema. A file newer than this build is refused.
 
 Threading: `sqlite3` blocks, so every call runs in a worker thread via `trio.to_thread.run_sync`,
 through one `trio.CapacityLimiter(1)` per open database (one thread at a time uses the
@@ -26,23 +40,34 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import importlib.metadata
+import logging
 import os
 import sqlite3
+import time
 import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final, Literal, TypeVar
+from typing import Any, ClassVar, Final, Literal, TypeVar
 
 import trio
 
 from ..errors import IntegrityError, StorageError
 from ..hashing import ChainVerifier, decode_entry, genesis
 from ..record import Entry, Hash
-from ._base import check_range
+from ._base import (
+    STORAGE_CONTRACT,
+    IdempotencyRecord,
+    StorageBatch,
+    TreeTile,
+    check_batch,
+    check_range,
+)
 
 __all__ = ["SQLiteStorage", "verify_file"]
 
-FORMAT_VERSION: Final = 1
+log = logging.getLogger("nucleus_actors.storage.sqlite")
+
 HASH_SCHEME: Final = "blake3-jcs-chain/1"
 
 _T = TypeVar("_T")
@@ -54,10 +79,64 @@ _CHUNK_ROWS: Final = 512
 _CHUNK_BYTES: Final = 4 * 1024 * 1024
 _BUSY_TIMEOUT_MS: Final = 10_000
 
-_SCHEMA: Final = (
+# Format 1, as every file starts; later formats are reached through _MIGRATIONS.
+_SCHEMA_1: Final = (
     "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID",
     "CREATE TABLE entries (seq INTEGER PRIMARY KEY, canonical BLOB NOT NULL, hash BLOB NOT NULL)",
 )
+_UPSERT_CURSOR: Final = (
+    "INSERT INTO cursors (module, seq) VALUES (?, ?) "
+    "ON CONFLICT (module) DO UPDATE SET seq = excluded.seq"
+)
+# A wider tile replaces a partial one; a narrower one never replaces a wider one.
+_UPSERT_TILE: Final = (
+    "INSERT INTO tree_tiles (level, idx, hashes) VALUES (?, ?, ?) "
+    "ON CONFLICT (level, idx) DO UPDATE SET hashes = excluded.hashes "
+    "WHERE length(excluded.hashes) >= length(tree_tiles.hashes)"
+)
+_UPSERT_KEY: Final = (
+    "INSERT INTO idempotency (key, fingerprint, first_seq, count, created) "
+    "VALUES (?, ?, ?, ?, ?) ON CONFLICT (key) DO UPDATE SET fingerprint = excluded.fingerprint, "
+    "first_seq = excluded.first_seq, count = excluded.count, created = excluded.created"
+)
+
+Progress = Callable[[int, int], None]
+"""A migration step reports `(done, total)` through this as it goes (long steps only)."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Migration:
+    """One step from format `version - 1` to format `version`, run in one transaction."""
+
+    version: int
+    what: str
+    apply: Callable[[sqlite3.Connection, Progress], None]
+
+
+def _to_2(conn: sqlite3.Connection, progress: Progress) -> None:
+    conn.execute(
+        "CREATE TABLE cursors (module TEXT PRIMARY KEY, seq INTEGER NOT NULL) WITHOUT ROWID"
+    )
+    conn.execute(
+        "CREATE TABLE tree_tiles (level INTEGER NOT NULL, idx INTEGER NOT NULL, "
+        "hashes BLOB NOT NULL, PRIMARY KEY (level, idx)) WITHOUT ROWID"
+    )
+    conn.execute(
+        "CREATE TABLE idempotency (key TEXT PRIMARY KEY, fingerprint TEXT NOT NULL, "
+        "first_seq INTEGER NOT NULL, count INTEGER NOT NULL, created INTEGER NOT NULL) "
+        "WITHOUT ROWID"
+    )
+    conn.execute("CREATE INDEX idempotency_created ON idempotency (created)")
+
+
+_MIGRATIONS: Final[tuple[_Migration, ...]] = (
+    _Migration(2, "add tables cursors, tree_tiles and idempotency (storage contract v2)", _to_2),
+)
+assert [m.version for m in _MIGRATIONS] == list(range(2, len(_MIGRATIONS) + 2))
+
+FORMAT_VERSION: Final = 1 + len(_MIGRATIONS)
+"""The format version this build writes; it reads and migrates every version from 1 up."""
+_PROGRESS_EVERY: Final = 5.0  # seconds between progress log lines of a long migration step
 _INSERT: Final = "INSERT INTO entries (seq, canonical, hash) VALUES (?, ?, ?)"
 _SELECT: Final = "SELECT seq, canonical, hash FROM entries WHERE seq >= ? AND seq < ? ORDER BY seq"
 _TAIL: Final = "SELECT seq, canonical, hash FROM entries ORDER BY seq DESC LIMIT 2"
@@ -81,8 +160,9 @@ def _check_path(path: str | os.PathLike[str]) -> Path:
     return Path(os.path.abspath(raw))
 
 
-def _read_meta(conn: sqlite3.Connection, path: Path) -> dict[str, str]:
-    """The meta table of an existing ledger file, its format version checked first."""
+def _read_meta(conn: sqlite3.Connection, path: Path) -> tuple[dict[str, str], int]:
+    """The meta table of an existing ledger file and its format version (checked first:
+    1 to `FORMAT_VERSION`; older ones are for the caller to migrate or read as they are)."""
     tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
     if "meta" not in tables or "entries" not in tables:
         raise StorageError(
@@ -90,11 +170,19 @@ def _read_meta(conn: sqlite3.Connection, path: Path) -> dict[str, str]:
             f"'meta' and 'entries' tables; tables found: {sorted(tables)})"
         )
     meta = {str(key): str(value) for key, value in conn.execute("SELECT key, value FROM meta")}
-    version = meta.get("format_version")
-    if version != str(FORMAT_VERSION):
+    raw = meta.get("format_version")
+    version = int(raw) if raw is not None and raw.isascii() and raw.isdigit() else None
+    if version is None or version < 1:
         raise StorageError(
-            f"ledger file {path} has format version {version!r}; this build of nucleus_actors "
-            f"reads format version {FORMAT_VERSION!r} only"
+            f"ledger file {path} has format version {raw!r}, which no release of "
+            f"nucleus_actors wrote; this build reads format versions 1 to {FORMAT_VERSION}"
+        )
+    if version > FORMAT_VERSION:
+        raise StorageError(
+            f"ledger file {path} has format version {version}, newer than this build of "
+            f"nucleus_actors reads (format versions 1 to {FORMAT_VERSION}); it was written by "
+            f"{meta.get('migrated_by', meta.get('created_by', 'a newer release'))}: upgrade "
+            "nucleus_actors to open it"
         )
     for key in ("ledger_id", "hash_scheme"):
         if key not in meta:
@@ -104,7 +192,88 @@ def _read_meta(conn: sqlite3.Connection, path: Path) -> dict[str, str]:
             f"ledger file {path} uses hash scheme {meta['hash_scheme']!r}; this build of "
             f"nucleus_actors computes {HASH_SCHEME!r}"
         )
-    return meta
+    return meta, version
+
+
+class _Reporter:
+    """Logs a migration step's `(done, total)` at most every `_PROGRESS_EVERY` seconds."""
+
+    def __init__(self, path: Path, step: _Migration) -> None:
+        self._path = path
+        self._step = step
+        self._next = time.monotonic() + _PROGRESS_EVERY
+
+    def __call__(self, done: int, total: int) -> None:
+        now = time.monotonic()
+        if now < self._next:
+            return
+        self._next = now + _PROGRESS_EVERY
+        share = f" ({100 * done / total:.0f}%)" if total else ""
+        log.info(
+            "ledger file %s: migration to format %d: %d of %d done%s",
+            self._path, self._step.version, done, total, share,
+        )  # fmt: skip
+
+
+def _migrate(conn: sqlite3.Connection, path: Path, version: int) -> int:
+    """Run every migration step after `version`, each in its own transaction; the new version.
+
+    A step and the format version it reaches commit together: a crash (or an error) leaves the
+    file at the last step completed, and the next open goes on from there.
+    """
+    for step in _MIGRATIONS:
+        if step.version <= version:
+            continue
+        log.info(
+            "ledger file %s: migrating format %d -> %d: %s",
+            path, step.version - 1, step.version, step.what,
+        )  # fmt: skip
+        started = time.monotonic()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            found = conn.execute("SELECT value FROM meta WHERE key = 'format_version'").fetchone()[
+                0
+            ]
+            if str(found) != str(step.version - 1):
+                raise StorageError(
+                    f"ledger file {path}: format version changed to {found!r} while migrating "
+                    f"it (expected {step.version - 1})"
+                )
+            step.apply(conn, _Reporter(path, step))
+            conn.executemany(
+                "INSERT INTO meta (key, value) VALUES (?, ?) "
+                "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                [("format_version", str(step.version)), ("migrated_by", _created_by())],
+            )
+            conn.execute("COMMIT")
+        finally:
+            if conn.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+        version = step.version
+        log.info(
+            "ledger file %s: now format %d (step took %.3f s)",
+            path, version, time.monotonic() - started,
+        )  # fmt: skip
+    return version
+
+
+def _create(conn: sqlite3.Connection, ledger_id: str) -> None:
+    """Write a new ledger file's schema, inside the caller's transaction: format 1, then every
+    migration step (silently), so that the steps are the one definition of the schema."""
+    for statement in _SCHEMA_1:
+        conn.execute(statement)
+    conn.executemany(
+        "INSERT INTO meta (key, value) VALUES (?, ?)",
+        [
+            ("format_version", str(FORMAT_VERSION)),
+            ("ledger_id", ledger_id),
+            ("hash_scheme", HASH_SCHEME),
+            ("created_by", _created_by()),
+        ],
+    )
+    for step in _MIGRATIONS:
+        step.apply(conn, lambda done, total: None)
 
 
 def _entry(row: _Row) -> Entry:
@@ -229,7 +398,11 @@ class SQLiteStorage:
     """
 
     FORMAT_VERSION: Final = FORMAT_VERSION
-    """The file format version this build writes and reads."""
+    """The file format version this build writes (it reads and migrates every earlier one)."""
+
+    storage_contract: ClassVar[int] = STORAGE_CONTRACT
+    """Storage contract v2: `append` takes a `StorageBatch`; every capability is implemented
+    (`CursorStore`, `TreeStore`, `IdempotencyStore`)."""
 
     def __init__(
         self, path: str | os.PathLike[str], *, durability: Literal["full", "normal"] = "full"
@@ -314,18 +487,8 @@ class SQLiteStorage:
             conn.execute("BEGIN IMMEDIATE")
             try:
                 if conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0] == 0:
-                    for statement in _SCHEMA:
-                        conn.execute(statement)
-                    conn.executemany(
-                        "INSERT INTO meta (key, value) VALUES (?, ?)",
-                        [
-                            ("format_version", str(FORMAT_VERSION)),
-                            ("ledger_id", ledger_id),
-                            ("hash_scheme", HASH_SCHEME),
-                            ("created_by", _created_by()),
-                        ],
-                    )
-                meta = _read_meta(conn, self.path)
+                    _create(conn, ledger_id)
+                meta, version = _read_meta(conn, self.path)
                 conn.execute("COMMIT")
             finally:
                 if conn.in_transaction:
@@ -342,6 +505,8 @@ class SQLiteStorage:
                     "is it on a filesystem without shared-memory support?"
                 )
             conn.execute(f"PRAGMA synchronous = {self.durability.upper()}")
+            if version < FORMAT_VERSION:
+                _migrate(conn, self.path, version)
             length, head = _check_tail(conn, ledger_id)
         except BaseException:
             if conn is not None:
@@ -393,8 +558,9 @@ class SQLiteStorage:
         return self._length, self._head
 
     # -- append ----------------------------------------------------------------------------
-    async def append(self, entries: Sequence[Entry]) -> None:
-        """Store a batch as one transaction, durable (per `durability`) when this returns.
+    async def append(self, batch: StorageBatch) -> None:
+        """Store a batch (entries, cursors, tree tiles, idempotency keys) as one transaction,
+        durable (per `durability`) when this returns.
 
         One worker-thread hop for the whole batch. On any failure (disk full, I/O error) the
         transaction is rolled back: nothing of the batch is stored, and later batches work
@@ -404,37 +570,51 @@ class SQLiteStorage:
         runs, the batch commits (or fails) before the cancellation is delivered.
 
         Raises:
-            StorageError: not open, seqs not contiguous with the head, or SQLite failed
-                (cause chained); nothing of the batch was stored.
+            StorageError: not open, the batch breaks a `check_batch` rule (seqs not contiguous
+                with the head, ...), or SQLite failed (cause chained); nothing was stored.
         """
         conn = self._connection("append")
         if self._stale:
             await self.head()
         expected = self._length
-        rows = [(entry.seq, entry.canonical, bytes(entry.hash)) for entry in entries]
-        if [row[0] for row in rows] != list(range(expected, expected + len(rows))):
-            offset, seq = next(
-                (offset, row[0]) for offset, row in enumerate(rows) if row[0] != expected + offset
-            )
-            raise StorageError(
-                f"append out of order: entry seq {seq}, expected {expected + offset}"
-            )
-        if not rows:
+        after = check_batch(batch, expected)
+        if batch.empty:
             await trio.lowlevel.checkpoint()
             return
-        assert self._ledger_id is not None
+        rows = [(entry.seq, entry.canonical, bytes(entry.hash)) for entry in batch.entries]
+        parts = (
+            rows,
+            list(batch.cursors.items()),
+            [(tile.level, tile.index, tile.hashes) for tile in batch.tree],
+            [(r.key, r.fingerprint, r.first_seq, r.count, r.created) for r in batch.idempotency],
+        )
         try:
-            await self._hop("append", self._append_sync, conn, rows)
+            await self._hop("append", self._append_sync, conn, *parts)
         except StorageError:
             self._stale = True
             raise
-        self._length = expected + len(rows)
-        self._head = entries[-1].hash
+        if rows:
+            self._length = after
+            self._head = batch.entries[-1].hash
 
-    def _append_sync(self, conn: sqlite3.Connection, rows: list[tuple[int, bytes, bytes]]) -> None:
+    def _append_sync(
+        self,
+        conn: sqlite3.Connection,
+        rows: list[tuple[int, bytes, bytes]],
+        cursors: list[tuple[str, int]],
+        tiles: list[tuple[int, int, bytes]],
+        keys: list[tuple[str, str, int, int, int]],
+    ) -> None:
         try:
             conn.execute("BEGIN IMMEDIATE")
-            conn.executemany(_INSERT, rows)
+            if rows:
+                conn.executemany(_INSERT, rows)
+            if cursors:
+                conn.executemany(_UPSERT_CURSOR, cursors)
+            if tiles:
+                conn.executemany(_UPSERT_TILE, tiles)
+            if keys:
+                conn.executemany(_UPSERT_KEY, keys)
             conn.execute("COMMIT")
         except BaseException:
             # SQLite may already have rolled back (SQLITE_FULL, SQLITE_IOERR do): only roll back
@@ -443,6 +623,108 @@ class SQLiteStorage:
                 with contextlib.suppress(sqlite3.Error):
                     conn.execute("ROLLBACK")
             raise
+
+    # -- capabilities ----------------------------------------------------------------------
+    async def load_cursors(self) -> dict[str, int]:
+        """Every stored cursor, module id -> highest seq processed.
+
+        Cancellation: nothing to undo (the query in flight finishes in its thread first).
+
+        Raises:
+            StorageError: not open, or SQLite failed.
+        """
+        conn = self._connection("load cursors")
+
+        def load() -> dict[str, int]:
+            return {str(m): int(q) for m, q in conn.execute("SELECT module, seq FROM cursors")}
+
+        return await self._hop("load cursors", load)
+
+    async def read_tiles(self, keys: Sequence[tuple[int, int]]) -> dict[tuple[int, int], TreeTile]:
+        """The stored tiles among `keys` (`(level, index)` pairs); missing ones are absent.
+
+        Cancellation: nothing to undo.
+
+        Raises:
+            StorageError: not open, or SQLite failed. IntegrityError: a stored tile is not a
+                whole number of 32-byte hashes.
+        """
+        conn = self._connection("read tree tiles")
+        wanted = list(dict.fromkeys((int(level), int(index)) for level, index in keys))
+
+        def load() -> list[tuple[int, int, Any]]:
+            found: list[tuple[int, int, Any]] = []
+            for level, index in wanted:
+                row = conn.execute(
+                    "SELECT hashes FROM tree_tiles WHERE level = ? AND idx = ?", (level, index)
+                ).fetchone()
+                if row is not None:
+                    found.append((level, index, row[0]))
+            return found
+
+        tiles: dict[tuple[int, int], TreeTile] = {}
+        for level, index, hashes in await self._hop("read tree tiles", load):
+            try:
+                tiles[level, index] = TreeTile(level=level, index=index, hashes=hashes)
+            except (TypeError, ValueError) as exc:
+                raise IntegrityError(
+                    f"ledger file {self.path}: stored tree tile ({level}, {index}) is invalid: "
+                    f"{exc}",
+                    seq=(index * 256) << (8 * level),
+                ) from exc
+        return tiles
+
+    async def get_idempotency(self, key: str) -> IdempotencyRecord | None:
+        """The record stored under `key`, or None.
+
+        Cancellation: nothing to undo.
+
+        Raises:
+            StorageError: not open, or SQLite failed.
+        """
+        conn = self._connection("look up an idempotency key")
+
+        def load() -> tuple[Any, ...] | None:
+            row: tuple[Any, ...] | None = conn.execute(
+                "SELECT key, fingerprint, first_seq, count, created FROM idempotency WHERE key = ?",
+                (key,),
+            ).fetchone()
+            return row
+
+        row = await self._hop("look up an idempotency key", load)
+        if row is None:
+            return None
+        return IdempotencyRecord(
+            key=row[0], fingerprint=row[1], first_seq=row[2], count=row[3], created=row[4]
+        )
+
+    async def prune_idempotency(self, created_before: int) -> int:
+        """Delete the keys committed before `created_before` (UTC microseconds), in one
+        transaction; return how many.
+
+        Cancellation: once the thread runs, the delete commits before the cancellation is
+        delivered.
+
+        Raises:
+            StorageError: not open, or SQLite failed (nothing deleted).
+        """
+        conn = self._connection("prune idempotency keys")
+
+        def prune() -> int:
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                count = conn.execute(
+                    "DELETE FROM idempotency WHERE created < ?", (created_before,)
+                ).rowcount
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    with contextlib.suppress(sqlite3.Error):
+                        conn.execute("ROLLBACK")
+                raise
+            return int(count)
+
+        return await self._hop("prune idempotency keys", prune)
 
     # -- read ------------------------------------------------------------------------------
     def read(self, start: int, stop: int | None = None) -> AsyncIterator[Entry]:
@@ -573,7 +855,7 @@ async def verify_file(
         )
         try:
             conn.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
-            meta = _read_meta(conn, where)
+            meta, _ = _read_meta(conn, where)  # the entries table is the same in every format
             last = conn.execute("SELECT max(seq) FROM entries").fetchone()[0]
         except BaseException:
             conn.close()

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import random
 from collections import Counter
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,6 @@ import trio
 
 from nucleus_actors import (
     Backoff,
-    Entry,
     Hash,
     LedgerConfig,
     LedgerFailed,
@@ -36,7 +34,7 @@ from nucleus_actors import (
     StorageError,
     Strategy,
 )
-from nucleus_actors.storage import MemoryStorage, SQLiteStorage, StorageBackend
+from nucleus_actors.storage import MemoryStorage, SQLiteStorage, StorageBackend, StorageBatch
 from nucleus_actors.testing import (
     CheckReport,
     FaultSchedule,
@@ -127,12 +125,12 @@ class FlakyStorage(MemoryStorage):
         self.rng = rng
         self.head_broken = False
 
-    async def append(self, entries: Sequence[Entry]) -> None:
+    async def append(self, batch: StorageBatch) -> None:
         roll = self.rng.random()
         if roll < 0.04:
             await trio.lowlevel.checkpoint()
             raise StorageError("injected: the write failed")
-        await super().append(entries)
+        await super().append(batch)
         if roll < 0.08:
             raise StorageError("injected: failed after writing")
         if roll < 0.11 and INDETERMINATE_STORAGE_FAULTS:

@@ -32,14 +32,11 @@ delivery is never queued: every module misses that committed entry (and
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import pytest
 import trio
 import trio.testing
 
 from nucleus_actors import (
-    Entry,
     Hash,
     LedgerConfig,
     LedgerEngine,
@@ -52,7 +49,7 @@ from nucleus_actors import (
     Strategy,
     open_ledger,
 )
-from nucleus_actors.storage import MemoryStorage
+from nucleus_actors.storage import MemoryStorage, StorageBatch
 
 
 class FailingRestart(Module):
@@ -142,9 +139,9 @@ class UnsureStorage(MemoryStorage):
         self.batches = 0
         self.head_broken = False
 
-    async def append(self, entries: Sequence[Entry]) -> None:
+    async def append(self, batch: StorageBatch) -> None:
         self.batches += 1
-        await super().append(entries)
+        await super().append(batch)
         if self.batches == 2:
             self.head_broken = True
             raise StorageError("disk said no (after writing)")

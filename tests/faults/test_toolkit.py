@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import pytest
@@ -27,7 +26,7 @@ from nucleus_actors import (
     StorageError,
     open_ledger,
 )
-from nucleus_actors.storage import MemoryStorage
+from nucleus_actors.storage import MemoryStorage, StorageBatch
 from nucleus_actors.testing import (
     TAG_KEY,
     AppendCall,
@@ -545,12 +544,12 @@ class ForgetfulStorage(MemoryStorage):
         super().__init__()
         self.batches = 0
 
-    async def append(self, entries: Sequence[Entry]) -> None:
+    async def append(self, batch: StorageBatch) -> None:
         self.batches += 1
         if self.batches == 3:
             await trio.lowlevel.checkpoint()
             return
-        await super().append(entries)
+        await super().append(batch)
 
     async def head(self) -> tuple[int, Hash]:
         return await super().head()
@@ -580,9 +579,9 @@ class LateFailingStorage(MemoryStorage):
         self.batches = 0
         self.after_failure = False
 
-    async def append(self, entries: Sequence[Entry]) -> None:
+    async def append(self, batch: StorageBatch) -> None:
         self.batches += 1
-        await super().append(entries)
+        await super().append(batch)
         if self.batches == 2:
             self.after_failure = True
             raise StorageError("disk said no (after writing)")

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import trio
 import trio.lowlevel
 import trio.testing
 
-from nucleus_actors import Entry, Hash, LedgerConfig, Module, Record, RecordRejected, open_ledger
-from nucleus_actors.storage import MemoryStorage
+from nucleus_actors import Hash, LedgerConfig, Module, Record, RecordRejected, open_ledger
+from nucleus_actors.storage import MemoryStorage, StorageBatch
 
 
 class CountingStorage(MemoryStorage):
@@ -19,9 +17,9 @@ class CountingStorage(MemoryStorage):
         super().__init__()
         self.batches: list[list[int]] = []
 
-    async def append(self, entries: Sequence[Entry]) -> None:
-        self.batches.append([e.seq for e in entries])
-        await super().append(entries)
+    async def append(self, batch: StorageBatch) -> None:
+        self.batches.append([e.seq for e in batch.entries])
+        await super().append(batch)
 
 
 class SlowVeto(Module):

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-from collections.abc import Sequence
 from typing import Any
 
 import pytest
@@ -19,7 +18,6 @@ import trio.testing
 
 from nucleus_actors import (
     Backoff,
-    Entry,
     Hash,
     LedgerConfig,
     LedgerEngine,
@@ -38,7 +36,7 @@ from nucleus_actors import (
     Strategy,
     open_ledger,
 )
-from nucleus_actors.storage import MemoryStorage
+from nucleus_actors.storage import MemoryStorage, StorageBatch
 from tests.conftest import Gate, Recorder
 
 Log = list[tuple[str, str, Any]]
@@ -517,9 +515,9 @@ async def test_ask_pending_when_the_engine_closes_fails_instead_of_hanging(
 class SlowStorage(MemoryStorage):
     """A durable backend takes time per batch (SQLite fsyncs in a worker thread)."""
 
-    async def append(self, entries: Sequence[Entry]) -> None:
+    async def append(self, batch: StorageBatch) -> None:
         await trio.sleep(0.1)
-        await super().append(entries)
+        await super().append(batch)
 
 
 async def test_stop_all_lets_queued_appends_finish_with_no_modules(
@@ -613,9 +611,9 @@ class LyingStorage(MemoryStorage):
         self.lie_on = -1
         self.head_fails = False
 
-    async def append(self, entries: Any) -> None:
-        await super().append(entries)
-        if entries[0].seq == self.lie_on:
+    async def append(self, batch: StorageBatch) -> None:
+        await super().append(batch)
+        if batch.entries[0].seq == self.lie_on:
             self.head_fails = True
             raise StorageError("connection reset after commit")
 

@@ -27,7 +27,7 @@ from nucleus_actors import (
     open_ledger,
 )
 from nucleus_actors.hashing import canonical_bytes, chain_hash, genesis, leaf_hash
-from nucleus_actors.storage import SQLiteStorage, StorageBackend, verify_file
+from nucleus_actors.storage import SQLiteStorage, StorageBackend, StorageBatch, verify_file
 
 
 def _batch(ledger_id: str, start: int, n: int, prev: bytes | None = None) -> list[Entry]:
@@ -58,7 +58,7 @@ async def _fill(path: Path, n: int, ledger_id: str = "orders") -> list[Entry]:
     storage = SQLiteStorage(path)
     await storage.open(ledger_id)
     batch = _batch(ledger_id, 0, n)
-    await storage.append(batch)
+    await storage.append(StorageBatch(entries=batch))
     await storage.close()
     return batch
 
@@ -75,8 +75,8 @@ async def test_protocol_roundtrip_and_reopen(tmp_path: Path) -> None:
     await storage.open("alpha")
     assert await storage.head() == (0, genesis("alpha"))
     first = _batch("alpha", 0, 3)
-    await storage.append(first)
-    await storage.append([])  # an empty batch is a no-op
+    await storage.append(StorageBatch(entries=first))
+    await storage.append(StorageBatch(entries=[]))  # an empty batch is a no-op
     assert await storage.head() == (3, first[-1].hash)
     assert [e async for e in storage.read(0)] == first
     assert [e.seq async for e in storage.read(1, 2)] == [1]
@@ -95,13 +95,13 @@ async def test_protocol_roundtrip_and_reopen(tmp_path: Path) -> None:
     again = SQLiteStorage(str(path))
     await again.open("alpha")
     second = _batch("alpha", 3, 2, prev=first[-1].hash)
-    await again.append(second)
+    await again.append(StorageBatch(entries=second))
     assert [e async for e in again.read(0)] == first + second
     await again.close()
     meta = dict(_sql(path, "SELECT key, value FROM meta"))
     assert meta.pop("created_by").startswith("nucleus_actors ")
     assert meta == {
-        "format_version": "1",
+        "format_version": str(SQLiteStorage.FORMAT_VERSION),
         "hash_scheme": "blake3-jcs-chain/1",
         "ledger_id": "alpha",
     }
@@ -120,11 +120,13 @@ async def test_read_streams_in_chunks_and_stops_at_the_head_when_it_began(tmp_pa
     storage = SQLiteStorage(path)
     await storage.open("alpha")
     batch = _batch("alpha", 0, 1200)  # more than two 512-row chunks
-    await storage.append(batch[:1100])
+    await storage.append(StorageBatch(entries=batch[:1100]))
     seen = []
     async for entry in storage.read(0):
         if entry.seq == 0:
-            await storage.append(batch[1100:])  # appended after the read began
+            await storage.append(
+                StorageBatch(entries=batch[1100:])
+            )  # appended after the read began
         seen.append(entry.seq)
     assert seen == list(range(1100))
     assert [e.seq async for e in storage.read(1090, 1105)] == list(range(1090, 1105))
@@ -136,17 +138,17 @@ async def test_append_must_be_contiguous_and_open(tmp_path: Path) -> None:
     with pytest.raises(
         StorageError, match=r"cannot append: SQLiteStorage .*ledger\.db is not open"
     ):
-        await storage.append(_batch("alpha", 0, 1))
+        await storage.append(StorageBatch(entries=_batch("alpha", 0, 1)))
     with pytest.raises(StorageError, match=r"cannot read the head: .* is not open"):
         await storage.head()
     await storage.open("alpha")
     with pytest.raises(StorageError, match=r"already open"):
         await storage.open("alpha")
     with pytest.raises(StorageError, match=r"append out of order: entry seq 1, expected 0"):
-        await storage.append(_batch("alpha", 1, 1))
+        await storage.append(StorageBatch(entries=_batch("alpha", 1, 1)))
     gap = _batch("alpha", 0, 3)
     with pytest.raises(StorageError, match=r"append out of order: entry seq 2, expected 1"):
-        await storage.append([gap[0], gap[2]])
+        await storage.append(StorageBatch(entries=[gap[0], gap[2]]))
     assert (await storage.head())[0] == 0
     await storage.close()
     with pytest.raises(StorageError, match=r"cannot read: .* is not open"):
@@ -156,7 +158,7 @@ async def test_append_must_be_contiguous_and_open(tmp_path: Path) -> None:
 async def test_a_reader_of_a_closed_storage_fails_cleanly(tmp_path: Path) -> None:
     storage = SQLiteStorage(tmp_path / "ledger.db")
     await storage.open("alpha")
-    await storage.append(_batch("alpha", 0, 600))
+    await storage.append(StorageBatch(entries=_batch("alpha", 0, 600)))
     reader = storage.read(0)
     assert (await reader.__anext__()).seq == 0
     await storage.close()
@@ -216,15 +218,19 @@ async def test_wrong_ledger_id_through_the_engine(tmp_path: Path) -> None:
 async def test_unknown_format_version_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "ledger.db"
     await _fill(path, 1)
-    _sql(path, "UPDATE meta SET value = '2' WHERE key = 'format_version'")
+    newer = SQLiteStorage.FORMAT_VERSION + 1
+    _sql(path, f"UPDATE meta SET value = '{newer}' WHERE key = 'format_version'")
     with pytest.raises(
         StorageError,
-        match=rf"ledger file {path} has format version '2'; this build of nucleus_actors "
-        "reads format version 1 only",
+        match=rf"ledger file {path} has format version {newer}, newer than this build of "
+        rf"nucleus_actors reads \(format versions 1 to {newer - 1}\).*upgrade nucleus_actors",
     ):
         await SQLiteStorage(path).open("orders")
-    with pytest.raises(StorageError, match=r"has format version '2'"):
+    with pytest.raises(StorageError, match=rf"has format version {newer}, newer"):
         await verify_file(path)
+    _sql(path, "UPDATE meta SET value = 'x1' WHERE key = 'format_version'")
+    with pytest.raises(StorageError, match=r"has format version 'x1', which no release"):
+        await SQLiteStorage(path).open("orders")
 
 
 async def test_unknown_hash_scheme_is_refused(tmp_path: Path) -> None:
@@ -454,15 +460,15 @@ async def test_failed_batch_is_rolled_back_and_later_batches_work(
     storage = _FlakyStorage(path)
     await storage.open("alpha")
     batch = _batch("alpha", 0, 6)
-    await storage.append(batch[:2])
+    await storage.append(StorageBatch(entries=batch[:2]))
     full_disk.fail = True
     with pytest.raises(StorageError, match=r"append failed: database or disk is full") as info:
-        await storage.append(batch[2:5])
+        await storage.append(StorageBatch(entries=batch[2:5]))
     assert isinstance(info.value.__cause__, sqlite3.OperationalError)
     assert await storage.head() == (2, batch[1].hash)
     assert [e.seq async for e in storage.read(0)] == [0, 1]
     full_disk.fail = False
-    await storage.append(batch[2:6])
+    await storage.append(StorageBatch(entries=batch[2:6]))
     assert [e async for e in storage.read(0)] == batch
     await storage.close()
     assert _sql(path, "SELECT count(*) FROM entries") == [(6,)]
@@ -482,10 +488,10 @@ async def test_real_sqlite_full_error_then_space_comes_back(tmp_path: Path) -> N
         for e in _batch("alpha", 0, 200)  # ~10 pages of rows: does not fit in one more page
     ]
     with pytest.raises(StorageError, match=r"database or disk is full"):
-        await storage.append(big)
+        await storage.append(StorageBatch(entries=big))
     assert await storage.head() == (0, genesis("alpha"))
     await storage._hop("uncap", conn.execute, "PRAGMA max_page_count = 1073741823")
-    await storage.append(big)
+    await storage.append(StorageBatch(entries=big))
     assert await storage.head() == (200, big[-1].hash)
     await storage.close()
 
@@ -532,9 +538,9 @@ class _Counting(SQLiteStorage):
         super().__init__(path)
         self.batches: list[int] = []
 
-    async def append(self, entries: Any) -> None:
-        await super().append(entries)
-        self.batches.append(len(entries))
+    async def append(self, batch: StorageBatch) -> None:
+        await super().append(batch)
+        self.batches.append(len(batch.entries))
 
 
 async def test_concurrent_appends_share_transactions(tmp_path: Path) -> None:

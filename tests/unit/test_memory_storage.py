@@ -6,7 +6,7 @@ import pytest
 
 from nucleus_actors import Entry, IntegrityError, Record, StorageError
 from nucleus_actors.hashing import canonical_bytes, chain_hash, genesis, leaf_hash
-from nucleus_actors.storage import MemoryStorage, StorageBackend
+from nucleus_actors.storage import MemoryStorage, StorageBackend, StorageBatch
 
 
 def _batch(ledger_id: str, start: int, n: int, prev: bytes | None = None) -> list[Entry]:
@@ -26,7 +26,7 @@ async def test_protocol_and_roundtrip() -> None:
     await storage.open("alpha")
     assert await storage.head() == (0, genesis("alpha"))
     batch = _batch("alpha", 0, 3)
-    await storage.append(batch)
+    await storage.append(StorageBatch(entries=batch))
     assert await storage.head() == (3, batch[-1].hash)
     assert [e async for e in storage.read(0)] == batch
     assert [e.seq async for e in storage.read(1, 2)] == [1]
@@ -39,7 +39,7 @@ async def test_protocol_and_roundtrip() -> None:
 async def test_reopen_continues_and_binds_ledger_id() -> None:
     storage = MemoryStorage()
     await storage.open("alpha")
-    await storage.append(_batch("alpha", 0, 2))
+    await storage.append(StorageBatch(entries=_batch("alpha", 0, 2)))
     with pytest.raises(StorageError, match="already open by another engine"):
         await storage.open("alpha")
     await storage.close()
@@ -52,10 +52,10 @@ async def test_reopen_continues_and_binds_ledger_id() -> None:
 async def test_append_must_be_contiguous_and_open() -> None:
     storage = MemoryStorage()
     with pytest.raises(StorageError, match="not open"):
-        await storage.append(_batch("alpha", 0, 1))
+        await storage.append(StorageBatch(entries=_batch("alpha", 0, 1)))
     await storage.open("alpha")
     with pytest.raises(StorageError, match="entry seq 1, expected 0"):
-        await storage.append(_batch("alpha", 1, 1))
+        await storage.append(StorageBatch(entries=_batch("alpha", 1, 1)))
     assert (await storage.head())[0] == 0
 
 
@@ -71,7 +71,7 @@ async def test_bad_read_ranges() -> None:
 async def test_undecodable_entry_raises_integrity_error_on_read() -> None:
     storage = MemoryStorage()
     await storage.open("alpha")
-    await storage.append(_batch("alpha", 0, 3))
+    await storage.append(StorageBatch(entries=_batch("alpha", 0, 3)))
     storage._tamper(1, canonical=b"\xff garbage")
     with pytest.raises(IntegrityError, match="entry 1") as info:
         [e async for e in storage.read(0)]
