@@ -296,7 +296,9 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--stream-records", type=int, default=20000)
-    parser.add_argument("--group", type=int, default=256, help="records per append_each")
+    parser.add_argument(
+        "--group", type=int, default=1024, help="records per append_each (as the stream route)"
+    )
     parser.add_argument("--only", choices=["post", "stream"])
     args = parser.parse_args()
     if args.only != "stream" and shutil.which("wrk") is None:

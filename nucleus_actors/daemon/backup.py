@@ -179,7 +179,7 @@ async def restore(export: IO[bytes], dest: Path, *, ledger_id: str | None = None
         BackupError: not an export, a ledger id mismatch, a slice, or `dest` exists.
         IntegrityError: an entry does not chain (naming its seq) or does not decode.
     """
-    from ..storage import SQLiteStorage, verify_file
+    from ..storage import SQLiteStorage, StorageBatch, verify_file
 
     _check_paths(None, dest, "restore writes a new file")
     lines = iter(export)
@@ -208,10 +208,10 @@ async def restore(export: IO[bytes], dest: Path, *, ledger_id: str | None = None
                 verifier.feed(entry)
                 chunk.append(entry)
                 if len(chunk) >= CHUNK:
-                    await storage.append(chunk)
+                    await storage.append(StorageBatch(entries=chunk))
                     chunk = []
             if chunk:
-                await storage.append(chunk)
+                await storage.append(StorageBatch(entries=chunk))
         finally:
             await storage.close()
         length, head = await verify_file(partial)
