@@ -14,6 +14,7 @@ are separate members (`client`, `method`, `path`, `status`, `bytes`, `duration_m
 
 from __future__ import annotations
 
+import itertools
 import logging
 import re
 import secrets
@@ -36,15 +37,20 @@ _VALID_ID: Final = re.compile(rb"[\x21-\x7e]{1,128}")
 _HEADER: Final = b"x-request-id"
 
 
+_PREFIX: Final = secrets.token_hex(8)
+_counter = itertools.count(1)
+
+
 def request_id_from(headers: list[tuple[bytes, bytes]]) -> str:
     """The request's own `X-Request-Id` if valid (1..128 printable ASCII, no spaces), else a
-    new random id."""
+    new id: 32 hex digits, a random per-process prefix and a counter (unique, cheap to make;
+    not a secret)."""
     for name, value in headers:
         if name == _HEADER:
             if _VALID_ID.fullmatch(value):
                 return value.decode("ascii")
             break
-    return secrets.token_hex(16)
+    return f"{_PREFIX}{next(_counter):016x}"
 
 
 class AccessLog:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import hmac
+import inspect
 import logging
 from collections.abc import AsyncIterator
 from typing import Annotated, Any, Final
@@ -321,6 +322,16 @@ def _too_large(limit: int, size: int | None = None) -> Problem:
 
 
 # -- the app ---------------------------------------------------------------------------------
+# FastAPI's OpenTelemetry bridge (newer FastAPI) asks the OpenTelemetry API on every request
+# whether a provider is configured (environment lookups included): ~15 us per request. The
+# daemon has its own /metrics; turn the bridge off where FastAPI has it.
+_NO_TELEMETRY: Final[dict[str, Any]] = (
+    {"telemetry": {"tracing": False, "metrics": False, "logs": False}}
+    if "telemetry" in inspect.signature(FastAPI.__init__).parameters
+    else {}
+)
+
+
 def create_app(state: DaemonState) -> FastAPI:
     """The FastAPI application serving `state`'s ledgers (one per daemon).
 
@@ -335,6 +346,7 @@ def create_app(state: DaemonState) -> FastAPI:
         openapi_url="/openapi.json",
         docs_url=None,  # install_docs: Swagger UI served locally (works offline)
         redoc_url=None,
+        **_NO_TELEMETRY,
     )
     install_docs(app, title=app.title)
     app.add_middleware(FastAppend, state=state)  # innermost: after every guard
