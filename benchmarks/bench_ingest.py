@@ -292,6 +292,80 @@ async def stream_client(url: str, ledger: str, lines: list[bytes]) -> dict[str, 
     return {"rate": len(lines) / elapsed, "records": receipts, "summary": summary}
 
 
+# -- the application layer alone (no server, no sockets) -------------------------------------
+async def app_cpu(which: str, requests: int) -> float:
+    """CPU microseconds per request of an ASGI application called directly by 64 tasks: the
+    bare app, or the daemon's whole stack (access layer, FastAPI, guards, fast path, engine with
+    the template's two modules, memory storage). Robust to other load on the machine."""
+    from nucleus_actors import LedgerConfig, ModuleSpec, open_ledger
+    from nucleus_actors.daemon import DaemonState, LedgerHost, create_app, parse_config
+    from nucleus_actors.daemon.access import AccessLog
+    from nucleus_actors.daemon.modules import KindCounter, RequireFields
+
+    namespace: dict[str, Any] = {}
+    exec(BARE_APP.split("async def main")[0], namespace)
+    body = json.dumps(RECORD).encode()
+    scope = {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+        "scheme": "http", "path": "/v1/ledgers/main/records", "query_string": b"",
+        "raw_path": b"/v1/ledgers/main/records", "root_path": "", "client": ("127.0.0.1", 1),
+        "server": ("127.0.0.1", 8470),
+        "headers": [(b"host", b"127.0.0.1:8470"), (b"content-type", b"application/json"),
+                    (b"content-length", b"%d" % len(body))],
+    }  # fmt: skip
+    statuses: list[int] = []
+
+    async def one(app: Any) -> None:
+        given = False
+
+        async def receive() -> dict[str, Any]:
+            nonlocal given
+            if not given:
+                given = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            await trio.sleep_forever()
+            raise AssertionError  # pragma: no cover
+
+        async def send(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                statuses.append(message["status"])
+
+        await app(dict(scope), receive, send)
+
+    async def drive(app: Any, count: int) -> None:
+        async def worker() -> None:
+            for _ in range(count // 64):
+                await one(app)
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(64):
+                nursery.start_soon(worker)
+
+    settings = parse_config(
+        {"ledgers": [{"id": "main", "storage": ":memory:"}]}, base_dir=Path(".")
+    ).ledgers[0]
+    modules = [
+        ModuleSpec(RequireFields(), config={"kinds": ["order."], "fields": ["customer"]}),
+        KindCounter(),
+    ]
+    async with open_ledger(LedgerConfig(ledger_id="main"), modules=modules) as engine:
+        host = LedgerHost(settings, engine, None)
+        host.serving = True
+        state = DaemonState({"main": host}, token=None, max_body_bytes=1 << 22)
+        app = {
+            "bare": namespace["app"],
+            "daemon": AccessLog(create_app(state), enabled=False),
+            "daemon, access log": AccessLog(create_app(state), enabled=True),
+        }[which]
+        await drive(app, 640)
+        start = time.process_time()
+        await drive(app, requests)
+        spent = time.process_time() - start
+    if set(statuses) != {201}:
+        raise RuntimeError(f"statuses {set(statuses)}")
+    return spent / requests * 1e6
+
+
 # -- main ------------------------------------------------------------------------------------
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -302,7 +376,7 @@ def main() -> None:
     parser.add_argument(
         "--group", type=int, default=1024, help="records per append_each (as the stream route)"
     )
-    parser.add_argument("--only", choices=["post", "stream"])
+    parser.add_argument("--only", choices=["post", "stream", "app"])
     parser.add_argument(
         "--access-log",
         action="store_true",
@@ -310,6 +384,15 @@ def main() -> None:
         "configuration; the bare app logs nothing)",
     )
     args = parser.parse_args()
+    if args.only == "app":
+        import logging
+
+        logging.basicConfig(level=logging.INFO, stream=open(os.devnull, "w"))  # noqa: SIM115
+        for _ in range(args.rounds):
+            for which in ("bare", "daemon", "daemon, access log"):
+                cost = trio.run(app_cpu, which, 12800)
+                print(f"application layer alone, {which}: {cost:.0f} us CPU per request")
+        return
     if args.only != "stream" and shutil.which("wrk") is None:
         sys.exit("wrk is not installed (apt-get install wrk)")
 
