@@ -36,6 +36,7 @@ from starlette.types import Receive, Scope, Send
 
 from ..errors import NucleusError
 from ..record import Receipt, Record
+from . import fastpath
 from .fastpath import parse_record
 from .host import DaemonState, LedgerHost
 from .problems import Problem, problem_from_error
@@ -81,9 +82,13 @@ def _line_problem(problem: Problem, line: int, instance: str) -> bytes:
 def _explain(raw: bytes, ledger: str) -> Problem:
     """The problem for a line `parse_record` refused: what the single-append route says."""
     try:
-        value = json.loads(raw)
+        value = fastpath.loads(raw)
     except (ValueError, RecursionError) as exc:
-        return Problem("malformed-json", f"the line is not valid JSON: {exc}")
+        try:
+            json.loads(raw)
+        except (ValueError, RecursionError):
+            return Problem("malformed-json", f"the line is not valid JSON: {exc}")
+        return Problem("invalid-request", str(exc))  # JSON, but not I-JSON (duplicate names)
     from .app import RecordIn  # the route's own model: the same rules, the same messages
 
     try:

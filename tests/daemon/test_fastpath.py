@@ -13,6 +13,7 @@ from nucleus_actors import LedgerConfig, ModuleSpec, Record, open_ledger
 from nucleus_actors.daemon import DaemonState, LedgerHost, create_app, fastpath, parse_config
 from nucleus_actors.daemon.modules import RequireFields
 
+DUPLICATE = b'{"kind": "x", "kind": "y", "payload": 1}'
 BODIES: list[Any] = [
     b'{"kind": "order.created", "payload": {"customer": "c", "n": 1}}',
     b'{"kind": "order.created", "payload": {"customer": "c"}, "meta": {"a": "b"}}',
@@ -32,6 +33,7 @@ BODIES: list[Any] = [
     b'{"kind": "x", "payload": 1} trailing',
     b"\xff\xfe",
     b"[" * 5000 + b"]" * 5000,  # nesting deeper than the parser allows
+    DUPLICATE,  # the route's parser decides (I-JSON refuses it where _jcs.loads exists)
 ]
 
 
@@ -85,7 +87,8 @@ async def test_the_fast_path_answers_as_the_route_does(monkeypatch: pytest.Monke
     for body, a, b in zip(BODIES, fast, slow, strict=True):
         assert a == b, body[:80]
     # the valid records (and the vetoed one) went the fast way; nothing else did
-    assert hits == BODIES[:4]
+    assert hits[:4] == BODIES[:4]
+    assert set(hits[4:]) <= {DUPLICATE}
     assert [status for status, _, _ in fast[:4]] == [201, 201, 201, 409]
 
 
