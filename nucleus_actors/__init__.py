@@ -17,6 +17,14 @@ __version__ = "0.1.0"
 # public name -> the private module that defines it
 _SOURCES: dict[str, str] = {
     "LedgerConfig": ".config",
+    "CallbackCall": "._instrument",
+    "CallbackOutcome": "._instrument",
+    "CallbackResult": "._instrument",
+    "Injection": "._instrument",
+    "Instrument": "._instrument",
+    "attach_instrument": "._instrument",
+    "detach_instrument": "._instrument",
+    "attached_instruments": "._instrument",
     "LedgerEngine": ".engine",
     "open_ledger": ".engine",
     "CommitUnknown": ".errors",
@@ -35,6 +43,7 @@ _SOURCES: dict[str, str] = {
     "LedgerState": ".lifecycle",
     "ModuleState": ".lifecycle",
     "Phase": ".lifecycle",
+    "StopResult": ".lifecycle",
     "LedgerReader": ".module",
     "Module": ".module",
     "ModuleContext": ".module",
@@ -55,6 +64,16 @@ _SOURCES: dict[str, str] = {
 }
 
 if _typing.TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
+    from ._instrument import (
+        CallbackCall,
+        CallbackOutcome,
+        CallbackResult,
+        Injection,
+        Instrument,
+        attach_instrument,
+        attached_instruments,
+        detach_instrument,
+    )
     from .config import LedgerConfig
     from .engine import LedgerEngine, open_ledger
     from .errors import (
@@ -72,7 +91,7 @@ if _typing.TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
         RegistryError,
         StorageError,
     )
-    from .lifecycle import LedgerState, ModuleState, Phase
+    from .lifecycle import LedgerState, ModuleState, Phase, StopResult
     from .module import LedgerReader, Module, ModuleContext, ModuleSpec, Overflow
     from .record import Entry, Hash, Receipt, Record
     from .registry import ModuleCounts, ModuleHandle, ModuleRegistry, ModuleStatus, Statistics
@@ -95,11 +114,21 @@ __all__ = [
     "ModuleStatus",
     "ModuleCounts",
     "ModuleState",
+    "StopResult",
     "Statistics",
     "Restart",
     "Strategy",
     "Backoff",
     "Overflow",
+    # instrumentation
+    "Instrument",
+    "CallbackCall",
+    "CallbackResult",
+    "CallbackOutcome",
+    "Injection",
+    "attach_instrument",
+    "detach_instrument",
+    "attached_instruments",
     # values
     "Record",
     "Entry",

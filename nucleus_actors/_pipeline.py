@@ -23,6 +23,7 @@ import trio
 
 from ._future import Future
 from .errors import (
+    CommitUnknown,
     IntegrityError,
     InvalidRecord,
     LifecycleError,
@@ -31,7 +32,7 @@ from .errors import (
     RecordRejected,
     StorageError,
 )
-from .hashing import ChainVerifier, chain_step
+from .hashing import ChainVerifier, chain_step, genesis
 from .lifecycle import Phase
 from .module._mailbox import Before
 from .record import Entry, Hash, Receipt, Record
@@ -41,7 +42,7 @@ if TYPE_CHECKING:
     from .engine import LedgerEngine
     from .module._actor import Child
 
-__all__ = ["Pipeline", "Request"]
+__all__ = ["Chain", "Pipeline", "Request"]
 
 log = logging.getLogger("nucleus_actors.pipeline")
 
@@ -95,11 +96,42 @@ def _copy_module_error(err: ModuleError) -> ModuleError:
     return copy
 
 
+class Chain:
+    """The committed chain as the pipeline knows it: length, head hash, last timestamp.
+
+    Owned by the pipeline (its only writer: after a commit, or after adopting a batch of
+    unknown outcome); the engine reads it. `wait_length` waiters park on `lot`.
+    """
+
+    __slots__ = ("head", "last_ts", "length", "lot")
+
+    def __init__(self, head: Hash) -> None:
+        self.length = 0
+        """Committed entries (the next seq)."""
+        self.head = head
+        """Chain hash after the last entry (the genesis hash when empty)."""
+        self.last_ts = 0
+        """Timestamp of the last entry (timestamps never go back)."""
+        self.lot = trio.lowlevel.ParkingLot()
+
+    def wake(self) -> None:
+        """Wake `wait_length` waiters (after a commit, and when the ledger stops)."""
+        if self.lot:
+            self.lot.unpark_all()
+
+    def advance(self, length: int, head: Hash, last_ts: int) -> None:
+        self.length, self.head, self.last_ts = length, head, last_ts
+        self.wake()
+
+
 class Pipeline:
     """The sequencer task and its queue."""
 
     def __init__(self, engine: LedgerEngine) -> None:
         self._engine = engine
+        self.chain = Chain(genesis(engine.config.ledger_id))
+        self.appends = 0  # committed records (adopted ones included)
+        self.rejects = 0  # records vetoed by a before_append
         self._queue: deque[Request] = deque()
         self._queued_records = 0
         self._wakeup = Future()  # resolved by submit() while the sequencer waits for work
@@ -199,9 +231,8 @@ class Pipeline:
 
     async def _process(self, batch: list[Request]) -> None:
         engine = self._engine
-        registry = engine.modules
         live = [r for r in batch if r.live]
-        for child in registry.before_children():
+        for child in engine._supervisor.before_children():
             live = [r for r in live if r.live]
             if not live:
                 break
@@ -224,7 +255,6 @@ class Pipeline:
 
     async def _before(self, child: Child, requests: list[Request]) -> None:
         """Run one module's before_append over the batch, resending after a restart."""
-        counters = self._engine.modules.counters
         pending = [(r, i) for r in requests for i in range(len(r.records))]
         refilter = False  # the requests given are live; filter again only after a failure
         while True:
@@ -257,7 +287,7 @@ class Pipeline:
                     continue
                 refilter = True
                 if isinstance(result, RecordRejected):
-                    counters.rejects += 1
+                    self.rejects += 1
                     if len(request.records) > 1:
                         result.index = index
                     request.fail(result)
@@ -280,8 +310,8 @@ class Pipeline:
                 f"LedgerConfig.wall_clock returned {now!r}; it must return an int of UTC "
                 "microseconds since the epoch"
             )
-        if now < engine._last_ts:
-            now = engine._last_ts  # the wall clock stepped back: keep timestamps monotonic
+        if now < self.chain.last_ts:
+            now = self.chain.last_ts  # the wall clock stepped back: keep timestamps monotonic
         return now
 
     async def _commit(self, live: list[Request]) -> None:
@@ -304,8 +334,8 @@ class Pipeline:
                 failure.__cause__ = exc.__cause__
                 request.fail(failure)
             return
-        seq = engine._length
-        head = engine._head
+        seq = self.chain.length
+        head = self.chain.head
         entries: list[Entry] = []
         committing: list[tuple[Request, int]] = []
         for request in live:
@@ -343,17 +373,20 @@ class Pipeline:
                 self._scope.cancel()
         if error is not None:
             cause, known = error
-            what = "nothing stored" if known else "storage could not tell whether it was stored"
             for request, _ in committing:
-                failure = StorageError(f"append failed, {what}: {cause}")
+                # Unknown: the batch may have landed (it is adopted and delivered if so).
+                failure = (
+                    StorageError(f"append failed, nothing stored: {cause}")
+                    if known
+                    else CommitUnknown(
+                        f"append failed, storage could not tell whether it was stored: {cause}"
+                    )
+                )
                 failure.__cause__ = cause
                 request.fail(failure)
             return
-        engine._length = seq
-        engine._head = head
-        engine._last_ts = ts
-        engine._grew()
-        engine.modules.counters.appends += len(entries)
+        self.chain.advance(seq, head, ts)
+        self.appends += len(entries)
         for request, start in committing:
             request.receipts = [
                 Receipt(e.seq, e.hash, ts) for e in entries[start : start + len(request.records)]
@@ -366,7 +399,7 @@ class Pipeline:
         # Every module first gets what fits in its inbox, so a stalled module never holds back
         # the others' deliveries; only then wait (BLOCK) for the ones that are full.
         blocked = []
-        for child in engine.modules.after_children():
+        for child in engine._supervisor.after_children():
             done = child.mailbox.deliver_nowait(items, child.spec.overflow)
             if done < len(items):
                 blocked.append((child, items[done:]))
@@ -423,11 +456,12 @@ class Pipeline:
             IntegrityError: what storage holds beyond our head does not continue the chain.
         """
         engine = self._engine
+        chain = self.chain
         length, head = await engine.storage.head()
-        if length != engine._length:
-            verifier = ChainVerifier(engine._head, engine._length)
+        if length != chain.length:
+            verifier = ChainVerifier(chain.head, chain.length)
             adopted: list[Entry] = []
-            entries = engine.storage.read(engine._length, length)
+            entries = engine.storage.read(chain.length, length)
             async for entry in entries:
                 verifier.feed(entry)
                 adopted.append(entry)
@@ -436,10 +470,8 @@ class Pipeline:
                     f"storage head ({length}, {head.hex()}) does not follow the chain",
                     seq=verifier.length,
                 )
-            engine._length, engine._head = length, head
-            if adopted:
-                engine._last_ts = max(engine._last_ts, adopted[-1].timestamp)
-                engine.modules.counters.appends += len(adopted)
-            engine._grew()
+            last_ts = max(chain.last_ts, adopted[-1].timestamp) if adopted else chain.last_ts
+            self.appends += len(adopted)
+            chain.advance(length, head, last_ts)
             await self._deliver([(e.record, e.hash) for e in adopted])
         self._resync = False

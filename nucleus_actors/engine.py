@@ -20,10 +20,12 @@ from types import TracebackType
 from typing import Any, NoReturn, TypeVar, overload
 
 import trio
-from trio_util import AsyncValue
 
 from ._groups import leaves
+from ._instrument import Instrument
 from ._pipeline import Pipeline, Request
+from ._supervisor import Supervisor
+from ._transitions import PhaseEvent
 from .config import LedgerConfig
 from .errors import IntegrityError, InvalidRecord, LedgerFailed, LifecycleError, NucleusError
 from .hashing import ChainVerifier, genesis
@@ -32,7 +34,7 @@ from .module._base import Module
 from .module._context import LedgerReader
 from .module._spec import ModuleSpec
 from .record import Entry, Hash, Receipt, Record
-from .registry import ModuleHandle, ModuleRegistry, Statistics
+from .registry import ModuleHandle, ModuleRegistry, Statistics, _handle
 from .storage import MemoryStorage, StorageBackend, check_contract, require_capability
 
 __all__ = ["LedgerEngine", "open_ledger"]
@@ -106,6 +108,21 @@ def _unwrap(group: BaseExceptionGroup[BaseException]) -> NoReturn:
     raise chosen from chosen.__cause__
 
 
+def _wrong_loop() -> Exception:
+    """The error for a ledger opened outside trio (asyncio's "Task got bad yield" otherwise)."""
+    from .errors import EventLoopError  # imported here: keeps this addition self-contained
+
+    try:
+        import sniffio
+
+        where = f" (called from {sniffio.current_async_library()})"
+    except Exception:  # sniffio missing or no known library: say nothing more
+        where = ""
+    return EventLoopError(
+        f"nucleus_actors runs on trio; from asyncio use nucleus_actors.aio.open_ledger{where}"
+    )
+
+
 class LedgerEngine:
     """One ledger: append-only chained storage, modules run as supervised actors.
 
@@ -118,9 +135,9 @@ class LedgerEngine:
             raise TypeError(f"LedgerEngine needs a LedgerConfig, got {type(config).__name__}")
         self.config = config
         self.storage: StorageBackend = MemoryStorage() if storage is None else storage
-        self._phase = AsyncValue(Phase.CREATED)
-        self.ledger_reader: LedgerReader = _ReadOnlyLedger(self)
-        self._registry = ModuleRegistry(self)
+        self._ledger_reader: LedgerReader = _ReadOnlyLedger(self)
+        self._supervisor = Supervisor(self)
+        self._registry = self._supervisor.registry_view
         self._pipeline = Pipeline(self)
         self._nursery: trio.Nursery | None = None
         self._stack: AsyncExitStack | None = None
@@ -129,31 +146,26 @@ class LedgerEngine:
         self._transition: str | None = None
         self._transition_done = trio.Event()
         self._failure: LedgerFailed | None = None
-        self._length = 0
-        self._head = genesis(config.ledger_id)
-        self._last_ts = 0
-        self._length_lot = trio.lowlevel.ParkingLot()
+        self._chain = self._pipeline.chain  # length, head, last timestamp: the pipeline's
 
     def __repr__(self) -> str:
-        return f"<LedgerEngine {self.config.ledger_id!r} {self.phase.name} length={self._length}>"
+        length = self._chain.length
+        return f"<LedgerEngine {self.config.ledger_id!r} {self.phase.name} length={length}>"
 
     # -- state -----------------------------------------------------------------------------
     @property
     def phase(self) -> Phase:
         """Current lifecycle phase."""
-        value: Phase = self._phase.value
-        return value
+        return self._supervisor.phase
 
-    def set_phase(self, phase: Phase) -> None:
-        if self.phase is not Phase.FAILED or phase is Phase.FAILED:
-            self._phase.value = phase
-            if phase in (Phase.STOPPED, Phase.FAILED):
-                self._grew()  # waiters learn that it will not grow
+    def _phase_changed(self, phase: Phase) -> None:
+        if phase in (Phase.STOPPED, Phase.FAILED):
+            self._grew()  # waiters learn that it will not grow
 
     @property
     def state(self) -> LedgerState:
         """Snapshot: phase, length, head hash."""
-        return LedgerState(self.phase, self._length, self._head)
+        return LedgerState(self.phase, self._chain.length, self._chain.head)
 
     @property
     def modules(self) -> ModuleRegistry:
@@ -162,7 +174,13 @@ class LedgerEngine:
 
     def statistics(self) -> Statistics:
         """Counters: committed appends, rejects, crashes, restarts."""
-        return self._registry.statistics()
+        supervisor, pipeline = self._supervisor, self._pipeline
+        return Statistics(
+            appends=pipeline.appends,
+            rejects=pipeline.rejects,
+            crashes=supervisor.crashes,
+            restarts=supervisor.restarts,
+        )
 
     async def wait_phase(self, phase: Phase, *more: Phase) -> Phase:
         """Wait until the ledger is in one of the given phases; return it.
@@ -173,7 +191,7 @@ class LedgerEngine:
         if self.phase in wanted:
             await trio.lowlevel.checkpoint()
             return self.phase
-        value: Phase = await self._phase.wait_value(lambda p: p in wanted)
+        value: Phase = await self._supervisor.phases.value.wait_value(lambda p: p in wanted)
         return value
 
     async def wait_length(self, length: int) -> int:
@@ -190,20 +208,20 @@ class LedgerEngine:
         if type(length) is not int or length < 0:
             raise ValueError(f"wait_length needs an int >= 0, got {length!r}")
         await trio.lowlevel.checkpoint()
-        while self._length < length:
+        while self._chain.length < length:
             if not self._open or self.phase in (Phase.STOPPED, Phase.FAILED):
                 raise LifecycleError(
                     f"ledger {self.config.ledger_id!r} will not grow: it is {self.phase.name} "
-                    f"with {self._length} entries (waited for {length})",
+                    f"with {self._chain.length} entries (waited for {length})",
                     phase=self.phase,
                 )
-            await self._length_lot.park()
-        return self._length
+            await self._chain.lot.park()
+        return self._chain.length
 
     def _grew(self) -> None:
-        """Wake `wait_length` waiters (after a commit, and when the ledger stops)."""
-        if self._length_lot:
-            self._length_lot.unpark_all()
+        """Wake `wait_length` waiters (when the ledger stops; the pipeline wakes them on a
+        commit)."""
+        self._chain.wake()
 
     def require_storage(self, capability: Callable[..., C], feature: str) -> C:
         """The ledger's storage as `capability` (`CursorStore`, `TreeStore`,
@@ -219,12 +237,12 @@ class LedgerEngine:
         return require_capability(self.storage, capability, feature)
 
     @property
-    def nursery(self) -> trio.Nursery:
+    def _module_nursery(self) -> trio.Nursery:
         if self._nursery is None:
             raise self._not_open("run modules")
         return self._nursery
 
-    def escalated(self, failure: LedgerFailed) -> None:
+    def _escalated(self, failure: LedgerFailed) -> None:
         """Called by the supervisor once every module is stopped: end the block."""
         self._failure = failure
         if self._nursery is not None:
@@ -253,10 +271,13 @@ class LedgerEngine:
         """Open storage and the ledger's nursery.
 
         Raises:
+            EventLoopError: not called from a trio task (e.g. under asyncio).
             LifecycleError: the engine was already opened once.
             StorageError: the storage cannot be opened (lock held, other ledger, ...), or it
                 implements another storage contract than v2 (`check_contract`).
         """
+        if not trio.lowlevel.in_trio_task():
+            raise _wrong_loop()
         if self._used:
             raise LifecycleError(
                 f"ledger {self.config.ledger_id!r} engine was already opened; an engine is "
@@ -291,17 +312,18 @@ class LedgerEngine:
         check_contract(storage)  # a v1 backend is refused before it is opened
         await storage.open(self.config.ledger_id)
         try:
-            self._length, self._head = await storage.head()
-            if self._length:
-                last = await _first(storage.read(self._length - 1, self._length))
+            chain = self._chain
+            chain.length, chain.head = await storage.head()
+            if chain.length:
+                last = await _first(storage.read(chain.length - 1, chain.length))
                 if last is not None:
-                    self._last_ts = last.timestamp
+                    chain.last_ts = last.timestamp
             failure: BaseException | None = None
             try:
                 async with trio.open_nursery() as nursery:
                     self._nursery = nursery
                     await nursery.start(self._pipeline.run)
-                    await nursery.start(self._registry.supervise)
+                    await nursery.start(self._supervisor.supervise)
                     self._open = True
                     try:
                         yield
@@ -313,8 +335,8 @@ class LedgerEngine:
                     finally:
                         # Internal tasks are shielded from outer cancellation: end them here.
                         self._pipeline.cancel()
-                        self._registry.cancel_supervisor()
-                        self._registry.kill_all()
+                        self._supervisor.cancel_supervisor()
+                        self._supervisor.kill_all()
                         nursery.cancel_scope.cancel()
             except BaseExceptionGroup as group:
                 try:
@@ -333,8 +355,8 @@ class LedgerEngine:
             self._open = False
             self._nursery = None
             if self.phase is Phase.CREATED:
-                self.set_phase(Phase.STOPPED)  # closed without ever starting
-            self._registry.close()
+                self._supervisor.fire(PhaseEvent.CLOSED)  # closed without ever starting
+            self._supervisor.close()
             self._grew()
             with trio.CancelScope(shield=True):
                 await storage.close()
@@ -347,7 +369,7 @@ class LedgerEngine:
             elif self.phase is Phase.STOPPING:
                 with trio.move_on_after(self.config.exit_timeout):
                     await self.wait_phase(Phase.STOPPED, Phase.FAILED)
-            self._registry.kill_all()
+            self._supervisor.kill_all()
 
     # -- lifecycle -------------------------------------------------------------------------
     @overload
@@ -374,9 +396,9 @@ class LedgerEngine:
                 "(register needs CREATED; use `await engine.add(...)` while RUNNING)",
                 phase=self.phase,
             )
-        child = self._registry.make_child(module, options)
-        self._registry.add_child(child)
-        return ModuleHandle(child)
+        child = self._supervisor.make_child(module, options)
+        self._supervisor.add_child(child)
+        return _handle(child)
 
     def _begin(self, what: str, *allowed: Phase) -> None:
         if not self._open:
@@ -407,8 +429,7 @@ class LedgerEngine:
         """
         self._begin("init_all", Phase.CREATED)
         try:
-            await self._registry.init_all()
-            self.set_phase(Phase.INITIALIZED)
+            await self._supervisor.init_all()
         finally:
             self._end_transition()
 
@@ -424,8 +445,7 @@ class LedgerEngine:
         """
         self._begin("start_all", Phase.INITIALIZED)
         try:
-            await self._registry.start_all()
-            self.set_phase(Phase.RUNNING)
+            await self._supervisor.start_all()
         finally:
             self._end_transition()
 
@@ -450,7 +470,7 @@ class LedgerEngine:
             return
         if self.phase is Phase.CREATED:
             await trio.lowlevel.checkpoint()
-            self.set_phase(Phase.STOPPED)
+            self._supervisor.fire(PhaseEvent.CLOSED)
             return
         if self.phase is Phase.STOPPING:
             await self.wait_phase(Phase.STOPPED, Phase.FAILED)
@@ -458,18 +478,19 @@ class LedgerEngine:
         await self._stop(cap=None)
 
     async def _stop(self, *, cap: float | None) -> None:
-        self.set_phase(Phase.STOPPING)
+        supervisor = self._supervisor
+        supervisor.fire(PhaseEvent.STOP)
         try:
-            await self._registry.stop_supervising(cap=self._registry.longest_shutdown(cap))
-            self._registry.abandon_restarts()
+            await supervisor.stop_supervising(cap=supervisor.longest_shutdown(cap))
+            supervisor.abandon_restarts()
             await self._drain(cap)
             await self._pipeline.settle_unknown()
-            await self._registry.stop_all(cap=cap)
+            await supervisor.stop_all(cap=cap)
         except BaseException:
-            await self._registry.abort()  # cancelled: the modules not stopped yet are killed
+            await supervisor.abort()  # cancelled: the modules not stopped yet are killed
             raise
         finally:
-            self.set_phase(Phase.STOPPED)
+            supervisor.fire(PhaseEvent.STOPPED)
 
     async def _drain(self, cap: float | None) -> None:
         """Let in-flight appends finish while every module still runs.
@@ -480,7 +501,7 @@ class LedgerEngine:
         deadlines) unblocks it, and what cannot complete fails with nothing stored.
         """
         pipeline = self._pipeline
-        bound = self._registry.longest_shutdown(cap)
+        bound = self._supervisor.longest_shutdown(cap)
         if bound is None:
             await pipeline.wait_idle()
             return
@@ -491,6 +512,31 @@ class LedgerEngine:
                 return
             if pipeline.batches_done == progress and not pipeline.storing:
                 return
+
+    # -- instrumentation -------------------------------------------------------------------
+    def add_instrument(self, instrument: Instrument) -> None:
+        """Observe every callback of every module of this ledger (see `Instrument`).
+
+        Takes effect from each module's next callback; adding it twice is a no-op.
+
+        Raises:
+            TypeError: not an `Instrument`.
+        """
+        if not isinstance(instrument, Instrument):
+            raise TypeError(f"add_instrument takes an Instrument, got {type(instrument).__name__}")
+        if instrument not in self._supervisor.instruments:
+            self._supervisor.instruments.append(instrument)
+
+    def remove_instrument(self, instrument: Instrument) -> None:
+        """Stop observing with `instrument` (from each module's next callback).
+
+        Raises:
+            KeyError: it was not added.
+        """
+        try:
+            self._supervisor.instruments.remove(instrument)
+        except ValueError:
+            raise KeyError(f"instrument {instrument!r} was not added to this ledger") from None
 
     # -- dynamic control -------------------------------------------------------------------
     @overload
@@ -510,9 +556,9 @@ class LedgerEngine:
             LifecycleError: the ledger is not RUNNING.
         """
         self._require("add a module", Phase.RUNNING)
-        child = self._registry.make_child(module, options)
-        await self._registry.add(child)
-        return ModuleHandle(child)
+        child = self._supervisor.make_child(module, options)
+        await self._supervisor.add(child)
+        return _handle(child)
 
     async def terminate(self, module_id: str) -> None:
         """Stop a module (drain, `stop`, within `shutdown`), keeping its spec.
@@ -524,7 +570,7 @@ class LedgerEngine:
         Raises:
             RegistryError: not found. LifecycleError: the ledger is not RUNNING.
         """
-        await self._registry.terminate(module_id)
+        await self._supervisor.terminate(module_id)
 
     async def restart(self, module_id: str) -> None:
         """Start a STOPPED or FAILED module again (a fresh instance if it has a factory).
@@ -533,7 +579,7 @@ class LedgerEngine:
             RegistryError: not found, or it is running. ModuleError: init/start failed.
             LifecycleError: the ledger is not RUNNING.
         """
-        await self._registry.restart(module_id)
+        await self._supervisor.restart(module_id)
 
     async def remove(self, module_id: str) -> None:
         """Forget a STOPPED or FAILED module (appends no longer wait for it).
@@ -541,7 +587,7 @@ class LedgerEngine:
         Raises:
             RegistryError: not found, or still running. LifecycleError: not RUNNING.
         """
-        await self._registry.remove(module_id)
+        await self._supervisor.remove(module_id)
 
     # -- appends ---------------------------------------------------------------------------
     def _check_records(self, records: Iterable[object], where: str) -> list[Record]:
@@ -549,7 +595,7 @@ class LedgerEngine:
         limit = self.config.max_record_bytes
         # The committed bytes are the record's body plus `,"seq":N,"ts":T}`: estimate that
         # suffix once with the current length and last timestamp.
-        suffix = len(b',"seq":%d,"ts":%d}' % (self._length, self._last_ts))
+        suffix = len(b',"seq":%d,"ts":%d}' % (self._chain.length, self._chain.last_ts))
         checked = []
         for record in records:
             if not isinstance(record, Record):
@@ -677,9 +723,10 @@ class LedgerEngine:
         """
         if not self._open:
             raise self._not_open("get")
-        if type(seq) is not int or not 0 <= seq < self._length:
+        length = self._chain.length
+        if type(seq) is not int or not 0 <= seq < length:
             raise IndexError(
-                f"seq {seq!r} is not in ledger {self.config.ledger_id!r} (length {self._length})"
+                f"seq {seq!r} is not in ledger {self.config.ledger_id!r} (length {length})"
             )
         entry = await _first(self.storage.read(seq, seq + 1))
         if entry is not None:
@@ -707,7 +754,7 @@ class LedgerEngine:
         """
         if not self._open:
             raise self._not_open("verify")
-        expected = self._length
+        expected = self._chain.length
         verifier = ChainVerifier(genesis(self.config.ledger_id))
         entries = self.storage.read(0, expected)
         try:
@@ -720,7 +767,7 @@ class LedgerEngine:
                 f"storage holds {verifier.length} entries, the ledger committed {expected}",
                 seq=verifier.length,
             )
-        if expected and verifier.length == self._length and verifier.head != self._head:
+        if expected and verifier.length == self._chain.length and verifier.head != self._chain.head:
             raise IntegrityError(
                 f"entry {expected - 1}: stored chain head differs from the committed head",
                 seq=expected - 1,
@@ -737,7 +784,8 @@ async def open_ledger(
 ) -> AsyncIterator[LedgerEngine]:
     """Open a ledger, register `modules`, `init_all`, `start_all`, and yield the engine.
 
-    Leaving the block stops it as `LedgerEngine.__aexit__` describes.
+    Leaving the block stops it as `LedgerEngine.__aexit__` describes. It needs trio: from
+    asyncio it raises `EventLoopError` (use `nucleus_actors.aio.open_ledger` there).
     """
     engine = LedgerEngine(config, storage)
     for module in modules:

@@ -7,7 +7,8 @@ ModuleState:  REGISTERED -> INITIALIZED -> RUNNING <-> RESTARTING
                                               \-> STOPPING -> STOPPED      (FAILED on a crash
                                                                             that is not restarted)
 ```
-docs/lifecycle.md draws both as state diagrams.
+The legal transitions are tables in `_transitions.py` (the only writer of both);
+docs/lifecycle.md draws them, and a test checks the drawing against the tables.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from enum import StrEnum
 
 from .record import Hash
 
-__all__ = ["LedgerState", "ModuleState", "Phase"]
+__all__ = ["LedgerState", "ModuleState", "Phase", "StopResult"]
 
 
 class Phase(StrEnum):
@@ -54,6 +55,21 @@ class ModuleState(StrEnum):
     """Stopped cleanly, or cancelled after overstaying `shutdown`, or exited normally."""
     FAILED = "failed"
     """Crashed and will not be restarted (TEMPORARY, startup failure, escalation, stop error)."""
+
+
+class StopResult(StrEnum):
+    """How a module last stopped (`ModuleStatus.stop_result`)."""
+
+    CLEAN = "clean"
+    """`stop` returned."""
+    ERROR = "error"
+    """`stop` raised (the module ends FAILED)."""
+    CANCELLED = "cancelled"
+    """Cancelled: it overstayed its `shutdown`, or `shutdown=0`."""
+    EXITED = "exited"
+    """It ended itself (`ctx.exit()`, or essential background work returned)."""
+    ABANDONED = "abandoned"
+    """The ledger stopped before its pending restart; its undelivered entries are lost to it."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,6 +16,15 @@ from nucleus_actors import Hash, Module, ModuleContext, Record
 pytest_plugins = ["pytester"]
 
 
+# Far beyond any deadline the tests use: reaching it means "hung forever" (MockClock autojumps).
+FOREVER = 1000.0
+
+
+async def settle() -> None:
+    """Let the supervisor finish what it is doing (the clock is mocked where time matters)."""
+    await trio.testing.wait_all_tasks_blocked()
+
+
 @pytest.fixture
 def mock_clock() -> trio.testing.MockClock:
     """Virtual time that jumps ahead whenever every task is blocked (no real sleeps)."""
@@ -78,3 +87,10 @@ class Gate(Recorder):
 def lifecycle(log: list[tuple[str, str, Any]]) -> list[tuple[str, str]]:
     """The init/start/stop events of a log, in order."""
     return [(m, e) for m, e, _ in log if e in ("init", "start", "stop")]
+
+
+# The supervisor's transition tables are strict under test: a lifecycle transition they do not
+# list raises (in production it is logged and applied).
+import nucleus_actors._transitions as _transitions  # noqa: E402
+
+_transitions.STRICT = True

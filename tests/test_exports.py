@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+from pathlib import Path
 
 import pytest
 
@@ -42,11 +43,12 @@ def test_all_names_exist_are_public_and_documented(module_name: str) -> None:
             assert inspect.getdoc(value), f"{module_name}.{name} has no docstring"
 
 
-def test_storage_contract_names() -> None:
+def test_storage_contract_names(tmp_path: Path) -> None:
     from nucleus_actors.storage import MemoryStorage, SQLiteStorage, StorageBackend
 
     assert isinstance(MemoryStorage(), StorageBackend)
-    assert issubclass(SQLiteStorage, object)
+    assert isinstance(SQLiteStorage(tmp_path / "ledger.db"), StorageBackend)
+    assert not isinstance(object(), StorageBackend)
 
 
 def test_error_hierarchy_matches_the_contract() -> None:
@@ -121,3 +123,49 @@ def test_docs_links_resolve() -> None:
             if not (docs / target).is_file():
                 broken.append(f"{page.name} -> {target}")
     assert broken == []
+
+
+def test_runtime_objects_have_no_public_constructor_and_the_view_no_mutators() -> None:
+    """`ModuleHandle` and `ModuleRegistry` are made by the engine only; `engine.modules` (and
+    `ctx.modules`, the same view) has no method that changes anything."""
+    from nucleus_actors import LedgerConfig, LedgerEngine, ModuleHandle, ModuleRegistry
+
+    for cls in (ModuleHandle, ModuleRegistry):
+        with pytest.raises(TypeError, match="has no public constructor"):
+            cls(None)  # type: ignore[call-arg]
+    view = LedgerEngine(LedgerConfig(ledger_id="x")).modules
+    public = {name for name in dir(view) if not name.startswith("_")}
+    assert public == {"get", "status", "counts"}
+
+
+# Public methods of the public classes: each is documented (a docstring) and listed in
+# docs/reference.md or the page the reference links for it; internal ones carry a `_` name.
+DOCUMENTED_METHODS = {
+    "LedgerEngine": {
+        "add", "add_instrument", "append", "append_many", "config", "get", "init_all",
+        "modules", "phase", "read", "register", "remove", "remove_instrument", "require_storage",
+        "restart",
+        "start_all", "state", "statistics", "stop_all", "storage", "terminate", "verify",
+        "wait_length", "wait_phase",
+    },
+    "ModuleHandle": {"ask", "id", "state", "status", "version", "wait_state"},
+    "ModuleRegistry": {"counts", "get", "status"},
+    "ModuleContext": {
+        "config", "exit", "incarnation", "ledger", "ledger_id", "log", "module_id",
+        "modules", "spawn",
+    },
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", sorted(DOCUMENTED_METHODS))
+def test_nothing_undocumented_is_public(name: str) -> None:
+    cls = getattr(nucleus_actors, name)
+    public = {n for n in dir(cls) if not n.startswith("_")}
+    public |= {n for n in getattr(cls, "__slots__", ()) if not n.startswith("_")}
+    if name == "LedgerEngine":
+        public |= {"config", "storage"}  # instance attributes
+    assert public == DOCUMENTED_METHODS[name]
+    for attr in public:
+        value = getattr(cls, attr, None)
+        if callable(value) and not isinstance(value, type):
+            assert inspect.getdoc(value), f"{name}.{attr} has no docstring"

@@ -2,17 +2,17 @@
 
 Ledger and module figures are read at scrape time from `engine.statistics()`,
 `engine.state` and `engine.modules.status()` (nothing is counted twice, nothing drifts). Hook
-latency is measured: the daemon wraps the `before_append` / `after_append` of every module
-it builds (only the hooks its class overrides, on the instance, so the runtime sees the same
-class) and observes each call into a histogram. docs/metrics.md lists every metric.
+latency is read from the runtime's instrumentation seam: an `Instrument` attached to every
+module the daemon builds observes the duration of each `before_append` / `after_append` call
+(the runtime only runs, hence only reports, the hooks a module's class overrides).
+docs/metrics.md lists every metric.
 """
 
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Final
 
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -20,14 +20,14 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
 from .. import __version__
+from .._instrument import CallbackCall, CallbackResult, Instrument, attach_instrument
 from ..lifecycle import ModuleState, Phase
 from ..module import Module
-from ..record import Hash, Record
 
 if TYPE_CHECKING:
     from .host import LedgerHost
 
-__all__ = ["HOOK_BUCKETS", "METRICS", "DaemonMetrics"]
+__all__ = ["HOOK_BUCKETS", "METRICS", "DaemonMetrics", "HookTimer"]
 
 log = logging.getLogger("nucleus_actors.daemon")
 
@@ -194,22 +194,13 @@ class DaemonMetrics:
     def instrument(self, ledger: str) -> Callable[[Module], None]:
         """A function that times the hooks of a module instance of `ledger`.
 
-        Only hooks the module's class overrides are wrapped, on the instance: `type(module)`
-        does not change, so the runtime includes exactly the same hooks. A module whose
-        instances take no attributes (`__slots__`) runs untimed.
+        It attaches a `HookTimer` to the instance (the instrumentation seam): nothing about the
+        module changes, and only the hooks the runtime runs are timed.
         """
+        timer = HookTimer(self.hook_seconds, ledger)
 
         def wrap(module: Module) -> None:
-            cls = type(module)
-            for hook in _HOOKS:
-                if getattr(cls, hook) is getattr(Module, hook):
-                    continue
-                observe = self.hook_seconds.labels(ledger, module.id, hook).observe
-                timed = _timed_before if hook == "before_append" else _timed_after
-                try:
-                    setattr(module, hook, timed(getattr(module, hook), observe))
-                except (AttributeError, TypeError):
-                    log.debug("module %r of ledger %r: %s is not timed", module.id, ledger, hook)
+            attach_instrument(module, timer)
 
         return wrap
 
@@ -220,32 +211,20 @@ class DaemonMetrics:
         return encoder(self.registry), content_type
 
 
-def _timed_before(
-    hook: Callable[[Record], Any], observe: Callable[[float], None]
-) -> Callable[[Record], Any]:
-    clock = time.perf_counter
+class HookTimer(Instrument):
+    """Observes each before_append / after_append call's duration into the histogram."""
 
-    async def before_append(record: Record) -> Record | None:
-        start = clock()
-        try:
-            result: Record | None = await hook(record)
-            return result
-        finally:
-            observe(clock() - start)
+    def __init__(self, histogram: Histogram, ledger: str) -> None:
+        self._histogram = histogram
+        self._ledger = ledger
+        self._observers: dict[tuple[str, str], Callable[[float], None]] = {}
 
-    return before_append
-
-
-def _timed_after(
-    hook: Callable[[Record, Hash], Any], observe: Callable[[float], None]
-) -> Callable[[Record, Hash], Any]:
-    clock = time.perf_counter
-
-    async def after_append(record: Record, hash: Hash) -> None:
-        start = clock()
-        try:
-            await hook(record, hash)
-        finally:
-            observe(clock() - start)
-
-    return after_append
+    def after_callback(self, call: CallbackCall, result: CallbackResult) -> None:
+        if call.callback not in _HOOKS:
+            return
+        key = (call.module_id, call.callback)
+        observe = self._observers.get(key)
+        if observe is None:
+            labelled = self._histogram.labels(self._ledger, call.module_id, call.callback)
+            observe = self._observers[key] = labelled.observe
+        observe(result.duration)

@@ -2,10 +2,11 @@
 
 An incarnation is one run of a module instance, from `init` (or a restart's `boot`) until it
 stops, crashes, exits or is killed. The actor processes its mailbox one message at a time, so
-every callback of a module runs in that task, never two at once. It sets the module's
-INITIALIZED and RUNNING states itself (so the state is right before the next message is
-handled) and reports how each incarnation ended to its host (the supervisor), which decides
-what happens next.
+every callback of a module runs in that task, never two at once. It never writes the module's
+state: it reports events to its host (the supervisor), synchronously so that the state is
+right before the next message is handled: `initialized`, `started`, `crash_detected` (a
+callback raised or timed out and its caller is about to learn it) and, when an incarnation
+ends, `child_ended` with its `Outcome`. The supervisor decides what happens next.
 """
 
 from __future__ import annotations
@@ -14,19 +15,21 @@ import enum
 import inspect
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 import trio
 from trio_util import AsyncValue
 
+from .. import _instrument, _transitions
 from .._groups import leaves
+from .._instrument import CallbackCall, Instrument
 from ..errors import ModuleError, RecordRejected, RegistryError
-from ..lifecycle import ModuleState
+from ..lifecycle import ModuleState, StopResult
 from ..record import Record
 from ._base import Module
 from ._context import LedgerReader, ModuleContext
-from ._mailbox import Ask, Before, Delivery, Lifecycle, Mailbox, Reply
+from ._mailbox import Ask, Before, Delivery, Lifecycle, LifecycleOp, Mailbox, Reply
 from ._spec import ModuleSpec
 
 __all__ = ["Child", "ChildHost", "Outcome"]
@@ -45,13 +48,16 @@ class Outcome(enum.Enum):
 
 
 class ChildHost(Protocol):
-    """What an actor needs from its supervisor."""
+    """What an actor needs from its supervisor: where it runs, and where it reports events."""
 
     ledger_id: str
     ledger_reader: LedgerReader
+    registry_view: Any
+    instruments: list[Instrument]
 
-    @property
-    def registry_view(self) -> Any: ...
+    def initialized(self, child: Child) -> None: ...
+
+    def started(self, child: Child) -> None: ...
 
     def child_ended(
         self, child: Child, incarnation: int, outcome: Outcome, error: BaseException | None
@@ -85,11 +91,6 @@ def crash_cause(exc: BaseException) -> BaseException | None:
     return None
 
 
-def has_override(instance: Module, name: str) -> bool:
-    """Whether the instance's class overrides a `Module` callback."""
-    return getattr(type(instance), name) is not getattr(Module, name)
-
-
 class Child:
     """One registered module: spec, current instance, mailbox, counters and its actor task."""
 
@@ -108,13 +109,15 @@ class Child:
         self.instance = instance
         self.host = host
         self.mailbox = Mailbox(spec.inbox, self._overflowed)
-        self.state = ModuleState.REGISTERED
-        self.state_value = AsyncValue(ModuleState.REGISTERED)
+        # Written only by `_transitions` (the supervisor's transition table).
+        self.state: ModuleState
+        self.state_value: AsyncValue[ModuleState]
+        _transitions.register(self)
         self.restarts = 0
         self.crashes = 0
         self.processed = 0
         self.last_error: str | None = None
-        self.stop_result: str | None = None
+        self.stop_result: StopResult | None = None
         self.incarnation = 0
         self.armed = False  # started at least once: before_append is fail-closed from then on
         self.crashing = False  # a crash was detected and shown in `state` before unwinding
@@ -149,23 +152,46 @@ class Child:
         return str(getattr(self.instance, "version", "0.0.0"))
 
     def _refresh_hooks(self) -> None:
-        self.has_before = has_override(self.instance, "before_append")
-        self.has_after = has_override(self.instance, "after_append")
+        cls = type(self.instance)
+        self.has_before = cls.overrides("before_append")
+        self.has_after = cls.overrides("after_append")
 
-    def set_state(self, state: ModuleState) -> None:
-        if state is not self.state:
-            if self.state is ModuleState.RUNNING and self.running_since is not None:
-                self.last_run = trio.current_time() - self.running_since
-                self.running_since = None
-            self.state = state
-            if state is ModuleState.RUNNING:
-                self.running_since = trio.current_time()
-            self.state_value.value = state
+    def _instruments(self) -> tuple[Instrument, ...]:
+        """The instruments of the current instance: the ledger's, then the instance's own."""
+        attached = _instrument.attached_instruments(self.instance)
+        engine_wide = self.host.instruments
+        return (*engine_wide, *attached) if engine_wide else attached
 
-    def settle_stopped(self) -> None:
-        """After a stop: STOPPED, unless the stop (or a crash while stopping) left it FAILED."""
-        if self.state is not ModuleState.FAILED:
-            self.set_state(ModuleState.STOPPED)
+    def _call(self, name: str, record: Record | None = None, digest: Any = None) -> CallbackCall:
+        return CallbackCall(
+            module_id=self.id,
+            callback=name,
+            incarnation=self.incarnation,
+            record=record,
+            hash=digest,
+        )
+
+    def _observe_background(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        """`ctx.spawn`'s work with the instruments around it: `before_callback` now (at
+        spawn, in the actor, in a deterministic order), the rest when the task runs."""
+        instruments = self._instruments()
+        if not instruments:
+            return fn
+        call = self._call("background")
+        injections = _instrument.begin(instruments, call)
+
+        async def work(*args: Any) -> Any:
+            return await _instrument.run(instruments, call, injections, fn, *args)
+
+        work.__qualname__ = getattr(fn, "__qualname__", "work")
+        return work
+
+    async def _stop_callback(self, instance: Module, ctx: ModuleContext) -> None:
+        instruments = self._instruments()
+        if instruments:
+            await _instrument.observed(instruments, self._call("stop"), instance.stop, ctx)
+        else:
+            await instance.stop(ctx)
 
     def renew_instance(self) -> None:
         """A fresh instance from the factory (if any) for the next incarnation.
@@ -199,7 +225,7 @@ class Child:
         return err
 
     # -- control from the supervisor -------------------------------------------------------
-    def launch(self, nursery: trio.Nursery, op: str) -> Lifecycle:
+    def launch(self, nursery: trio.Nursery, op: LifecycleOp) -> Lifecycle:
         """Start a new incarnation that first runs lifecycle `op` ("init" or "boot").
 
         The op is handed to the task directly, not queued: nothing in the mailbox (such as a
@@ -303,6 +329,7 @@ class Child:
             incarnation=incarnation,
             exit=lambda: self._request_exit(incarnation),
         )
+        ctx._observe = self._observe_background
         outcome: Outcome | None = None
         error: BaseException | None = None
         try:
@@ -391,7 +418,7 @@ class Child:
             if shutdown is not None:
                 scope.deadline = trio.current_time() + shutdown
             try:
-                await instance.stop(ctx)
+                await self._stop_callback(instance, ctx)
             except Exception:
                 log.warning("module %r: stop after a crash raised", self.id, exc_info=True)
             finally:
@@ -457,7 +484,17 @@ class Child:
     async def _deliveries(self, instance: Module, first: Delivery) -> None:
         mailbox = self.mailbox
         overflow = self.spec.overflow
-        hook = instance.after_append
+        hook: Callable[[Record, Any], Awaitable[None]] = instance.after_append
+        instruments = self._instruments()
+        if instruments:
+            raw_after = hook
+
+            async def observed_after(record: Record, digest: Any) -> None:
+                call = self._call("after_append", record, digest)
+                await _instrument.observed(instruments, call, raw_after, record, digest)
+
+            hook = observed_after
+
         now = self._now
         self._hook_name = "after_append"
         run = mailbox.take_deliveries(first, overflow)
@@ -488,7 +525,17 @@ class Child:
             self._hook_started = math.inf
 
     async def _before(self, instance: Module, msg: Before) -> None:
-        hook = instance.before_append
+        hook: Callable[[Record], Awaitable[Record | None]] = instance.before_append
+        instruments = self._instruments()
+        if instruments:
+            raw_before = hook
+
+            async def observed_before(record: Record) -> Record | None:
+                call = self._call("before_append", record)
+                return await _instrument.observed(instruments, call, raw_before, record)
+
+            hook = observed_before
+
         results = msg.results
         now = self._now
         self._hook_name = "before_append"
@@ -551,9 +598,13 @@ class Child:
     async def _callback(
         self, fn: Callable[[ModuleContext], Any], ctx: ModuleContext, name: str
     ) -> BaseException | None:
+        instruments = self._instruments()
         with trio.CancelScope(deadline=self._deadline()) as scope:
             try:
-                await fn(ctx)
+                if instruments:
+                    await _instrument.observed(instruments, self._call(name), fn, ctx)
+                else:
+                    await fn(ctx)
             except Exception as exc:
                 return exc
             return None
@@ -565,19 +616,19 @@ class Child:
     ) -> tuple[Outcome, BaseException | None] | None:
         op, reply = msg.op, msg.reply
         self._lifecycle_msg = msg  # answered by _run if the incarnation ends meanwhile
-        if op in ("init", "boot"):
+        if op is LifecycleOp.INIT or op is LifecycleOp.BOOT:
             self._lifecycle_step = "init"
             err = await self._callback(instance.init, ctx, "init")
             if err is not None:
                 self._lifecycle_msg = None
                 reply.fail(self.module_error("failed in init", err))
                 return Outcome.BOOT_FAILED, err
-            if op == "init":
-                self.set_state(ModuleState.INITIALIZED)
+            if op is LifecycleOp.INIT:
+                self.host.initialized(self)
                 self._lifecycle_msg = None
                 reply.set()
                 return None
-        if op in ("start", "boot"):
+        if op is LifecycleOp.START or op is LifecycleOp.BOOT:
             self._lifecycle_step = "start"
             err = await self._callback(instance.start, ctx, "start")
             if err is not None:
@@ -586,16 +637,15 @@ class Child:
                 reply.fail(self.module_error("failed in start", err))
                 return Outcome.BOOT_FAILED, err
             # RUNNING before the next message is handled: state and behaviour agree.
-            self.armed = True
-            self.set_state(ModuleState.RUNNING)
+            self.host.started(self)
             self._lifecycle_msg = None
             reply.set()
             return None
-        assert op == "stop", op
+        assert op is LifecycleOp.STOP, op
         self._lifecycle_step = "stop"
         self._stopping = True
         try:
-            await instance.stop(ctx)
+            await self._stop_callback(instance, ctx)
         except Exception as exc:
             self._lifecycle_msg = None
             reply.fail(self.module_error("failed in stop", exc))

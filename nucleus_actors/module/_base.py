@@ -29,6 +29,16 @@ class Module:
     version: str = "0.0.0"
     """Version of the module, shown in statuses."""
 
+    @classmethod
+    def overrides(cls, callback: str) -> bool:
+        """Whether this class overrides the `Module` callback named `callback`.
+
+        The runtime runs `before_append` and `after_append` only for classes that override
+        them (a module without a `before_append` never holds appends), and instruments see
+        only the callbacks the runtime runs. This is the one place that rule is written.
+        """
+        return getattr(cls, callback) is not getattr(Module, callback)
+
     async def init(self, ctx: ModuleContext) -> None:
         """Prepare resources. Runs in registration/dependency order during `init_all`.
 

@@ -39,6 +39,10 @@ class LedgerReader(Protocol):
         ...
 
 
+def _unobserved(fn: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+    return fn
+
+
 class ModuleContext:
     """Handed to every lifecycle callback: identity, config, logger, views, spawn and exit.
 
@@ -48,6 +52,7 @@ class ModuleContext:
     __slots__ = (
         "_exit",
         "_nursery",
+        "_observe",
         "config",
         "incarnation",
         "ledger",
@@ -84,6 +89,9 @@ class ModuleContext:
         """1 for the first run of the module, +1 on every restart."""
         self._nursery: trio.Nursery | None = None
         self._exit = exit
+        # The actor's instrumentation of background work (the "background" callback).
+        self._observe: Callable[[Callable[..., Awaitable[Any]]], Callable[..., Awaitable[Any]]]
+        self._observe = _unobserved
 
     def spawn(
         self,
@@ -110,8 +118,10 @@ class ModuleContext:
                 module_id=self.module_id,
             )
 
+        work = self._observe(fn)
+
         async def background() -> None:
-            await fn(*args)
+            await work(*args)
             if exit_on_return:
                 self._exit()
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
+from enum import StrEnum
 from typing import Any
 
 import trio
@@ -20,7 +21,7 @@ from ..errors import ModuleError
 from ..record import Hash, Record
 from ._spec import Overflow
 
-__all__ = ["Ask", "Before", "Delivery", "Lifecycle", "Mailbox", "Reply"]
+__all__ = ["Ask", "Before", "Delivery", "Lifecycle", "LifecycleOp", "Mailbox", "Reply"]
 
 Delivery = tuple[Record, Hash]
 """An `after_append` delivery: the committed record and its chain hash."""
@@ -60,12 +61,21 @@ class Reply(Future):
         return self.value
 
 
+class LifecycleOp(StrEnum):
+    """What a lifecycle message asks of an actor."""
+
+    INIT = "init"
+    START = "start"
+    BOOT = "boot"  # init then start, in one message (a restart, add, restart(id))
+    STOP = "stop"
+
+
 class Lifecycle:
     """`init`, `start`, `boot` (init then start) or `stop`, with a reply."""
 
     __slots__ = ("op", "reply")
 
-    def __init__(self, op: str) -> None:
+    def __init__(self, op: LifecycleOp) -> None:
         self.op = op
         self.reply = Reply()
 

@@ -1,17 +1,16 @@
 """Declarative fault plans: crash, hang, delay or reject a module's callbacks on cue.
 
-A `FaultPlan` lists faults (`Fault` values); `plan.wrap(module)` makes a module obey them. The
-wrapped module keeps its id, version and type: the instance's class is swapped for a
-subclass of its own class (so `isinstance` and `engine.modules.get(Cls)` still work) that
-overrides the lifecycle callbacks, and `before_append`/`after_append` only where the original
-class overrides them (the runtime only runs hooks a class overrides: wrapping never makes a
-module take part in appends it did not take part in before).
+A `FaultPlan` lists faults (`Fault` values); `plan.wrap(module)` makes a module obey them. It
+injects through the runtime's instrumentation seam (`attach_instrument`): the module keeps its
+class, id and version untouched, and the runtime calls the plan around every callback it runs
+(so wrapping never makes a module take part in appends it did not take part in before: a hook
+its class does not override is never called, hence never faulted).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Any, Literal, TypeVar, overload
@@ -19,13 +18,17 @@ from typing import Any, Literal, TypeVar, overload
 import trio
 
 from nucleus_actors import (
-    Hash,
+    CallbackCall,
+    CallbackResult,
+    Injection,
+    Instrument,
     Module,
-    ModuleContext,
     ModuleSpec,
     NucleusError,
     Record,
     RecordRejected,
+    attach_instrument,
+    attached_instruments,
 )
 
 from ._events import Callback, CallbackEvent, CallbackLog, CallOutcome
@@ -180,9 +183,48 @@ class _Decision:
     fault: Fault | None
 
 
-def _overrides(cls: type, name: str) -> bool:
-    # The runtime's own rule: a hook takes part only if the class overrides Module's.
-    return getattr(cls, name) is not getattr(Module, name)
+class _PlanInstrument(Instrument):
+    """How a plan sits on the seam: decide in `before_callback`, log in `after_callback`."""
+
+    def __init__(self, plan: FaultPlan) -> None:
+        self.plan = plan
+        self._decisions: dict[int, _Decision] = {}  # id(call) -> its decision, until it ends
+
+    def before_callback(self, call: CallbackCall) -> Injection | None:
+        plan = self.plan
+        callback = Callback(call.callback)
+        record = call.record if callback in _RECORD_CALLBACKS else None
+        decision = plan._decide(call.module_id, callback, record)
+        self._decisions[id(call)] = decision
+        fault = decision.fault
+        if fault is None:
+            return None
+
+        async def act() -> None:
+            await plan._act(fault, call.module_id, callback, decision.call)
+
+        return Injection(entry=act) if fault.at == "entry" else Injection(exit=act)
+
+    def after_callback(self, call: CallbackCall, result: CallbackResult) -> None:
+        decision = self._decisions.pop(id(call))
+        callback = Callback(call.callback)
+        record = call.record if callback in _RECORD_CALLBACKS else None
+        seq = record.seq if record is not None and callback is Callback.AFTER_APPEND else None
+        self.plan.log.add(
+            CallbackEvent(
+                module_id=call.module_id,
+                incarnation=call.incarnation,
+                callback=callback,
+                call=decision.call,
+                record=record,
+                seq=seq,
+                hash=call.hash,
+                outcome=CallOutcome(result.outcome.value),
+                handled=result.completed,
+                fault=decision.fault,
+                error=None if result.error is None else repr(result.error),
+            )
+        )
 
 
 class FaultPlan:
@@ -213,9 +255,7 @@ class FaultPlan:
         self._calls: dict[tuple[str, Callback], int] = {}
         self._matches: dict[tuple[str, int], int] = {}
         self._fired: dict[tuple[str, int], int] = {}
-        self._incarnation: dict[str, int] = {}
-        self._classes: dict[type, type] = {}
-        self._ctx_classes: dict[type, type] = {}
+        self._instrument = _PlanInstrument(self)
         for fault in faults:
             self.add(fault)
 
@@ -399,8 +439,8 @@ class FaultPlan:
     def wrap(self, module: Any) -> Any:
         """Make a module obey this plan, keeping its id, version and type.
 
-        * An instance is changed **in place** (its class becomes a subclass of its class) and
-          returned: the same object, still `isinstance(module, YourClass)`.
+        * An instance gets the plan attached (`attach_instrument`) and is returned: the same
+          object, its class untouched.
         * A zero-argument factory (a class works) gives a factory that wraps each instance it
           makes (a fresh one per restart); the call counters live in the plan.
         * A `ModuleSpec` gives a copy whose module is wrapped as above.
@@ -409,8 +449,7 @@ class FaultPlan:
         applies both (the last one's faults act first).
 
         Raises:
-            TypeError: not a Module, a factory or a ModuleSpec; or the instance's class cannot
-                be swapped (an extension type).
+            TypeError: not a Module, a factory or a ModuleSpec.
         """
         if isinstance(module, ModuleSpec):
             return replace(module, module=self.wrap(module.module))
@@ -437,120 +476,16 @@ class FaultPlan:
 
     def _wrap_instance(self, instance: M) -> M:
         cls = type(instance)
-        if self in getattr(cls, _PLANS_ATTR, ()):
-            return instance
-        sub = self._classes.get(cls)
-        if sub is None:
-            sub = self._classes[cls] = self._faulty_class(cls)
         hooks = frozenset(
             hook
             for hook in (Callback.BEFORE_APPEND, Callback.AFTER_APPEND)
-            if _overrides(cls, hook.value)
+            if cls.overrides(hook.value)
         )
         module_id = getattr(instance, "id", None)
         if isinstance(module_id, str):
             self.log.note_hooks(module_id, hooks)
-        try:
-            instance.__class__ = sub
-        except TypeError as exc:
-            raise TypeError(
-                f"cannot wrap module {getattr(instance, 'id', instance)!r}: the class of "
-                f"{cls.__qualname__} instances cannot be swapped ({exc})"
-            ) from exc
+        attach_instrument(instance, self._instrument)
         return instance
-
-    def _faulty_class(self, cls: type[Module]) -> type:
-        plan = self
-
-        async def init(self: Module, ctx: ModuleContext) -> None:
-            plan._incarnation[self.id] = ctx.incarnation
-            plan._instrument(ctx)
-            await plan._hook(self.id, Callback.INIT, None, None, lambda: cls.init(self, ctx))
-
-        async def start(self: Module, ctx: ModuleContext) -> None:
-            plan._instrument(ctx)
-            await plan._hook(self.id, Callback.START, None, None, lambda: cls.start(self, ctx))
-
-        async def stop(self: Module, ctx: ModuleContext) -> None:
-            plan._instrument(ctx)
-            await plan._hook(self.id, Callback.STOP, None, None, lambda: cls.stop(self, ctx))
-
-        namespace: dict[str, Any] = {
-            "__slots__": (),
-            "__module__": cls.__module__,
-            "__doc__": cls.__doc__,
-            _PLANS_ATTR: (*getattr(cls, _PLANS_ATTR, ()), plan),
-            "init": init,
-            "start": start,
-            "stop": stop,
-        }
-        if _overrides(cls, "before_append"):
-
-            async def before_append(self: Module, record: Record) -> Record | None:
-                return await plan._hook(
-                    self.id,
-                    Callback.BEFORE_APPEND,
-                    record,
-                    None,
-                    lambda: cls.before_append(self, record),
-                )
-
-            namespace["before_append"] = before_append
-        if _overrides(cls, "after_append"):
-
-            async def after_append(self: Module, record: Record, hash: Hash) -> None:
-                await plan._hook(
-                    self.id,
-                    Callback.AFTER_APPEND,
-                    record,
-                    hash,
-                    lambda: cls.after_append(self, record, hash),
-                )
-
-            namespace["after_append"] = after_append
-        sub = type(f"Faulty{cls.__name__}", (cls,), namespace)
-        sub.__qualname__ = f"Faulty{cls.__qualname__}"
-        return sub
-
-    def _instrument(self, ctx: ModuleContext) -> None:
-        """Route `ctx.spawn` through the plan (for BACKGROUND faults); idempotent."""
-        base = type(ctx)
-        if self in getattr(base, _PLANS_ATTR, ()):
-            return
-        sub = self._ctx_classes.get(base)
-        if sub is None:
-            plan = self
-            base_spawn = base.spawn
-
-            def spawn(
-                self: ModuleContext,
-                fn: Callable[..., Awaitable[Any]],
-                *args: Any,
-                name: str | None = None,
-                exit_on_return: bool = True,
-            ) -> None:
-                work = plan._background(self.module_id, fn)
-                base_spawn(
-                    self,
-                    work,
-                    *args,
-                    name=name or getattr(fn, "__qualname__", repr(fn)),
-                    exit_on_return=exit_on_return,
-                )
-
-            spawn.__doc__ = base_spawn.__doc__
-            sub = type(
-                base.__name__,
-                (base,),
-                {
-                    "__slots__": (),
-                    "__module__": base.__module__,
-                    _PLANS_ATTR: (*getattr(base, _PLANS_ATTR, ()), plan),
-                    "spawn": spawn,
-                },
-            )
-            self._ctx_classes[base] = sub
-        ctx.__class__ = sub
 
     # -- injecting -------------------------------------------------------------------------
     def _decide(self, module_id: str, callback: Callback, record: Record | None) -> _Decision:
@@ -592,89 +527,12 @@ class FaultPlan:
         else:
             raise RecordRejected(fault.reason)
 
-    async def _hook(
-        self,
-        module_id: str,
-        callback: Callback,
-        record: Record | None,
-        hash: Hash | None,
-        original: Callable[[], Awaitable[T]],
-    ) -> T:
-        decision = self._decide(module_id, callback, record)
-        return await self._run(module_id, callback, decision, record, hash, original)
-
-    def _background(
-        self, module_id: str, fn: Callable[..., Awaitable[Any]]
-    ) -> Callable[..., Awaitable[Any]]:
-        # Decided at spawn time (inside the actor, in a deterministic order), acted on when
-        # the task runs.
-        decision = self._decide(module_id, Callback.BACKGROUND, None)
-        plan = self
-
-        async def work(*args: Any) -> Any:
-            return await plan._run(
-                module_id, Callback.BACKGROUND, decision, None, None, lambda: fn(*args)
-            )
-
-        work.__qualname__ = getattr(fn, "__qualname__", "work")
-        return work
-
-    async def _run(
-        self,
-        module_id: str,
-        callback: Callback,
-        decision: _Decision,
-        record: Record | None,
-        hash: Hash | None,
-        original: Callable[[], Awaitable[T]],
-    ) -> T:
-        fault = decision.fault
-        incarnation = self._incarnation.get(module_id, 0)
-        outcome = CallOutcome.CANCELLED
-        handled = False
-        inside = False
-        error: BaseException | None = None
-        try:
-            if fault is not None and fault.at == "entry":
-                await self._act(fault, module_id, callback, decision.call)
-            inside = True
-            result = await original()
-            inside = False
-            handled = True
-            if fault is not None and fault.at == "exit":
-                await self._act(fault, module_id, callback, decision.call)
-            outcome = CallOutcome.RETURNED
-            return result
-        except RecordRejected as exc:
-            outcome, error = CallOutcome.REJECTED, exc
-            handled = handled or inside
-            raise
-        except Exception as exc:
-            outcome, error = CallOutcome.RAISED, exc
-            raise
-        finally:
-            seq = record.seq if record is not None and callback is Callback.AFTER_APPEND else None
-            self.log.add(
-                CallbackEvent(
-                    module_id=module_id,
-                    incarnation=incarnation,
-                    callback=callback,
-                    call=decision.call,
-                    record=record,
-                    seq=seq,
-                    hash=hash,
-                    outcome=outcome,
-                    handled=handled,
-                    fault=fault,
-                    error=None if error is None else repr(error),
-                )
-            )
-
 
 def plans_of(target: object) -> tuple[FaultPlan, ...]:
     """The plans a module, factory or spec was wrapped with (internal helper)."""
     if isinstance(target, ModuleSpec):
         target = target.module
-    holder = type(target) if isinstance(target, Module) else target
-    plans = getattr(holder, _PLANS_ATTR, ())
+    if isinstance(target, Module):
+        return tuple(i.plan for i in attached_instruments(target) if isinstance(i, _PlanInstrument))
+    plans = getattr(target, _PLANS_ATTR, ())
     return tuple(p for p in plans if isinstance(p, FaultPlan))

@@ -7,7 +7,7 @@ The invariants (`TrackedLedger.check`) are the runtime's promises under faults:
    timestamp;
 3. no append that raised an error is stored (one whose caller was *cancelled* may be: its
    acknowledgement was lost, as with any database; so may one that failed with a
-   `StorageError` saying storage could not tell whether it was stored), and nothing is stored
+   `CommitUnknown`: storage could not tell whether it was stored), and nothing is stored
    twice;
 4. every committed entry reached each watched module (a `Probe`, or a module wrapped by a
    `FaultPlan`) in order within each incarnation, the delivery a module crashed on first in
@@ -30,6 +30,7 @@ import trio
 import trio.testing
 
 from nucleus_actors import (
+    CommitUnknown,
     Entry,
     IntegrityError,
     LedgerConfig,
@@ -47,7 +48,6 @@ from nucleus_actors import (
     Receipt,
     Record,
     Restart,
-    StorageError,
 )
 from nucleus_actors.storage import StorageBackend
 
@@ -89,8 +89,8 @@ class AppendCall:
     cancelled: bool
     """The call was cancelled (its outcome is unknown: the records may or may not be stored)."""
     indeterminate: bool = False
-    """The call failed with a `StorageError` saying storage could not tell whether the batch
-    was stored (its outcome is unknown, as for a cancelled call)."""
+    """The call failed with `CommitUnknown`: storage could not tell whether the batch was
+    stored (its outcome is unknown, as for a cancelled call)."""
 
     @property
     def acknowledged(self) -> bool:
@@ -175,8 +175,7 @@ async def _noop(module: Module) -> None:
 
 
 def _indeterminate(error: BaseException | None) -> bool:
-    # The runtime has no structured field for this outcome yet: it says so in the message.
-    return isinstance(error, StorageError) and "could not tell whether" in str(error)
+    return isinstance(error, CommitUnknown)
 
 
 def _down(handle: ModuleHandle[Any]) -> bool:

@@ -153,9 +153,10 @@ def _storage(kind: str, tmp_path: Path, seed: int) -> StorageBackend:
 
 
 SETTLE_BEFORE_STOP = False
-"""Runs may stop in the middle of a group restart: runtime bug B4 (tests/faults/
-test_runtime_bugs.py), which dropped a healthy sibling's queued deliveries then, is fixed. Set
-it to True to wait for supervision to settle (no module RESTARTING) before stopping."""
+"""Runs may stop in the middle of a group restart: runtime bug B4 (its regression test is in
+tests/integration/test_supervision.py), which dropped a healthy sibling's queued deliveries
+then, is fixed. Set it to True to wait for supervision to settle (no module RESTARTING) before
+stopping."""
 
 
 async def _settle(ledger: TrackedLedger) -> None:

@@ -10,6 +10,8 @@ import trio.lowlevel
 import trio.testing
 
 from nucleus_actors import (
+    Backoff,
+    CommitUnknown,
     Hash,
     IntegrityError,
     InvalidRecord,
@@ -19,13 +21,15 @@ from nucleus_actors import (
     Module,
     ModuleError,
     ModuleState,
+    NucleusError,
     Record,
     RecordRejected,
     Restart,
+    StorageError,
     open_ledger,
 )
 from nucleus_actors.hashing import canonical_bytes, genesis
-from nucleus_actors.storage import MemoryStorage
+from nucleus_actors.storage import MemoryStorage, StorageBatch
 from tests.conftest import Gate, Recorder
 
 Log = list[tuple[str, str, Any]]
@@ -168,7 +172,6 @@ async def test_terminated_validator_holds_appends_closed() -> None:
 
 
 async def test_appends_wait_while_validator_restarts(mock_clock: trio.testing.MockClock) -> None:
-    from nucleus_actors import Backoff
 
     gate = Gate("gate", [], fail={"before": lambda n, _: n == 1})
     cfg = config(backoff=Backoff(initial=10.0, reset_after=1000))
@@ -357,7 +360,9 @@ async def test_ask_timeout_is_a_crash(mock_clock: trio.testing.MockClock) -> Non
         assert (handle.state, handle.status.restarts) == (ModuleState.RUNNING, 1)
 
 
-async def test_cancelled_ask_lets_the_callback_finish() -> None:
+async def test_cancelled_ask_lets_the_callback_finish(
+    mock_clock: trio.testing.MockClock,
+) -> None:
     finished: list[int] = []
 
     async def slow(m: Recorder) -> int:
@@ -449,3 +454,79 @@ async def test_wait_length_follows_commits_and_ends_with_the_ledger() -> None:
             nursery.start_soon(waiter)
             await trio.testing.wait_all_tasks_blocked()
             await engine.stop_all()
+
+
+# -- review finding 7. Errors at the public boundary
+def flaky_wall_clock() -> Any:
+    """A wall clock that fails on its 2nd reading (as a clock behind a syscall could)."""
+    calls = 0
+
+    def clock() -> int:
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            raise OSError("clock unavailable")
+        return 1_000_000 * calls
+
+    return clock
+
+
+# Regression: review 7: Errors at the public boundary
+async def test_a_failing_wall_clock_fails_that_append_like_a_bad_reading() -> None:
+    """A wall_clock returning a bad value fails the append with NucleusError and the ledger
+    goes on; one that raises kills the pipeline task and the whole ledger instead."""
+    async with open_ledger(config(wall_clock=flaky_wall_clock())) as engine:
+        await engine.append(Record("k", 1))
+        with pytest.raises(NucleusError, match="wall_clock"):
+            await engine.append(Record("k", 2))
+        assert (await engine.append(Record("k", 3))).seq == 1
+
+
+# Regression: review 7: Errors at the public boundary
+async def test_an_internal_task_failure_is_not_an_exception_group_at_the_boundary() -> None:
+    raised: list[BaseException] = []
+    try:
+        async with open_ledger(config(wall_clock=flaky_wall_clock())) as engine:
+            await engine.append(Record("k", 1))
+            await engine.append(Record("k", 2))
+    except BaseException as exc:  # what the embedder sees
+        raised.append(exc)
+    assert len(raised) == 1
+    assert isinstance(raised[0], NucleusError), repr(raised[0])
+
+
+# -- review finding 9: storage outcome unknown
+class LyingStorage(MemoryStorage):
+    """Stores the batch, then fails, and cannot even report its head once (a lost ack)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lie_on = -1
+        self.head_fails = False
+
+    async def append(self, batch: StorageBatch) -> None:
+        await super().append(batch)
+        if batch.entries[0].seq == self.lie_on:
+            self.head_fails = True
+            raise StorageError("connection reset after commit")
+
+    async def head(self) -> Any:
+        if self.head_fails:
+            self.head_fails = False
+            raise StorageError("connection still down")
+        return await super().head()
+
+
+# Regression: review 9: an unknown storage outcome is said and the chain resyncs
+async def test_storage_outcome_unknown_is_said_and_the_chain_resyncs() -> None:
+    storage = LyingStorage()
+    async with open_ledger(config(), storage=storage) as engine:
+        await engine.append(Record("k", 0))
+        storage.lie_on = 1
+        with pytest.raises(CommitUnknown, match=r"could not tell whether it was stored"):
+            await engine.append(Record("k", 1))
+        # The batch did land: the next append continues after it instead of colliding.
+        receipt = await engine.append(Record("k", 2))
+        assert receipt.seq == 2
+        assert [e.record.payload async for e in engine.read()] == [0, 1, 2]
+        assert await engine.verify() == receipt.hash

@@ -2,26 +2,31 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import pytest
 import trio
 import trio.lowlevel
+import trio.testing
 
 from nucleus_actors import (
     LedgerConfig,
     LedgerEngine,
     LifecycleError,
     Module,
+    ModuleContext,
     ModuleError,
     ModuleSpec,
     ModuleState,
     Phase,
     Record,
     RegistryError,
+    Restart,
     open_ledger,
 )
-from tests.conftest import Gate, Recorder, lifecycle
+from nucleus_actors.storage import MemoryStorage, StorageBatch
+from tests.conftest import FOREVER, Gate, Recorder, lifecycle, settle
 
 Log = list[tuple[str, str, Any]]
 
@@ -278,3 +283,266 @@ async def test_body_exception_propagates_unwrapped_after_stop() -> None:
         async with open_ledger(config(), modules=[Recorder("a", log)]):
             raise KeyError("boom")
     assert ("a", "stop") in lifecycle(log)
+
+
+# -- review finding 1. A crash or exit while init/start runs never answers the lifecycle request
+class CrashesWhileStarting(Module):
+    """Its background task fails while `init` (or `start`) is still running."""
+
+    id = "crashy"
+
+    def __init__(self, during: str) -> None:
+        self.during = during
+
+    async def _boom(self) -> None:
+        await trio.sleep(1)
+        raise ValueError("background failure while starting")
+
+    async def init(self, ctx: ModuleContext) -> None:
+        if self.during == "init":
+            ctx.spawn(self._boom)
+            await trio.sleep(5)
+
+    async def start(self, ctx: ModuleContext) -> None:
+        if self.during == "start":
+            ctx.spawn(self._boom)
+            await trio.sleep(5)
+
+
+# Regression: review 1: A crash or exit while init/start runs never answers the lifecycle request
+@pytest.mark.parametrize("during", ["init", "start"])
+async def test_crash_while_init_or_start_runs_fails_startup(
+    mock_clock: trio.testing.MockClock, during: str
+) -> None:
+    async with LedgerEngine(config()) as engine:
+        engine.register(Recorder("a", []))
+        engine.register(CrashesWhileStarting(during))
+        with pytest.raises(ModuleError, match="crashy"), trio.fail_after(FOREVER):
+            await engine.init_all()
+            await engine.start_all()
+        assert engine.phase is Phase.FAILED
+
+
+# Regression: review 1: A crash or exit while init/start runs never answers the lifecycle request
+async def test_crash_during_a_restarts_init_does_not_wedge_the_supervisor(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    incarnations: list[int] = []
+
+    class Flaky(Recorder):
+        async def init(self, ctx: ModuleContext) -> None:
+            incarnations.append(ctx.incarnation)
+            if ctx.incarnation == 2:  # the restart's init: background work fails meanwhile
+                ctx.spawn(self._boom)
+                await trio.sleep(5)
+
+        async def _boom(self) -> None:
+            await trio.sleep(1)
+            raise ValueError("background failure during a restart")
+
+    flaky = Flaky("flaky", [], fail={"after": lambda n, _: n == 1})
+    async with open_ledger(config(max_restarts=10, restart_window=1.0)) as engine:
+        handle = await engine.add(flaky)
+        await engine.append(Record("k", 1))  # crash -> restart; its init crashes too
+        await handle.wait_state(ModuleState.RESTARTING)
+        with trio.move_on_after(FOREVER) as hung:
+            await handle.wait_state(ModuleState.RUNNING)  # a 3rd incarnation must follow
+        assert not hung.cancelled_caught, "the supervisor is stuck in the failed restart"
+        assert incarnations == [1, 2, 3]
+
+
+# Regression: review 1: A crash or exit while init/start runs never answers the lifecycle request
+async def test_exit_during_start_fails_add_instead_of_hanging(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    class ExitsInStart(Module):
+        id = "quitter"
+
+        async def start(self, ctx: ModuleContext) -> None:
+            ctx.exit()
+            await trio.sleep(1)
+
+    async with open_ledger(config()) as engine:
+        with trio.move_on_after(FOREVER) as hung:
+            with contextlib.suppress(ModuleError):  # refusing is fine; hanging is not
+                await engine.add(ExitsInStart(), restart=Restart.TEMPORARY)
+        assert not hung.cancelled_caught, "add() never returned"
+
+
+# Regression: review 1: A crash or exit while init/start runs never answers the lifecycle request
+async def test_exit_between_init_and_start_does_not_hang_start_all(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    class OneShotWarmup(Module):
+        """Spawns a one-shot task in init, forgetting exit_on_return=False."""
+
+        id = "warmup"
+
+        async def init(self, ctx: ModuleContext) -> None:
+            async def warm() -> None:
+                await trio.lowlevel.checkpoint()
+
+            ctx.spawn(warm)
+
+    async with LedgerEngine(config()) as engine:
+        engine.register(OneShotWarmup(), restart=Restart.TRANSIENT)
+        await engine.init_all()
+        await settle()  # the module has exited: its actor is gone
+        with trio.move_on_after(FOREVER) as hung:
+            with contextlib.suppress(ModuleError):  # failing startup is fine; hanging is not
+                await engine.start_all()
+        assert not hung.cancelled_caught, "start_all() never returned"
+
+
+# -- review finding 8. Phases: stop_all racing startup, asks outliving the engine
+# Regression: review 8: Phases: stop_all racing startup, asks outliving the engine
+async def test_stop_all_during_init_all_keeps_the_ledger_stopped(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    """A SIGTERM handler calls stop_all while a slow init runs: once stop_all returned, the
+    ledger must not go on to INITIALIZED/RUNNING and accept appends."""
+
+    class SlowInit(Recorder):
+        async def init(self, ctx: ModuleContext) -> None:
+            await super().init(ctx)
+            await trio.sleep(5)
+
+    async with LedgerEngine(config()) as engine:
+        engine.register(SlowInit("slow", []))
+
+        async def initialize() -> None:
+            with contextlib.suppress(LifecycleError, ModuleError):  # refusing is fine
+                await engine.init_all()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(initialize)
+            await trio.sleep(1)
+            await engine.stop_all()
+        assert engine.phase in (Phase.STOPPED, Phase.FAILED)
+        with pytest.raises(LifecycleError, match="start_all needs INITIALIZED"):
+            await engine.start_all()
+
+
+# Regression: review 8: Phases: stop_all racing startup, asks outliving the engine
+async def test_ask_pending_when_the_engine_closes_fails_instead_of_hanging(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    outcome: list[BaseException] = []
+
+    async def ask(handle: Any) -> None:
+        try:
+            await handle.ask(lambda m: m.id)
+        except ModuleError as exc:
+            outcome.append(exc)
+
+    async with trio.open_nursery() as outer:
+        async with LedgerEngine(config()) as engine:
+            handle = engine.register(Recorder("r", []))
+            outer.start_soon(ask, handle)
+            await settle()
+        # The engine is closed: nothing will ever answer that ask.
+        with trio.move_on_after(FOREVER):
+            while not outcome:
+                await trio.sleep(1)
+        outer.cancel_scope.cancel()
+    assert len(outcome) == 1
+    assert "'r'" in str(outcome[0])
+
+
+class SlowStorage(MemoryStorage):
+    """A durable backend takes time per batch (SQLite fsyncs in a worker thread)."""
+
+    async def append(self, batch: StorageBatch) -> None:
+        await trio.sleep(0.1)
+        await super().append(batch)
+
+
+# Regression: review 8: Phases: stop_all racing startup, asks outliving the engine
+async def test_stop_all_lets_queued_appends_finish_with_no_modules(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    """stop_all "lets the appends already in flight finish". With no module registered (or
+    all with shutdown=0) the bound is 0 s: an append queued behind a batch being written is
+    failed although nothing is stuck."""
+    async with open_ledger(config(), storage=SlowStorage()) as engine:
+        seqs: list[int] = []
+
+        async def appender(n: int) -> None:
+            seqs.append((await engine.append(Record("k", n))).seq)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(appender, 0)
+            await trio.sleep(0.05)  # batch 0 is being written
+            nursery.start_soon(appender, 1)  # queued behind it: in flight
+            await trio.testing.wait_all_tasks_blocked()
+            await engine.stop_all()
+        assert sorted(seqs) == [0, 1]
+
+
+# Regression: review 8: Phases: stop_all racing startup, asks outliving the engine
+async def test_ask_interrupted_by_a_crash_carries_the_crash_as_cause(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    """ask's docstring: ModuleError when the module "crashed ... while answering (then
+    `__cause__` is the crash)". A background task fails while an ask runs."""
+
+    class Busy(Module):
+        id = "busy"
+
+        async def start(self, ctx: ModuleContext) -> None:
+            async def fail_soon() -> None:
+                await trio.sleep(1)
+                raise OSError("lost the connection")
+
+            ctx.spawn(fail_soon)
+
+        async def wait(self, seconds: float) -> None:
+            await trio.sleep(seconds)
+
+    async with open_ledger(config(), modules=[Busy()]) as engine:
+        handle = engine.modules.get(Busy)
+        with pytest.raises(ModuleError, match="busy") as info:
+            await handle.ask(Busy.wait, 5.0)
+        assert isinstance(info.value.__cause__, OSError)
+
+
+class CrashesAtTwo(Module):
+    """Background work fails at t+2 s, exactly when an ask started at t times out."""
+
+    id = "busy"
+
+    async def start(self, ctx: ModuleContext) -> None:
+        async def fail_at_two() -> None:
+            await trio.sleep(2)
+            raise OSError("lost the connection")
+
+        ctx.spawn(fail_at_two)
+
+    async def wait(self) -> None:
+        await trio.sleep_forever()
+
+
+# Regression: review 8: Phases: stop_all racing startup, asks outliving the engine
+async def test_ask_is_answered_when_its_timeout_and_a_crash_coincide(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    """Both cancellations land in one scheduler batch; trio shuffles batches, so the losing
+    order shows up about half the time: 20 rounds make a miss practically certain."""
+    hung = 0
+    for _ in range(20):
+        spec = ModuleSpec(CrashesAtTwo(), timeout=2.0, restart=Restart.TEMPORARY)
+        async with open_ledger(config(), modules=[spec]) as engine:
+            handle = engine.modules.get(CrashesAtTwo)
+            with trio.move_on_after(FOREVER) as scope:
+                with pytest.raises(ModuleError, match="busy"):
+                    await handle.ask(CrashesAtTwo.wait)
+            hung += scope.cancelled_caught
+    assert hung == 0
+
+
+# -- review finding 9: closed before init
+# Regression: review 9: an engine closed before init_all ends STOPPED
+async def test_an_engine_closed_before_init_ends_stopped() -> None:
+    async with LedgerEngine(config()) as engine:
+        engine.register(Recorder("r", []))
+    assert engine.phase is Phase.STOPPED

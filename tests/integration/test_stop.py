@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import signal
 from typing import Any
 
@@ -10,18 +11,23 @@ import trio
 import trio.testing
 
 from nucleus_actors import (
+    Backoff,
+    CommitUnknown,
     Hash,
     LedgerConfig,
     LedgerEngine,
     LifecycleError,
     Module,
     ModuleContext,
+    ModuleError,
     ModuleState,
     Phase,
     Record,
+    StorageError,
     open_ledger,
 )
-from tests.conftest import Recorder, lifecycle
+from nucleus_actors.storage import MemoryStorage, StorageBatch
+from tests.conftest import FOREVER, Gate, Recorder, lifecycle, settle
 
 Log = list[tuple[str, str, Any]]
 
@@ -202,3 +208,225 @@ async def test_crash_during_stop_all_restarts_nothing() -> None:
     assert status["c"].state is ModuleState.FAILED
     assert status["c"].restarts == 0
     assert engine.statistics().restarts == 0
+
+
+# -- review finding 4. stop_all: cancellation and hangs before the modules are reached
+# Regression: review 4: stop_all: cancellation and hangs before the modules are reached
+async def test_cancelled_stop_all_during_the_drain_still_ends_every_module(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    """stop_all's docstring: when cancelled, the modules not stopped yet are cancelled at once
+    and the ledger ends STOPPED. Cancel it while an in-flight append is being drained."""
+    release = trio.Event()
+
+    class Hold(Module):
+        id = "hold"
+
+        async def before_append(self, record: Record) -> Record | None:
+            await release.wait()
+            return None
+
+    async with open_ledger(config(), modules=[Hold(), Recorder("probe", [])]) as engine:
+        async with trio.open_nursery() as nursery:
+
+            async def appender() -> None:
+                with pytest.raises(LifecycleError):
+                    await engine.append(Record("k", 1))
+
+            nursery.start_soon(appender)
+            await settle()
+            with trio.move_on_after(1):
+                await engine.stop_all()  # cancelled while waiting for the append to drain
+            release.set()
+        assert engine.phase is Phase.STOPPED
+        assert [h.state for h in engine.modules] == [ModuleState.STOPPED] * 2
+
+
+# Regression: review 4: stop_all: cancellation and hangs before the modules are reached
+async def test_stop_all_finishes_a_validators_restart_instead_of_hanging(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    """A validator crashed and waits out its backoff; an append waits for it. stop_all must not
+    hold forever on it: as an OTP supervisor finishes the restart it is handling before it
+    shuts down, the restart completes at once (no backoff wait), the append goes through,
+    then everything is drained and stopped."""
+    gate = Gate("gate", [], fail={"before": lambda n, _: n == 1})
+    async with open_ledger(config(backoff=Backoff(initial=10.0))) as engine:
+        await engine.add(gate, shutdown=None)
+        with pytest.raises(ModuleError, match="crashed in before_append"):
+            await engine.append(Record("k", 1))
+        receipts: list[int] = []
+
+        async def appender() -> None:
+            receipts.append((await engine.append(Record("k", 2))).seq)  # waits for the restart
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(appender)
+            await settle()
+            start = trio.current_time()
+            with trio.move_on_after(FOREVER) as hung:
+                await engine.stop_all()
+        assert not hung.cancelled_caught, "stop_all never returned"
+        assert trio.current_time() - start < 10.0  # the backoff was not waited out
+        assert receipts == [0]
+        assert engine.modules.get("gate").status.stop_result == "clean"
+
+
+# Regression: review 4: stop_all: cancellation and hangs before the modules are reached
+async def test_stop_all_does_not_hang_on_a_full_sink_left_restarting(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    """Same hole with a BLOCK sink: it crashed, waits out its backoff with a full inbox, and
+    the pipeline waits for room. Once supervision stops, nothing will ever drain it."""
+    sink = Recorder("sink", [], fail={"after": lambda n, _: n == 1})
+    async with open_ledger(config(backoff=Backoff(initial=10.0))) as engine:
+        handle = await engine.add(sink, inbox=2, shutdown=None)
+        await engine.append(Record("k", 0))  # crashes on it: RESTARTING for 10 s
+        await handle.wait_state(ModuleState.RESTARTING)
+        await engine.append(Record("k", 1))  # inbox full: the redelivery of 0, and 1
+
+        async def appender() -> None:
+            with contextlib.suppress(LifecycleError):
+                await engine.append(Record("k", 2))  # stored, then waits for room
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(appender)
+            await settle()
+            with trio.move_on_after(FOREVER) as hung:
+                await engine.stop_all()
+            nursery.cancel_scope.cancel()
+        assert not hung.cancelled_caught, "stop_all never returned"
+
+
+# Regression: review 4: stop_all: cancellation and hangs before the modules are reached
+async def test_stop_all_delivers_a_stored_in_flight_append_to_every_healthy_module(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    """stop_all: appends in flight "complete fully (stored and delivered) or fail with no
+    trace". A slow BLOCK module (start order first) holds the pipeline past the drain bound;
+    the healthy module after it is stopped first and never gets the stored record."""
+
+    class Slow(Recorder):
+        async def after_append(self, record: Record, hash: Hash) -> None:
+            await trio.sleep(10)
+            await super().after_append(record, hash)
+
+    probe = Recorder("probe", [])
+    async with LedgerEngine(config()) as engine:
+        engine.register(Slow("slow", []), inbox=1, shutdown=1.0, timeout=None)
+        engine.register(probe)
+        await engine.init_all()
+        await engine.start_all()
+        await engine.append(Record("k", 0))  # slow is busy with it for 10 s
+        receipts: list[int] = []
+
+        async def appender() -> None:
+            receipts.append((await engine.append(Record("k", 1))).seq)  # stored, then blocks
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(appender)
+            await settle()
+            await engine.stop_all()
+        assert receipts == [1]  # the caller was told it committed ...
+        assert probe.seen == [0, 1]  # ... so the healthy module must have received it
+
+
+# -- review finding 5. Background work returning while `stop` runs
+class FlushingWorker(Module):
+    """The usual shape: `stop` tells the worker to finish, then closes its connection."""
+
+    id = "worker"
+
+    def __init__(self) -> None:
+        self.stops = 0
+        self.closed = False
+
+    async def start(self, ctx: ModuleContext) -> None:
+        self.quit = trio.Event()
+        ctx.spawn(self.work)
+
+    async def work(self) -> None:
+        await self.quit.wait()  # then returns: its job is over
+
+    async def stop(self, ctx: ModuleContext) -> None:
+        self.stops += 1
+        self.quit.set()
+        await trio.sleep(1)  # close the connection
+        self.closed = True
+
+
+# Regression: review 5: Background work returning while `stop` runs
+async def test_worker_returning_during_stop_does_not_cancel_or_repeat_stop(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    worker = FlushingWorker()
+    async with open_ledger(config(), modules=[worker]) as engine:
+        await engine.stop_all()
+        status = engine.modules.get("worker").status
+    assert worker.closed
+    assert worker.stops == 1
+    assert status.stop_result == "clean"
+
+
+# -- chaos bug B3
+class UnsureStorage(MemoryStorage):
+    """Stores the 2nd batch, then raises; right after, its head cannot be read either."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.batches = 0
+        self.head_broken = False
+
+    async def append(self, batch: StorageBatch) -> None:
+        self.batches += 1
+        await super().append(batch)
+        if self.batches == 2:
+            self.head_broken = True
+            raise StorageError("disk said no (after writing)")
+
+    async def head(self) -> tuple[int, Hash]:
+        if self.head_broken:
+            self.head_broken = False
+            raise StorageError("head unreadable")
+        return await super().head()
+
+
+class Seen(Module):
+    id = "seen"
+
+    def __init__(self) -> None:
+        self.seqs: list[int | None] = []
+
+    async def after_append(self, record: Record, hash: Hash) -> None:
+        self.seqs.append(record.seq)
+
+
+# Regression: chaos bug B3: an adopted entry of unknown storage outcome was never delivered
+async def test_b3_an_adopted_entry_is_delivered(mock_clock: trio.testing.MockClock) -> None:
+    seen = Seen()
+    async with open_ledger(
+        LedgerConfig(ledger_id="t"), storage=UnsureStorage(), modules=[seen]
+    ) as engine:
+        await engine.append(Record("k", 0))
+        with pytest.raises(CommitUnknown, match="storage could not tell whether it was stored"):
+            await engine.append(Record("k", 1))  # it did land
+        third = await engine.append(Record("k", 2))
+        assert third.seq == 2  # seq 1 was adopted into the chain
+    assert seen.seqs == [0, 1, 2]  # fails: [0, 2]
+
+
+# -- chaos bug B5
+# Regression: chaos bug B5: a landed entry of unknown outcome was lost if the ledger stopped first
+async def test_b5_a_landed_entry_of_unknown_outcome_is_delivered_before_the_stop(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    seen = Seen()
+    storage = UnsureStorage()
+    async with open_ledger(LedgerConfig(ledger_id="t"), storage=storage, modules=[seen]) as engine:
+        await engine.append(Record("k", 0))
+        with pytest.raises(CommitUnknown, match="storage could not tell whether it was stored"):
+            await engine.append(Record("k", 1))  # it did land; no append follows
+    async with LedgerEngine(LedgerConfig(ledger_id="t"), storage) as reopened:
+        assert reopened.state.length == 2  # it landed
+    assert seen.seqs == [0, 1]  # fails: [0]
+    assert engine.state.length == 2  # fails: 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 from typing import Any
 
@@ -28,18 +29,13 @@ from nucleus_actors import (
     Strategy,
     open_ledger,
 )
-from tests.conftest import Recorder, lifecycle
+from tests.conftest import FOREVER, Gate, Recorder, lifecycle, settle
 
 Log = list[tuple[str, str, Any]]
 
 
 def config(**kw: Any) -> LedgerConfig:
     return LedgerConfig(ledger_id="test", **kw)
-
-
-async def settle() -> None:
-    """Let the supervisor finish what it is doing (the clock is mocked where time matters)."""
-    await trio.testing.wait_all_tasks_blocked()
 
 
 async def test_issue_example_start_called_four_times_then_ledger_failed(
@@ -307,6 +303,52 @@ async def test_group_restart_counts_once_toward_intensity() -> None:
         assert engine.statistics().restarts == 4
 
 
+class _Trigger(Recorder):
+    """Crashes (from its background work) when `fire` is asked."""
+
+    async def start(self, ctx: ModuleContext) -> None:
+        await super().start(ctx)
+        self.go = trio.Event()
+        ctx.spawn(self._crash_on_cue)
+
+    async def _crash_on_cue(self) -> None:
+        await self.go.wait()
+        raise RuntimeError(f"{self.id} crashes on cue")
+
+    def fire(self) -> None:
+        self.go.set()
+
+
+# Regression: issue 13 §1, a terminated validator stayed STOPPED through a group restart.
+async def test_group_restart_starts_a_terminated_validator_counting_once(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    log: Log = []
+    cfg = config(strategy=Strategy.REST_FOR_ONE, max_restarts=1, restart_window=3600)
+    async with LedgerEngine(cfg) as engine:
+        src = engine.register(_Trigger("src", log))
+        engine.register(Gate("gate", log))
+        engine.register(Recorder("tail", log), restart=Restart.TRANSIENT)
+        await engine.init_all()
+        await engine.start_all()
+        await engine.terminate("gate")
+        # A STOPPED validator keeps appends failing closed ...
+        with pytest.raises(ModuleError, match="'gate' is STOPPED"):
+            await engine.append(Record("k", 0))
+        # ... until something starts it again: src crashes, REST_FOR_ONE restarts all three.
+        await src.ask(_Trigger.fire)
+        await settle()
+        states = {h.id: h.state for h in engine.modules}
+        assert states == dict.fromkeys(("src", "gate", "tail"), ModuleState.RUNNING)
+        # each started member +1; the round counted once toward intensity (max 1: no escalation)
+        assert [s.restarts for s in engine.modules.status()] == [1, 1, 1]
+        assert engine.statistics().restarts == 3
+        assert engine.phase is Phase.RUNNING
+        receipt = await engine.append(Record("k", 1))  # the gate runs again: appends pass
+        assert receipt.seq == 0
+        assert ("gate", "before", 1) in log
+
+
 async def test_temporary_sibling_is_not_restarted_by_a_group(
     mock_clock: trio.testing.MockClock,
 ) -> None:
@@ -517,3 +559,233 @@ async def test_stop_all_finishes_a_restart_in_progress_within_the_shutdown_bound
         assert trio.current_time() - start <= 3.0 + 3.0  # supervision bound + its stop bound
         assert handle.state in (ModuleState.FAILED, ModuleState.STOPPED)
         assert engine.phase is Phase.STOPPED
+
+
+# -- review finding 2. Cancelling terminate() leaves a dead module that is neither STOPPED nor shut
+class SlowStopGate(Gate):
+    async def stop(self, ctx: ModuleContext) -> None:
+        await super().stop(ctx)
+        await trio.sleep(3)
+
+
+# Regression: review 2: Cancelling terminate() leaves a dead module that is neither STOPPED nor shut
+async def test_cancelled_terminate_leaves_appends_fail_closed_not_hung(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    async with open_ledger(config()) as engine:
+        handle = await engine.add(SlowStopGate("gate", []), shutdown=10.0)
+        with trio.move_on_after(1):
+            await engine.terminate("gate")  # cancelled while `stop` runs
+        await trio.sleep(5)  # its stop has long finished: the actor is gone
+        with pytest.raises(ModuleError, match="gate"), trio.fail_after(FOREVER):
+            await engine.append(Record("k", 1))  # fail-closed, not hung
+        assert handle.state is ModuleState.STOPPED
+
+
+# -- review finding 3. A group member killed during a group restart keeps a stale `stop` in its
+#   inbox
+# Regression: review 3: A group member killed during a group restart keeps a stale `stop` in its...
+async def test_group_member_killed_while_stopping_runs_again_after_the_restart(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    class SlowSink(Recorder):
+        async def after_append(self, record: Record, hash: Hash) -> None:
+            await trio.sleep(3)  # longer than its shutdown: the group restart kills it
+            await super().after_append(record, hash)
+
+    log: Log = []
+    async with LedgerEngine(config(strategy=Strategy.ONE_FOR_ALL)) as engine:
+        slow = engine.register(SlowSink("slow", log), shutdown=1.0, timeout=None)
+        engine.register(Recorder("bad", log, fail={"after": lambda n, _: n == 1}))
+        await engine.init_all()
+        await engine.start_all()
+        await engine.append(Record("k", 1))  # "bad" crashes -> ONE_FOR_ALL restart
+        await slow.wait_state(ModuleState.RESTARTING)
+        await slow.wait_state(ModuleState.RUNNING)
+        await trio.sleep(10)  # the redelivered record is processed
+        assert slow.state is ModuleState.RUNNING
+        with trio.fail_after(FOREVER):  # a RUNNING module answers
+            assert await slow.ask(lambda m: m.seen) == [0]
+
+
+# -- review finding 6. Supervision
+# Regression: review 6: Supervision
+async def test_backoff_grows_while_restarts_keep_failing(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    """k counts consecutive restarts and resets only after the module *stayed RUNNING* for
+    reset_after. Here it ran long once, then every restart's start fails: it never runs again,
+    so the delays must grow 1, 2, 4, 8 (they stay at 1: `running_since` is never cleared)."""
+    starts: list[float] = []
+
+    class Flaky(Recorder):
+        async def start(self, ctx: ModuleContext) -> None:
+            starts.append(trio.current_time())
+            await super().start(ctx)
+
+    flaky = Flaky("flaky", [], fail={"after": lambda n, _: True, "start": lambda n, _: n > 1})
+    backoff = Backoff(initial=1.0, multiplier=2.0, max=100.0, reset_after=10.0)
+    cfg = config(backoff=backoff, max_restarts=4, restart_window=1000.0)
+    with pytest.raises(LedgerFailed):
+        async with open_ledger(cfg, modules=[flaky]) as engine:
+            await trio.sleep(50)  # RUNNING well past reset_after
+            await engine.append(Record("k", 1))  # crash; then every restart's start fails
+            await trio.sleep_forever()
+    gaps = [round(b - a, 6) for a, b in itertools.pairwise(starts[1:])]
+    assert gaps == [2.0, 4.0, 8.0]  # delays before restarts k = 1, 2, 3
+
+
+# Regression: review 6: Supervision
+async def test_escalation_surfaces_as_ledger_failed_even_if_an_append_fails_first(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    """Escalation should cancel the body, then the block raises LedgerFailed. Escalation
+    stops the modules first, so an append in flight fails with LifecycleError ("ledger is
+    FAILED") before the body is cancelled; that error escapes and LedgerFailed is lost."""
+
+    class SlowGate(Gate):
+        async def before_append(self, record: Record) -> Record | None:
+            await trio.sleep(1)
+            return await super().before_append(record)
+
+    modules = [SlowGate("gate", []), Recorder("crashy", [], fail={"after": lambda n, _: True})]
+    with pytest.raises(LedgerFailed, match="more than 0 restarts"):
+        async with open_ledger(config(max_restarts=0), modules=modules) as engine:
+            await engine.append(Record("k", 1))  # "crashy" crashes on it: escalation
+            await engine.append(Record("k", 2))  # in the gate when the ledger fails
+            await trio.sleep_forever()
+
+
+# -- review finding 9: intensity window edge
+# Regression: review 9: a restart exactly window-old still counts (OTP keeps R >= Now - Period)
+async def test_restart_exactly_window_old_still_counts(mock_clock: trio.testing.MockClock) -> None:
+    """OTP keeps a restart R while R >= Now - Period: two restarts exactly `restart_window`
+    apart are both inside the window, so with max_restarts=1 the second escalates."""
+    failed: set[int] = set()
+
+    def first_time(n: int, seq: int) -> bool:
+        fresh = seq not in failed
+        failed.add(seq)
+        return fresh
+
+    flaky = Recorder("flaky", [], fail={"after": first_time})
+    with pytest.raises(LedgerFailed):
+        async with open_ledger(config(max_restarts=1, restart_window=5.0), modules=[flaky]) as e:
+            first = trio.current_time()
+            await e.append(Record("k", 1))  # crash and restart, both at `first`
+            await e.modules.get("flaky").wait_state(ModuleState.RESTARTING)
+            await e.modules.get("flaky").wait_state(ModuleState.RUNNING)
+            await trio.sleep_until(first + 5.0)
+            await e.append(Record("k", 2))  # second crash exactly one window later
+            await trio.sleep(1)
+            pytest.fail("the second restart, exactly restart_window later, did not escalate")
+
+
+# -- chaos bugs B1, B2, B4
+class FailingRestart(Module):
+    """A validator whose first restart fails in init."""
+
+    id = "validator"
+
+    def __init__(self) -> None:
+        self.inits = 0
+
+    async def init(self, ctx: ModuleContext) -> None:
+        self.inits += 1
+        if self.inits == 2:
+            raise RuntimeError("init fails on the first restart")
+
+    async def before_append(self, record: Record) -> Record | None:
+        if record.payload == "boom":
+            raise RuntimeError("crash")
+        return None
+
+
+# Regression: chaos bug B1: a stop queued for an ended incarnation stopped the next one at once
+async def test_b1_a_failed_restart_does_not_leave_a_stop_for_the_next_incarnation(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    async with open_ledger(LedgerConfig(ledger_id="t"), modules=[FailingRestart()]) as engine:
+        with pytest.raises(ModuleError, match="crashed in before_append"):
+            await engine.append(Record("k", "boom"))
+        with trio.move_on_after(60) as scope:
+            receipt = await engine.append(Record("k", 1))
+        assert not scope.cancelled_caught, f"append hangs: {engine.modules.get('validator').status}"
+        assert receipt.seq == 0
+
+
+class Slow(Module):
+    id = "slow"
+
+    async def after_append(self, record: Record, hash: Hash) -> None:
+        await trio.sleep(10)  # longer than its shutdown: a group restart kills it
+
+
+class CrashOnce(Module):
+    id = "crash-once"
+    crashed = False
+
+    async def after_append(self, record: Record, hash: Hash) -> None:
+        if not self.crashed:
+            self.crashed = True
+            raise RuntimeError("crash once")
+
+
+# Regression: chaos bug B1: a stop queued for an ended incarnation stopped the next one at once
+async def test_b1_a_module_killed_in_a_group_restart_serves_again(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    config = LedgerConfig(ledger_id="t", strategy=Strategy.ONE_FOR_ALL)
+    async with open_ledger(config) as engine:
+        slow = await engine.add(Slow(), shutdown=1.0, timeout=None)
+        await engine.add(CrashOnce())
+        await engine.append(Record("k", 1))  # crash-once crashes: the group restart kills slow
+        await trio.sleep(20)
+        with trio.move_on_after(60) as scope:
+            await slow.ask(lambda m: None)
+        assert not scope.cancelled_caught, f"slow never answers: {slow.status}"
+        assert slow.status.incarnation == 2
+
+
+# Regression: chaos bug B2: stop_all hung while the supervisor launched a restart
+async def test_b2_stop_all_while_the_supervisor_launches_a_restart(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    hung = 0
+    for _ in range(20):  # the window is one scheduling step: try it 20 times
+        async with open_ledger(LedgerConfig(ledger_id="t")) as engine:
+            handle = await engine.add(CrashOnce())
+            await engine.append(Record("k", 1))
+            while handle.status.restarts == 0:  # the supervisor is now in nursery.start
+                await trio.lowlevel.checkpoint()
+            with trio.move_on_after(60) as scope:
+                await engine.stop_all()
+            hung += scope.cancelled_caught
+    assert hung == 0, f"stop_all never returned in {hung} of 20 attempts"
+
+
+class SlowSibling(Module):
+    id = "sibling"
+
+    def __init__(self) -> None:
+        self.seen: list[int | None] = []
+
+    async def after_append(self, record: Record, hash: Hash) -> None:
+        await trio.sleep(1)
+        self.seen.append(record.seq)
+
+
+# Regression: chaos bug B4: a stop during a group restart dropped a healthy sibling's deliveries
+async def test_b4_a_stop_during_a_group_restart_drains_the_siblings(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    sibling = SlowSibling()
+    config = LedgerConfig(ledger_id="t", strategy=Strategy.ONE_FOR_ALL)
+    async with open_ledger(config, modules=[CrashOnce(), sibling]) as engine:
+        for n in range(3):
+            await engine.append(Record("k", n))  # crash-once crashes on seq 0
+        await engine.modules.get("sibling").wait_state(ModuleState.RESTARTING)
+        await trio.sleep(0.5)  # the group restart waits for the sibling's delivery to finish
+        await engine.stop_all()
+    assert engine.modules.get("sibling").status.stop_result == "clean"
+    assert sibling.seen == [0, 1, 2]  # fails: [0]
