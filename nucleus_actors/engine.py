@@ -667,7 +667,7 @@ class LedgerEngine:
         """
         self._require("append", Phase.RUNNING)
         limit = self.config.max_record_bytes
-        suffix = len(b',"seq":%d,"ts":%d}' % (self._length, self._last_ts))
+        suffix = len(b',"seq":%d,"ts":%d}' % (self._chain.length, self._chain.last_ts))
         slots: list[Request | NucleusError] = []
         given: Iterable[object] = records  # callers may pass anything: check each item
         for record in given:
