@@ -731,7 +731,7 @@ def _append_stdin(
                 flush_problems(line)
             if "seq" in answer:
                 seqs.append(answer["seq"])
-                _out.print(dumps(answer), markup=False)
+                sys.stdout.write(dumps(answer) + "\n")  # not rich: one line per record
                 elapsed = max(time.monotonic() - started, 1e-6)
                 bar.update(task, completed=len(seqs), rate=f"{len(seqs) / elapsed:,.0f}/s")
             elif "summary" in answer:
