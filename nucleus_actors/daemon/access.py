@@ -70,6 +70,9 @@ class AccessLog:
             await self.app(scope, receive, send)
             return
         rid = request_id_from(scope["headers"])
+        # inner layers (the app's RequestId) see the same id
+        headers = [(k, v) for k, v in scope["headers"] if k != _HEADER]
+        scope = {**scope, "headers": [*headers, (_HEADER, rid.encode("ascii"))]}
         token = REQUEST_ID.set(rid)
         header = (_HEADER, rid.encode("ascii"))
         status = 0
@@ -80,7 +83,9 @@ class AccessLog:
             nonlocal status, sent
             if message["type"] == "http.response.start":
                 status = message["status"]
-                message = {**message, "headers": [*message.get("headers", ()), header]}
+                given = message.get("headers", ())
+                if not any(name == _HEADER for name, _ in given):
+                    message = {**message, "headers": [*given, header]}
             elif message["type"] == "http.response.body":
                 sent += len(message.get("body", b""))
             await send(message)

@@ -197,7 +197,9 @@ def _open(url: str) -> socket.socket:
     host, port = url.removeprefix("http://").rsplit(":", 1)
     sock = socket.create_connection((host, int(port)), timeout=30)
     sock.sendall(
-        b"POST /v1/ledgers/main/records/stream HTTP/1.1\r\nHost: x\r\n"
+        b"POST /v1/ledgers/main/records/stream HTTP/1.1\r\nHost: %s:%s\r\n"
+        % (host.encode(), port.encode())
+        + b""
         b"Content-Type: application/x-ndjson\r\nTransfer-Encoding: chunked\r\n\r\n"
     )
     return sock

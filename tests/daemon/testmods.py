@@ -93,3 +93,12 @@ class Tunable(Module):
 
     def describe(self) -> dict[str, object]:
         return {"label": self.label}
+
+
+class FailsInit(Module):
+    """Its init fails at run time (not a configuration problem: `nucleus check` accepts it)."""
+
+    id = "fails-init"
+
+    async def init(self, ctx: ModuleContext) -> None:
+        raise OSError("the device this module needs is gone")
