@@ -15,45 +15,101 @@ import enum
 import logging
 import os
 import sys
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
-from typing import IO, Annotated, Any
+from typing import IO, TYPE_CHECKING, Annotated, Any
 
-import trio
 import typer
-from rich.console import Console
-from rich.markup import escape
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
-from rich.table import Table
 
 from . import __version__, _jcs
 from .daemon.client import (
     DEFAULT_URL,
     EXIT_BAD_INPUT,
-    ApiError,
     ClientError,
     DaemonClient,
+    DaemonUnreachable,
     Reconnecting,
 )
-from .daemon.config import ConfigError, load_config
-from .daemon.discovery import installed_modules
-from .daemon.logs import configure_logging
-from .daemon.server import EXIT_CONFIG, EXIT_FAILURE, Daemon
 from .daemon.template import CONFIG_TEMPLATE
 from .daemon.wire import dumps, entry_line, export_header, jsonl_line
 from .errors import IntegrityError, InvalidRecord, StorageError
 from .hashing import canonical_bytes, chain_hash, genesis, leaf_hash
 from .record import Hash, Record
-from .storage import verify_file
+
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.progress import Progress as _Progress
+    from rich.table import Table as _Table
+
+# Client commands and `--version` must start fast: trio, the server (FastAPI, hypercorn),
+# pydantic, httpx and most of rich are imported where a command needs them, not here (a test
+# checks `sys.modules` after a client command).
+EXIT_FAILURE = 1
+"""Same as `daemon.server.EXIT_FAILURE` (a test checks)."""
+EXIT_CONFIG = 2
+"""Same as `daemon.server.EXIT_CONFIG` (a test checks)."""
+
+
+def escape(text: str) -> str:
+    """`rich.markup.escape`, imported on first use."""
+    from rich.markup import escape as rich_escape
+
+    return rich_escape(text)
+
+
+def Progress(*columns: Any, **options: Any) -> _Progress:
+    """`rich.progress.Progress`, imported on first use."""
+    from rich.progress import Progress as RichProgress
+
+    return RichProgress(*columns, **options)
+
+
+def _column(name: str) -> Any:
+    def make(*args: Any, **kwargs: Any) -> Any:
+        import rich.progress
+
+        return getattr(rich.progress, name)(*args, **kwargs)
+
+    make.__name__ = name
+    return make
+
+
+BarColumn = _column("BarColumn")
+MofNCompleteColumn = _column("MofNCompleteColumn")
+TextColumn = _column("TextColumn")
+TimeElapsedColumn = _column("TimeElapsedColumn")
+TimeRemainingColumn = _column("TimeRemainingColumn")
+
+
+def Table(*args: Any, **kwargs: Any) -> _Table:
+    """`rich.table.Table`, imported on first use."""
+    from rich.table import Table as RichTable
+
+    return RichTable(*args, **kwargs)
+
+
+class _LazyConsole:
+    """A `rich.console.Console` created on first use."""
+
+    def __init__(self, **options: Any) -> None:
+        self._options = options
+        self._console: Console | None = None
+
+    @property
+    def real(self) -> Console:
+        """The console itself (where rich wants a `Console`, e.g. `Progress(console=...)`)."""
+        if self._console is None:
+            from rich.console import Console
+
+            self._console = Console(**self._options)
+        return self._console
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real, name)
+
 
 __all__ = ["app", "main"]
 
@@ -62,14 +118,14 @@ app = typer.Typer(
     help="Run and inspect nucleus_actors ledgers: blake3-chained append-only logs with "
     "supervised modules.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     pretty_exceptions_enable=False,
     rich_markup_mode="markdown",
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-_out = Console(highlight=False, soft_wrap=True)
-_err = Console(stderr=True, highlight=False, soft_wrap=True)
+_out: Any = _LazyConsole(highlight=False, soft_wrap=True)
+_err: Any = _LazyConsole(stderr=True, highlight=False, soft_wrap=True)
 
 
 class LogFormat(enum.StrEnum):
@@ -85,7 +141,7 @@ def _error(message: str) -> None:
 
 def _version(value: bool) -> None:
     if value:
-        _out.print(f"nucleus_actors {__version__}", markup=False)
+        print(f"nucleus_actors {__version__}")  # not rich: `--version` must start fast
         raise typer.Exit()
 
 
@@ -125,6 +181,9 @@ def check(
     config: Annotated[Path, typer.Argument(help="The daemon's TOML configuration file.")],
 ) -> None:
     """Validate a configuration (imports and builds every module, starts nothing)."""
+    from .daemon.config import ConfigError, load_config
+    from .daemon.server import Daemon
+
     try:
         settings = load_config(config)
         Daemon(settings)
@@ -152,11 +211,20 @@ def run(
         ),
     ] = None,
     log_format: Annotated[
-        LogFormat, typer.Option("--log-format", help="Log lines as text or JSON.")
-    ] = LogFormat.text,
+        LogFormat | None,
+        typer.Option("--log-format", help="Log lines as text or JSON (overrides the file)."),
+    ] = None,
     log_level: Annotated[
-        str, typer.Option("--log-level", help="debug, info, warning or error.")
-    ] = "info",
+        str | None,
+        typer.Option("--log-level", help="debug, info, warning or error (overrides the file)."),
+    ] = None,
+    access_log: Annotated[
+        bool | None,
+        typer.Option(
+            "--access-log/--no-access-log",
+            help="One log line per HTTP request (overrides the file's access_log).",
+        ),
+    ] = None,
     accept_rollback: Annotated[
         bool,
         typer.Option(
@@ -170,17 +238,54 @@ def run(
 
     Logs "listening on http://HOST:PORT" once bound. SIGTERM or SIGINT shuts down
     gracefully (in-flight requests finish, every module's stop runs) and exits 0; a second
-    signal forces exit. Exits 1 when a ledger fails (on_ledger_failure = "exit"), 2 on a
-    configuration error.
+    signal forces exit. SIGHUP reloads the log level, the token files and module configs
+    (docs/operations.md). Exits 1 when a ledger fails (on_ledger_failure = "exit"), 2 on a
+    configuration error. `$NUCLEUS_HOST`, `$NUCLEUS_PORT`, `$NUCLEUS_LOG_LEVEL` and
+    `$NUCLEUS_LOG_FORMAT` override the file; options override both.
     """
-    level = logging.getLevelNamesMapping().get(log_level.upper())
-    if level is None:
-        _error(f"--log-level must be debug, info, warning or error, got {log_level!r}")
-        raise typer.Exit(EXIT_CONFIG)
-    configure_logging(log_format.value, level)
+    import trio
+
+    from .daemon.config import ConfigError, load_config
+    from .daemon.logs import configure_logging
+    from .daemon.server import Daemon
+
     try:
         settings = load_config(config)
-        daemon = Daemon(settings, host=host, port=port, accept_rollback=accept_rollback)
+    except ConfigError as exc:
+        _err.print(str(exc), markup=False)
+        raise typer.Exit(EXIT_CONFIG) from None
+    env = os.environ
+    host = host or env.get("NUCLEUS_HOST") or None
+    if port is None and env.get("NUCLEUS_PORT"):
+        text = env["NUCLEUS_PORT"]
+        if not text.isdigit() or int(text) > 65535:
+            _error(f"$NUCLEUS_PORT must be a port number (0..65535), got {text!r}")
+            raise typer.Exit(EXIT_CONFIG)
+        port = int(text)
+    level_name = log_level or env.get("NUCLEUS_LOG_LEVEL") or settings.log_level
+    level = logging.getLevelNamesMapping().get(level_name.upper())
+    if level is None or level_name.lower() not in ("debug", "info", "warning", "error"):
+        where = "--log-level" if log_level else "$NUCLEUS_LOG_LEVEL"
+        _error(f"{where} must be debug, info, warning or error, got {level_name!r}")
+        raise typer.Exit(EXIT_CONFIG)
+    format_name = (
+        log_format.value if log_format else env.get("NUCLEUS_LOG_FORMAT") or settings.log_format
+    )
+    if format_name not in ("text", "json"):
+        _error(f"$NUCLEUS_LOG_FORMAT must be text or json, got {format_name!r}")
+        raise typer.Exit(EXIT_CONFIG)
+    access = settings.access_log if access_log is None else access_log
+    configure_logging("json" if format_name == "json" else "text", level, access_log=access)
+    try:
+        daemon = Daemon(
+            settings,
+            host=host,
+            port=port,
+            config_path=config,
+            log_level_fixed=bool(log_level or env.get("NUCLEUS_LOG_LEVEL")),
+            access_log=access,
+            accept_rollback=accept_rollback,
+        )
     except ConfigError as exc:
         _err.print(str(exc), markup=False)
         raise typer.Exit(EXIT_CONFIG) from None
@@ -211,13 +316,18 @@ def verify(
     if (checkpoint is None) != (key is None):
         _error("--checkpoint and --key go together")
         raise typer.Exit(EXIT_CONFIG)
+
+    import trio
+
+    from .storage import verify_file
+
     columns = (
         TextColumn("verifying {task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
     )
-    with Progress(*columns, console=_err, transient=False) as progress:
+    with Progress(*columns, console=_err.real, transient=False) as progress:
         task = progress.add_task(str(path), total=None)
 
         def report(done: int, total: int) -> None:
@@ -366,6 +476,78 @@ def keygen(
     _err.print(f"wrote signer key {path} (mode 0600): keep it secret", markup=False)
 
 
+# -- backup and restore ----------------------------------------------------------------------
+@app.command()
+def backup(
+    src: Annotated[Path, typer.Argument(help="A SQLite ledger file (may be in use).")],
+    dest: Annotated[Path, typer.Argument(help="Where to write the copy (must not exist).")],
+) -> None:
+    """Copy a ledger file consistently, even while a daemon appends to it, and verify it.
+
+    Uses SQLite's online backup API (one snapshot; the writer is never blocked), writes
+    DEST.partial, verifies the whole chain of the copy, then renames it to DEST. Exits 0 with
+    the copy's length and head, 1 if the copy does not verify, 2 on unusable input.
+    """
+    import trio
+
+    from .daemon.backup import BackupError
+    from .daemon.backup import backup as run_backup
+
+    try:
+        done = trio.run(run_backup, src, dest)
+    except IntegrityError as exc:
+        _error(f"{src}: the copy does not verify at seq {exc.seq}: {exc}")
+        raise typer.Exit(EXIT_FAILURE) from None
+    except (BackupError, StorageError) as exc:
+        _error(str(exc))
+        raise typer.Exit(EXIT_CONFIG) from None
+    _out.print(
+        f"{dest}: ledger {done.ledger_id!r}, {done.length} entries, head {done.head.hex()} "
+        "(verified)",
+        markup=False,
+    )
+
+
+@app.command()
+def restore(
+    export_file: Annotated[Path, typer.Argument(metavar="EXPORT", help="An export (JSONL).")],
+    dest: Annotated[Path, typer.Argument(help="The ledger file to create (must not exist).")],
+    ledger: Annotated[
+        str | None,
+        typer.Option("--ledger", "-l", help="Refuse an export of any other ledger."),
+    ] = None,
+) -> None:
+    """Rebuild a SQLite ledger file from an export, verifying every hash.
+
+    The export must start with its header line and hold the whole ledger (from seq 0): a
+    slice is refused, as is an export of another ledger than `--ledger`. Every entry's chain
+    hash is recomputed from its canonical bytes. Exits 0, 1 if an entry does not verify
+    (naming its seq), 2 on unusable input. Serve the file with `nucleus run`.
+    """
+    import trio
+
+    from .daemon.backup import BackupError
+    from .daemon.backup import restore as run_restore
+
+    try:
+        with export_file.open("rb") as source:
+            done = trio.run(partial(run_restore, source, dest, ledger_id=ledger))
+    except OSError as exc:
+        _error(f"cannot read {export_file}: {exc.strerror or exc}")
+        raise typer.Exit(EXIT_CONFIG) from None
+    except IntegrityError as exc:
+        _error(f"{export_file}: integrity failure at seq {exc.seq}: {exc}")
+        raise typer.Exit(EXIT_FAILURE) from None
+    except (BackupError, StorageError) as exc:
+        _error(f"{export_file}: {exc}")
+        raise typer.Exit(EXIT_CONFIG) from None
+    _out.print(
+        f"{dest}: ledger {done.ledger_id!r}, {done.length} entries, head {done.head.hex()} "
+        "(every hash verified)",
+        markup=False,
+    )
+
+
 # -- discovery -------------------------------------------------------------------------------
 @app.command("modules")
 def list_modules(
@@ -376,6 +558,8 @@ def list_modules(
     Each is imported to read its class version; one that does not import is listed with the
     error and the command exits 1. Run it with the daemon's Python environment.
     """
+    from .daemon.discovery import installed_modules
+
     rows: list[dict[str, Any]] = []
     broken = 0
     for found in installed_modules():
@@ -549,6 +733,59 @@ def _parse_meta(items: list[str]) -> dict[str, str]:
     return meta
 
 
+def _stdin_lines(
+    stream: IO[bytes], kind: str | None, meta: dict[str, str], problems: dict[int, str]
+) -> Iterator[bytes]:
+    """NDJSON chunks for the stream route, one output line per stdin line (so the daemon's
+    line numbers are stdin's), read as they come (a pipe need not end).
+
+    A line the daemon could never take (not JSON with `--kind`; not a record object without
+    it) is noted in `problems` and sent as a blank line (which the daemon skips).
+    """
+    read = getattr(stream, "read1", stream.read)
+    number = 0
+    pending = b""
+    while True:
+        block = read(1 << 16)
+        if not block:
+            break
+        lines = (pending + block).split(b"\n")
+        pending = lines.pop()
+        out = []
+        for raw in lines:
+            number += 1
+            out.append(_stdin_line(number, raw, kind, meta, problems))
+        yield b"".join(out)
+    if pending.strip():
+        yield _stdin_line(number + 1, pending, kind, meta, problems)
+
+
+def _stdin_line(
+    number: int, raw: bytes, kind: str | None, meta: dict[str, str], problems: dict[int, str]
+) -> bytes:
+    if not raw.strip():
+        return b"\n"
+    if kind is None and not meta:
+        return raw.rstrip(b"\r") + b"\n"  # a whole record: the daemon checks it
+    try:
+        value = _jcs.loads(raw)
+    except (ValueError, RecursionError) as exc:
+        problems[number] = f"not JSON: {exc}"
+        return b"\n"
+    if kind is not None:
+        record: Any = {"kind": kind, "payload": value, "meta": meta}
+    elif not isinstance(value, dict) or "kind" not in value or "payload" not in value:
+        problems[number] = (
+            'without --kind each line must be an object with "kind" and "payload" (and '
+            f'optional "meta"), got {raw.decode(errors="replace").strip()[:80]!r}'
+        )
+        return b"\n"
+    else:
+        extra = value.get("meta")
+        record = {**value, "meta": {**meta, **extra} if isinstance(extra, dict) else extra}
+    return dumps(record).encode() + b"\n"
+
+
 def _stdin_records(
     stream: IO[str], kind: str | None, meta: dict[str, str]
 ) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -624,8 +861,16 @@ def append(
         list[str] | None, typer.Option("--meta", "-m", help="KEY=VALUE metadata (repeatable).")
     ] = None,
     batch_size: Annotated[
-        int, typer.Option("--batch-size", min=1, max=10000, help="Records per batch (stdin).")
-    ] = 500,
+        int | None,
+        typer.Option("--batch-size", hidden=True, help="Ignored: stdin is streamed."),
+    ] = None,
+    progress: Annotated[
+        bool | None,
+        typer.Option(
+            "--progress/--no-progress",
+            help="Show records/s and the count on stderr (default: when it is a terminal).",
+        ),
+    ] = None,
     url: Url = DEFAULT_URL,
     token_env: TokenEnv = "NUCLEUS_TOKEN",
     ledger: LedgerOpt = None,
@@ -633,11 +878,13 @@ def append(
     """Append a record (`--kind K --json PAYLOAD`), or many from stdin as JSON Lines.
 
     From stdin, each line is a payload (with `--kind`) or a whole record
-    `{"kind", "payload", "meta"}`; lines are sent in all-or-nothing batches of
-    `--batch-size`. Receipts (`{"seq","hash","timestamp"}`) go to stdout, one per line. If a
-    line is refused, the batches before it stay appended (the message says which seqs) and
-    nothing of its batch is stored.
+    `{"kind", "payload", "meta"}`. Lines are streamed to the daemon as they are read and
+    appended one by one; each receipt (`{"line","seq","hash","timestamp"}`) goes to stdout as
+    soon as its record is durable. A refused line (not JSON, invalid, vetoed) is reported on
+    stderr with its line number and the others go on; the exit status is then 2 (bad input)
+    or 1 (refused by a module or the daemon).
     """
+    del batch_size  # accepted for old scripts; stdin is streamed record by record
     extra = _parse_meta(meta or [])
     single: dict[str, Any] | None = None
     if payload is not None:  # checked before the daemon is contacted: bad input exits 2
@@ -660,62 +907,91 @@ def append(
             if sys.stdin.isatty():
                 _error("give --kind K --json PAYLOAD, or pipe JSON Lines records on stdin")
                 raise typer.Exit(EXIT_CONFIG)
-            _append_stream(api, target, _stdin_records(sys.stdin, kind, extra), batch_size)
+            _append_stdin(api, target, kind, extra, progress)
     except ClientError as exc:
         raise _fail(exc) from None
 
 
-def _append_stream(
-    api: DaemonClient,
-    ledger: str,
-    records: Iterator[tuple[int, dict[str, Any]]],
-    batch_size: int,
+def _append_stdin(
+    api: DaemonClient, ledger: str, kind: str | None, meta: dict[str, str], progress: bool | None
 ) -> None:
-    done: list[int] = []  # seqs appended
+    """Stream stdin to the daemon's NDJSON route; receipts to stdout as they come back."""
+    from .daemon.upload import UploadError, upload_ndjson
 
-    def summary() -> str:
-        if not done:
-            return "nothing was appended"
-        return f"{len(done)} record(s) were appended before it (seqs {done[0]}..{done[-1]})"
+    problems: dict[int, str] = {}  # refused before sending: line -> why
+    seqs: list[int] = []
+    failed = [0]
+    worst = [0]  # exit status: 2 for bad input, else 1 when something failed
+    show = _err.is_terminal if progress is None else progress
+    columns = (
+        TextColumn(f"appending to {escape(ledger)}"),
+        TextColumn("{task.completed:,.0f} records"),
+        TextColumn("{task.fields[rate]}"),
+        TimeElapsedColumn(),
+    )
 
-    def send(batch: list[tuple[int, dict[str, Any]]]) -> None:
-        try:
-            receipts = api.append_batch(ledger, [record for _, record in batch])
-        except ApiError as exc:
-            index = exc.problem.get("index")
-            if len(batch) == 1:
-                index = 0
-            if isinstance(index, int) and 0 <= index < len(batch):
-                where = f"stdin line {batch[index][0]}: "
+    def report(number: int, message: str, bad_input: bool) -> None:
+        failed[0] += 1
+        worst[0] = max(worst[0], EXIT_BAD_INPUT if bad_input else EXIT_FAILURE)
+        _error(f"stdin line {number}: {message}")
+
+    def flush_problems(upto: float) -> None:
+        for number in sorted(n for n in problems if n < upto):
+            report(number, problems.pop(number), bad_input=True)
+
+    with Progress(*columns, console=_err.real, disable=not show, transient=True) as bar:
+        task = bar.add_task("append", total=None, rate="")
+        started = time.monotonic()
+
+        def on_line(answer: dict[str, Any]) -> None:
+            line = answer.get("line")
+            if isinstance(line, int):
+                flush_problems(line)
+            if "seq" in answer:
+                seqs.append(answer["seq"])
+                sys.stdout.write(dumps(answer) + "\n")  # not rich: one line per record
+                elapsed = max(time.monotonic() - started, 1e-6)
+                bar.update(task, completed=len(seqs), rate=f"{len(seqs) / elapsed:,.0f}/s")
+            elif "summary" in answer:
+                flush_problems(float("inf"))
             else:
-                where = f"stdin lines {batch[0][0]}..{batch[-1][0]}: "
-            _error(f"{where}{exc.detail}; nothing of its batch was stored; {summary()}")
-            raise typer.Exit(exc.exit_code) from None
-        for receipt in receipts:
-            _out.print(dumps(receipt), markup=False)
-        done.extend(r["seq"] for r in receipts)
+                status = int(answer.get("status", 0))
+                report(int(line or 0), str(answer.get("detail", answer)), status in _BAD_INPUT)
 
-    batch: list[tuple[int, dict[str, Any]]] = []
-    try:
-        for item in records:
-            batch.append(item)
-            if len(batch) >= batch_size:
-                send(batch)
-                batch = []
-    except InvalidRecord as exc:
-        if batch:
-            send(batch)  # the lines before the bad one are fine
-        _error(f"{exc}; {summary()}")
-        raise typer.Exit(EXIT_BAD_INPUT) from None
-    if batch:
-        send(batch)
-    if done:
+        headers = {"User-Agent": "nucleus-cli"}
+        if api.token:
+            headers["Authorization"] = f"Bearer {api.token}"
+        try:
+            upload_ndjson(
+                api.url,
+                f"/v1/ledgers/{ledger}/records/stream",
+                _stdin_lines(sys.stdin.buffer, kind, meta, problems),
+                on_line,
+                headers=headers,
+            )
+        except UploadError as exc:
+            if exc.status:
+                raise api.error_from(exc.status, exc.headers, exc.body) from None
+            raise DaemonUnreachable(
+                f"cannot reach the daemon at {api.url}: {exc}; is `nucleus run` running there? "
+                "(set the address with --url or $NUCLEUS_URL)"
+            ) from None
+    flush_problems(float("inf"))
+    done = f"seqs {seqs[0]}..{seqs[-1]}" if seqs else "nothing appended"
+    if failed[0]:
         _err.print(
-            f"appended {len(done)} record(s) to {ledger!r}: seqs {done[0]}..{done[-1]}",
+            f"appended {len(seqs)} record(s) to {ledger!r} ({done}); {failed[0]} line(s) "
+            "failed (each error above names its line)",
             markup=False,
         )
+        raise typer.Exit(worst[0])
+    if seqs:
+        _err.print(f"appended {len(seqs)} record(s) to {ledger!r}: {done}", markup=False)
     else:
         _err.print("stdin held no records: nothing appended", markup=False)
+
+
+_BAD_INPUT = frozenset({400, 413, 415, 422})
 
 
 class TailFormat(enum.StrEnum):
@@ -886,7 +1162,7 @@ def _export(
     )
     written = 0
     try:
-        with Progress(*columns, console=_err, disable=not progress) as bar:
+        with Progress(*columns, console=_err.real, disable=not progress) as bar:
             task = bar.add_task("export", total=stop - start)
             sink.write(export_header(ledger, start, prev))
             for entry in api.entries(ledger, start, stop):

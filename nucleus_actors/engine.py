@@ -35,6 +35,7 @@ from .errors import (
     InvalidRecord,
     LedgerFailed,
     LifecycleError,
+    NucleusError,
     StorageError,
 )
 from .hashing import ChainVerifier, genesis
@@ -706,6 +707,71 @@ class LedgerEngine:
         request = Request(batch)
         self._pipeline.submit(request)
         return await request.wait()
+
+    async def append_each(self, records: Iterable[Record]) -> list[Receipt | NucleusError]:
+        """Append records individually, in order: one outcome per record.
+
+        Unlike `append_many`, a refused record fails alone: each outcome is the record's
+        `Receipt`, or the error `append` would have raised for it (`RecordRejected`,
+        `InvalidRecord`, `ModuleError`, `StorageError`, `LifecycleError`). The records travel
+        the pipeline together (group commit), so this costs about what `append_many` costs.
+        Records that succeed get increasing seqs in the order given (not necessarily
+        contiguous: other appends may interleave).
+
+        Cancellation: records not yet handed to storage are withdrawn (never stored); those
+        already in storage may still commit although you see `Cancelled`, and are then
+        delivered normally.
+
+        Raises:
+            LifecycleError: the ledger is not RUNNING (nothing was appended).
+        """
+        self._require("append", Phase.RUNNING)
+        limit = self.config.max_record_bytes
+        suffix = len(b',"seq":%d,"ts":%d}' % (self._chain.length, self._chain.last_ts))
+        slots: list[Request | NucleusError] = []
+        given: Iterable[object] = records  # callers may pass anything: check each item
+        for record in given:
+            if not isinstance(record, Record):
+                found = type(record).__name__
+                slots.append(InvalidRecord(f"append_each takes Records, got {found}"))
+                continue
+            size = len(record._body) + suffix
+            if size > limit:
+                slots.append(
+                    InvalidRecord(
+                        f"record is {size} canonical bytes, over max_record_bytes={limit}"
+                    )
+                )
+                continue
+            request = Request([record])
+            self._pipeline.submit(request)
+            slots.append(request)
+        try:
+            waited = False
+            for slot in slots:
+                if isinstance(slot, Request):
+                    await slot._wait()
+                    waited = True
+            if not waited:
+                await trio.lowlevel.checkpoint()
+        except BaseException:
+            for slot in slots:
+                if isinstance(slot, Request) and not slot.storing:
+                    slot.withdrawn = True
+            raise
+        outcomes: list[Receipt | NucleusError] = []
+        for slot in slots:
+            if not isinstance(slot, Request):
+                outcomes.append(slot)
+            elif slot.error is None and slot.receipts is not None:
+                outcomes.append(slot.receipts[0])
+            elif isinstance(slot.error, NucleusError):
+                outcomes.append(slot.error)
+            elif slot.error is not None:
+                raise slot.error
+            else:  # pragma: no cover - defensive: answered without an outcome
+                outcomes.append(LifecycleError("append was withdrawn"))
+        return outcomes
 
     async def append_keyed(self, records: Sequence[Record], key: str) -> tuple[list[Receipt], bool]:
         """Append `records` all-or-nothing under the idempotency key `key`; return the receipts

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import hmac
+import inspect
 import logging
 import re
 from collections.abc import AsyncIterator
@@ -52,10 +53,14 @@ from ..lifecycle import ModuleState
 from ..module import Module
 from ..record import KIND_FORBIDDEN, MAX_KIND_LENGTH, Record
 from ..registry import ModuleHandle
+from .auth import ReadGuard
+from .docs_ui import install_docs
+from .fastpath import FastAppend
 from .guards import Admission, HostCheck, RequestId, check_batch_size, checked_key
 from .host import DaemonState, LedgerHost
 from .problems import Problem, problem_from_error, problem_response
 from .ui import install_ui
+from .stream import install_stream_route, media_problem, stream_path
 from .wire import dumps as _dumps
 from .wire import entry_json, receipt_json
 
@@ -321,6 +326,9 @@ class _Guard:
         if scope["type"] != "http" or scope["method"] != "POST" or not self._routed(scope):
             await self.app(scope, receive, send)
             return
+        if stream_path(scope["path"]):
+            await self._stream(scope, receive, send)
+            return
         problem = self._check_headers(Headers(scope=scope))
         if problem is not None:
             await problem_response(problem, scope["path"])(scope, receive, send)
@@ -355,6 +363,24 @@ class _Guard:
             return await receive()
 
         await self.app(scope, replay, send)
+
+    async def _stream(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """The NDJSON stream route: token and media type; its body is read as it arrives
+        (no `max_body_bytes` for the whole body: each line is bounded instead)."""
+        headers = Headers(scope=scope)
+        token = self.state.token
+        problem = None
+        if token is not None and not _authorized(headers.get("authorization"), token):
+            problem = Problem(
+                "unauthorized",
+                "writes need the header 'Authorization: Bearer <token>' with the daemon's token",
+                headers={"WWW-Authenticate": 'Bearer realm="nucleus"'},
+            )
+        problem = problem or media_problem(headers.get("content-type"))
+        if problem is not None:
+            await problem_response(problem, scope["path"])(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
 
     def _check_headers(self, headers: Headers) -> Problem | None:
         token = self.state.token
@@ -447,6 +473,16 @@ def _allowed_methods(routes: list[Any], scope: Scope) -> list[str]:
 
 
 # -- the app ---------------------------------------------------------------------------------
+# FastAPI's OpenTelemetry bridge (newer FastAPI) asks the OpenTelemetry API on every request
+# whether a provider is configured (environment lookups included): ~15 us per request. The
+# daemon has its own /metrics; turn the bridge off where FastAPI has it.
+_NO_TELEMETRY: Final[dict[str, Any]] = (
+    {"telemetry": {"tracing": False, "metrics": False, "logs": False}}
+    if "telemetry" in inspect.signature(FastAPI.__init__).parameters
+    else {}
+)
+
+
 def create_app(state: DaemonState) -> FastAPI:
     """The FastAPI application serving `state`'s ledgers (one per daemon).
 
@@ -459,12 +495,16 @@ def create_app(state: DaemonState) -> FastAPI:
         description="Append-only blake3-chained ledgers with supervised modules. "
         "Errors are RFC 9457 problem details (application/problem+json).",
         openapi_url="/openapi.json",
-        docs_url="/docs",
+        docs_url=None,  # install_docs: Swagger UI served locally (works offline)
         redoc_url=None,
+        **_NO_TELEMETRY,
     )
+    install_docs(app, title=app.title)
     app.router.route_class = _IJsonRoute
     _publish_json_value(app)
+    app.add_middleware(FastAppend, state=state)  # innermost: after every guard
     app.add_middleware(_Guard, state=state, routes=app.router.routes)
+    app.add_middleware(ReadGuard, state=state)
     app.add_middleware(Admission, state=state)
     app.add_middleware(HostCheck, state=state)
     app.add_middleware(RequestId)
@@ -557,6 +597,10 @@ def create_app(state: DaemonState) -> FastAPI:
             status_code=201,
             headers={"Idempotent-Replayed": "true"} if replayed else None,
         )
+
+    install_stream_route(
+        app, state, serving, write_security, _problems(401, 404, 413, 415, 422, 503)
+    )
 
     @app.get(
         "/v1/ledgers/{ledger}/records",

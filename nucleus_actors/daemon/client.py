@@ -14,15 +14,55 @@ ClientError (NucleusError)            exit 1: the daemon refused or failed the r
 from __future__ import annotations
 
 import json
+import sys
 import time
+import types
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Final
-
-import httpx
+from typing import TYPE_CHECKING, Any, Final
 
 from ..errors import NucleusError
-from .problems import PROBLEM_TYPE_PREFIX
+
+if TYPE_CHECKING:
+    import httpx
+else:
+
+    class _Httpx:
+        """`httpx`, imported on first use (`nucleus --version` and the CLI's import need not
+        pay for it)."""
+
+        def __getattr__(self, name: str) -> Any:
+            module = _import_httpx()
+            globals()["httpx"] = module
+            return getattr(module, name)
+
+    httpx = _Httpx()
+
+
+class _DeferredTrio(types.ModuleType):
+    """Stands in for `trio` while httpx is imported: httpcore imports trio eagerly (for async
+    clients, which the CLI never uses); this defers the real import to first use."""
+
+    def __getattr__(self, name: str) -> Any:
+        import importlib
+
+        return getattr(importlib.import_module("trio"), name)
+
+
+def _import_httpx() -> Any:
+    import importlib
+
+    if "trio" in sys.modules:
+        return importlib.import_module("httpx")
+    stand_in = _DeferredTrio("trio")
+    sys.modules["trio"] = stand_in
+    try:
+        importlib.import_module("httpcore")  # httpx imports it on first client
+        return importlib.import_module("httpx")
+    finally:
+        if sys.modules.get("trio") is stand_in:
+            del sys.modules["trio"]
+
 
 __all__ = [
     "DEFAULT_URL",
@@ -48,6 +88,10 @@ EXIT_UNREACHABLE: Final = 3
 """No daemon answers at the URL (refused, timed out, not HTTP, not a nucleus daemon)."""
 EXIT_UNAUTHORIZED: Final = 4
 """The daemon wants a token for writes and did not get the right one."""
+
+PROBLEM_TYPE_PREFIX: Final = "tag:nucleus-actors,2025:problem/"
+"""Every problem `type` starts so (`problems.PROBLEM_TYPE_PREFIX`; kept here so the client
+imports no server framework; a test checks the two agree)."""
 
 _BAD_INPUT_STATUSES: Final = frozenset({400, 404, 405, 413, 415, 422})
 _READ_TIMEOUT: Final = 30.0
@@ -132,6 +176,8 @@ class DaemonClient:
         transport: httpx.BaseTransport | None = None,
     ) -> None:
         self.url = url.rstrip("/")
+        self.token = token or None
+        """The bearer token sent with every request, or None."""
         self.token_env = token_env
         self._has_token = bool(token)
         headers = {"Authorization": f"Bearer {token}"} if token else {}
@@ -218,6 +264,13 @@ class DaemonClient:
                 problem=problem,
             )
         return ApiError(f"{detail} ({status})", status=status, problem=problem)
+
+    def error_from(self, status: int, headers: Mapping[str, str], body: bytes) -> ClientError:
+        """The `ClientError` for an error answer received outside httpx (the upload)."""
+        request = httpx.Request("POST", self.url)
+        return self._error(
+            httpx.Response(status, headers=dict(headers), content=body, request=request)
+        )
 
     # -- reads ---------------------------------------------------------------------------
     def ledgers(self) -> list[dict[str, Any]]:

@@ -331,6 +331,29 @@ class DaemonConfig(_Section):
     most `read_timeout`, then 503)."""
     ledgers: list[LedgerSettings] = Field(min_length=1)
     """The ledgers this daemon serves (at least one)."""
+    # -- operations (docs/operations.md) ---------------------------------------------------
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    """Log level; `NUCLEUS_LOG_LEVEL` and `--log-level` override it (flag > env > file);
+    reloaded on SIGHUP when neither overrides it."""
+    log_format: Literal["text", "json"] = "text"
+    """Log lines as text or JSON; `NUCLEUS_LOG_FORMAT` and `--log-format` override it."""
+    access_log: bool = True
+    """One INFO line per HTTP request (`--no-access-log` turns it off)."""
+    token_file: str | None = None
+    """File holding the API token (first line; relative to this file's directory), re-read on
+    SIGHUP. Takes precedence over `token_env`."""
+    reads: Literal["open", "token"] = "open"
+    """`"token"`: reads (`GET /v1/...`, `/metrics`) need a bearer token too: the read token
+    or the API token. `/healthz`, `/readyz`, `/docs` and `/openapi.json` stay open."""
+    read_token_env: str = "NUCLEUS_READ_TOKEN"
+    """Environment variable holding a read-only token (accepted for reads, not writes)."""
+    read_token_file: str | None = None
+    """File holding the read-only token, re-read on SIGHUP (takes precedence over
+    `read_token_env`)."""
+    tls_cert: str | None = None
+    """PEM certificate (chain) file: with `tls_key`, the daemon serves HTTPS."""
+    tls_key: str | None = None
+    """PEM private key file of `tls_cert`."""
 
     _base_dir: Path = PrivateAttr(default_factory=Path.cwd)
 
@@ -361,7 +384,7 @@ class DaemonConfig(_Section):
             allowed_hosts=None if self.allowed_hosts is None else tuple(self.allowed_hosts),
         )
 
-    @field_validator("token_env")
+    @field_validator("token_env", "read_token_env")
     @classmethod
     def _env_name(cls, value: str) -> str:
         return _matching(value, _ENV_RE, "an environment variable name ([A-Za-z_][A-Za-z0-9_]*)")
@@ -370,6 +393,19 @@ class DaemonConfig(_Section):
     def base_dir(self) -> Path:
         """The directory relative storage paths resolve against (the config file's)."""
         return self._base_dir
+
+    def path_of(self, value: str) -> Path:
+        """A path key's value, resolved against the config file's directory (`~` expands)."""
+        path = Path(os.path.expanduser(value))
+        return path if path.is_absolute() else self._base_dir / path
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> DaemonConfig:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise PydanticCustomError(
+                "tls_pair", "tls_cert and tls_key go together: set both or neither", {}
+            )
+        return self
 
     @model_validator(mode="after")
     def _distinct(self, info: ValidationInfo) -> DaemonConfig:

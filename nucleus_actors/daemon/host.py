@@ -81,6 +81,8 @@ class DaemonState:
         token: str | None,
         max_body_bytes: int,
         metrics: DaemonMetrics | None = None,
+        reads: str = "open",
+        read_token: str | None = None,
         limits: HttpLimits | None = None,
     ) -> None:
         self.hosts: dict[str, LedgerHost] = dict(hosts)
@@ -91,6 +93,10 @@ class DaemonState:
         """Largest request body accepted."""
         self.stopping = False
         """Set once shutdown began: streams end, `/readyz` answers 503."""
+        self.reads = reads
+        """`"open"`, or `"token"`: reads need the read token or the API token."""
+        self.read_token = read_token or None
+        """A token accepted for reads only (with `reads = "token"`), or None."""
         self.metrics = DaemonMetrics() if metrics is None else metrics
         """What `/metrics` serves (a fresh registry unless the daemon passes its own)."""
         self.metrics.watch(self.hosts.values)

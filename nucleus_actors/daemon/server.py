@@ -1,13 +1,16 @@
 """`Daemon`: the ledgers of a configuration, each in its own task, behind the HTTP API.
 
 ```
-run() ── nursery ─┬─ signal watcher        (1st SIGTERM/SIGINT: graceful; 2nd: force exit)
+run() ── nursery ─┬─ signal watcher        (SIGTERM/SIGINT: graceful, 2nd: force; SIGHUP: reload)
                   ├─ ledger task per ledger (async with engine: init_all, start_all, wait, stop_all)
                   └─ hypercorn.trio.serve   (FastAPI app; shutdown_trigger = stop requested)
 ```
 
 Startup: every ledger starts first (a ledger that fails to start is handled per
 `on_ledger_failure`), then the server binds and logs `listening on http://HOST:PORT`.
+
+SIGHUP reloads what can change safely (`Daemon.reload`: log level, token files, the
+`config` of modules with a `reconfigure(config)` method) and logs what it could not.
 
 Shutdown (a signal, or a ledger failure with `on_ledger_failure = "exit"`): streams end, the
 server stops accepting and lets in-flight requests finish (`graceful_timeout`), then every
@@ -17,12 +20,15 @@ The exit status is 0 after a signal, 1 after a ledger failure.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import signal
 import sys
-from collections.abc import AsyncIterator, Callable
-from typing import Final
+from collections.abc import AsyncIterator, Callable, Mapping
+from functools import partial
+from pathlib import Path
+from typing import Any, Final
 
 import trio
 from hypercorn.config import Config as HypercornConfig
@@ -30,9 +36,10 @@ from hypercorn.config import Config as HypercornConfig
 from ..engine import LedgerEngine
 from ..errors import IntegrityError, NucleusError, ProofError, RegistryError
 from ..storage import MemoryStorage, SQLiteStorage, StorageBackend
+from .access import AccessLog
 from .app import create_app
 from .checkpoints import CheckpointSigner, default_origin, load_signer_key
-from .config import ConfigError, ConfigProblem, DaemonConfig, LedgerSettings
+from .config import ConfigError, ConfigProblem, DaemonConfig, LedgerSettings, resolve_use
 from .connections import HttpServer
 from .events import watch_lifecycle
 from .guards import HostAllowList
@@ -155,22 +162,37 @@ class Daemon:
         *,
         host: str | None = None,
         port: int | None = None,
-        environ: dict[str, str] | None = None,
+        environ: Mapping[str, str] | None = None,
         force_exit: Callable[[int], object] = os._exit,
+        config_path: str | os.PathLike[str] | None = None,
+        log_level_fixed: bool = False,
+        access_log: bool | None = None,
         accept_rollback: bool = False,
     ) -> None:
         self.config = config
         self.host = config.host if host is None else host
         self.port = config.port if port is None else port
-        env = os.environ if environ is None else environ
+        self._environ: Mapping[str, str] = os.environ if environ is None else environ
+        self.config_path = None if config_path is None else Path(config_path)
+        """The file SIGHUP reloads (None: only the token files are re-read)."""
+        self._log_level_fixed = log_level_fixed  # --log-level / $NUCLEUS_LOG_LEVEL win
+        self.access_log = config.access_log if access_log is None else access_log
+        token, read_token = self._tokens(config)
+        if config.reads == "token" and token is None and read_token is None:
+            raise ConfigError(
+                "configuration",
+                [ConfigProblem("reads", 'reads = "token" needs a read token or an API token')],
+            )
         self.metrics = DaemonMetrics()
         """This daemon's metrics (its own registry), served at `/metrics`."""
         self.state = DaemonState(
             build_hosts(config, metrics=self.metrics, accept_rollback=accept_rollback),
-            token=env.get(config.token_env) or None,
+            token=token,
             max_body_bytes=config.max_body_bytes,
             metrics=self.metrics,
             limits=config.http_limits(),
+            reads=config.reads,
+            read_token=read_token,
         )
         self.urls: list[str] = []
         """Where the server listens once bound (`http://HOST:PORT`)."""
@@ -179,6 +201,153 @@ class Daemon:
         self._release = trio.Event()  # set once the server stopped: ledgers may stop now
         self._exit_code = EXIT_OK
         self._signals = 0
+        self._pending_modules: list[tuple[LedgerHost, str, dict[str, Any]]] = []
+
+    # -- tokens and reloading -------------------------------------------------------------
+    def _tokens(self, config: DaemonConfig) -> tuple[str | None, str | None]:
+        """(API token, read token): from their files if configured, else their variables.
+
+        Raises:
+            ConfigError: a token file cannot be read or is empty.
+        """
+        env = self._environ
+
+        def from_file(key: str, value: str) -> str:
+            path = config.path_of(value)
+            try:
+                text = path.read_text(encoding="utf-8").strip().splitlines()
+            except (OSError, UnicodeDecodeError) as exc:
+                raise ConfigError(
+                    "configuration", [ConfigProblem(key, f"cannot read {path}: {exc}")]
+                ) from None
+            if not text or not text[0].strip():
+                raise ConfigError("configuration", [ConfigProblem(key, f"{path} is empty")])
+            return text[0].strip()
+
+        token = (
+            from_file("token_file", config.token_file)
+            if config.token_file
+            else env.get(config.token_env) or None
+        )
+        read = (
+            from_file("read_token_file", config.read_token_file)
+            if config.read_token_file
+            else env.get(config.read_token_env) or None
+        )
+        return token, read
+
+    def reload(self) -> None:
+        """Apply what can change safely (SIGHUP): the log level, the tokens (files), and the
+        `config` of modules that accept it (`reconfigure`, run by `_reconfigure`). Logs what
+        it could not apply; never stops the daemon."""
+        from .logs import set_level
+
+        log.info("SIGHUP: reloading %s", self.config_path or "the token files")
+        new = self.config
+        if self.config_path is not None:
+            from .config import load_config
+
+            try:
+                new = load_config(self.config_path)
+            except ConfigError as exc:
+                log.error("SIGHUP: the configuration does not load; nothing reloaded: %s", exc)
+                return
+        try:
+            token, read_token = self._tokens(new)
+        except ConfigError as exc:
+            log.error("SIGHUP: tokens not reloaded: %s", exc)
+        else:
+            if new.reads == "token" and token is None and read_token is None:
+                log.error('SIGHUP: tokens not reloaded: reads = "token" needs a token')
+            else:
+                changed = (token, read_token) != (self.state.token, self.state.read_token)
+                self.state.token, self.state.read_token = token, read_token
+                self.state.reads = new.reads
+                log.info("SIGHUP: tokens %s", "replaced" if changed else "unchanged")
+        if not self._log_level_fixed and new.log_level != self.config.log_level:
+            set_level(new.log_level.upper())
+            log.info("SIGHUP: log level is now %s", new.log_level)
+        not_reloaded = [
+            key
+            for key in ("host", "port", "max_body_bytes", "on_ledger_failure", "graceful_timeout",
+                        "tls_cert", "tls_key", "log_format", "access_log", "token_env",
+                        "read_token_env")
+            if getattr(new, key) != getattr(self.config, key)
+        ]  # fmt: skip
+        if not_reloaded:
+            log.warning(
+                "SIGHUP: changed but not reloadable (restart the daemon to apply): %s",
+                ", ".join(not_reloaded),
+            )
+        self._pending_modules = self._module_changes(new)
+        self.config = new
+
+    def _module_changes(self, new: DaemonConfig) -> list[tuple[LedgerHost, str, dict[str, Any]]]:
+        """(host, module id, new config) of every module whose `config` changed; logs every
+        other ledger or module change as needing a restart."""
+        changes = []
+        old = {ledger.id: ledger for ledger in self.config.ledgers}
+        if [ledger.id for ledger in new.ledgers] != list(old):
+            log.warning("SIGHUP: ledgers added or removed: restart the daemon to apply")
+        for settings in new.ledgers:
+            before = old.get(settings.id)
+            host = self.state.hosts.get(settings.id)
+            if before is None or host is None:
+                continue
+            plain = settings.model_dump(exclude={"modules"})
+            if plain != before.model_dump(exclude={"modules"}):
+                log.warning(
+                    "SIGHUP: ledger %r settings changed: restart the daemon to apply", settings.id
+                )
+            if [(m.use, m.id) for m in settings.modules] != [(m.use, m.id) for m in before.modules]:
+                log.warning(
+                    "SIGHUP: ledger %r modules added, removed or reordered: restart the daemon "
+                    "to apply",
+                    settings.id,
+                )
+                continue
+            for module, was in zip(settings.modules, before.modules, strict=True):
+                if module.model_dump(exclude={"config"}) != was.model_dump(exclude={"config"}):
+                    log.warning(
+                        "SIGHUP: ledger %r module %r options changed: restart the daemon to apply",
+                        settings.id,
+                        module.id or module.use,
+                    )
+                if module.config != was.config:
+                    module_id = module.id or str(getattr(resolve_use(module.use), "id", ""))
+                    changes.append((host, module_id, dict(module.config)))
+        return changes
+
+    async def _reconfigure(self) -> None:
+        """Hand changed module configs to modules with a `reconfigure(config)` method (run
+        inside the actor, like `ask`); log the others."""
+        pending, self._pending_modules = self._pending_modules, []
+        for host, module_id, config in pending:
+            try:
+                handle = host.engine.modules.get(module_id)
+            except NucleusError as exc:
+                log.warning("SIGHUP: module %r of %r not reconfigured: %s", module_id, host.id, exc)
+                continue
+            try:
+                done = await handle.ask(partial(_call_reconfigure, config=config))
+            except Exception as exc:
+                log.error(
+                    "SIGHUP: module %r of ledger %r refused its new config: %s: %s",
+                    module_id,
+                    host.id,
+                    type(exc).__name__,
+                    exc,
+                )
+                continue
+            if done:
+                log.info("SIGHUP: module %r of ledger %r reconfigured", module_id, host.id)
+            else:
+                log.warning(
+                    "SIGHUP: module %r of ledger %r has no reconfigure(config): its new config "
+                    "applies after a restart of the daemon",
+                    module_id,
+                    host.id,
+                )
 
     # -- stopping --------------------------------------------------------------------------
     def request_stop(self, exit_code: int = EXIT_OK) -> None:
@@ -191,6 +360,13 @@ class Daemon:
 
     async def _watch_signals(self, receiver: AsyncIterator[int]) -> None:
         async for signum in receiver:
+            if signum == signal.SIGHUP:
+                try:
+                    self.reload()
+                    await self._reconfigure()
+                except Exception:  # a reload never stops the daemon
+                    log.exception("SIGHUP: reload failed")
+                continue
             self._signals += 1
             name = signal.Signals(signum).name
             if self._signals == 1:
@@ -296,6 +472,9 @@ class Daemon:
         config = HypercornConfig()
         config.bind = [_bind(self.host, self.port)]
         config.graceful_timeout = self.config.graceful_timeout
+        if self.config.tls_cert is not None and self.config.tls_key is not None:
+            config.certfile = str(self.config.path_of(self.config.tls_cert))
+            config.keyfile = str(self.config.path_of(self.config.tls_key))
         config.accesslog = None
         http_log = logging.getLogger("nucleus_actors.daemon.http")
         config.errorlog = http_log
@@ -303,7 +482,7 @@ class Daemon:
 
     async def _serve(self) -> None:
         """Serve HTTP until stop is requested and in-flight requests finished."""
-        app = create_app(self.state)
+        app = AccessLog(create_app(self.state), enabled=self.access_log)
         config = self._hypercorn_config()
         try:
             async with trio.open_nursery() as nursery:
@@ -348,8 +527,11 @@ class Daemon:
 
     def _log_access_policy(self) -> None:
         env = self.config.token_env
+        if self.config.reads == "token":
+            log.info('reads need a bearer token (reads = "token")')
         if self.state.token is not None:
-            log.info("writes need a bearer token (from $%s)", env)
+            source = self.config.token_file or f"${env}"
+            log.info("writes need a bearer token (from %s)", source)
         elif self.host in ("127.0.0.1", "::1", "localhost"):
             log.info("writes are open to local clients ($%s is not set)", env)
         else:
@@ -369,7 +551,8 @@ class Daemon:
         Cancellation: ledgers are stopped as their engines' `__aexit__` describes (shielded,
         bounded), then the cancellation propagates.
         """
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as receiver:
+        signals = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+        with trio.open_signal_receiver(*signals) as receiver:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._watch_signals, receiver)
                 await self._run_all()
@@ -387,6 +570,17 @@ class Daemon:
                 await self._serve()
             await self._stop.wait()
             self._release.set()
+
+
+async def _call_reconfigure(module: Any, *, config: dict[str, Any]) -> bool:
+    """Inside the actor: `module.reconfigure(config)` (sync or async); False if it has none."""
+    method = getattr(module, "reconfigure", None)
+    if not callable(method):
+        return False
+    result = method(config)
+    if inspect.isawaitable(result):
+        await result
+    return True
 
 
 def _first(group: BaseExceptionGroup[BaseException]) -> BaseException:

@@ -34,6 +34,23 @@ on_ledger_failure = "exit"
 # Seconds in-flight requests get to finish on shutdown.
 graceful_timeout = 10.0
 
+# Logs (docs/operations.md): level and format ($NUCLEUS_LOG_LEVEL / $NUCLEUS_LOG_FORMAT and
+# --log-level / --log-format override them), and one access line per HTTP request.
+log_level = "info"
+log_format = "text"
+access_log = true
+
+# Tokens may come from files instead (first line; re-read on SIGHUP):
+# token_file = "token.txt"
+# read_token_file = "read-token.txt"
+# "token": reads need a token too (the read token, from $NUCLEUS_READ_TOKEN or
+# read_token_file, or the API token). "open": anyone who can connect may read.
+reads = "open"
+read_token_env = "NUCLEUS_READ_TOKEN"
+
+# HTTPS: set both (PEM files, relative to this file's directory).
+# tls_cert = "cert.pem"
+# tls_key = "key.pem"
 # Host header values answered (DNS rebinding protection); others get 421. Bare names match
 # any port; leave the key out to allow the bind address, localhost, 127.0.0.1 and [::1] on
 # this port only; "*" answers any Host (only behind a proxy that checks it).

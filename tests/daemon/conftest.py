@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-LISTENING = re.compile(r"listening on (http://[^\s\"]+)")
+LISTENING = re.compile(r"listening on (https?://[^\s\"]+)")
 STARTUP_TIMEOUT = 60.0
 EXIT_TIMEOUT = 60.0
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import signal
 import sqlite3
 import subprocess
@@ -64,7 +65,9 @@ def test_template_is_commented_and_names_every_top_level_key() -> None:
     data = tomllib.loads(CONFIG_TEMPLATE)
     config = parse_config(data, base_dir=Path("/tmp"))
     Daemon(config)  # every module builds
-    assert set(data) == set(DaemonConfig.model_fields)
+    # keys without a default value (paths) appear commented out: `# token_file = "..."`
+    commented = set(re.findall(r"(?m)^# ([a-z_]+) = ", CONFIG_TEMPLATE))
+    assert set(data) | commented == set(DaemonConfig.model_fields)
     comments = [line for line in CONFIG_TEMPLATE.splitlines() if line.startswith("#")]
     assert len(comments) > 20
 
@@ -133,8 +136,9 @@ def test_the_core_imports_without_the_daemon_extra() -> None:
     result = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, env=subprocess_env()
     )
-    # nucleus_actors.daemon itself needs the extra; the core does not.
-    assert "ModuleNotFoundError" in result.stderr
+    # nucleus_actors.daemon imports lazily: its built-in modules need no server framework.
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "core ok"
     core_only = code.replace("import nucleus_actors.daemon.modules\n", "")
     result = subprocess.run(
         [sys.executable, "-c", core_only], capture_output=True, text=True, env=subprocess_env()

@@ -178,6 +178,7 @@ def test_append_one_record_and_json_lines_from_stdin(env: Env) -> None:
     many = env.cli("append", "-l", "main", "-k", "tick", "--batch-size", "2", input=payloads)
     assert many.exit_code == 0, many.output
     assert [r["seq"] for r in lines(many.stdout)] == list(range(before + 1, before + 6))
+    assert [r["line"] for r in lines(many.stdout)] == [1, 2, 3, 4, 5]
     assert f"appended 5 record(s) to 'main': seqs {before + 1}..{before + 5}" in many.stderr
 
     records = '{"kind": "a", "payload": 1, "meta": {"x": "y"}}\n{"kind": "b", "payload": [2]}\n'
@@ -188,23 +189,28 @@ def test_append_one_record_and_json_lines_from_stdin(env: Env) -> None:
 
 def test_append_errors_name_the_line_and_what_was_stored(env: Env) -> None:
     before = env.length()
-    bad_json = env.cli("append", "-l", "main", "-k", "t", input='{"n": 1}\n{"n": 2}\nnope\n')
+    bad_json = env.cli(
+        "append", "-l", "main", "-k", "t", input='{"n": 1}\n{"n": 2}\nnope\n{"n": 4}\n'
+    )
     assert bad_json.exit_code == 2
     assert "stdin line 3: not JSON" in bad_json.stderr
-    assert f"2 record(s) were appended before it (seqs {before}..{before + 1})" in bad_json.stderr
-    assert env.length() == before + 2
+    # every line is appended on its own: the good ones after the bad one are too
+    assert [r["line"] for r in lines(bad_json.stdout)] == [1, 2, 4]
+    assert "appended 3 record(s) to 'main'" in bad_json.stderr
+    assert "1 line(s) failed" in bad_json.stderr
+    assert env.length() == before + 3
 
     orders = '{"customer": "a"}\n{"customer": "b", "items": [1, 0]}\n'
     vetoed = env.cli("append", "-l", "main", "-k", "order.created", input=orders)
     assert vetoed.exit_code == 1
     assert "stdin line 2: module 'json-schema' rejected the record" in vetoed.stderr
     assert "at $.payload.items[1]: 0 is less than the minimum of 1" in vetoed.stderr
-    assert "nothing of its batch was stored; nothing was appended" in vetoed.stderr
-    assert env.length() == before + 2
+    assert [r["line"] for r in lines(vetoed.stdout)] == [1]
+    assert env.length() == before + 4
 
     shape = env.cli("append", "-l", "main", input='{"payload": 1}\n')
     assert shape.exit_code == 2
-    assert 'each line must be an object with "kind" and "payload"' in shape.stderr
+    assert "stdin line 1: kind: Field required" in shape.stderr
     invalid = env.cli("append", "-l", "main", "-k", "bad kind", "--json", "1")
     assert invalid.exit_code == 2
     assert "kind 'bad kind' contains whitespace" in invalid.stderr
@@ -218,7 +224,18 @@ def test_append_errors_name_the_line_and_what_was_stored(env: Env) -> None:
     unknown = env.cli("append", "-l", "nope", "-k", "t", "--json", "1")
     assert unknown.exit_code == 2
     assert "no ledger 'nope' in this daemon" in unknown.stderr
-    assert env.length() == before + 2
+    assert env.length() == before + 4
+
+
+def test_append_from_stdin_needs_the_token_too(env: Env) -> None:
+    before = env.length()
+    missing = env.cli("append", "-l", "main", "-k", "t", input="1\n", token=None)
+    assert missing.exit_code == 4
+    assert "it needs its API token and $NUCLEUS_TOKEN is not set" in missing.stderr
+    unknown = env.cli("append", "-l", "nope", "-k", "t", input="1\n")
+    assert unknown.exit_code == 2
+    assert "no ledger 'nope' in this daemon" in unknown.stderr
+    assert env.length() == before
 
 
 def test_wrong_or_missing_token_exits_4(env: Env) -> None:

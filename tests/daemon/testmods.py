@@ -80,6 +80,21 @@ class NeedsArgs(Module):
 NOT_A_CLASS = 42
 
 
+class Tunable(Module):
+    """Accepts a new config on SIGHUP (`reconfigure`); `describe()` shows its `label`."""
+
+    id = "tunable"
+
+    async def init(self, ctx: ModuleContext) -> None:
+        self.label = ctx.config.get("label", "")
+
+    async def reconfigure(self, config: dict[str, object]) -> None:
+        self.label = str(config.get("label", ""))
+
+    def describe(self) -> dict[str, object]:
+        return {"label": self.label}
+
+
 class FailsInit(Module):
     """Its init fails at run time (not a configuration problem: `nucleus check` accepts it)."""
 
