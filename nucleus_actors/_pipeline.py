@@ -562,13 +562,15 @@ class Pipeline:
                 )
             tree = engine._tree
             if tree is not None and adopted:
-                # A batch of ours carried its tiles; entries another writer stored did not:
-                # extend the tree over what was adopted and store its tiles (an upsert either
-                # way), so proofs keep covering every entry.
-                tiles, grown = tree.grow([leaf_hash(e.canonical) for e in adopted])
-                if tiles:
-                    await engine.storage.append(StorageBatch(entries=(), tree=tiles))
-                tree.edge = grown
+                try:
+                    await tree.reload(length)  # a landed batch of ours carried its tiles
+                except IntegrityError:
+                    # entries another writer stored carry none: extend the tree over them
+                    # and store their tiles, so proofs keep covering every entry
+                    tiles, grown = tree.grow([leaf_hash(e.canonical) for e in adopted])
+                    if tiles:
+                        await engine.storage.append(StorageBatch(entries=(), tree=tiles))
+                    tree.edge = grown
             last_ts = max(chain.last_ts, adopted[-1].timestamp) if adopted else chain.last_ts
             self.appends += len(adopted)
             chain.advance(length, head, last_ts)

@@ -35,7 +35,7 @@ from .daemon.client import (
 )
 from .daemon.template import CONFIG_TEMPLATE
 from .daemon.wire import dumps, entry_line, export_header, jsonl_line
-from .errors import IntegrityError, InvalidRecord, StorageError
+from .errors import IntegrityError, InvalidRecord, StorageError, _printable
 from .hashing import canonical_bytes, chain_hash, genesis, leaf_hash
 from .record import Hash, Record
 
@@ -769,7 +769,10 @@ def _stdin_line(
         return raw.rstrip(b"\r") + b"\n"  # a whole record: the daemon checks it
     try:
         value = _jcs.loads(raw)
-    except (ValueError, RecursionError) as exc:
+    except RecursionError:
+        problems[number] = "JSON nests too deeply to parse"
+        return b"\n"
+    except ValueError as exc:
         problems[number] = f"not JSON: {exc}"
         return b"\n"
     if kind is not None:
@@ -933,7 +936,7 @@ def _append_stdin(
     def report(number: int, message: str, bad_input: bool) -> None:
         failed[0] += 1
         worst[0] = max(worst[0], EXIT_BAD_INPUT if bad_input else EXIT_FAILURE)
-        _error(f"stdin line {number}: {message}")
+        _error(_printable(f"stdin line {number}: {message}"))  # one line, whatever it holds
 
     def flush_problems(upto: float) -> None:
         for number in sorted(n for n in problems if n < upto):

@@ -59,8 +59,8 @@ from .fastpath import FastAppend
 from .guards import Admission, HostCheck, RequestId, check_batch_size, checked_key
 from .host import DaemonState, LedgerHost
 from .problems import Problem, problem_from_error, problem_response
-from .ui import install_ui
 from .stream import install_stream_route, media_problem, stream_path
+from .ui import install_ui
 from .wire import dumps as _dumps
 from .wire import entry_json, receipt_json
 
