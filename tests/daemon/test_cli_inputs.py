@@ -48,7 +48,8 @@ def _check(result: Result, *, stdin_lines: int = 0) -> None:
         assert len(errors) <= stdin_lines, result.stderr
     else:
         assert len(errors) == 1, result.stderr
-    assert errors and all(line.startswith("error: ") for line in errors), result.stderr
+    assert errors, result.stderr
+    assert all(line.startswith("error: ") for line in errors), result.stderr
     assert all(line.isprintable() for line in errors)
     assert "Traceback" not in result.output
 
