@@ -144,6 +144,7 @@ class Pipeline:
         self._idle = trio.Event()
         self._idle.set()
         self._scope: trio.CancelScope | None = None
+        self._store_lock = trio.Lock()  # group commits and cursor-only batches, one at a time
 
     def submit(self, request: Request) -> None:
         if self._stopped:
@@ -366,7 +367,11 @@ class Pipeline:
         # Storage is never interrupted half-way: a batch is stored or not, and we learn which.
         self._storing = True
         try:
-            error = await self._store(self._batch(entries))
+            batch = self._batch(entries)
+            async with self._store_lock:
+                error = await self._store(batch)
+            if error is None and batch.cursors:
+                self._engine._supervisor.cursors_saved(batch.cursors)
         finally:
             self._storing = False
             if self._cancel_requested and self._scope is not None:
@@ -400,20 +405,23 @@ class Pipeline:
         # the others' deliveries; only then wait (BLOCK) for the ones that are full.
         blocked = []
         for child in engine._supervisor.after_children():
-            done = child.mailbox.deliver_nowait(items, child.spec.overflow)
+            done = child.mailbox.deliver_nowait(items, child.overflow)
             if done < len(items):
                 blocked.append((child, items[done:]))
         if len(blocked) == 1:
             child, rest = blocked[0]
-            await child.mailbox.deliver(rest, child.spec.overflow)
+            await child.mailbox.deliver(rest, child.overflow)
         elif blocked:
             async with trio.open_nursery() as nursery:
                 for child, rest in blocked:
-                    nursery.start_soon(child.mailbox.deliver, rest, child.spec.overflow)
+                    nursery.start_soon(child.mailbox.deliver, rest, child.overflow)
 
     def _batch(self, entries: list[Entry]) -> StorageBatch:
         """The one `StorageBatch` of this group commit: its entries, and whatever else must
         commit atomically with them (cursors, tree tiles, idempotency keys)."""
+        cursors = self._engine._supervisor.dirty_cursors()
+        if cursors:
+            return StorageBatch(entries=entries, cursors=cursors)
         return StorageBatch(entries=entries)
 
     async def _store(self, batch: StorageBatch) -> tuple[BaseException, bool] | None:
@@ -433,6 +441,23 @@ class Pipeline:
                 return None  # committed although the backend reported an error
             return exc, True
         return None
+
+    async def flush_cursors(self) -> None:
+        """Store the durable modules' cursors that moved since they were last stored, in a
+        batch of their own (the cursor flusher every `cursor_interval`, and at stop). Never
+        concurrent with a group commit; errors are logged (the cursor stays dirty)."""
+        supervisor = self._engine._supervisor
+        async with self._store_lock:
+            cursors = supervisor.dirty_cursors()
+            if not cursors:
+                supervisor.cursors_saved({})
+                return
+            try:
+                await self._engine.storage.append(StorageBatch(entries=[], cursors=cursors))
+            except Exception:
+                log.warning("could not store module cursors %r", cursors, exc_info=True)
+                return
+            supervisor.cursors_saved(cursors)
 
     async def settle_unknown(self) -> None:
         """Before the modules stop: adopt (and deliver) a batch of unknown outcome that did

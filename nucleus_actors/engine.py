@@ -35,7 +35,13 @@ from .module._context import LedgerReader
 from .module._spec import ModuleSpec
 from .record import Entry, Hash, Receipt, Record
 from .registry import ModuleHandle, ModuleRegistry, Statistics, _handle
-from .storage import MemoryStorage, StorageBackend, check_contract, require_capability
+from .storage import (
+    CursorStore,
+    MemoryStorage,
+    StorageBackend,
+    check_contract,
+    require_capability,
+)
 
 __all__ = ["LedgerEngine", "open_ledger"]
 
@@ -318,12 +324,15 @@ class LedgerEngine:
                 last = await _first(storage.read(chain.length - 1, chain.length))
                 if last is not None:
                     chain.last_ts = last.timestamp
+            if isinstance(storage, CursorStore):
+                self._supervisor.saved_cursors = await storage.load_cursors()
             failure: BaseException | None = None
             try:
                 async with trio.open_nursery() as nursery:
                     self._nursery = nursery
                     await nursery.start(self._pipeline.run)
                     await nursery.start(self._supervisor.supervise)
+                    nursery.start_soon(self._cursor_flusher)
                     self._open = True
                     try:
                         yield
@@ -486,11 +495,21 @@ class LedgerEngine:
             await self._drain(cap)
             await self._pipeline.settle_unknown()
             await supervisor.stop_all(cap=cap)
+            await self._pipeline.flush_cursors()  # durable modules resume from here
         except BaseException:
             await supervisor.abort()  # cancelled: the modules not stopped yet are killed
             raise
         finally:
             supervisor.fire(PhaseEvent.STOPPED)
+
+    async def _cursor_flusher(self) -> None:
+        """Store moved cursors on their own at most every `cursor_interval` (they usually
+        ride with the next batch); idle while no cursor moves."""
+        supervisor = self._supervisor
+        while True:
+            await supervisor.cursor_dirty.wait()
+            await trio.sleep(self.config.cursor_interval)
+            await self._pipeline.flush_cursors()
 
     async def _drain(self, cap: float | None) -> None:
         """Let in-flight appends finish while every module still runs.

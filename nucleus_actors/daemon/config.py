@@ -154,8 +154,15 @@ class ModuleSettings(_Section):
     """Seconds each init/start/hook callback may take (expiry is a crash); `inf` = no limit."""
     inbox: int = Field(default=64, ge=1)
     """Capacity of its after_append inbox, in records."""
-    overflow: Literal["block", "drop_oldest", "drop_newest", "fail"] = "block"
-    """What happens when its inbox is full: slow appends down, drop, or crash the module."""
+    overflow: Literal["block", "drop_oldest", "drop_newest", "fail", "catch_up"] | None = None
+    """What happens when its inbox is full: slow appends down, drop, crash the module, or
+    (durable modules) read the entries back from storage later; unset: `catch_up` for a
+    durable module, else `block`."""
+    durable: bool = False
+    """Deliver every committed entry at least once across restarts, reopens and crashes (the
+    module catches up from its cursor); see docs/delivery.md."""
+    start_at: Literal["start", "end"] = "start"
+    """Where a durable module with no position yet starts on an existing ledger."""
     depends_on: list[str] = Field(default_factory=list)
     """Ids of modules that must start before it (and stop after it)."""
     backoff: BackoffSettings | None = None
@@ -197,13 +204,17 @@ class ModuleSettings(_Section):
             return module
 
         make.__qualname__ = f"{cls.__qualname__}.factory"
+        # A class that owns its position (resume_after, e.g. jsonl-mirror) is durable by nature.
+        durable = self.durable or (isinstance(cls, type) and cls.overrides("resume_after"))
         return ModuleSpec(
             make,
             restart=Restart(self.restart),
             shutdown=None if math.isinf(self.shutdown) else self.shutdown,
             timeout=None if math.isinf(self.timeout) else self.timeout,
             inbox=self.inbox,
-            overflow=Overflow(self.overflow),
+            overflow=None if self.overflow is None else Overflow(self.overflow),
+            durable=durable,
+            start_at=self.start_at,
             depends_on=tuple(self.depends_on),
             config=dict(self.config),
             backoff=None if self.backoff is None else self.backoff.build(),

@@ -238,7 +238,7 @@ class TrackedLedger(LedgerEngine):
         spec = module if isinstance(module, ModuleSpec) else ModuleSpec(module)
         restart = Restart(options.get("restart", spec.restart))
         shutdown = options.get("shutdown", spec.shutdown)
-        overflow = Overflow(options.get("overflow", spec.overflow))
+        overflow = handle._child.overflow
         target = spec.module
         logs = [plan.log for plan in plans_of(target)]
         if isinstance(target, Probe):
