@@ -368,8 +368,16 @@ class Pipeline:
         self._storing = True
         try:
             batch = self._batch(entries)
-            async with self._store_lock:
-                error = await self._store(batch)
+            lock = self._store_lock
+            if lock.locked():  # a cursor-only batch is being stored: wait for it
+                async with lock:
+                    error = await self._store(batch)
+            else:  # the common case: no extra schedule point on the append path
+                lock.acquire_nowait()
+                try:
+                    error = await self._store(batch)
+                finally:
+                    lock.release()
             if error is None and batch.cursors:
                 self._engine._supervisor.cursors_saved(batch.cursors)
         finally:

@@ -396,3 +396,52 @@ async def test_deliveries_read_back_by_an_ask_are_not_processed_twice(
         await handle.ask(lambda m: None)
         assert module.seqs == list(range(6))
         assert handle.status.inbox_depth == 0
+
+
+async def test_crash_during_catch_up_resumes_from_the_position(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    storage = MemoryStorage()
+    async with open_ledger(config(), storage=storage) as engine:
+        await fill(engine, 600)  # more than two catch-up chunks
+    module = Seen()
+    module.fail_at = 300  # while reading from storage
+    async with open_ledger(
+        config(), storage=storage, modules=[ModuleSpec(lambda: module, durable=True)]
+    ) as engine:
+        await trio.sleep(1)
+        handle = engine.modules.get("seen")
+        assert handle.status.restarts == 1
+        assert handle.status.lag == 0
+        assert module.seqs == list(range(600))  # the failed one once, after its restart
+
+
+async def test_stop_during_catch_up_stores_the_progress(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    storage = MemoryStorage()
+    async with open_ledger(config(), storage=storage) as engine:
+        await fill(engine, 600)
+
+    class Stalls(Seen):
+        async def after_append(self, record: Record, hash: Hash) -> None:
+            if record.seq == 400:
+                await trio.sleep_forever()
+            await super().after_append(record, hash)
+
+    first = Stalls()
+    async with open_ledger(
+        config(), storage=storage, modules=[ModuleSpec(first, durable=True, shutdown=1)]
+    ) as engine:
+        await trio.sleep(1)
+        assert engine.modules.get("seen").status.cursor == 399
+        # Killed at its shutdown deadline while stuck on seq 400: the cursor kept 399.
+        await engine.stop_all()
+        assert await storage.load_cursors() == {"seen": 399}
+    second = Seen()
+    async with open_ledger(
+        config(), storage=storage, modules=[ModuleSpec(second, durable=True)]
+    ) as engine:
+        await first_caught_up(engine, "seen")
+    assert first.seqs == list(range(400))
+    assert second.seqs == list(range(400, 600))
