@@ -445,3 +445,26 @@ async def test_stop_during_catch_up_stores_the_progress(
         await first_caught_up(engine, "seen")
     assert first.seqs == list(range(400))
     assert second.seqs == list(range(400, 600))
+
+
+async def test_the_fault_toolkit_checks_durable_modules_in_order_with_no_gap(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    from nucleus_actors.testing import FaultPlan, Probe, open_tracked_ledger
+
+    crashing = FaultPlan().crash("after_append", nth=3).wrap(Probe("crashing"))
+    slow = FaultPlan().delay("after_append", 0.01).wrap(Probe("slow"))
+    async with open_tracked_ledger(
+        modules=[
+            ModuleSpec(crashing, durable=True, inbox=2),
+            ModuleSpec(slow, durable=True, inbox=2),
+        ]
+    ) as ledger:
+        async with trio.open_nursery() as nursery:
+            for _ in range(4):
+                nursery.start_soon(fill, ledger, 25)
+        await ledger.modules.get("slow").ask(lambda m: None)
+        await ledger.modules.get("crashing").ask(lambda m: None)
+    report = await ledger.check()
+    assert report.complete == ("crashing", "slow")
+    assert report.length == 100
