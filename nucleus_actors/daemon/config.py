@@ -242,6 +242,8 @@ class LedgerSettings(_Section):
     """Delay between consecutive restarts of a module; unset restarts at once."""
     max_record_bytes: int = Field(default=1 << 20, ge=64)
     """Largest record accepted, measured on its canonical bytes."""
+    cursor_interval: float = Field(default=1.0, gt=0, allow_inf_nan=False)
+    """Seconds a durable module's moved cursor may wait before it is stored on its own."""
     modules: list[ModuleSettings] = Field(default_factory=list)
     """The ledger's modules, in start order (after `depends_on`)."""
 
@@ -267,6 +269,7 @@ class LedgerSettings(_Section):
             restart_window=self.restart_window,
             backoff=None if self.backoff is None else self.backoff.build(),
             max_record_bytes=self.max_record_bytes,
+            cursor_interval=self.cursor_interval,
         )
 
 
