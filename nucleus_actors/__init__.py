@@ -30,6 +30,7 @@ _SOURCES: dict[str, str] = {
     "CommitUnknown": ".errors",
     "EventLoopError": ".errors",
     "Fenced": ".errors",
+    "IdempotencyConflict": ".errors",
     "IntegrityError": ".errors",
     "InvalidRecord": ".errors",
     "LedgerFailed": ".errors",
@@ -53,6 +54,8 @@ _SOURCES: dict[str, str] = {
     "Hash": ".record",
     "Receipt": ".record",
     "Record": ".record",
+    "ConsistencyProof": ".proofs",
+    "InclusionProof": ".proofs",
     "ModuleCounts": ".registry",
     "ModuleHandle": ".registry",
     "ModuleRegistry": ".registry",
@@ -80,6 +83,7 @@ if _typing.TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
         CommitUnknown,
         EventLoopError,
         Fenced,
+        IdempotencyConflict,
         IntegrityError,
         InvalidRecord,
         LedgerFailed,
@@ -93,6 +97,7 @@ if _typing.TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     )
     from .lifecycle import LedgerState, ModuleState, Phase, StopResult
     from .module import LedgerReader, Module, ModuleContext, ModuleSpec, Overflow
+    from .proofs import ConsistencyProof, InclusionProof
     from .record import Entry, Hash, Receipt, Record
     from .registry import ModuleCounts, ModuleHandle, ModuleRegistry, ModuleStatus, Statistics
     from .supervision import Backoff, Restart, Strategy
@@ -134,6 +139,8 @@ __all__ = [
     "Entry",
     "Hash",
     "Receipt",
+    "InclusionProof",
+    "ConsistencyProof",
     # errors
     "NucleusError",
     "ModuleError",
@@ -145,6 +152,7 @@ __all__ = [
     "IntegrityError",
     "CommitUnknown",
     "Fenced",
+    "IdempotencyConflict",
     "InvalidRecord",
     "ProofError",
     "EventLoopError",

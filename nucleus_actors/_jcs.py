@@ -1,7 +1,8 @@
 """RFC 8785 (JCS) canonical JSON: one validating walk, then the fastest encoder that is exact.
 
 The walk checks that a value is JSON (dict with str keys, list/tuple, str, int within the IEEE
-double safe range, finite float, bool, None), bounded in depth, and notes whether the value can
+double safe range, finite float that is not a whole number of magnitude in [2**53, 1e21), bool,
+None), bounded in depth, and notes whether the value can
 take the fast path:
 
 * **fast path** (no floats anywhere, every object key ASCII): `json.dumps(sort_keys=True,
@@ -24,15 +25,29 @@ from typing import Any, Final
 
 import rfc8785
 
-from .errors import InvalidRecord
+from .errors import InvalidRecord, _printable
 
-__all__ = ["MAX_DEPTH", "MAX_SAFE_INTEGER", "dumps", "json_path", "walk"]
+__all__ = [
+    "EXPONENT_FROM",
+    "MAX_DEPTH",
+    "MAX_SAFE_INTEGER",
+    "DuplicateKey",
+    "dumps",
+    "json_path",
+    "loads",
+    "walk",
+]
 
 MAX_SAFE_INTEGER: Final = 2**53 - 1
 """Largest integer JCS can carry exactly (numbers are IEEE doubles)."""
 
 MAX_DEPTH: Final = 64
 """Deepest nesting of arrays/objects accepted in a payload."""
+
+EXPONENT_FROM: Final = 1e21
+"""JCS (ES6 number formatting) writes a number in exponent form from this magnitude on."""
+
+_UNSAFE_WHOLE: Final = float(2**53)
 
 _FAST: Final = 0
 _EXACT: Final = 1  # needs rfc8785 (a float, or a non-ASCII key)
@@ -70,7 +85,11 @@ class _Bad(Exception):
 
 
 def json_path(root: str, parts: list[str | int]) -> str:
-    """Render a reversed list of keys/indexes as a JSON path below `root` (e.g. `$.payload`)."""
+    """Render a reversed list of keys/indexes as a JSON path below `root` (e.g. `$.payload`).
+
+    The path is printable text: a key holding control characters or a lone surrogate is
+    written with `\\uXXXX` escapes (the path names the key, it need not be JSON).
+    """
     out = [root]
     for part in reversed(parts):
         if isinstance(part, int):
@@ -79,7 +98,7 @@ def json_path(root: str, parts: list[str | int]) -> str:
             out.append(f".{part}")
         else:
             out.append(f"[{json.dumps(part, ensure_ascii=False)}]")
-    return "".join(out)
+    return _printable("".join(out))
 
 
 def _describe(value: Any) -> str:
@@ -130,6 +149,15 @@ def _walk(value: Any, depth: int) -> int:
         return flags
     if kind is float:
         if math.isfinite(value):
+            # Every double of magnitude >= 2**53 is a whole number; below 1e21 JCS prints it as
+            # a plain integer literal that no reader can take back exactly (RFC 8785 3.2.2.3):
+            # refused, however it was written (1e16, 10000000000000000.0).
+            if _UNSAFE_WHOLE <= abs(value) < EXPONENT_FROM:
+                raise _Bad(
+                    f"number {value!r} is a whole number of magnitude in [2**53, 1e21): JCS "
+                    "writes it as an integer literal beyond +/-(2**53-1), which cannot be read "
+                    "back exactly; send it as a string"
+                )
             return _EXACT
         raise _Bad(f"float {value!r} is not a JSON number (NaN and infinities are not allowed)")
     # Subclasses of the JSON types behave as their base type.
@@ -200,3 +228,44 @@ def dumps(value: Any, fast: bool, root: str = "$") -> bytes:
             "string holds a lone surrogate code point (not valid UTF-8)",
             path=json_path(root, parts),
         ) from None
+
+
+class DuplicateKey(ValueError):
+    """A JSON object names the same member twice (I-JSON, RFC 7493 section 2.3, forbids it).
+
+    Attributes:
+        key: the repeated member name.
+    """
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+        super().__init__(
+            f"the object member {_printable(json.dumps(key, ensure_ascii=False))} appears more "
+            "than once (I-JSON, RFC 7493, forbids duplicate names)"
+        )
+
+
+def _unique_members(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise DuplicateKey(key)
+            seen.add(key)
+    return obj
+
+
+def loads(data: str | bytes) -> Any:
+    """Parse JSON text as I-JSON: like `json.loads`, but an object with a duplicate member
+    name is refused (`json.loads` silently keeps the last one).
+
+    Numbers parse as Python does (int for integer literals, float otherwise); `walk` then
+    applies the number domain (see the module docstring).
+
+    Raises:
+        DuplicateKey: an object names a member twice.
+        ValueError: not JSON (`json.JSONDecodeError`), or not UTF-8.
+        RecursionError: nested deeper than the parser's recursion limit.
+    """
+    return json.loads(data, object_pairs_hook=_unique_members)

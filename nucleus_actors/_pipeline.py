@@ -17,26 +17,29 @@ from __future__ import annotations
 
 import logging
 from collections import deque
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import trio
 
 from ._future import Future
+from ._transitions import PhaseEvent
 from .errors import (
     CommitUnknown,
     IntegrityError,
     InvalidRecord,
+    LedgerFailed,
     LifecycleError,
     ModuleError,
     NucleusError,
     RecordRejected,
     StorageError,
 )
-from .hashing import ChainVerifier, chain_step, genesis
+from .hashing import ChainVerifier, chain_step, chain_step_leaf, genesis, leaf_hash
 from .lifecycle import Phase
 from .module._mailbox import Before
-from .record import Entry, Hash, Receipt, Record
-from .storage import StorageBatch
+from .record import Entry, Hash, Receipt, Record, committed_bytes
+from .storage import IdempotencyRecord, StorageBatch, TreeTile
 
 if TYPE_CHECKING:
     from .engine import LedgerEngine
@@ -52,11 +55,12 @@ _MAX_SAFE = 2**53 - 1
 class Request(Future):
     """One `append` (one record) or `append_many` (all-or-nothing) waiting for the pipeline."""
 
-    __slots__ = ("error", "receipts", "records", "storing", "withdrawn")
+    __slots__ = ("error", "idempotency", "receipts", "records", "storing", "withdrawn")
 
-    def __init__(self, records: list[Record]) -> None:
+    def __init__(self, records: list[Record], idempotency: tuple[str, str] | None = None) -> None:
         super().__init__()
         self.records = records
+        self.idempotency = idempotency  # (key, fingerprint): committed with the entries
         self.error: BaseException | None = None
         self.receipts: list[Receipt] | None = None
         self.storing = False  # handed to storage: no longer withdrawable
@@ -138,7 +142,9 @@ class Pipeline:
         self._storing = False
         self._cancel_requested = False
         self.batches_done = 0
+        self.progressed_at = 0.0  # trio time the sequencer last started work or finished a batch
         self._resync = False  # a storage failure left the head uncertain
+        self._moved = False  # the last failed batch found storage's head moved under us
         self._stopped = False  # the sequencer task has ended: submit() fails at once
         self._current: list[Request] = []
         self._idle = trio.Event()
@@ -205,10 +211,12 @@ class Pipeline:
                         self._idle.set()
                         self._wakeup = Future()
                         await self._wakeup._wait()
+                        self.progressed_at = trio.current_time()
                     self._current = self._take()
                     await self._process(self._current)
                     self._current = []
                     self.batches_done += 1
+                    self.progressed_at = trio.current_time()
                     if not self._queue:
                         self._idle.set()
         finally:
@@ -321,6 +329,9 @@ class Pipeline:
         if self._resync:
             try:
                 await self._resync_head()
+            except IntegrityError as exc:
+                self._diverged(exc, live)
+                return
             except Exception as exc:
                 for request in live:
                     unavailable = StorageError(f"append failed, storage is unavailable: {exc!r}")
@@ -337,12 +348,14 @@ class Pipeline:
             return
         seq = self.chain.length
         head = self.chain.head
+        tree = engine._tree
+        leaves: list[bytes] | None = None if tree is None else []  # LEAF_i for the tree
         entries: list[Entry] = []
         committing: list[tuple[Request, int]] = []
         for request in live:
             datas: list[bytes] = []
             for index, record in enumerate(request.records):
-                data = b'%s,"seq":%d,"ts":%d}' % (record._body, seq + len(datas), ts)
+                data = committed_bytes(record._body, seq + len(datas), ts)
                 if len(data) > max_bytes:
                     where = f" (record {index} of the batch)" if len(request.records) > 1 else ""
                     request.fail(
@@ -356,18 +369,34 @@ class Pipeline:
             else:
                 start = len(entries)
                 for record, data in zip(request.records, datas, strict=True):
-                    head = chain_step(head, seq, data)
+                    if leaves is None:
+                        head = chain_step(head, seq, data)
+                    else:
+                        leaf, head = chain_step_leaf(head, seq, data)
+                        leaves.append(leaf)
                     entries.append(Entry(seq, record._commit(seq, ts), head, data))
                     seq += 1
                 committing.append((request, start))
         if not entries:
             return
+        tiles, grown = tree.grow(leaves) if tree is not None and leaves else ([], None)
         for request, _ in committing:
             request.storing = True
         # Storage is never interrupted half-way: a batch is stored or not, and we learn which.
         self._storing = True
         try:
-            batch = self._batch(entries)
+            keys = [
+                IdempotencyRecord(
+                    key=request.idempotency[0],
+                    fingerprint=request.idempotency[1],
+                    first_seq=entries[start].seq,
+                    count=len(request.records),
+                    created=ts,
+                )
+                for request, start in committing
+                if request.idempotency is not None
+            ]
+            batch = self._batch(entries, tiles, keys)
             lock = self._store_lock
             if lock.locked():  # a cursor-only batch is being stored: wait for it
                 async with lock:
@@ -386,6 +415,16 @@ class Pipeline:
                 self._scope.cancel()
         if error is not None:
             cause, known = error
+            if self._moved:
+                # Storage's head is neither ours nor this batch's: something else wrote to it.
+                # Continue from it if it extends our chain, else fail the ledger (loudly),
+                # before the callers hear of their failure.
+                try:
+                    await self._resync_head()
+                except IntegrityError as exc:
+                    self._diverged(exc, [])
+                except Exception:
+                    log.warning("could not re-read the storage head", exc_info=True)
             for request, _ in committing:
                 # Unknown: the batch may have landed (it is adopted and delivered if so).
                 failure = (
@@ -398,6 +437,8 @@ class Pipeline:
                 failure.__cause__ = cause
                 request.fail(failure)
             return
+        if tree is not None and grown is not None:
+            tree.edge = grown  # the batch's tiles are stored with it
         self.chain.advance(seq, head, ts)
         self.appends += len(entries)
         for request, start in committing:
@@ -424,19 +465,29 @@ class Pipeline:
                 for child, rest in blocked:
                     nursery.start_soon(child.mailbox.deliver, rest, child.overflow)
 
-    def _batch(self, entries: list[Entry]) -> StorageBatch:
-        """The one `StorageBatch` of this group commit: its entries, and whatever else must
-        commit atomically with them (cursors, tree tiles, idempotency keys)."""
-        cursors = self._engine._supervisor.dirty_cursors()
-        if cursors:
-            return StorageBatch(entries=entries, cursors=cursors)
-        return StorageBatch(entries=entries)
+    def _batch(
+        self,
+        entries: list[Entry],
+        tiles: Sequence[TreeTile] = (),
+        keys: list[IdempotencyRecord] | None = None,
+    ) -> StorageBatch:
+        """The one `StorageBatch` of this group commit: its entries, built on the ledger's head
+        (`prev`), and whatever else must commit atomically with them (cursors, tree tiles,
+        idempotency keys)."""
+        return StorageBatch(
+            entries=entries,
+            prev=self.chain.head,
+            cursors=self._engine._supervisor.dirty_cursors(),
+            tree=tiles,
+            idempotency=keys or (),
+        )
 
     async def _store(self, batch: StorageBatch) -> tuple[BaseException, bool] | None:
         """Append to storage. None if stored; else (error, known) where `known` says that
         nothing of the batch was stored (False: the backend could not tell us)."""
         storage = self._engine.storage
         entries = batch.entries
+        self._moved = False
         try:
             await storage.append(batch)
         except Exception as exc:
@@ -445,8 +496,17 @@ class Pipeline:
             except Exception:
                 self._resync = True  # re-read the head before the next batch
                 return exc, False
-            if length == entries[-1].seq + 1 and head == entries[-1].hash:
+            if entries and length == entries[-1].seq + 1 and head == entries[-1].hash:
                 return None  # committed although the backend reported an error
+            chain = self.chain
+            if (length, head) != (chain.length, chain.head):
+                log.error(
+                    "ledger %r: storage head (%d, %s) differs from the ledger's (%d, %s) after "
+                    "a failed append: another writer? re-reading it",
+                    self._engine.config.ledger_id, length, head.hex(), chain.length,
+                    chain.head.hex(),
+                )  # fmt: skip
+                self._moved = self._resync = True
             return exc, True
         return None
 
@@ -467,6 +527,29 @@ class Pipeline:
                 return
             supervisor.cursors_saved(cursors)
 
+    def _diverged(self, error: IntegrityError, requests: list[Request]) -> None:
+        """Storage holds a chain that does not continue the ledger's (entries lost or
+        overwritten, another writer): fail the ledger, loudly. Appending on would 503 forever
+        while the ledger looked ready."""
+        engine = self._engine
+        self._resync = False
+        failure = LedgerFailed(
+            f"ledger {engine.config.ledger_id!r} failed: its storage no longer holds the chain "
+            f"it committed ({self.chain.length} entries, head {self.chain.head.hex()}): "
+            f"{error}; "
+            "was the ledger written by another process (a second writer through another path "
+            "to the same file)?",
+            phase=Phase.FAILED,
+        )
+        failure.__cause__ = error
+        log.critical("%s", failure)
+        for request in requests:
+            request.fail(failure)
+        supervisor = engine._supervisor
+        if supervisor.phase is Phase.RUNNING:  # (while STOPPING the stop goes on; the block
+            supervisor.fire(PhaseEvent.ESCALATED)  # still ends with LedgerFailed)
+        engine._escalated(failure)
+
     async def settle_unknown(self) -> None:
         """Before the modules stop: adopt (and deliver) a batch of unknown outcome that did
         land, so that it reaches the modules even when no later append resyncs the head.
@@ -486,11 +569,19 @@ class Pipeline:
         sees every committed entry).
 
         Raises:
-            IntegrityError: what storage holds beyond our head does not continue the chain.
+            IntegrityError: storage holds fewer entries than the ledger committed, another
+                head at the same length, or entries beyond our head that do not continue the
+                chain.
         """
         engine = self._engine
         chain = self.chain
         length, head = await engine.storage.head()
+        if length < chain.length or (length == chain.length and head != chain.head):
+            raise IntegrityError(
+                f"storage head ({length}, {head.hex()}) is not the ledger's head "
+                f"({chain.length}, {chain.head.hex()}) nor a continuation of it",
+                seq=min(length, chain.length),
+            )
         if length != chain.length:
             verifier = ChainVerifier(chain.head, chain.length)
             adopted: list[Entry] = []
@@ -503,6 +594,16 @@ class Pipeline:
                     f"storage head ({length}, {head.hex()}) does not follow the chain",
                     seq=verifier.length,
                 )
+            tree = engine._tree
+            if tree is not None and adopted:
+                # A batch of ours carried its tiles; entries another writer stored did not:
+                # extend the tree over what was adopted and store its tiles (an upsert either
+                # way), so proofs keep covering every entry.
+                tiles, grown = tree.grow([leaf_hash(e.canonical) for e in adopted])
+                if tiles:
+                    async with self._store_lock:  # not beside a cursor-only batch
+                        await engine.storage.append(StorageBatch(entries=(), tree=tiles))
+                tree.edge = grown
             last_ts = max(chain.last_ts, adopted[-1].timestamp) if adopted else chain.last_ts
             self.appends += len(adopted)
             chain.advance(length, head, last_ts)

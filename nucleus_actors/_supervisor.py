@@ -26,6 +26,7 @@ from typing import Any, Protocol, TypeVar
 import trio
 
 from ._instrument import Instrument
+from ._order import start_order
 from ._transitions import ModuleEvent, PhaseEvent, PhaseMachine, enter
 from .config import LedgerConfig
 from .errors import LedgerFailed, LifecycleError, ModuleError, RegistryError
@@ -33,6 +34,7 @@ from .lifecycle import ModuleState, Phase, StopResult
 from .module._actor import Child, Outcome
 from .module._base import Module
 from .module._context import LedgerReader
+from .module._hooks import check_hooks
 from .module._mailbox import Lifecycle, LifecycleOp
 from .module._spec import ModuleSpec, resolved_overflow
 from .registry import ModuleRegistry, check_module_id
@@ -175,6 +177,7 @@ class Supervisor:
             )
         module_id = check_module_id(getattr(instance, "id", None))
         spec = self._durability(spec, instance, module_id)
+        check_hooks(instance, module_id)
         if module_id in self.children:
             raise RegistryError(f"module {module_id!r} is already present", module_id=module_id)
         if module_id in spec.depends_on:
@@ -234,42 +237,12 @@ class Supervisor:
             self._durable = True
 
     def resolve_order(self) -> None:
-        """Registration order, except that a module comes after the modules it depends on.
+        """Put the modules in start order (see `_order.start_order`).
 
         Raises:
             RegistryError: unknown dependency or a cycle (before anything runs).
         """
-        for child in self.order:
-            for dep in child.spec.depends_on:
-                if dep not in self.children:
-                    raise RegistryError(
-                        f"module {child.id!r} depends on unknown module {dep!r}",
-                        module_id=child.id,
-                    )
-        placed: list[Child] = []
-        done: set[str] = set()
-        remaining = list(self.order)
-        while remaining:
-            for child in remaining:
-                if all(dep in done for dep in child.spec.depends_on):
-                    placed.append(child)
-                    done.add(child.id)
-                    remaining.remove(child)
-                    break
-            else:
-                raise RegistryError(
-                    f"dependency cycle: {self._cycle(remaining)}", module_id=remaining[0].id
-                )
-        self.order = placed
-
-    def _cycle(self, remaining: list[Child]) -> str:
-        waiting = {c.id: c for c in remaining}
-        path = [remaining[0].id]
-        while True:
-            nxt = next(d for d in waiting[path[-1]].spec.depends_on if d in waiting)
-            if nxt in path:
-                return " -> ".join([*path[path.index(nxt) :], nxt])
-            path.append(nxt)
+        self.order = start_order(self.order, self.children)
 
     # -- events from actors ----------------------------------------------------------------
     def initialized(self, child: Child) -> None:
@@ -469,46 +442,69 @@ class Supervisor:
     ) -> None:
         """Called by an actor when an incarnation ends (synchronously, in the actor task).
 
-        The decision, by outcome:
-        * STOPPED / KILLED (it was asked to stop, or cancelled): record how; a member of a
-          group restart waits for the round; otherwise STOPPED (FAILED if `stop` raised).
-        * BOOT_FAILED (init/start raised; the requester has the error and decides), except
-          while the ledger stops: then nobody will, so FAILED.
-        * CRASHED / EXITED: during startup the startup fails; while RUNNING the restart type
-          decides (RESTARTING and a report to the supervisor task, or FAILED / STOPPED);
-          otherwise (stopping, or already part of a group restart) it is not restarted here.
+        Dispatches on the outcome; each handler records what happened and fires one event:
+        * STOPPED / KILLED (asked to stop, or cancelled): `_ended_by_stop`.
+        * BOOT_FAILED (init/start raised; the requester has the error and decides):
+          `_boot_failed`.
+        * CRASHED / EXITED: `_crashed_or_exited`, where phase and restart type decide.
         """
         was_running = child.state is ModuleState.RUNNING or child.crashing
         child.crashing = False
-        phase = self.phase
-        if outcome in (Outcome.STOPPED, Outcome.KILLED):
-            if outcome is Outcome.KILLED:
-                child.stop_result = StopResult.CANCELLED
-            else:
-                child.stop_result = StopResult.ERROR if error is not None else StopResult.CLEAN
-            if error is not None:
-                child.last_error = repr(error)
-                log.warning("module %r: stop raised %r", child.id, error)
-            if child.state is ModuleState.RESTARTING:
-                return  # stopped by a group restart: the round starts it again (even while
-                # the ledger stops, the round completes; if abandoned, abandon_restarts settles it)
-            if error is not None:
-                enter(child, ModuleEvent.STOP_FAILED)
-            elif child.state is not ModuleState.REGISTERED:
-                enter(child, ModuleEvent.STOPPED)
-            self._shut(child, "stopped")
-            return
-        if outcome is Outcome.BOOT_FAILED:
+        if outcome is Outcome.STOPPED or outcome is Outcome.KILLED:
+            self._ended_by_stop(child, killed=outcome is Outcome.KILLED, error=error)
+        elif outcome is Outcome.BOOT_FAILED:
             assert error is not None
+            self._boot_failed(child, error)
+        else:
+            self._crashed_or_exited(
+                child,
+                incarnation,
+                error,
+                crashed=outcome is Outcome.CRASHED,
+                was_running=was_running,
+            )
+
+    def _ended_by_stop(self, child: Child, *, killed: bool, error: BaseException | None) -> None:
+        """Record how it stopped; a member of a group restart waits for the round, anything
+        else ends STOPPED (FAILED if `stop` raised)."""
+        if killed:
+            child.stop_result = StopResult.CANCELLED
+        else:
+            child.stop_result = StopResult.ERROR if error is not None else StopResult.CLEAN
+        if error is not None:
             child.last_error = repr(error)
-            child.crashes += 1
-            self.crashes += 1
-            if phase in (Phase.STOPPING, Phase.STOPPED, Phase.FAILED):
-                # Its requester is gone (supervision stopped): nobody will restart it.
-                enter(child, ModuleEvent.BOOT_FAILED)
-                self._shut(child, "failed to start while the ledger stopped")
-            return
-        crashed = outcome is Outcome.CRASHED
+            log.warning("module %r: stop raised %r", child.id, error)
+        if child.state is ModuleState.RESTARTING:
+            return  # stopped by a group restart: the round starts it again (even while the
+            # ledger stops, the round completes; if abandoned, abandon_restarts settles it)
+        if error is not None:
+            enter(child, ModuleEvent.STOP_FAILED)
+        elif child.state is not ModuleState.REGISTERED:
+            enter(child, ModuleEvent.STOPPED)
+        self._shut(child, "stopped")
+
+    def _boot_failed(self, child: Child, error: BaseException) -> None:
+        """Its requester decides (rollback, a new round, `restart` raising), except while the
+        ledger stops: then nobody will, so FAILED."""
+        child.last_error = repr(error)
+        child.crashes += 1
+        self.crashes += 1
+        if self.phase in (Phase.STOPPING, Phase.STOPPED, Phase.FAILED):
+            enter(child, ModuleEvent.BOOT_FAILED)
+            self._shut(child, "failed to start while the ledger stopped")
+
+    def _crashed_or_exited(
+        self,
+        child: Child,
+        incarnation: int,
+        error: BaseException | None,
+        *,
+        crashed: bool,
+        was_running: bool,
+    ) -> None:
+        """During startup the startup fails; while RUNNING the restart type decides
+        (RESTARTING and a report to the supervisor task, or FAILED / STOPPED); otherwise
+        (stopping, or already part of a group restart) it is not restarted from here."""
         if crashed:
             assert error is not None
             child.crashes += 1
@@ -526,26 +522,21 @@ class Supervisor:
             log.info("module %r exited (incarnation %d)", child.id, incarnation)
         ended = ModuleEvent.CRASH_FAILED if crashed else ModuleEvent.EXIT_STOPPED
         what = "crashed" if crashed else "exited"
+        phase = self.phase
         if phase in (Phase.CREATED, Phase.INITIALIZED):
             if crashed and self._startup_failure is None:
                 assert error is not None
                 self._startup_failure = (child, error)
-            enter(child, ended)
-            self._shut(child, what)
-            return
-        if phase is not Phase.RUNNING or not was_running:
-            # Stopping, failed, or part of a group restart already: not restarted from here.
-            if phase is Phase.RUNNING and child.state is ModuleState.RESTARTING:
-                return  # the group restart in progress starts it again
-            enter(child, ended)
-            self._shut(child, what)
-            return
-        if self._will_restart(child, crashed=crashed):
-            enter(child, ModuleEvent.CRASH_RESTART)
-            self._reports_send.send_nowait((child, incarnation, error))
-        else:
-            enter(child, ended)
-            self._shut(child, f"{child.spec.restart.name} module {what}")
+        elif phase is Phase.RUNNING and was_running:
+            if self._will_restart(child, crashed=crashed):
+                enter(child, ModuleEvent.CRASH_RESTART)
+                self._reports_send.send_nowait((child, incarnation, error))
+                return
+            what = f"{child.spec.restart.name} module {what}"
+        elif phase is Phase.RUNNING and child.state is ModuleState.RESTARTING:
+            return  # part of a group restart in progress: the round starts it again
+        enter(child, ended)
+        self._shut(child, what)
 
     async def supervise(
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED

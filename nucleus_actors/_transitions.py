@@ -47,8 +47,12 @@ STRICT = False
 """Raise `IllegalTransition` on a (state, event) pair the tables do not list (tests set it)."""
 
 
-class IllegalTransition(AssertionError):
-    """Internal: the runtime tried a lifecycle transition its tables do not allow."""
+class IllegalTransition(BaseException):
+    """Internal: the runtime tried a lifecycle transition its tables do not allow.
+
+    A `BaseException`, not an `Exception`: raised inside an actor it must not be taken for a
+    crash of the module (and hidden by a restart); it propagates to the engine's boundary.
+    """
 
 
 class ModuleEvent(StrEnum):

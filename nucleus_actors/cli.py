@@ -12,7 +12,6 @@ ledger); 3 the daemon is unreachable; 4 the daemon refused the token.
 from __future__ import annotations
 
 import enum
-import json
 import logging
 import os
 import sys
@@ -36,7 +35,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from . import __version__
+from . import __version__, _jcs
 from .daemon.client import (
     DEFAULT_URL,
     EXIT_BAD_INPUT,
@@ -50,7 +49,7 @@ from .daemon.discovery import installed_modules
 from .daemon.logs import configure_logging
 from .daemon.server import EXIT_CONFIG, EXIT_FAILURE, Daemon
 from .daemon.template import CONFIG_TEMPLATE
-from .daemon.wire import dumps, jsonl_line
+from .daemon.wire import dumps, entry_line, export_header, jsonl_line
 from .errors import IntegrityError, InvalidRecord, StorageError
 from .hashing import canonical_bytes, chain_hash, genesis, leaf_hash
 from .record import Hash, Record
@@ -158,6 +157,14 @@ def run(
     log_level: Annotated[
         str, typer.Option("--log-level", help="debug, info, warning or error.")
     ] = "info",
+    accept_rollback: Annotated[
+        bool,
+        typer.Option(
+            "--accept-rollback",
+            help="Start even if a ledger is behind (or diverges from) the last checkpoint "
+            "its key signed, e.g. after restoring a backup on purpose.",
+        ),
+    ] = False,
 ) -> None:
     """Run the ledger daemon: every ledger of CONFIG behind the HTTP/JSON API.
 
@@ -173,7 +180,7 @@ def run(
     configure_logging(log_format.value, level)
     try:
         settings = load_config(config)
-        daemon = Daemon(settings, host=host, port=port)
+        daemon = Daemon(settings, host=host, port=port, accept_rollback=accept_rollback)
     except ConfigError as exc:
         _err.print(str(exc), markup=False)
         raise typer.Exit(EXIT_CONFIG) from None
@@ -183,12 +190,27 @@ def run(
 @app.command()
 def verify(
     path: Annotated[Path, typer.Argument(help="A SQLite ledger file.")],
+    checkpoint: Annotated[
+        Path | None,
+        typer.Option("--checkpoint", help="A signed checkpoint (note file) the file must match."),
+    ] = None,
+    key: Annotated[
+        str | None,
+        typer.Option("--key", help="The checkpoint's verifier key (the string, or a file)."),
+    ] = None,
 ) -> None:
     """Verify a ledger file's whole hash chain (safe beside a running daemon).
 
-    Exits 0 when it verifies, 1 on an integrity failure (naming the first bad seq), 2 when
-    the file is missing or not a ledger file.
+    With `--checkpoint NOTE --key VKEY` it also checks the checkpoint's signature and that the
+    file's Merkle root and chain head at the checkpoint's size are the signed ones.
+
+    Exits 0 when it verifies, 1 on an integrity failure (naming the first bad seq) or a
+    checkpoint that does not match, 2 when the file is missing or not a ledger file, or the
+    checkpoint or key cannot be read.
     """
+    if (checkpoint is None) != (key is None):
+        _error("--checkpoint and --key go together")
+        raise typer.Exit(EXIT_CONFIG)
     columns = (
         TextColumn("verifying {task.description}"),
         BarColumn(),
@@ -213,6 +235,135 @@ def verify(
             raise typer.Exit(EXIT_CONFIG) from None
     entries = "entry" if length == 1 else "entries"
     _out.print(f"{path}: ok, {length} {entries}, head {head.hex()}", markup=False)
+    if checkpoint is not None and key is not None:
+        _out.print(_verify_checkpoint_file(path, checkpoint, key, length), markup=False)
+
+
+def _verifier_key(key: str) -> Any:
+    """A `VerifierKey` from its string or from a file holding it (exit 2 if unusable)."""
+    from .checkpoint import VerifierKey
+    from .errors import ProofError
+
+    text = key
+    candidate = Path(key)
+    if "+" not in key or candidate.is_file():
+        try:
+            text = candidate.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            _error(f"--key {key!r} is neither a verifier key nor a readable file: {exc}")
+            raise typer.Exit(EXIT_CONFIG) from None
+    try:
+        return VerifierKey.parse(text)
+    except ProofError as exc:
+        _error(f"--key: {exc}")
+        raise typer.Exit(EXIT_CONFIG) from None
+
+
+def _read_note(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        _error(f"cannot read the checkpoint {path}: {exc}")
+        raise typer.Exit(EXIT_CONFIG) from None
+
+
+def _checked_checkpoint(note: str, verifier: Any, what: str) -> Any:
+    from .checkpoint import Checkpoint
+    from .errors import ProofError
+
+    try:
+        return Checkpoint.verify(note, verifier)
+    except ProofError as exc:
+        _error(f"{what} does not verify: {exc}")
+        raise typer.Exit(EXIT_FAILURE) from None
+
+
+def _verify_checkpoint_file(path: Path, note_path: Path, key: str, length: int) -> str:
+    """Check a verified ledger file against a signed checkpoint; the line to print."""
+    import sqlite3
+
+    from ._tree import TreeEdge
+    from .proofs import BLAKE3
+
+    checkpoint = _checked_checkpoint(_read_note(note_path), _verifier_key(key), str(note_path))
+    size = checkpoint.size
+    if size > length:
+        _error(f"{path}: the checkpoint covers {size} entries, the file holds {length}")
+        raise typer.Exit(EXIT_FAILURE)
+    uri = path.resolve().as_uri() + "?mode=ro"
+    try:
+        conn = sqlite3.connect(uri, uri=True)
+        try:
+            ledger_id = conn.execute("SELECT value FROM meta WHERE key = 'ledger_id'").fetchone()
+            edge, start = TreeEdge(), 0
+            while start < size:
+                rows = conn.execute(
+                    "SELECT canonical FROM entries WHERE seq >= ? AND seq < ? ORDER BY seq",
+                    (start, min(size, start + 65536)),
+                ).fetchall()
+                if not rows:
+                    break
+                _, edge = edge.extended([BLAKE3.leaf(row[0]) for row in rows])
+                start += len(rows)
+            last = conn.execute("SELECT hash FROM entries WHERE seq = ?", (size - 1,)).fetchone()
+        finally:
+            conn.close()
+    except sqlite3.Error as exc:
+        _error(f"{path}: cannot read it for the checkpoint: {exc}")
+        raise typer.Exit(EXIT_CONFIG) from None
+    chain = genesis(ledger_id[0]) if size == 0 else Hash(last[0])
+    root = edge.root()
+    if edge.size != size or root != checkpoint.root:
+        _error(
+            f"{path}: Merkle root at size {size} is {root.hex()}, the checkpoint signs "
+            f"{checkpoint.root.hex()}"
+        )
+        raise typer.Exit(EXIT_FAILURE)
+    if checkpoint.chain is not None and chain != checkpoint.chain:
+        _error(
+            f"{path}: chain head at size {size} is {chain.hex()}, the checkpoint signs "
+            f"{checkpoint.chain.hex()}"
+        )
+        raise typer.Exit(EXIT_FAILURE)
+    return (
+        f"{path}: matches checkpoint {checkpoint.origin!r} at size {size} "
+        f"(root {root.hex()}, chain {chain.hex()})"
+    )
+
+
+@app.command()
+def keygen(
+    name: Annotated[
+        str, typer.Argument(help="Key name: the checkpoint origin, e.g. HOSTNAME/LEDGER.")
+    ],
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", "-o", help="Key file to write (default: NAME with / as _, .key)."),
+    ] = None,
+) -> None:
+    """Create a checkpoint signer key: writes the key file (mode 0600), prints the verifier key.
+
+    Point a ledger's `checkpoint_key` at the file; publish the printed verifier key
+    (`name+keyid+base64`) so that anyone can check the daemon's checkpoints. Refuses to
+    overwrite a file (exit 2).
+    """
+    from .checkpoint import SignerKey
+    from .daemon.checkpoints import write_key_file
+    from .errors import ProofError
+
+    try:
+        key = SignerKey.generate(name)
+    except ProofError as exc:
+        _error(str(exc))
+        raise typer.Exit(EXIT_CONFIG) from None
+    path = out if out is not None else Path(name.replace("/", "_") + ".key")
+    try:
+        write_key_file(path, key)
+    except OSError as exc:
+        _error(f"cannot write the key file {path}: {exc}")
+        raise typer.Exit(EXIT_CONFIG) from None
+    _out.print(str(key.verifier()), markup=False)
+    _err.print(f"wrote signer key {path} (mode 0600): keep it secret", markup=False)
 
 
 # -- discovery -------------------------------------------------------------------------------
@@ -402,23 +553,63 @@ def _parse_meta(items: list[str]) -> dict[str, str]:
 def _stdin_records(
     stream: IO[str], kind: str | None, meta: dict[str, str]
 ) -> Iterator[tuple[int, dict[str, Any]]]:
-    """`(line number, record)` for each non-blank line of JSON Lines input."""
-    for number, line in enumerate(stream, start=1):
+    """`(line number, record)` for each non-blank line of JSON Lines input.
+
+    Each record is validated here as the daemon would (JSON, I-JSON, `Record` rules), so bad
+    input is refused with its line number before anything of its batch is sent.
+    """
+    lines = iter(stream)
+    number = 0
+    while True:
+        number += 1
+        try:
+            line = next(lines)
+        except StopIteration:
+            return
+        except UnicodeDecodeError as exc:
+            raise InvalidRecord(f"stdin line {number}: not UTF-8 text ({exc.reason})") from None
         if not line.strip():
             continue
-        try:
-            value = json.loads(line)
-        except ValueError as exc:
-            raise InvalidRecord(f"stdin line {number}: not JSON: {exc}") from None
+        value = _parse_json(line, f"stdin line {number}")
         if kind is not None:
-            yield number, {"kind": kind, "payload": value, "meta": meta}
-            continue
-        if not isinstance(value, dict) or "kind" not in value or "payload" not in value:
+            record = {"kind": kind, "payload": value, "meta": meta}
+        elif not isinstance(value, dict) or "kind" not in value or "payload" not in value:
             raise InvalidRecord(
                 f"stdin line {number}: without --kind each line must be an object with "
                 f'"kind" and "payload" (and optional "meta"), got {line.strip()[:80]!r}'
             )
-        yield number, {**value, "meta": {**meta, **(value.get("meta") or {})}}
+        else:
+            record = {**value, "meta": {**meta, **(value.get("meta") or {})}}
+        _validate(record, f"stdin line {number}")
+        yield number, record
+
+
+def _parse_json(text: str, where: str) -> Any:
+    """`text` parsed as I-JSON (duplicate member names refused).
+
+    Raises:
+        InvalidRecord: naming `where`, for text that is not JSON or nests too deeply.
+    """
+    try:
+        return _jcs.loads(text)
+    except RecursionError:
+        raise InvalidRecord(f"{where}: JSON nests too deeply to parse") from None
+    except ValueError as exc:
+        raise InvalidRecord(f"{where}: not JSON: {exc}") from None
+
+
+def _validate(record: Any, where: str) -> None:
+    """Check a record object by the rules the daemon applies (kind, payload, meta).
+
+    Raises:
+        InvalidRecord: naming `where` and the broken rule.
+    """
+    try:
+        if not isinstance(record, dict) or not isinstance(record.get("meta", {}), dict):
+            raise InvalidRecord('a record is an object {"kind", "payload", "meta"}')
+        Record(record.get("kind"), record.get("payload"), record.get("meta") or {})  # type: ignore[arg-type]
+    except InvalidRecord as exc:
+        raise InvalidRecord(f"{where}: {exc}") from None
 
 
 @app.command()
@@ -449,19 +640,22 @@ def append(
     nothing of its batch is stored.
     """
     extra = _parse_meta(meta or [])
+    single: dict[str, Any] | None = None
+    if payload is not None:  # checked before the daemon is contacted: bad input exits 2
+        if kind is None:
+            _error("--json needs --kind")
+            raise typer.Exit(EXIT_CONFIG)
+        try:
+            single = {"kind": kind, "payload": _parse_json(payload, "--json"), "meta": extra}
+            _validate(single, "--json")
+        except InvalidRecord as exc:
+            _error(str(exc))
+            raise typer.Exit(EXIT_BAD_INPUT) from None
     try:
         with _client(url, token_env) as api:
             target = api.pick_ledger(ledger)
-            if payload is not None:
-                if kind is None:
-                    _error("--json needs --kind")
-                    raise typer.Exit(EXIT_CONFIG)
-                try:
-                    value = json.loads(payload)
-                except ValueError as exc:
-                    _error(f"--json is not JSON: {exc}")
-                    raise typer.Exit(EXIT_CONFIG) from None
-                receipt = api.append(target, {"kind": kind, "payload": value, "meta": extra})
+            if single is not None:
+                receipt = api.append(target, single)
                 _out.print(dumps(receipt), markup=False)
                 return
             if sys.stdin.isatty():
@@ -640,11 +834,13 @@ def export(
     """Export a ledger's entries as JSON Lines, with a progress bar.
 
     Exports `[--from, --to)` as the ledger stands when the command starts (entries appended
-    meanwhile are left for the next export). Each line is byte for byte what the
-    `jsonl-mirror` module writes. With `--verify` (default) each entry's chain hash is
-    recomputed from its record and the previous hash, so the file is known to match the
-    daemon's chain; a mismatch exits 1. With `--output`, the file appears only once complete
-    (written to FILE.partial, then renamed).
+    meanwhile are left for the next export). The first line is a header `{"nucleus_export":
+    1, "ledger_id", "from", "prev"}` (prev = the chain hash before the first entry), then one
+    line per entry with its canonical bytes (base64) beside the decoded fields: the format of
+    docs/hashing.md, which the `jsonl-mirror` module writes too. With `--verify` (default)
+    each entry's chain hash is recomputed from its record and the previous hash, so the file
+    is known to match the daemon's chain; a mismatch exits 1. With `--output`, the file
+    appears only once complete (written to FILE.partial, then renamed).
     """
     del export_format  # one format so far
     try:
@@ -676,13 +872,12 @@ def _export(
     except OSError as exc:
         _error(f"cannot write {partial_path}: {exc.strerror or exc}")
         raise typer.Exit(EXIT_CONFIG) from None
-    prev: Hash | None = None
-    if check:
-        prev = (
-            genesis(ledger)
-            if start == 0
-            else Hash.from_hex(api.page(ledger, start - 1, 1)["entries"][0]["hash"])
-        )
+    # The header names the ledger and CHAIN_{start-1}, so that a slice verifies on its own.
+    prev = (
+        genesis(ledger)
+        if start == 0
+        else Hash.from_hex(api.page(ledger, start - 1, 1)["entries"][0]["hash"])
+    )
     columns = (
         TextColumn(f"exporting {escape(ledger)}"),
         BarColumn(),
@@ -694,10 +889,12 @@ def _export(
     try:
         with Progress(*columns, console=_err, disable=not progress) as bar:
             task = bar.add_task("export", total=stop - start)
+            sink.write(export_header(ledger, start, prev))
             for entry in api.entries(ledger, start, stop):
-                if prev is not None:
-                    prev = _check_link(ledger, entry, prev)
-                sink.write(jsonl_line(entry))
+                record = _committed_record(ledger, entry)
+                if check:
+                    prev = _check_link(ledger, entry, record, prev)
+                sink.write(entry_line(record, Hash.from_hex(entry["hash"])))
                 written += 1
                 if written % 256 == 0:
                     bar.update(task, completed=written)
@@ -716,16 +913,21 @@ def _export(
     _err.print(f"exported {written} entries of {ledger!r} to {where}{checked}", markup=False)
 
 
-def _check_link(ledger: str, entry: dict[str, Any], prev: Hash) -> Hash:
-    seq = entry["seq"]
+def _committed_record(ledger: str, entry: dict[str, Any]) -> Record:
+    """The committed record of an entry the API served (exit 1 if it is not one)."""
+    seq = entry.get("seq")
     try:
-        record = Record(
+        return Record(
             entry["kind"], entry["payload"], entry["meta"], seq=seq, timestamp=entry["timestamp"]
         )
-        expected = chain_hash(prev, seq, leaf_hash(canonical_bytes(record)))
     except (InvalidRecord, KeyError, TypeError) as exc:
-        _error(f"entry {seq} of {ledger!r} cannot be checked: {exc}")
+        _error(f"entry {seq} of {ledger!r} cannot be exported: {exc}")
         raise typer.Exit(EXIT_FAILURE) from None
+
+
+def _check_link(ledger: str, entry: dict[str, Any], record: Record, prev: Hash) -> Hash:
+    seq = entry["seq"]
+    expected = chain_hash(prev, seq, leaf_hash(canonical_bytes(record)))
     if expected.hex() != entry["hash"]:
         _error(
             f"entry {seq} of {ledger!r} does not chain: its hash is {entry['hash']}, its record "
@@ -735,8 +937,136 @@ def _check_link(ledger: str, entry: dict[str, Any], prev: Hash) -> Hash:
     return expected
 
 
+# -- proofs (client) --------------------------------------------------------------------------
+prove_app = typer.Typer(
+    help="Fetch a Merkle proof from a daemon and verify it locally against a signed "
+    "checkpoint: exit 0 when it verifies, 1 when it does not.",
+    no_args_is_help=True,
+)
+app.add_typer(prove_app, name="prove")
+
+KeyOpt = Annotated[
+    str, typer.Option("--key", help="The checkpoint's verifier key (the string, or a file).")
+]
+
+
+def _checkpoint_from(client: Any, ledger: str, path: Path | None, verifier: Any) -> Any:
+    note = _read_note(path) if path is not None else client.checkpoint(ledger)
+    return _checked_checkpoint(note, verifier, str(path or f"{ledger!r}'s checkpoint"))
+
+
+@prove_app.command("inclusion")
+def prove_inclusion(
+    seq: Annotated[int, typer.Argument(min=0, help="The entry's seq.")],
+    key: KeyOpt,
+    checkpoint: Annotated[
+        Path | None,
+        typer.Option("--checkpoint", help="Signed checkpoint file (default: fetch the latest)."),
+    ] = None,
+    url: Url = DEFAULT_URL,
+    token_env: TokenEnv = "NUCLEUS_TOKEN",
+    ledger: LedgerOpt = None,
+) -> None:
+    """Prove that entry SEQ, as the daemon serves it, is in a signed checkpoint's tree.
+
+    Checks the checkpoint's signature, fetches the inclusion proof at the checkpoint's size and
+    the entry, recomputes the entry's leaf hash from its record, and verifies the proof
+    against the checkpoint's root.
+    """
+    from .errors import ProofError
+    from .proofs import InclusionProof
+
+    verifier = _verifier_key(key)
+    try:
+        with _client(url, token_env) as client:
+            name = client.pick_ledger(ledger)
+            signed = _checkpoint_from(client, name, checkpoint, verifier)
+            if seq >= signed.size:
+                _error(f"entry {seq} is not in the checkpoint: it covers {signed.size} entries")
+                raise typer.Exit(EXIT_FAILURE)
+            raw = client.inclusion_proof(name, seq, signed.size)
+            entry = client.entry(name, seq)
+    except ClientError as exc:
+        raise _fail(exc) from None
+    try:
+        proof = InclusionProof.from_json(raw)
+        record = Record(
+            entry["kind"], entry["payload"], entry["meta"], seq=seq, timestamp=entry["timestamp"]
+        )
+        leaf = leaf_hash(canonical_bytes(record))
+        if (proof.seq, proof.size, proof.root) != (seq, signed.size, signed.root):
+            raise ProofError("the proof is not for this entry at the checkpoint's size and root")
+        if leaf != proof.leaf:
+            raise ProofError(f"the entry's leaf hash is {leaf.hex()}, the proof's {proof.leaf}")
+        proof.verify()
+    except (ProofError, InvalidRecord, KeyError, TypeError) as exc:
+        _error(f"entry {seq} of {name!r}: inclusion does not verify: {exc}")
+        raise typer.Exit(EXIT_FAILURE) from None
+    _out.print(
+        f"entry {seq} of {name!r} is in checkpoint {signed.origin!r} at size {signed.size} "
+        f"({len(proof.path)} hashes, root {signed.root.hex()})",
+        markup=False,
+    )
+
+
+@prove_app.command("consistency")
+def prove_consistency(
+    old: Annotated[Path, typer.Argument(help="The older signed checkpoint (note file).")],
+    key: KeyOpt,
+    checkpoint: Annotated[
+        Path | None,
+        typer.Option("--checkpoint", help="Newer checkpoint file (default: fetch the latest)."),
+    ] = None,
+    url: Url = DEFAULT_URL,
+    token_env: TokenEnv = "NUCLEUS_TOKEN",
+    ledger: LedgerOpt = None,
+) -> None:
+    """Prove that the ledger only grew between two signed checkpoints (OLD, then the newer).
+
+    Checks both signatures, fetches the consistency proof between their sizes, and verifies it
+    against both roots.
+    """
+    from .errors import ProofError
+    from .proofs import ConsistencyProof
+
+    verifier = _verifier_key(key)
+    older = _checked_checkpoint(_read_note(old), verifier, str(old))
+    try:
+        with _client(url, token_env) as client:
+            name = client.pick_ledger(ledger)
+            newer = _checkpoint_from(client, name, checkpoint, verifier)
+            raw = None
+            if 0 < older.size <= newer.size:
+                raw = client.consistency_proof(name, older.size, newer.size)
+    except ClientError as exc:
+        raise _fail(exc) from None
+    try:
+        if older.size > newer.size:
+            raise ProofError(f"the older checkpoint ({older.size}) is larger ({newer.size})")
+        if older.size == newer.size and (older.root, older.chain) != (newer.root, newer.chain):
+            raise ProofError(f"two different checkpoints of the same size {older.size}")
+        if raw is not None:
+            proof = ConsistencyProof.from_json(raw)
+            if (proof.old_root, proof.new_root) != (older.root, newer.root):
+                raise ProofError("the proof's roots are not the checkpoints' roots")
+            proof.verify()
+    except ProofError as exc:
+        _error(f"{name!r}: consistency does not verify: {exc}")
+        raise typer.Exit(EXIT_FAILURE) from None
+    _out.print(
+        f"{name!r}: checkpoint at size {older.size} is a prefix of the one at size {newer.size}",
+        markup=False,
+    )
+
+
 def main() -> None:
     """Entry point of the `nucleus` console script."""
+    # `python -m nucleus_actors` puts the working directory first on sys.path, a console
+    # script puts its own bin directory there: do as -m does, so that `use = "mymods:Class"`
+    # finds mymods.py in the working directory with both (docs/cli.md: the same command).
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.insert(0, cwd)
     try:
         app()
     except KeyboardInterrupt:

@@ -67,6 +67,11 @@ class LedgerConfig:
     cursor_interval: float = 1.0
     """Seconds a durable module's moved cursor may wait for a batch to ride with before it
     is stored on its own (its bound on redeliveries after a crash)."""
+    merkle_tree: bool | None = None
+    """Keep the Merkle tree (tiles in storage) for `root` and proofs: `None` (default) when the
+    storage implements `TreeStore`, `True` requires it (open fails otherwise), `False` never."""
+    idempotency_window: float = 86400.0
+    """Seconds an idempotency key is remembered (a retry within it gets the first receipts)."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.ledger_id, str) or not LEDGER_ID_PATTERN.fullmatch(self.ledger_id):
@@ -86,11 +91,22 @@ class LedgerConfig:
             raise ValueError(
                 f"LedgerConfig.max_record_bytes must be an int >= 64, got {self.max_record_bytes!r}"
             )
+        if not isinstance(self.idempotency_window, (int, float)) or not (
+            0 < self.idempotency_window < float("inf")
+        ):
+            raise ValueError(
+                f"idempotency_window must be a finite number of seconds > 0, "
+                f"got {self.idempotency_window!r}"
+            )
         if type(self.max_batch) is not int or self.max_batch < 1:
             raise ValueError(f"LedgerConfig.max_batch must be an int >= 1, got {self.max_batch!r}")
         if self.backoff is not None and not isinstance(self.backoff, Backoff):
             raise ValueError(
                 f"LedgerConfig.backoff must be a Backoff or None, got {self.backoff!r}"
+            )
+        if self.merkle_tree is not None and not isinstance(self.merkle_tree, bool):
+            raise ValueError(
+                f"LedgerConfig.merkle_tree must be None, True or False, got {self.merkle_tree!r}"
             )
         if not callable(self.wall_clock):
             raise ValueError(f"LedgerConfig.wall_clock must be callable, got {self.wall_clock!r}")

@@ -14,6 +14,7 @@ pipeline and the supervisor run. Leaving the block stops everything (see `__aexi
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from types import TracebackType
@@ -26,22 +27,33 @@ from ._instrument import Instrument
 from ._pipeline import Pipeline, Request
 from ._supervisor import Supervisor
 from ._transitions import PhaseEvent
+from ._tree import LedgerTree
 from .config import LedgerConfig
-from .errors import IntegrityError, InvalidRecord, LedgerFailed, LifecycleError
+from .errors import (
+    IdempotencyConflict,
+    IntegrityError,
+    InvalidRecord,
+    LedgerFailed,
+    LifecycleError,
+    StorageError,
+)
 from .hashing import ChainVerifier, genesis
 from .lifecycle import LedgerState, Phase
 from .module._base import Module
 from .module._context import LedgerReader
 from .module._spec import ModuleSpec
-from .record import Entry, Hash, Receipt, Record
+from .proofs import ConsistencyProof, InclusionProof
+from .record import Entry, Hash, Receipt, Record, committed_bytes
 from .registry import ModuleHandle, ModuleRegistry, Statistics, _handle
 from .storage import (
     CursorStore,
+    IdempotencyStore,
     MemoryStorage,
     StorageBackend,
     check_contract,
     require_capability,
 )
+from .storage._base import TreeStore
 
 __all__ = ["LedgerEngine", "open_ledger"]
 
@@ -89,6 +101,17 @@ class _ReadOnlyLedger:
 
     async def verify(self) -> Hash:
         return await self._engine.verify()
+
+    async def root(self, size: int | None = None) -> Hash:
+        return await self._engine.root(size)
+
+    async def inclusion_proof(self, seq: int, size: int | None = None) -> InclusionProof:
+        return await self._engine.inclusion_proof(seq, size)
+
+    async def consistency_proof(
+        self, old_size: int, new_size: int | None = None
+    ) -> ConsistencyProof:
+        return await self._engine.consistency_proof(old_size, new_size)
 
 
 def _is_cancellation(exc: BaseException) -> bool:
@@ -149,10 +172,12 @@ class LedgerEngine:
         self._stack: AsyncExitStack | None = None
         self._used = False
         self._open = False
+        self._keys_in_flight: set[str] = set()  # idempotency keys of appends not yet answered
         self._transition: str | None = None
         self._transition_done = trio.Event()
         self._failure: LedgerFailed | None = None
         self._chain = self._pipeline.chain  # length, head, last timestamp: the pipeline's
+        self._tree: LedgerTree | None = None  # the Merkle tree (None: not kept)
 
     def __repr__(self) -> str:
         length = self._chain.length
@@ -177,6 +202,16 @@ class LedgerEngine:
     def modules(self) -> ModuleRegistry:
         """The module registry: `get`, iteration in start order, `status()`, `counts()`."""
         return self._registry
+
+    def append_stalled_for(self) -> float:
+        """Seconds appends have been waiting without the pipeline finishing a batch; 0.0 when
+        no append is waiting or in progress. A large value means something holds every
+        append back (e.g. a module's `after_append` hangs with `timeout=None` and its
+        inbox is full under `Overflow.BLOCK`)."""
+        pipeline = self._pipeline
+        if not pipeline._queue and not pipeline._current:
+            return 0.0
+        return max(0.0, trio.current_time() - pipeline.progressed_at)
 
     def statistics(self) -> Statistics:
         """Counters: committed appends, rejects, crashes, restarts."""
@@ -326,6 +361,7 @@ class LedgerEngine:
                     chain.last_ts = last.timestamp
             if isinstance(storage, CursorStore):
                 self._supervisor.saved_cursors = await storage.load_cursors()
+            self._tree = await self._open_tree()
             failure: BaseException | None = None
             try:
                 async with trio.open_nursery() as nursery:
@@ -614,7 +650,7 @@ class LedgerEngine:
         limit = self.config.max_record_bytes
         # The committed bytes are the record's body plus `,"seq":N,"ts":T}`: estimate that
         # suffix once with the current length and last timestamp.
-        suffix = len(b',"seq":%d,"ts":%d}' % (self._chain.length, self._chain.last_ts))
+        suffix = len(committed_bytes(b"", self._chain.length, self._chain.last_ts))
         checked = []
         for record in records:
             if not isinstance(record, Record):
@@ -627,7 +663,7 @@ class LedgerEngine:
             checked.append(record)
         return checked
 
-    async def append(self, record: Record) -> Receipt:
+    async def append(self, record: Record, *, idempotency_key: str | None = None) -> Receipt:
         """Append one record; return its receipt once it is stored and delivered.
 
         The record is checked (size), passed through every module's before_append in start
@@ -643,29 +679,111 @@ class LedgerEngine:
             RecordRejected: a module vetoed it (`module_id`, `reason`).
             ModuleError: a module crashed or timed out in before_append, or a module with a
                 before_append is FAILED/terminated (fail-closed).
-            StorageError: storage failed; nothing was stored.
+            StorageError: storage failed; nothing was stored. Also: `idempotency_key` with a
+                backend that does not keep keys (`IdempotencyStore`).
             LifecycleError: the ledger is not RUNNING.
+            IdempotencyConflict: `idempotency_key` is in flight, or was used for a different
+                record within `idempotency_window`.
+
+        With `idempotency_key` (1..255 printable ASCII characters), the key is stored in the
+        same storage batch as the entry; a later call with the same key and the same record,
+        within `LedgerConfig.idempotency_window`, returns the first receipt and appends
+        nothing (`append_keyed` also says whether it was a replay).
         """
         self._require("append", Phase.RUNNING)
-        request = Request(self._check_records([record], "append"))
+        records = self._check_records([record], "append")
+        if idempotency_key is not None:
+            receipts, _ = await self.append_keyed(records, idempotency_key)
+            return receipts[0]
+        request = Request(records)
         self._pipeline.submit(request)
         receipts = await request.wait()
         return receipts[0]
 
-    async def append_many(self, records: Iterable[Record]) -> list[Receipt]:
+    async def append_many(
+        self, records: Iterable[Record], *, idempotency_key: str | None = None
+    ) -> list[Receipt]:
         """Append records all-or-nothing: every record is stored, contiguous, or none is.
 
         One rejected or failed record fails the whole batch (a `RecordRejected` carries the
-        `index` of the refused record). Cancellation and errors as for `append`.
+        `index` of the refused record). Cancellation, errors and `idempotency_key` as for
+        `append`.
         """
         self._require("append", Phase.RUNNING)
         batch = self._check_records(records, "append_many")
+        if idempotency_key is not None:
+            receipts, _ = await self.append_keyed(batch, idempotency_key)
+            return receipts
         if not batch:
             await trio.lowlevel.checkpoint()
             return []
         request = Request(batch)
         self._pipeline.submit(request)
         return await request.wait()
+
+    async def append_keyed(self, records: Sequence[Record], key: str) -> tuple[list[Receipt], bool]:
+        """Append `records` all-or-nothing under the idempotency key `key`; return the receipts
+        and whether they are a replay (the key was already committed for the same records:
+        nothing was appended).
+
+        The key is checked and reserved atomically (no checkpoint between), so two appends
+        with one key never both run: the second gets `IdempotencyConflict(in_flight=True)`.
+        The key is committed in the same storage batch as the entries, so it survives a
+        restart exactly when they do. Keys older than `idempotency_window` are forgotten.
+
+        Cancellation: as for `append`; a cancelled append that already reached storage keeps
+        its key reserved until storage answered (shielded), so a retry never appends twice.
+
+        Raises:
+            IdempotencyConflict: the key is in flight, or was used for different records.
+            ValueError: the key is empty, longer than 255 characters or not printable ASCII.
+            StorageError: the backend does not keep idempotency keys; or as for `append`.
+        """
+        self._require("append", Phase.RUNNING)
+        if not (isinstance(key, str) and 0 < len(key) <= 255 and all(" " < c <= "~" for c in key)):
+            raise ValueError(
+                f"an idempotency key must be 1..255 printable ASCII characters, got {key!r}"
+            )
+        store = self.require_storage(IdempotencyStore, "idempotent appends")
+        batch = self._check_records(records, "append_keyed")
+        if key in self._keys_in_flight:
+            raise IdempotencyConflict(
+                f"idempotency key {key!r} is in flight: an append with it has not finished; "
+                "retry once it has",
+                key=key,
+                in_flight=True,
+            )
+        self._keys_in_flight.add(key)
+        request: Request | None = None
+        try:
+            fingerprint = _fingerprint(batch)
+            found = await store.get_idempotency(key)
+            if found is not None:
+                horizon = self.config.wall_clock() - int(self.config.idempotency_window * 1e6)
+                if found.created < horizon:
+                    await store.prune_idempotency(horizon)
+                    found = None
+            if found is not None:
+                if found.fingerprint != fingerprint:
+                    raise IdempotencyConflict(
+                        f"idempotency key {key!r} was used for a different request (seqs "
+                        f"{found.first_seq}..{found.first_seq + found.count - 1}); send a new "
+                        "request with a new key",
+                        key=key,
+                        in_flight=False,
+                    )
+                entries = [
+                    e async for e in self.read(found.first_seq, found.first_seq + found.count)
+                ]
+                return [entry.receipt() for entry in entries], True
+            request = Request(batch, (key, fingerprint))
+            self._pipeline.submit(request)
+            return await request.wait(), False
+        finally:
+            if request is not None and request.storing and not request.done:
+                with trio.CancelScope(shield=True):
+                    await request._wait()
+            self._keys_in_flight.discard(key)
 
     # -- reads -----------------------------------------------------------------------------
     async def get(self, seq: int) -> Entry:
@@ -728,6 +846,76 @@ class LedgerEngine:
             )
         return verifier.head
 
+    # -- Merkle tree and proofs ------------------------------------------------------------
+    async def _open_tree(self) -> LedgerTree | None:
+        """The ledger's tree, loaded (or built once, for storage written without it)."""
+        wanted = self.config.merkle_tree
+        if wanted is False:
+            return None
+        if wanted is None and not isinstance(self.storage, TreeStore):
+            return None
+        store = self.require_storage(TreeStore, "keep the Merkle tree (merkle_tree=True)")
+        tree = LedgerTree(store, self.config.ledger_id)
+        await tree.open(self.storage, self._chain.length)
+        return tree
+
+    def _proof_tree(self, what: str) -> LedgerTree:
+        if not self._open:
+            raise self._not_open(what)
+        if self._tree is None:
+            why = (
+                "LedgerConfig.merkle_tree=False"
+                if self.config.merkle_tree is False
+                else f"storage backend {type(self.storage).__name__} lacks TreeStore"
+            )
+            raise StorageError(
+                f"cannot {what}: ledger {self.config.ledger_id!r} keeps no Merkle tree ({why})"
+            )
+        return self._tree
+
+    async def root(self, size: int | None = None) -> Hash:
+        """Merkle root (docs/hashing.md) of the first `size` entries (`None`: every committed
+        entry; `blake3()` of nothing for 0).
+
+        `root()` is computed from memory; a past size reads O(log n) tree tiles from storage.
+        Cancellation: nothing to undo.
+
+        Raises:
+            ProofError: `size` is not an int in `[0, length]`. StorageError: the ledger keeps
+                no tree, or storage failed. LifecycleError: the engine is not open.
+        """
+        return await self._proof_tree("compute a Merkle root").root(size, self._chain.length)
+
+    async def inclusion_proof(self, seq: int, size: int | None = None) -> InclusionProof:
+        """Proof that entry `seq` is in the tree of the first `size` entries (`None`: all).
+
+        One storage read of O(log n) tree tiles; the proof holds at most `ceil(log2 size)`
+        hashes. Cancellation: nothing to undo.
+
+        Raises:
+            ProofError: `seq` not in `[0, size)` or `size` not in `[1, length]`.
+            StorageError: the ledger keeps no tree, or storage failed.
+            LifecycleError: the engine is not open.
+        """
+        return await self._proof_tree("prove inclusion").inclusion(seq, size, self._chain.length)
+
+    async def consistency_proof(
+        self, old_size: int, new_size: int | None = None
+    ) -> ConsistencyProof:
+        """Proof that the tree of `old_size` entries is a prefix of the `new_size` one (`None`:
+        every committed entry).
+
+        One storage read of O(log n) tree tiles; at most `ceil(log2 new_size) + 1` hashes.
+        Cancellation: nothing to undo.
+
+        Raises:
+            ProofError: `old_size` not in `[1, new_size]` or `new_size` not in `[1, length]`.
+            StorageError: the ledger keeps no tree, or storage failed.
+            LifecycleError: the engine is not open.
+        """
+        tree = self._proof_tree("prove consistency")
+        return await tree.consistency(old_size, new_size, self._chain.length)
+
 
 @asynccontextmanager
 async def open_ledger(
@@ -748,3 +936,13 @@ async def open_ledger(
         await engine.init_all()
         await engine.start_all()
         yield engine
+
+
+def _fingerprint(records: Sequence[Record]) -> str:
+    """What an idempotency key is bound to: a digest of the records' canonical content."""
+    digest = hashlib.sha256()
+    for record in records:
+        body = record._body
+        digest.update(b"%d:" % len(body))
+        digest.update(body)
+    return digest.hexdigest()

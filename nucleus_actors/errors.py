@@ -12,6 +12,7 @@ NucleusError
 │   ├── IntegrityError       chain mismatch (seq of the first bad entry)
 │   ├── CommitUnknown        the batch may or may not be stored (acknowledgement lost)
 │   └── Fenced               another writer holds the ledger (a newer fencing epoch)
+├── IdempotencyConflict      an idempotency key in flight, or reused for a different request
 ├── ProofError               (also ValueError)  a proof or checkpoint fails to verify
 └── EventLoopError           (also RuntimeError) a trio API called from another event loop
 ```
@@ -29,6 +30,7 @@ __all__ = [
     "CommitUnknown",
     "EventLoopError",
     "Fenced",
+    "IdempotencyConflict",
     "IntegrityError",
     "InvalidRecord",
     "LedgerFailed",
@@ -42,8 +44,40 @@ __all__ = [
 ]
 
 
+def _printable(text: str) -> str:
+    """`text` with every non-printable character written as a `\\uXXXX` escape.
+
+    Control characters, format characters (U+200B ...), separators other than the ASCII space
+    and lone surrogates (which no encoding accepts) are escaped, so that a message always
+    prints on one line and encodes as UTF-8.
+    """
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() else _escape(ch) for ch in text)
+
+
+def _escape(ch: str) -> str:
+    code = ord(ch)
+    return f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
+
+
+def _encodable(text: str) -> str:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
+
+
 class NucleusError(Exception):
-    """Base class of every error raised on purpose by nucleus_actors."""
+    """Base class of every error raised on purpose by nucleus_actors.
+
+    `str()` of any of them is encodable as UTF-8: a lone surrogate (from a key or value that
+    is not valid Unicode text) is written as a `\\udXXX` escape.
+    """
+
+    def __str__(self) -> str:
+        return _encodable(super().__str__())
 
 
 class InvalidRecord(NucleusError, ValueError):
@@ -55,6 +89,9 @@ class InvalidRecord(NucleusError, ValueError):
     """
 
     def __init__(self, message: str, *, path: str | None = None) -> None:
+        # Both may quote the offending value or key: keep them printable on one line.
+        message = _printable(message)
+        path = None if path is None else _printable(path)
         super().__init__(message if path is None else f"{message} (at {path})")
         self.path = path
 
@@ -122,8 +159,8 @@ class RecordRejected(ModuleError):
     def __str__(self) -> str:
         where = f" (record {self.index} of the batch)" if self.index is not None else ""
         if self.module_id is None:
-            return self.reason
-        return f"module {self.module_id!r} rejected the record{where}: {self.reason}"
+            return _encodable(self.reason)
+        return _encodable(f"module {self.module_id!r} rejected the record{where}: {self.reason}")
 
 
 class StorageError(NucleusError):
@@ -176,3 +213,19 @@ class EventLoopError(NucleusError, RuntimeError):
 
     nucleus_actors runs on trio; from asyncio use `nucleus_actors.aio.open_ledger`.
     """
+
+
+class IdempotencyConflict(NucleusError):
+    """An append with an idempotency key cannot run: the key is in flight, or it was used
+    (within the window) for a different request.
+
+    Attributes:
+        key: the idempotency key.
+        in_flight: True when another append with the key has not finished yet (retry later:
+            HTTP 409); False when the key's first use had a different request (HTTP 422).
+    """
+
+    def __init__(self, message: str, *, key: str, in_flight: bool) -> None:
+        super().__init__(message)
+        self.key = key
+        self.in_flight = in_flight

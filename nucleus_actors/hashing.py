@@ -21,14 +21,16 @@ from typing import Any, Final
 
 from blake3 import blake3
 
+from . import proofs as _proofs
 from .errors import IntegrityError, InvalidRecord
-from .record import Entry, Hash, Record
+from .record import Entry, Hash, Record, body_of, committed_bytes
 
 __all__ = [
     "ChainVerifier",
     "canonical_bytes",
     "chain_hash",
     "chain_step",
+    "chain_step_leaf",
     "decode_entry",
     "genesis",
     "leaf_hash",
@@ -56,7 +58,7 @@ def canonical_bytes(record: Record) -> bytes:
             "canonical bytes need a committed record (seq and timestamp set), "
             f"got seq={record.seq!r} timestamp={record.timestamp!r}"
         )
-    return b'%s,"seq":%d,"ts":%d}' % (record._body, record.seq, record.timestamp)
+    return committed_bytes(record._body, record.seq, record.timestamp)
 
 
 def genesis(ledger_id: str) -> Hash:
@@ -86,6 +88,15 @@ def chain_step(prev: bytes, seq: int, data: bytes) -> Hash:
     return _new_hash(Hash, blake3(_CHAIN + prev + seq.to_bytes(8, "big") + leaf).digest())
 
 
+def chain_step_leaf(prev: bytes, seq: int, data: bytes) -> tuple[bytes, Hash]:
+    """`(LEAF_seq, CHAIN_seq)` from `CHAIN_seq-1` and the entry's canonical bytes.
+
+    `chain_step` that also returns the leaf hash (the Merkle tree's leaf), in one call.
+    """
+    leaf = blake3(_LEAF + data).digest()
+    return leaf, _new_hash(Hash, blake3(_CHAIN + prev + seq.to_bytes(8, "big") + leaf).digest())
+
+
 def node_hash(left: bytes, right: bytes) -> Hash:
     """`NODE(l, r) = blake3(0x01 || l || r)`, an interior node of the RFC 6962 tree."""
     return Hash(blake3(_NODE + left + right).digest())
@@ -95,14 +106,10 @@ def merkle_root(leaves: Sequence[bytes]) -> Hash:
     """Root of the RFC 6962 (section 2.1) tree over `leaves` (LEAF hashes, in seq order).
 
     The tree splits at the largest power of two smaller than the number of leaves. The root of
-    no leaves is `blake3()` of nothing, as in RFC 6962.
+    no leaves is `blake3()` of nothing, as in RFC 6962. The same as
+    `nucleus_actors.proofs.root(proofs.BLAKE3, leaves)`, which builds and checks proofs too.
     """
-    if not leaves:
-        return Hash(blake3(b"").digest())
-    if len(leaves) == 1:
-        return Hash(leaves[0])
-    split = 1 << ((len(leaves) - 1).bit_length() - 1)
-    return node_hash(merkle_root(leaves[:split]), merkle_root(leaves[split:]))
+    return _proofs.root(_proofs.BLAKE3, leaves)
 
 
 def _record_from(seq: int, obj: Any, body: bytes) -> Record:
@@ -141,8 +148,7 @@ def decode_entry(seq: int, canonical: bytes, hash: bytes) -> Entry:
         obj = json.loads(canonical)
     except (ValueError, UnicodeDecodeError) as exc:
         raise IntegrityError(f"entry {seq}: canonical bytes are not JSON ({exc})", seq=seq) from exc
-    marker = canonical.rfind(b',"seq":')
-    record = _record_from(seq, obj, canonical[:marker] if marker > 0 else b"")
+    record = _record_from(seq, obj, body_of(canonical))
     try:
         digest = Hash(hash)
     except ValueError as exc:

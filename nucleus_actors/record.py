@@ -12,7 +12,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Final
+from typing import Any, Final, NoReturn
 
 from . import _jcs
 from .errors import InvalidRecord
@@ -22,8 +22,21 @@ __all__ = ["MAX_KIND_LENGTH", "Entry", "Hash", "Receipt", "Record"]
 MAX_KIND_LENGTH: Final = 256
 """Longest `Record.kind` accepted, in characters."""
 
-# A kind is a short identifier such as "order.created": printable, no whitespace.
-_KIND_RE: Final = re.compile(r"[^\s\x00-\x1f\x7f]+")
+# A kind is a short identifier such as "order.created": printable, no whitespace. Refused:
+# every character of Unicode categories Cc (C0 and C1 controls), Cf (format: U+00AD, U+200B,
+# U+FEFF, ...), Cs (lone surrogates), Zs/Zl/Zp (separators) and whatever `str.isspace()` calls
+# whitespace. Generated from unicodedata 14.0 (tests/unit/test_record.py regenerates it and
+# compares); the OpenAPI schema publishes the same class as the `pattern` of `kind`.
+KIND_FORBIDDEN: Final = (
+    r"\u0000-\u0020\u007f-\u00a0\u00ad\u0600-\u0605\u061c\u06dd\u070f\u0890-\u0891"
+    r"\u08e2\u1680\u180e\u2000-\u200f\u2028-\u202f\u205f-\u2064\u2066-\u206f\u3000"
+    r"\ud800-\udfff\ufeff\ufff9-\ufffb"
+    r"\U000110bd\U000110cd\U00013430-\U00013438\U0001bca0-\U0001bca3"
+    r"\U0001d173-\U0001d17a\U000e0001\U000e0020-\U000e007f"
+)
+"""The characters a `Record.kind` may not hold: the body of a regex character class, written
+with `\\uXXXX` / `\\UXXXXXXXX` escapes (Python `re` syntax)."""
+_KIND_BAD: Final = re.compile(f"[{KIND_FORBIDDEN}]")
 
 
 class Hash(bytes):
@@ -75,9 +88,12 @@ def _check_kind(kind: object) -> str:
         raise InvalidRecord(
             f"kind is {len(kind)} characters, the limit is {MAX_KIND_LENGTH}", path="$.kind"
         )
-    if _KIND_RE.fullmatch(kind) is None:
+    bad = _KIND_BAD.search(kind)
+    if bad is not None:
         raise InvalidRecord(
-            f"kind {kind!r} contains whitespace or control characters", path="$.kind"
+            f"kind {kind!r} contains whitespace, a control or another non-printable character "
+            f"(U+{ord(bad.group()):04X} at index {bad.start()})",
+            path="$.kind",
         )
     if type(kind) is str:
         if len(_KINDS_SEEN) >= _KINDS_SEEN_MAX:
@@ -86,9 +102,47 @@ def _check_kind(kind: object) -> str:
     return kind
 
 
-def _check_meta(meta: object) -> tuple[dict[str, str], bool]:
+class _FrozenMeta(dict[str, str]):
+    """`Record.meta`: an immutable str-to-str mapping (a dict that refuses every change).
+
+    A dict subclass so that it serialises (json, rfc8785) and compares like the dict it was
+    built from; hashable, since it cannot change.
+    """
+
+    __slots__ = ()
+
+    def _refuse(self, *args: object, **kwargs: object) -> NoReturn:
+        raise TypeError(
+            "Record.meta is immutable: build a new record with with_meta() or replace()"
+        )
+
+    __setitem__ = __delitem__ = __ior__ = _refuse
+    clear = pop = popitem = setdefault = update = _refuse
+
+    def __hash__(self) -> int:  # type: ignore[override]
+        return hash(frozenset(self.items()))
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_FrozenMeta, (dict(self),))
+
+    def __copy__(self) -> _FrozenMeta:
+        return self
+
+    def __deepcopy__(self, memo: object) -> _FrozenMeta:
+        return self
+
+    def __repr__(self) -> str:
+        return dict.__repr__(self)
+
+
+_EMPTY_META: Final = _FrozenMeta()
+
+
+def _check_meta(meta: object) -> tuple[_FrozenMeta, bool]:
+    if type(meta) is _FrozenMeta:
+        return meta, all(key.isascii() for key in meta)
     if type(meta) is dict and not meta:
-        return {}, True
+        return _EMPTY_META, True
     if not isinstance(meta, Mapping):
         raise InvalidRecord(
             f"meta must be a mapping of str to str, got {type(meta).__name__}", path="$.meta"
@@ -106,7 +160,7 @@ def _check_meta(meta: object) -> tuple[dict[str, str], bool]:
         if not key.isascii():
             fast = False
         out[key] = value
-    return out, fast
+    return _FrozenMeta(out), fast
 
 
 def _check_position(name: str, value: object) -> int | None:
@@ -120,22 +174,50 @@ def _check_position(name: str, value: object) -> int | None:
 
 
 def _encode_body(kind: str, meta: dict[str, str], payload: Any, fast: bool) -> bytes:
-    # The committed record's canonical bytes are this object with "seq" and "ts" added; both
-    # keys sort after "payload", so the canonical form is this encoding minus its closing brace
-    # followed by `,"seq":N,"ts":T}` (see hashing.canonical_bytes).
+    # See committed_bytes: the body is the canonical record without seq/ts and without its
+    # closing brace.
     body = {"kind": kind, "meta": meta, "payload": payload}
     return _jcs.dumps(body, fast)[:-1]
+
+
+# -- the committed-bytes layout (written here and nowhere else) -------------------------------
+_SEQ_MARKER: Final = b',"seq":'
+
+
+def committed_bytes(body: bytes, seq: int, timestamp: int) -> bytes:
+    """The canonical bytes of a committed record from its body (`Record._body`), seq and ts.
+
+    The committed record is `{"kind", "meta", "payload", "seq", "ts"}`; "seq" and "ts" sort
+    after every other key, so its RFC 8785 form is the canonical `{"kind","meta","payload"}`
+    minus its closing brace (the body, computed once per record) followed by
+    `,"seq":N,"ts":T}`. The size check before commit uses `len(committed_bytes(b"", ...))`.
+    """
+    return b'%s,"seq":%d,"ts":%d}' % (body, seq, timestamp)
+
+
+def body_of(canonical: bytes) -> bytes:
+    """The body part of a committed record's canonical bytes (the inverse of
+    `committed_bytes`); `b""` when the bytes do not have that layout."""
+    marker = canonical.rfind(_SEQ_MARKER)
+    return canonical[:marker] if marker > 0 else b""
 
 
 _NO_META: Mapping[str, str] = MappingProxyType({})
 
 
-@dataclass(frozen=True, slots=True, eq=True, init=False)
+@dataclass(frozen=True, slots=True, eq=False, init=False)
 class Record:
     """One ledger record: a kind, a JSON payload and string metadata.
 
     A record handed to `append` has `seq` and `timestamp` of `None`; the committed copy the
     ledger stores (and gives to `after_append`, `get`, `read`) carries both.
+
+    Records are values. `meta` is an immutable mapping (a copy of what was given). The
+    payload is a value too: the record keeps the object it was given (no copy, for speed),
+    so never mutate it afterwards; build a new record with `replace` instead. Equality and
+    `hash()` follow the canonical JSON (the bytes that get hashed) plus `seq` and
+    `timestamp`: `Record("k", 1.0) == Record("k", 1)` and `Record("k", [1]) == Record("k",
+    (1,))` (same bytes), while `Record("k", True) != Record("k", 1)` (`true` is not `1`).
 
     Raises:
         InvalidRecord: on construction, for an empty, over-long or non-printable `kind`, a
@@ -149,7 +231,7 @@ class Record:
     """A JSON value: dict (str keys), list/tuple, str, int (|i| <= 2**53-1), finite float,
     bool or None. Tuples are stored as arrays."""
     meta: Mapping[str, str] = field(default_factory=dict)
-    """String metadata (e.g. a trace id); covered by the hash like everything else."""
+    """String metadata (e.g. a trace id), an immutable mapping; covered by the hash."""
     seq: int | None = field(default=None, kw_only=True)
     """Position in the ledger, from 0; set on committed records."""
     timestamp: int | None = field(default=None, kw_only=True)
@@ -180,6 +262,24 @@ class Record:
         set_(self, "seq", seq)
         set_(self, "timestamp", timestamp)
         set_(self, "_body", _encode_body(kind, meta_dict, payload, meta_fast and payload_fast))
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Record):
+            return NotImplemented
+        return (
+            self._body == other._body
+            and self.seq == other.seq
+            and self.timestamp == other.timestamp
+        )
+
+    def __hash__(self) -> int:
+        return hash((self._body, self.seq, self.timestamp))
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (
+            Record._trusted,
+            (self.kind, self.payload, dict(self.meta), self.seq, self.timestamp, self._body),
+        )
 
     def replace(self, **fields: Any) -> Record:
         """A copy with `fields` changed (kind, payload, meta, seq, timestamp), re-validated."""
@@ -221,14 +321,20 @@ class Record:
 
     @classmethod
     def _trusted(
-        cls, kind: str, payload: Any, meta: dict[str, str], seq: int, timestamp: int, body: bytes
+        cls,
+        kind: str,
+        payload: Any,
+        meta: dict[str, str],
+        seq: int | None,
+        timestamp: int | None,
+        body: bytes,
     ) -> Record:
         """Build from already-canonical parts (internal: decoding stored entries)."""
         new = object.__new__(cls)
         set_ = object.__setattr__
         set_(new, "kind", kind)
         set_(new, "payload", payload)
-        set_(new, "meta", meta)
+        set_(new, "meta", meta if type(meta) is _FrozenMeta else _FrozenMeta(meta))
         set_(new, "seq", seq)
         set_(new, "timestamp", timestamp)
         set_(new, "_body", body)

@@ -137,11 +137,15 @@ class DaemonClient:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         headers["User-Agent"] = "nucleus-cli"
         try:
+            # No idle keep-alive connections: one left in the pool (e.g. from the reads
+            # before `tail --follow` streams) holds a stopping daemon for its whole
+            # graceful_timeout. A connection per request costs little on a CLI's scale.
             self._http = httpx.Client(
                 base_url=self.url,
                 headers=headers,
                 timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
                 transport=transport,
+                limits=httpx.Limits(max_keepalive_connections=0),
             )
         except (ValueError, httpx.InvalidURL) as exc:
             raise DaemonUnreachable(f"--url {url!r} is not a usable URL: {exc}") from None
@@ -313,11 +317,15 @@ class DaemonClient:
             reason = "the stream ended (the daemon is shutting down?)"
             try:
                 timeout = httpx.Timeout(_STREAM_READ_TIMEOUT, connect=10.0)
+                # `Connection: close`: the stream's connection is never reused. A pooled
+                # keep-alive connection left idle after the stream ends would hold a stopping
+                # daemon for its whole graceful_timeout, and a retry sent on it lands in the
+                # daemon that is going away.
                 with self._http.stream(
                     "GET",
                     f"/v1/ledgers/{ledger}/stream",
                     params={"from": next_seq},
-                    headers={"Accept": "text/event-stream"},
+                    headers={"Accept": "text/event-stream", "Connection": "close"},
                     timeout=timeout,
                 ) as response:
                     if response.status_code != 200:
@@ -331,6 +339,11 @@ class DaemonClient:
                             entry = json.loads(data)
                             next_seq = entry["seq"] + 1
                             yield entry
+                        elif event == "shutdown":
+                            # The daemon is stopping: give it time to go before retrying.
+                            reason = "the daemon is shutting down"
+                            delay = max(delay, SHUTDOWN_RETRY_DELAY)
+                            break
                         elif event == "error":
                             problem = json.loads(data)
                             raise ApiError(
@@ -356,6 +369,40 @@ class DaemonClient:
             sleep(delay)
             delay = min(delay * 2, 5.0)
 
+    # -- proofs --------------------------------------------------------------------------
+    def checkpoint(self, ledger: str) -> str:
+        """The ledger's latest signed checkpoint (the note's text)."""
+        try:
+            response = self._http.request("GET", f"/v1/ledgers/{ledger}/checkpoint")
+        except httpx.HTTPError as exc:
+            raise self._unreachable(exc) from exc
+        if not response.is_success:
+            raise self._error(response)
+        return response.text
+
+    def inclusion_proof(self, ledger: str, seq: int, size: int | None = None) -> dict[str, Any]:
+        """`{"seq", "size", "leaf", "path", "root"}` (hashes in hex)."""
+        params = {"seq": seq} if size is None else {"seq": seq, "size": size}
+        result: dict[str, Any] = self._request(
+            "GET", f"/v1/ledgers/{ledger}/proof/inclusion", params=params
+        )
+        return result
+
+    def consistency_proof(
+        self, ledger: str, old_size: int, new_size: int | None = None
+    ) -> dict[str, Any]:
+        """`{"from", "to", "old_root", "new_root", "path"}` (hashes in hex)."""
+        params = {"from": old_size} if new_size is None else {"from": old_size, "to": new_size}
+        result: dict[str, Any] = self._request(
+            "GET", f"/v1/ledgers/{ledger}/proof/consistency", params=params
+        )
+        return result
+
+    def entry(self, ledger: str, seq: int) -> dict[str, Any]:
+        """One entry: `{"seq", "kind", "payload", "meta", "timestamp", "hash"}`."""
+        result: dict[str, Any] = self._request("GET", f"/v1/ledgers/{ledger}/records/{seq}")
+        return result
+
     # -- writes --------------------------------------------------------------------------
     def append(self, ledger: str, record: Mapping[str, Any]) -> dict[str, Any]:
         """Append one record (`{"kind", "payload", "meta"?}`); return its receipt."""
@@ -373,6 +420,10 @@ class DaemonClient:
             "POST", f"/v1/ledgers/{ledger}/records/batch", json=body
         )["receipts"]
         return result
+
+
+SHUTDOWN_RETRY_DELAY: Final = 1.0
+"""Seconds `follow` waits before reconnecting after the daemon said it is shutting down."""
 
 
 def _what(exc: httpx.HTTPError) -> str:

@@ -25,7 +25,7 @@ import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final, Literal
+from typing import TYPE_CHECKING, Any, Final, Literal
 
 from pydantic import (
     BaseModel,
@@ -44,6 +44,9 @@ from ..errors import NucleusError
 from ..module import Module, ModuleSpec, Overflow
 from ..supervision import Backoff, Restart, Strategy
 from .discovery import resolve_use
+
+if TYPE_CHECKING:
+    from .guards import HttpLimits
 
 __all__ = [
     "MEMORY",
@@ -244,13 +247,44 @@ class LedgerSettings(_Section):
     """Largest record accepted, measured on its canonical bytes."""
     cursor_interval: float = Field(default=1.0, gt=0, allow_inf_nan=False)
     """Seconds a durable module's moved cursor may wait before it is stored on its own."""
+    verify_on_open: Literal["tail", "full"] = "tail"
+    """`"tail"`: opening checks the chain's last entries, then the whole chain is verified in
+    the background (metric `nucleus_ledger_verified_entries`); `"full"`: the whole chain is
+    verified before the ledger serves (a bad entry stops it from starting)."""
+    idempotency_window: float = Field(default=86400.0, gt=0, allow_inf_nan=False)
+    """Seconds an `Idempotency-Key` is remembered: a retry with the same key and body within
+    it gets the first receipts instead of appending again."""
     modules: list[ModuleSettings] = Field(default_factory=list)
     """The ledger's modules, in start order (after `depends_on`)."""
+    checkpoint_key: str | None = None
+    """Signer key file (`nucleus keygen`), relative to the config file's directory: the daemon
+    signs checkpoints of this ledger with it. Unset: no checkpoints."""
+    checkpoint_origin: str | None = None
+    """The checkpoints' origin line, which must be the key's name; unset:
+    `<hostname>/<ledger id>`."""
+    checkpoint_interval: float = Field(default=60.0, gt=0, allow_inf_nan=False)
+    """Seconds between signed checkpoints (one is signed only when the ledger grew)."""
 
     @field_validator("id")
     @classmethod
     def _id(cls, value: str) -> str:
         return _matching(value, LEDGER_ID_PATTERN, _ID_RULE)
+
+    @field_validator("checkpoint_origin")
+    @classmethod
+    def _origin(cls, value: str | None) -> str | None:
+        if value is not None and (not value or "+" in value or any(c.isspace() for c in value)):
+            raise PydanticCustomError(
+                "origin", "must be a non-empty key name without spaces or '+'", {}
+            )
+        return value
+
+    def checkpoint_key_path(self, base_dir: Path) -> Path | None:
+        """The absolute signer key path (relative to `base_dir`), or None when unset."""
+        if self.checkpoint_key is None:
+            return None
+        path = Path(os.path.expanduser(self.checkpoint_key))
+        return path if path.is_absolute() else (base_dir / path).resolve()
 
     def storage_path(self, base_dir: Path) -> Path | None:
         """The absolute SQLite path (relative paths resolve against `base_dir`), or None for
@@ -270,6 +304,7 @@ class LedgerSettings(_Section):
             backoff=None if self.backoff is None else self.backoff.build(),
             max_record_bytes=self.max_record_bytes,
             cursor_interval=self.cursor_interval,
+            idempotency_window=self.idempotency_window,
         )
 
 
@@ -291,10 +326,54 @@ class DaemonConfig(_Section):
     503."""
     graceful_timeout: float = Field(default=10.0, gt=0, allow_inf_nan=False)
     """Seconds in-flight requests get to finish on shutdown before they are cancelled."""
+    allowed_hosts: list[str] | None = None
+    """`Host` header values the daemon answers (`name` or `name:port`, `"*"` for any); others
+    get 421. Unset: the bind address, `localhost`, `127.0.0.1` and `[::1]`, with the port."""
+    read_timeout: float = Field(default=10.0, gt=0, allow_inf_nan=False)
+    """Seconds a client has to send a request head (or stay idle between requests), and again
+    its whole body; a slower one is closed (408 for a body)."""
+    max_connections: int = Field(default=1000, ge=1)
+    """Most connections served at once (lowered to fit the open-file limit); at the cap, the
+    connection that waited longest without a complete request is closed."""
+    max_batch_records: int = Field(default=1000, ge=1)
+    """Most records in one batch append (413 beyond)."""
+    stall_timeout: float = Field(default=30.0, gt=0, allow_inf_nan=False)
+    """`/readyz` answers 503 for a ledger whose appends have waited this many seconds without
+    progress (a hung module holding every append back)."""
+    body_budget_bytes: int = Field(default=8 << 20, ge=1 << 16)
+    """Bytes of large bodies (over 64 KiB each) read and processed at once; more wait (at
+    most `read_timeout`, then 503)."""
     ledgers: list[LedgerSettings] = Field(min_length=1)
     """The ledgers this daemon serves (at least one)."""
 
     _base_dir: Path = PrivateAttr(default_factory=Path.cwd)
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _hosts(cls, value: list[str] | None) -> list[str] | None:
+        from .guards import HostAllowList  # the web stack only when a config has the key
+
+        if value is not None:
+            try:
+                HostAllowList(value)
+            except ValueError as exc:
+                raise PydanticCustomError(
+                    "allowed_hosts", "{reason}", {"reason": str(exc)}
+                ) from None
+        return value
+
+    def http_limits(self) -> HttpLimits:
+        """The HTTP limits this configuration sets."""
+        from .guards import HttpLimits
+
+        return HttpLimits(
+            read_timeout=self.read_timeout,
+            max_connections=self.max_connections,
+            max_batch_records=self.max_batch_records,
+            body_budget_bytes=self.body_budget_bytes,
+            stall_timeout=self.stall_timeout,
+            allowed_hosts=None if self.allowed_hosts is None else tuple(self.allowed_hosts),
+        )
 
     @field_validator("token_env")
     @classmethod

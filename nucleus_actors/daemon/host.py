@@ -4,13 +4,18 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import trio
 
 from ..engine import LedgerEngine
 from ..lifecycle import Phase
 from .config import LedgerSettings
+from .guards import ByteBudget, HostAllowList, HttpLimits
 from .metrics import DaemonMetrics
+
+if TYPE_CHECKING:
+    from .checkpoints import CheckpointSigner
 
 __all__ = ["DaemonState", "LedgerHost"]
 
@@ -37,6 +42,12 @@ class LedgerHost:
         """True while the engine is RUNNING inside its task and may be read and written."""
         self.failure: BaseException | None = None
         """Why the ledger failed (startup error or `LedgerFailed`), else None."""
+        self.signer: CheckpointSigner | None = None
+        """Signs the ledger's checkpoints (None: no `checkpoint_key` configured)."""
+        self.verified_entries = 0
+        """Entries the last completed full verification covered (0 before one completed)."""
+        self.verify_failed = False
+        """The last full verification found an entry that does not verify."""
         self._changed = trio.Event()
 
     @property
@@ -70,6 +81,7 @@ class DaemonState:
         token: str | None,
         max_body_bytes: int,
         metrics: DaemonMetrics | None = None,
+        limits: HttpLimits | None = None,
     ) -> None:
         self.hosts: dict[str, LedgerHost] = dict(hosts)
         """Ledgers by id, in configuration order."""
@@ -82,9 +94,26 @@ class DaemonState:
         self.metrics = DaemonMetrics() if metrics is None else metrics
         """What `/metrics` serves (a fresh registry unless the daemon passes its own)."""
         self.metrics.watch(self.hosts.values)
+        self.limits = HttpLimits() if limits is None else limits
+        """HTTP limits: `read_timeout`, `max_connections`, `max_batch_records`, ..."""
+        self.budget = ByteBudget(self.limits.body_budget_bytes)
+        """The byte budget shared by large request bodies."""
+        self.allowed_hosts: HostAllowList | None = (
+            None if self.limits.allowed_hosts is None else HostAllowList(self.limits.allowed_hosts)
+        )
+        """The `Host` values answered; None answers any (the daemon sets the defaults once it
+        knows its port)."""
+        self.stopped = trio.Event()
+        """Set with `stopping` (what waiters wait on)."""
+        self.body_scopes: set[trio.CancelScope] = set()
+        """Cancel scopes of request bodies being read: `begin_stopping` cancels them (the
+        writes are refused with 503, nothing was acted on)."""
 
     def begin_stopping(self) -> None:
         """Mark the daemon as stopping and end every stream."""
         self.stopping = True
+        self.stopped.set()
+        for scope in list(self.body_scopes):
+            scope.cancel()
         for host in self.hosts.values():
             host.notify()

@@ -50,6 +50,16 @@ METRICS: Final[Mapping[str, tuple[str, str, tuple[str, ...]]]] = {
         ("ledger", "phase"),
     ),
     "nucleus_ledger_entries": ("gauge", "Entries in the ledger (its length).", ("ledger",)),
+    "nucleus_ledger_verified_entries": (
+        "gauge",
+        "Entries covered by the last completed full chain verification (0 before one).",
+        ("ledger",),
+    ),
+    "nucleus_ledger_verify_failed": (
+        "gauge",
+        "1 when the last full chain verification found an entry that does not verify.",
+        ("ledger",),
+    ),
     "nucleus_ledger_appends_total": (
         "counter",
         "Records committed since the daemon opened the ledger.",
@@ -148,6 +158,8 @@ class _LedgerCollector(Collector):
                     [ledger, phase.value], 1 if phase is state.phase else 0
                 )
             f["nucleus_ledger_entries"].add_metric([ledger], state.length)
+            f["nucleus_ledger_verified_entries"].add_metric([ledger], host.verified_entries)
+            f["nucleus_ledger_verify_failed"].add_metric([ledger], int(host.verify_failed))
             f["nucleus_ledger_appends_total"].add_metric([ledger], stats.appends)
             f["nucleus_ledger_rejects_total"].add_metric([ledger], stats.rejects)
             f["nucleus_ledger_crashes_total"].add_metric([ledger], stats.crashes)
@@ -213,8 +225,12 @@ class DaemonMetrics:
     def render(self, accept: str | None) -> tuple[bytes, str]:
         """The exposition for a scrape with this `Accept` header: `(body, content type)`
         (OpenMetrics when the scraper asks for it, else the Prometheus text format)."""
-        encoder, content_type = choose_encoder(accept or "")
-        return encoder(self.registry), content_type
+        try:
+            encoder, content_type = choose_encoder(accept or "")
+            return encoder(self.registry), content_type
+        except (TypeError, ValueError):  # e.g. `version=abc`: not a version it can compare
+            encoder, content_type = choose_encoder("")
+            return encoder(self.registry), content_type
 
 
 class HookTimer(Instrument):

@@ -27,9 +27,10 @@ import trio
 
 from .._jcs import json_path
 from ..errors import RecordRejected
+from ..hashing import genesis
 from ..module import Module, ModuleContext
 from ..record import Hash, Record
-from .wire import entry_line
+from .wire import entry_line, export_header, parse_export_header
 
 __all__ = [
     "JsonSchemaValidator",
@@ -75,6 +76,16 @@ class RequireFields(Module):
     def __init__(self) -> None:
         self.fields: tuple[str, ...] = ()
         self.kinds: tuple[str, ...] = ()
+
+    @staticmethod
+    def check_config(config: Mapping[str, Any]) -> None:
+        """Check `fields` and `kinds` (`nucleus check` and `init` both call it).
+
+        Raises:
+            ValueError: `fields` is missing or not a list of strings, or `kinds` is malformed.
+        """
+        _strings(config, "fields", required=True)
+        _strings(config, "kinds", required=False)
 
     async def init(self, ctx: ModuleContext) -> None:
         """Read and check `fields` and `kinds` from the config.
@@ -139,15 +150,25 @@ class KindCounter(Module):
         """The first seq not counted yet."""
         self._ctx: ModuleContext | None = None
 
+    @staticmethod
+    def check_config(config: Mapping[str, Any]) -> None:
+        """Check `index` (`nucleus check` and `init` both call it).
+
+        Raises:
+            ValueError: `index` is not a boolean.
+        """
+        keep = config.get("index", False)
+        if not isinstance(keep, bool):
+            raise ValueError(f"config 'index' must be true or false, got {keep!r}")
+
     async def init(self, ctx: ModuleContext) -> None:
         """Read `index` from the config and rebuild the counts from the ledger.
 
         Raises:
             ValueError: `index` is not a boolean.
         """
+        self.check_config(ctx.config)
         keep = ctx.config.get("index", False)
-        if not isinstance(keep, bool):
-            raise ValueError(f"config 'index' must be true or false, got {keep!r}")
         self._ctx = ctx
         self.counts = {}
         self.index = {} if keep else None
@@ -269,30 +290,37 @@ class JsonSchemaValidator(Module):
         self.checked = 0
         self.rejected = 0
 
-    async def init(self, ctx: ModuleContext) -> None:
-        """Load and check every schema.
+    @staticmethod
+    def check_config(config: Mapping[str, Any]) -> None:
+        """Load and check every schema (`nucleus check` calls it; `init` compiles the same).
 
         Raises:
             ValueError: `schemas` is missing or malformed, a file does not load, a schema is
                 not a valid JSON Schema, or `unknown_kinds` is not "allow" or "reject".
         """
+        JsonSchemaValidator._compile(config)
+
+    @staticmethod
+    def _compile(config: Mapping[str, Any]) -> tuple[dict[str, Any], list[tuple[str, Any]], bool]:
+        """`(exact, prefixes longest first, reject_unknown)` from the config (blocking: it may
+        read schema files)."""
         from jsonschema import exceptions, validators
 
-        schemas = ctx.config.get("schemas")
+        schemas = config.get("schemas")
         if not isinstance(schemas, Mapping) or not schemas:
             raise ValueError(
                 f"config 'schemas' must be a non-empty table of kind -> schema, got {schemas!r}"
             )
-        unknown = ctx.config.get("unknown_kinds", "allow")
+        unknown = config.get("unknown_kinds", "allow")
         if unknown not in ("allow", "reject"):
             raise ValueError(f"config 'unknown_kinds' must be 'allow' or 'reject', got {unknown!r}")
-        self.reject_unknown = unknown == "reject"
-        self.exact, prefixes = {}, []
+        exact: dict[str, Any] = {}
+        prefixes: list[tuple[str, Any]] = []
         for kind, given in schemas.items():
             if not isinstance(kind, str) or not kind:
                 raise ValueError(f"config 'schemas': {kind!r} is not a kind")
             if isinstance(given, str):
-                schema = await trio.to_thread.run_sync(_load_json_file, given, kind)
+                schema = _load_json_file(given, kind)
             elif isinstance(given, Mapping):
                 schema = dict(given)
             else:
@@ -313,8 +341,19 @@ class JsonSchemaValidator(Module):
             if kind.endswith("*"):
                 prefixes.append((kind[:-1], validator))
             else:
-                self.exact[kind] = validator
-        self.prefixes = sorted(prefixes, key=lambda item: -len(item[0]))
+                exact[kind] = validator
+        prefixes.sort(key=lambda item: -len(item[0]))
+        return exact, prefixes, unknown == "reject"
+
+    async def init(self, ctx: ModuleContext) -> None:
+        """Load and check every schema (in a worker thread: schema files are read).
+
+        Raises:
+            ValueError: `schemas` is missing or malformed, a file does not load, a schema is
+                not a valid JSON Schema, or `unknown_kinds` is not "allow" or "reject".
+        """
+        compiled = await trio.to_thread.run_sync(self._compile, ctx.config)
+        self.exact, self.prefixes, self.reject_unknown = compiled
 
     def _validator(self, kind: str) -> Any:
         found = self.exact.get(kind)
@@ -389,12 +428,14 @@ class _MirrorFile:
         self.path = Path(path)
         self.file: IO[bytes] | None = None
 
-    def open_and_scan(self) -> tuple[int, str] | None:
-        """Open for appending; return `(seq, hash)` of the last complete line, or None when
-        the file is empty. A torn last line (no newline: a crash mid-write) is cut off.
+    def open_and_scan(self) -> tuple[dict[str, Any] | None, tuple[int, str] | None]:
+        """Open for appending; return the header (None when the file is empty) and `(seq,
+        hash)` of the last complete entry line (None when there is none). A torn last line
+        (no newline: a crash mid-write) is cut off.
 
         Raises:
-            ValueError: the last line is not a mirrored entry.
+            ValueError: the file does not start with an export header, or its last line is
+                not a mirrored entry.
         """
         self.path = Path(os.path.expanduser(self.given)).absolute()
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -417,9 +458,23 @@ class _MirrorFile:
                 file.flush()
                 os.fsync(file.fileno())
             self.file = file
-            if not complete:
-                return None
+            if keep == 0:
+                return None, None
+            file.seek(0)
+            first = file.readline()
+            try:
+                header = parse_export_header(first)
+            except ValueError as exc:
+                raise ValueError(f"{self.path}: {exc}") from None
+            if header is None:
+                raise ValueError(
+                    f"{self.path} does not start with an export header line (a mirror "
+                    "written before the export format had one?): move it away, the mirror "
+                    "then writes the whole ledger again"
+                )
             last = complete[:-1].rsplit(b"\n", 1)[-1]
+            if len(first) >= keep:
+                return header, None  # the header alone
             try:
                 data = json.loads(last)
                 seq, digest = data["seq"], data["hash"]
@@ -430,7 +485,7 @@ class _MirrorFile:
                     f"{self.path} does not look like a jsonl-mirror file: its last line is not "
                     f"an entry ({type(exc).__name__}: {exc})"
                 ) from None
-            return seq, digest
+            return header, (seq, digest)
         except BaseException:
             file.close()
             self.file = None
@@ -464,8 +519,10 @@ class JsonlMirror(Module):
         fsync: fsync after every entry (default false: the OS writes it back; the file is
             flushed after every entry and fsynced on stop).
 
-    Each line is the entry as the API serves it (`seq`, `kind`, `payload`, `meta`,
-    `timestamp`, `hash`), byte for byte what `nucleus export --format jsonl` writes.
+    The file is in the export format (docs/hashing.md, "Exports"): a header line
+    `{"nucleus_export":1,"ledger_id","from":0,"prev"}`, then one line per entry (`seq`,
+    `kind`, `payload`, `meta`, `timestamp`, `hash`, `canonical`): byte for byte what `nucleus
+    export` writes for the same ledger.
 
     Resuming: it is a durable module that owns its position (`resume_after`). On `init`
     (first start, restart after a crash, daemon restart) it reads the file's last line, cuts
@@ -486,6 +543,20 @@ class JsonlMirror(Module):
         self.fsync = False
         self._ctx: ModuleContext | None = None
 
+    @staticmethod
+    def check_config(config: Mapping[str, Any]) -> None:
+        """Check `path` and `fsync` (`nucleus check` and `init` both call it).
+
+        Raises:
+            ValueError: `path` is not a non-empty string, or `fsync` is not a boolean.
+        """
+        path = config.get("path")
+        if not isinstance(path, str) or not path:
+            raise ValueError(f"config 'path' must be a non-empty string, got {path!r}")
+        fsync = config.get("fsync", False)
+        if not isinstance(fsync, bool):
+            raise ValueError(f"config 'fsync' must be true or false, got {fsync!r}")
+
     async def init(self, ctx: ModuleContext) -> None:
         """Open the file, check it against the ledger and copy what it misses.
 
@@ -494,18 +565,22 @@ class JsonlMirror(Module):
                 in the ledger or has another hash (it mirrors another ledger or was edited).
             OSError: the file cannot be opened or written.
         """
-        path = ctx.config.get("path")
-        if not isinstance(path, str) or not path:
-            raise ValueError(f"config 'path' must be a non-empty string, got {path!r}")
-        fsync = ctx.config.get("fsync", False)
-        if not isinstance(fsync, bool):
-            raise ValueError(f"config 'fsync' must be true or false, got {fsync!r}")
-        self.fsync = fsync
+        self.check_config(ctx.config)
+        path = ctx.config["path"]
+        self.fsync = ctx.config.get("fsync", False)
         self._ctx = ctx
         file = _MirrorFile(path)
-        last = await trio.to_thread.run_sync(file.open_and_scan)
+        header, last = await trio.to_thread.run_sync(file.open_and_scan)
         self.file = file
         try:
+            if header is None:
+                file.write(export_header(ctx.ledger_id, 0, genesis(ctx.ledger_id)))
+            elif header["ledger_id"] != ctx.ledger_id or header["from"] != 0:
+                raise ValueError(
+                    f"{file.path} mirrors ledger {header['ledger_id']!r} from seq "
+                    f"{header['from']}, not ledger {ctx.ledger_id!r} from 0 (move it away to "
+                    "start afresh)"
+                )
             self.next_seq = 0 if last is None else await self._check(ctx, file, *last)
         except BaseException:
             await trio.to_thread.run_sync(file.close)

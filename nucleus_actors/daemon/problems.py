@@ -14,6 +14,7 @@ from typing import Any, Final
 from starlette.responses import Response
 
 from ..errors import (
+    IdempotencyConflict,
     IntegrityError,
     InvalidRecord,
     LifecycleError,
@@ -23,7 +24,14 @@ from ..errors import (
     StorageError,
 )
 
-__all__ = ["PROBLEM_TYPE_PREFIX", "PROBLEMS", "Problem", "problem_from_error", "problem_response"]
+__all__ = [
+    "PROBLEM_TYPE_PREFIX",
+    "PROBLEMS",
+    "Problem",
+    "problem_bytes",
+    "problem_from_error",
+    "problem_response",
+]
 
 PROBLEM_TYPE_PREFIX: Final = "tag:nucleus-actors,2025:problem/"
 """Every problem `type` is this prefix followed by a slug from `PROBLEMS`."""
@@ -35,18 +43,27 @@ PROBLEMS: Final[Mapping[str, tuple[int, str]]] = {
     "not-found": (404, "Not found"),
     "unknown-ledger": (404, "Unknown ledger"),
     "unknown-seq": (404, "No entry at this seq"),
+    "no-checkpoint": (404, "The ledger signs no checkpoints"),
     "method-not-allowed": (405, "Method not allowed"),
+    "request-timeout": (408, "Request too slow"),
     "record-rejected": (409, "Record rejected by a module"),
+    "idempotency-key-in-flight": (409, "Idempotency key in flight"),
     "body-too-large": (413, "Request body too large"),
+    "batch-too-large": (413, "Too many records in a batch"),
     "unsupported-media-type": (415, "Unsupported media type"),
+    "misdirected-request": (421, "Host not served here"),
     "invalid-request": (422, "Invalid request"),
     "invalid-record": (422, "Invalid record"),
+    "idempotency-key-reused": (422, "Idempotency key reused"),
+    "header-too-large": (431, "Request header fields too large"),
     "integrity-error": (500, "Stored chain does not verify"),
     "internal-error": (500, "Internal error"),
     "module-failed": (503, "A module failed"),
     "ledger-unavailable": (503, "Ledger unavailable"),
     "storage-unavailable": (503, "Storage unavailable"),
     "not-ready": (503, "Not ready"),
+    "daemon-stopping": (503, "Daemon stopping"),
+    "server-busy": (503, "Server busy"),
 }
 """slug -> (status, title) of every problem the API answers."""
 
@@ -96,9 +113,30 @@ class Problem(Exception):
         }
 
 
+def problem_bytes(problem: Problem, instance: str) -> bytes:
+    """The UTF-8 JSON of `problem`'s body. Text that is not valid Unicode (a lone surrogate
+    quoted from the request) is spelled out as the six characters `\\udXXX` instead of
+    failing the answer."""
+    body = problem.body(instance)
+    try:
+        return json.dumps(body, ensure_ascii=False, default=str).encode()
+    except UnicodeEncodeError:
+        return json.dumps(_spelled(body), ensure_ascii=False, default=str).encode()
+
+
+def _spelled(value: Any) -> Any:
+    if isinstance(value, str):
+        return value.encode("utf-8", "backslashreplace").decode()
+    if isinstance(value, dict):
+        return {_spelled(key): _spelled(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_spelled(item) for item in value]
+    return value
+
+
 def problem_response(problem: Problem, instance: str) -> Response:
     """Render `problem` as an `application/problem+json` response."""
-    content = json.dumps(problem.body(instance), ensure_ascii=False, default=str).encode()
+    content = problem_bytes(problem, instance)
     return Response(
         content,
         status_code=problem.status,
@@ -126,6 +164,9 @@ def problem_from_error(exc: NucleusError, *, ledger: str) -> Problem:
             path=getattr(exc, "path", None),
             schema_path=getattr(exc, "schema_path", None),
         )
+    if isinstance(exc, IdempotencyConflict):
+        slug = "idempotency-key-in-flight" if exc.in_flight else "idempotency-key-reused"
+        return Problem(slug, str(exc), ledger=ledger, key=exc.key)
     if isinstance(exc, InvalidRecord):
         return Problem("invalid-record", str(exc), ledger=ledger, path=exc.path)
     if isinstance(exc, ModuleError):

@@ -22,20 +22,22 @@ import os
 import signal
 import sys
 from collections.abc import AsyncIterator, Callable
-from functools import partial
 from typing import Final
 
 import trio
 from hypercorn.config import Config as HypercornConfig
-from hypercorn.trio import serve
 
 from ..engine import LedgerEngine
-from ..errors import NucleusError, RegistryError
+from ..errors import IntegrityError, NucleusError, ProofError, RegistryError
 from ..storage import MemoryStorage, SQLiteStorage, StorageBackend
 from .app import create_app
-from .config import ConfigError, ConfigProblem, DaemonConfig
+from .checkpoints import CheckpointSigner, default_origin, load_signer_key
+from .config import ConfigError, ConfigProblem, DaemonConfig, LedgerSettings
+from .connections import HttpServer
+from .guards import HostAllowList
 from .host import DaemonState, LedgerHost
 from .metrics import DaemonMetrics
+from .preflight import preflight
 
 __all__ = ["EXIT_CONFIG", "EXIT_FAILURE", "EXIT_OK", "Daemon", "build_hosts"]
 
@@ -49,14 +51,51 @@ EXIT_CONFIG: Final = 2
 """The configuration is unusable (nothing was started, or startup found a config problem)."""
 
 
+def _signer(
+    config: DaemonConfig, settings: LedgerSettings, engine: LedgerEngine, accept_rollback: bool
+) -> CheckpointSigner | None:
+    """The ledger's checkpoint signer, or None without `checkpoint_key`.
+
+    Raises:
+        ValueError: the key file cannot be read, is not private, or is named otherwise than
+            the origin.
+    """
+    path = settings.checkpoint_key_path(config.base_dir)
+    if path is None:
+        return None
+    try:
+        key = load_signer_key(path)
+    except (OSError, ProofError) as exc:
+        raise ValueError(f"cannot use the signer key file {path}: {exc}") from None
+    origin = settings.checkpoint_origin or default_origin(settings.id)
+    if key.name != origin:
+        raise ValueError(
+            f"the signer key in {path} is named {key.name!r}, the checkpoint origin is "
+            f"{origin!r}: they must match (`nucleus keygen {origin}`, or set checkpoint_origin)"
+        )
+    return CheckpointSigner(
+        engine,
+        key,
+        path,
+        origin=origin,
+        interval=settings.checkpoint_interval,
+        accept_rollback=accept_rollback,
+    )
+
+
 def build_hosts(
-    config: DaemonConfig, *, metrics: DaemonMetrics | None = None
+    config: DaemonConfig,
+    *,
+    metrics: DaemonMetrics | None = None,
+    accept_rollback: bool = False,
 ) -> dict[str, LedgerHost]:
     """Create every ledger's storage and engine and register its modules (nothing runs yet).
 
     Args:
         config: the validated configuration.
         metrics: when given, every module instance gets its hooks timed into it.
+        accept_rollback: let checkpoint signers start on a ledger rolled back behind the last
+            checkpoint they signed (`nucleus run --accept-rollback`).
 
     Raises:
         ConfigError: a module cannot be registered (its factory fails, duplicate id, bad
@@ -79,6 +118,11 @@ def build_hosts(
             except (NucleusError, ValueError, TypeError) as exc:
                 problems.append(ConfigProblem(where, f"cannot register the module: {exc}"))
         hosts[settings.id] = LedgerHost(settings, engine, path)
+        try:
+            hosts[settings.id].signer = _signer(config, settings, engine, accept_rollback)
+        except ValueError as exc:
+            problems.append(ConfigProblem(f"ledgers[{index}].checkpoint_key", str(exc)))
+    problems += preflight(config, hosts)  # what `check` and `run` both refuse (exit 2)
     if problems:
         raise ConfigError("configuration", problems)
     return hosts
@@ -97,6 +141,8 @@ class Daemon:
         port: overrides `config.port` (`0` picks a free port).
         environ: where the token variable is read (default `os.environ`).
         force_exit: called with an exit status on a second signal (default `os._exit`).
+        accept_rollback: start checkpoint signers even on a ledger rolled back behind the
+            last checkpoint they signed (`nucleus run --accept-rollback`).
 
     Raises:
         ConfigError: a module cannot be registered (see `build_hosts`).
@@ -110,6 +156,7 @@ class Daemon:
         port: int | None = None,
         environ: dict[str, str] | None = None,
         force_exit: Callable[[int], object] = os._exit,
+        accept_rollback: bool = False,
     ) -> None:
         self.config = config
         self.host = config.host if host is None else host
@@ -118,10 +165,11 @@ class Daemon:
         self.metrics = DaemonMetrics()
         """This daemon's metrics (its own registry), served at `/metrics`."""
         self.state = DaemonState(
-            build_hosts(config, metrics=self.metrics),
+            build_hosts(config, metrics=self.metrics, accept_rollback=accept_rollback),
             token=env.get(config.token_env) or None,
             max_body_bytes=config.max_body_bytes,
             metrics=self.metrics,
+            limits=config.http_limits(),
         )
         self.urls: list[str] = []
         """Where the server listens once bound (`http://HOST:PORT`)."""
@@ -164,6 +212,10 @@ class Daemon:
         started = False
         try:
             async with engine:
+                if host.settings.verify_on_open == "full":
+                    await self._verify(host)  # IntegrityError: the ledger does not start
+                if host.signer is not None:
+                    await host.signer.check()  # never sign backwards (a restored backup?)
                 await engine.init_all()
                 await engine.start_all()
                 host.serving = True
@@ -178,7 +230,13 @@ class Daemon:
                     ", ".join(h.id for h in engine.modules) or "none",
                 )
                 task_status.started()
-                await self._release.wait()
+                async with trio.open_nursery() as background:
+                    if host.signer is not None:
+                        background.start_soon(host.signer.run)
+                    if host.settings.verify_on_open == "tail":
+                        background.start_soon(self._verify_in_background, host)
+                    await self._release.wait()
+                    background.cancel_scope.cancel()
                 host.serving = False
                 await engine.stop_all()
             log.info("ledger %r stopped: %d entries", host.id, engine.state.length)
@@ -191,6 +249,28 @@ class Daemon:
             host.notify()
             if not started:
                 task_status.started()
+
+    async def _verify(self, host: LedgerHost) -> None:
+        """Verify the whole chain of `host`'s ledger (as it is now); record the outcome."""
+        length = host.engine.state.length
+        try:
+            await host.engine.verify()
+        except IntegrityError:
+            host.verify_failed = True
+            raise
+        host.verify_failed = False
+        host.verified_entries = length
+        log.info("ledger %r: the whole chain verifies (%d entries)", host.id, length)
+
+    async def _verify_in_background(self, host: LedgerHost) -> None:
+        """`verify_on_open = "tail"`: verify the whole chain once, while the ledger serves; a
+        bad entry is logged (and shown by `nucleus_ledger_verify_failed`)."""
+        try:
+            await self._verify(host)
+        except IntegrityError as exc:
+            log.error("ledger %r: background verification failed: %s", host.id, exc)
+        except NucleusError as exc:  # the ledger went down meanwhile
+            log.warning("ledger %r: background verification stopped: %s", host.id, exc)
 
     def _ledger_failed(self, host: LedgerHost, exc: BaseException, *, started: bool) -> None:
         when = "failed" if started else "failed to start"
@@ -227,10 +307,10 @@ class Daemon:
         try:
             async with trio.open_nursery() as nursery:
                 trigger = self._stop.wait
-                urls: list[str] = await nursery.start(
-                    partial(serve, app, config, shutdown_trigger=trigger)  # type: ignore[arg-type]
-                )
+                server = HttpServer(app, config, self.state.limits)
+                urls: list[str] = await nursery.start(server.serve, trigger)
                 self.urls = urls
+                self._allow_hosts(urls, server)
                 for url in urls:
                     log.info("listening on %s", url)
                 self._log_access_policy()
@@ -242,6 +322,28 @@ class Daemon:
             self.request_stop(EXIT_FAILURE)
             return
         log.info("HTTP server stopped")
+
+    def _allow_hosts(self, urls: list[str], server: HttpServer) -> None:
+        """Fill in the default `allowed_hosts` now that the port is known; log the limits."""
+        if self.state.allowed_hosts is None and urls:
+            port = int(urls[0].rsplit(":", 1)[1])
+            self.state.allowed_hosts = HostAllowList.defaults(self.host, port)
+            if self.host in ("0.0.0.0", "::", ""):
+                log.warning(
+                    "listening on every interface with the default allowed_hosts (loopback "
+                    "names only): list the names clients use in allowed_hosts"
+                )
+        limits = self.state.limits
+        allowed = self.state.allowed_hosts
+        log.info(
+            "limits: max_connections %d, read_timeout %gs, max_body_bytes %d, "
+            "max_batch_records %d, allowed hosts: %s",
+            server.max_connections,
+            limits.read_timeout,
+            self.state.max_body_bytes,
+            limits.max_batch_records,
+            "any" if allowed is None else ", ".join(allowed.entries),
+        )
 
     def _log_access_policy(self) -> None:
         env = self.config.token_env

@@ -34,6 +34,20 @@ on_ledger_failure = "exit"
 # Seconds in-flight requests get to finish on shutdown.
 graceful_timeout = 10.0
 
+# Host header values answered (DNS rebinding protection); others get 421. Bare names match
+# any port; leave the key out to allow the bind address, localhost, 127.0.0.1 and [::1] on
+# this port only; "*" answers any Host (only behind a proxy that checks it).
+allowed_hosts = ["localhost", "127.0.0.1", "[::1]"]
+# Limits against slow or greedy clients: seconds to send a request head and again its body,
+# connections served at once (kept below `ulimit -n`), records per batch, and bytes of
+# large bodies (over 64 KiB) processed at once.
+read_timeout = 10.0
+max_connections = 1000
+max_batch_records = 1000
+# /readyz answers 503 for a ledger whose appends have made no progress for this many seconds.
+stall_timeout = 30.0
+body_budget_bytes = 8388608
+
 [[ledgers]]
 # The ledger id: part of every API path (/v1/ledgers/main/...) and of the genesis hash.
 id = "main"
@@ -49,6 +63,9 @@ max_restarts = 3
 restart_window = 5.0
 # Largest record, in bytes of its canonical JSON.
 max_record_bytes = 1048576
+# "tail": check the chain's end on open and the whole chain in the background; "full":
+# verify the whole chain before serving.
+verify_on_open = "tail"
 
 # A validator: "order.*" records must carry a "customer" (else 409 Conflict).
 [[ledgers.modules]]

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 from ..record import Hash, Record
 
@@ -28,6 +29,17 @@ class Module:
     """Unique id within the ledger (class attribute or set in `__init__`)."""
     version: str = "0.0.0"
     """Version of the module, shown in statuses."""
+
+    @staticmethod
+    def check_config(config: Mapping[str, Any]) -> None:
+        """Check this module's settings (`ModuleSpec.config`) without building or starting it.
+
+        Optional: override it as a `@staticmethod` that raises `ValueError` naming the bad
+        setting and its value. `nucleus check` and `nucleus run` call it for every module of a
+        configuration before anything starts (a failure is a configuration error, exit 2);
+        call it from `init` too so the Python API checks the same. The default accepts
+        everything.
+        """
 
     @classmethod
     def overrides(cls, callback: str) -> bool:

@@ -13,6 +13,7 @@ from ..record import Entry, Hash
 
 if TYPE_CHECKING:
     from ..lifecycle import LedgerState
+    from ..proofs import ConsistencyProof, InclusionProof
     from ..registry import ModuleRegistry
 
 __all__ = ["LedgerReader", "ModuleContext"]
@@ -36,6 +37,20 @@ class LedgerReader(Protocol):
 
     async def verify(self) -> Hash:
         """Recompute the whole chain from storage (IntegrityError naming the first bad seq)."""
+        ...
+
+    async def root(self, size: int | None = None) -> Hash:
+        """Merkle root of the first `size` entries (None: all committed)."""
+        ...
+
+    async def inclusion_proof(self, seq: int, size: int | None = None) -> InclusionProof:
+        """Proof that entry `seq` is in the tree of `size` entries (None: all committed)."""
+        ...
+
+    async def consistency_proof(
+        self, old_size: int, new_size: int | None = None
+    ) -> ConsistencyProof:
+        """Proof that the tree of `old_size` entries is a prefix of the `new_size` one."""
         ...
 
 
@@ -82,7 +97,8 @@ class ModuleContext:
         self.log = logging.getLogger(f"nucleus_actors.module.{module_id}")
         """Logger named `nucleus_actors.module.<id>`."""
         self.ledger = ledger
-        """Read-only view of the ledger: `state`, `get`, `read`, `verify`."""
+        """Read-only view of the ledger: `state`, `get`, `read`, `verify`, `root`,
+        `inclusion_proof`, `consistency_proof`."""
         self.modules = modules
         """The registry (read-only use: `get`, `status`, `counts`; `ask` other modules)."""
         self.incarnation = incarnation

@@ -13,6 +13,7 @@ from ._base import (
     TreeTile,
     check_batch,
     check_contract,
+    check_range,
     require_capability,
 )
 from .memory import MemoryStorage
@@ -32,6 +33,7 @@ __all__ = [
     "TreeTile",
     "check_batch",
     "check_contract",
+    "check_range",
     "require_capability",
     "verify_file",
 ]

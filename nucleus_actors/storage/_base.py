@@ -10,9 +10,8 @@ feature is used (`require_capability`). See docs/storage.md, "Writing a backend"
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
-from types import MappingProxyType
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Final, Protocol, TypeVar, cast, runtime_checkable
 
 from ..errors import StorageError
@@ -105,7 +104,29 @@ class IdempotencyRecord:
             raise ValueError(f"IdempotencyRecord count must be an int >= 1, got {self.count!r}")
 
 
-_EMPTY: Mapping[str, int] = MappingProxyType({})
+class _NoCursors(Mapping[str, int]):
+    """The empty, immutable and hashable mapping a batch without cursors carries (a hashable
+    default is cheaper to construct a batch with than a default_factory)."""
+
+    __slots__ = ()
+
+    def __getitem__(self, key: str) -> int:
+        raise KeyError(key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(())
+
+    def __len__(self) -> int:
+        return 0
+
+    def __hash__(self) -> int:
+        return 0
+
+    def __repr__(self) -> str:
+        return "{}"
+
+
+_EMPTY: Mapping[str, int] = _NoCursors()
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -119,7 +140,7 @@ class StorageBatch:
 
     entries: Sequence[Entry]
     """New entries, contiguous with the stored head (may be empty: a cursors-only batch)."""
-    cursors: Mapping[str, int] = field(default_factory=lambda: _EMPTY)
+    cursors: Mapping[str, int] = _EMPTY
     """Module id -> highest seq that module processed (upserted; needs `CursorStore`)."""
     tree: Sequence[TreeTile] = ()
     """Merkle tree tiles to upsert by (level, index); a wider tile replaces a partial one, a
@@ -127,6 +148,10 @@ class StorageBatch:
     idempotency: Sequence[IdempotencyRecord] = ()
     """Idempotency keys committed with the entries; a record replaces one stored earlier under
     the same key (needs `IdempotencyStore`)."""
+    prev: Hash | None = None
+    """The head the batch was built on: the chain hash its first entry is chained to (the
+    engine sets it). A backend whose stored head differs refuses the batch (another writer
+    was here); None: not checked."""
 
     @property
     def empty(self) -> bool:
@@ -204,36 +229,62 @@ def check_range(start: int, stop: int | None) -> None:
         raise ValueError(f"read stop must be None or an int >= start ({start}), got {stop!r}")
 
 
-def check_batch(batch: StorageBatch, length: int) -> int:
+def check_batch(
+    batch: StorageBatch, length: int, head: Hash | None = None, *, backend: object = None
+) -> int:
     """Check a batch against a store holding `length` entries; return the length after it.
 
     What every backend checks before it stores anything (`MemoryStorage` and `SQLiteStorage`
-    call it): entry seqs run on from `length`; each cursor names a module (a non-empty str) and
-    a seq `-1 <= seq < new length`; each idempotency record covers stored seqs; each tree tile
-    holds only complete nodes of the tree after the batch (tile `(L, N)` of width `w` needs
-    `256 * N + w <= new_length >> (8 * L)`, as C2SP tlog-tiles).
+    call it): entry seqs run on from `length`; with `head` (the stored head hash), a batch
+    whose `prev` is another head (built by a writer that no longer knows the store) is
+    refused; each cursor names a module (a non-empty str) and a seq `-1 <= seq < new
+    length`; each idempotency record covers stored
+    seqs; each tree tile holds only complete nodes of the tree after the batch (tile `(L, N)`
+    of width `w` needs `256 * N + w <= new_length >> (8 * L)`, as C2SP tlog-tiles). With
+    `backend`, a part whose capability the backend lacks is refused (never dropped silently).
 
     Raises:
         StorageError: the first rule broken, with the offending value; nothing may be stored.
     """
-    if not isinstance(batch, StorageBatch):
+    if type(batch) is not StorageBatch and not isinstance(batch, StorageBatch):
         raise StorageError(
             f"append takes a StorageBatch (storage contract v{STORAGE_CONTRACT}), got "
             f"{type(batch).__name__}"
         )
-    for offset, entry in enumerate(batch.entries):
-        if entry.seq != length + offset:
-            raise StorageError(
-                f"append out of order: entry seq {entry.seq}, expected {length + offset}"
-            )
-    after = length + len(batch.entries)
-    for module_id, seq in batch.cursors.items():
+    entries = batch.entries
+    seq = length
+    for entry in entries:
+        if entry.seq != seq:
+            raise StorageError(f"append out of order: entry seq {entry.seq}, expected {seq}")
+        seq += 1
+    after = seq
+    if head is not None and batch.prev is not None and batch.prev != head:
+        raise StorageError(
+            f"append does not continue the stored chain: the batch was built on head "
+            f"{batch.prev.hex()}, the stored head is {head.hex()}; has another writer written "
+            "to this store?"
+        )
+    cursors = batch.cursors
+    if cursors is _EMPTY and not batch.tree and not batch.idempotency:
+        return after  # the common case: entries only
+    if backend is not None:
+        for part, capability in (
+            ("cursors", CursorStore),
+            ("tree", TreeStore),
+            ("idempotency", IdempotencyStore),
+        ):
+            if getattr(batch, part) and not isinstance(backend, capability):
+                raise StorageError(
+                    f"storage backend {_name(backend)} lacks the {capability.__name__} "
+                    f"capability: it cannot store the batch's {part}; see {DOCS}"
+                )
+    for module_id, cursor in cursors.items():
         if not isinstance(module_id, str) or not module_id:
             raise StorageError(f"cursor module id must be a non-empty str, got {module_id!r}")
-        if type(seq) is not int or not -1 <= seq < after:
+        if type(cursor) is not int or not -1 <= cursor < after:
             raise StorageError(
                 f"cursor of module {module_id!r} must be an int from -1 to {after - 1} (the "
-                f"last seq after this batch), got {seq!r}"
+                f"last seq after this batch), got {cursor!r}"
             )
     for record in batch.idempotency:
         if record.first_seq + record.count > after:

@@ -103,7 +103,8 @@ class MemoryStorage:
 
     async def append(self, batch: StorageBatch) -> None:
         """Store a batch (entries, cursors, tiles, keys), atomically: every part is checked
-        (`check_batch`) before anything is stored. Never yields to other tasks: it only checks
+        (`check_batch`, including that the batch was built on the stored head) before
+        anything is stored. Never yields to other tasks: it only checks
         for cancellation first (raising `Cancelled` with nothing stored).
 
         Raises:
@@ -111,12 +112,13 @@ class MemoryStorage:
         """
         await trio.lowlevel.checkpoint_if_cancelled()
         self._check_open("append")
-        check_batch(batch, len(self._rows))
+        check_batch(batch, len(self._rows), self._head, backend=self)
         entries: Sequence[Entry] = batch.entries
         if entries:
             self._rows.extend((entry.canonical, entry.hash) for entry in entries)
             self._head = entries[-1].hash
-        self._cursors.update(batch.cursors)
+        if batch.cursors:
+            self._cursors.update(batch.cursors)
         for tile in batch.tree:
             old = self._tiles.get(tile.key)
             if old is None or tile.width >= old.width:

@@ -28,24 +28,34 @@ updated in the same transaction, so a crash leaves the file at the last complete
 file is created at format 1 and migrated in its creating transaction, so the steps are the one
 definition of the schema. A file newer than this build is refused.
 
-Threading: `sqlite3` blocks, so every call runs in a worker thread via `trio.to_thread.run_sync`,
-through one `trio.CapacityLimiter(1)` per open database (one thread at a time uses the
-connection). One batch is one transaction in one thread hop; reads fetch bounded chunks, one hop
-per chunk. Hops are never abandoned on cancellation: a thread that holds the connection always
-finishes before anything else touches it.
+Threading: `sqlite3` blocks, so every call runs in a worker thread via `trio.to_thread.run_sync`.
+An open storage has two connections, each with its own `trio.CapacityLimiter(1)` (one thread at
+a time uses a connection): the writer (batches, head re-reads, migrations) and a read-only
+reader (range reads, capability reads), so that reads never queue behind a commit and its fsync
+(WAL lets a reader see every committed transaction while a writer works). One batch is one
+transaction in one thread hop; reads fetch bounded chunks, one hop per chunk. Hops are never
+abandoned on cancellation: a thread that holds a connection always finishes before anything
+else touches it.
+
+Locks: the sidecar `<path>.lock` (by path) and an OS flock on the database file itself (by
+inode: every alias of the file, a hard link, a symlink or a bind mount, conflicts). See
+`_Inodes` for why that descriptor is handled with care.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import importlib.metadata
 import logging
 import os
 import sqlite3
+import threading
 import time
 import urllib.parse
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Final, Literal, TypeVar
@@ -140,6 +150,23 @@ _PROGRESS_EVERY: Final = 5.0  # seconds between progress log lines of a long mig
 _INSERT: Final = "INSERT INTO entries (seq, canonical, hash) VALUES (?, ?, ?)"
 _SELECT: Final = "SELECT seq, canonical, hash FROM entries WHERE seq >= ? AND seq < ? ORDER BY seq"
 _TAIL: Final = "SELECT seq, canonical, hash FROM entries ORDER BY seq DESC LIMIT 2"
+_LAST: Final = "SELECT seq, hash FROM entries ORDER BY seq DESC LIMIT 1"
+
+
+class _Moved(sqlite3.DatabaseError):
+    """The file's last entry is not the one this storage wrote: another writer was here."""
+
+    def __init__(self, expected: tuple[int, bytes] | None, found: tuple[Any, ...] | None) -> None:
+        def show(row: tuple[Any, ...] | None) -> str:
+            if row is None:
+                return "no entries"
+            digest = row[1].hex() if isinstance(row[1], bytes) else repr(row[1])
+            return f"entry {row[0]} with hash {digest}"
+
+        super().__init__(
+            f"the file's last entry changed behind this writer (expected {show(expected)}, "
+            f"found {show(found)}): has another writer written to it?"
+        )
 
 
 def _uri(path: Path, mode: str) -> str:
@@ -367,6 +394,124 @@ class _Entries:
         return _entry(row)
 
 
+_Key = tuple[int, int]  # (st_dev, st_ino) of a database file
+
+
+class _Inodes:
+    """Process-wide bookkeeping of the database files (inodes) this process holds open.
+
+    A writer holds one extra descriptor of its database file, with an OS `flock` on it, from
+    `open` until after SQLite has closed: flock belongs to the inode, so a second writer
+    conflicts however it names the file (hard link, symlink, bind mount), in any process.
+
+    SQLite's own locks are POSIX (fcntl) locks, and the OS drops all of a process's POSIX locks
+    on a file when the process closes *any* descriptor of it. So this process must never close
+    such a descriptor while one of its SQLite connections has the file open: a second writer in
+    this process is refused from this table before it opens a descriptor, and a descriptor that
+    would be closed while `verify_file` readers of this process have the file open is parked
+    until the last of them is done.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._writers: dict[_Key, Path] = {}
+        self._readers: Counter[_Key] = Counter()
+        self._parked: dict[_Key, list[int]] = {}
+
+    def claim(self, path: Path) -> tuple[int, _Key]:
+        """Open `path` for writing and flock it; the descriptor and the file's key.
+
+        Raises:
+            StorageError: the file is read-only (permissions, immutable, read-only mount), or
+                it is already open for writing, in this process or another, under any name.
+        """
+        with self._lock:
+            with contextlib.suppress(OSError):
+                found = os.stat(path)
+                held = self._writers.get((found.st_dev, found.st_ino))
+                if held is not None:
+                    raise self._busy(path, held)
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            except OSError as exc:
+                if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+                    raise StorageError(
+                        f"ledger file {path} is read-only ({exc.strerror}): a writer must be "
+                        "able to write it (check its permissions, `lsattr` for the immutable "
+                        "flag, and whether its filesystem is mounted read-only); to read or "
+                        "verify it without writing use verify_file / `nucleus verify`"
+                    ) from exc
+                raise StorageError(f"cannot open ledger file {path}: {exc.strerror}") from exc
+            stat = os.fstat(fd)
+            key = (stat.st_dev, stat.st_ino)
+            try:
+                if key in self._writers:
+                    raise self._busy(path, self._writers[key])
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except StorageError:
+                self._close(key, fd)
+                raise
+            except OSError as exc:
+                self._close(key, fd)
+                raise StorageError(
+                    f"ledger file {path} is already open for writing by another process, "
+                    "through this name or another one for the same file (a hard link, a "
+                    "symlink or a bind mount: the database file itself is locked); a ledger "
+                    "file has one writer at a time"
+                ) from exc
+            self._writers[key] = path
+            return fd, key
+
+    @staticmethod
+    def _busy(path: Path, held: Path) -> StorageError:
+        alias = "" if held == path else f" as {held} (the same file under another name)"
+        return StorageError(
+            f"ledger file {path} is already open for writing in this process{alias}; a "
+            "ledger file has one writer at a time"
+        )
+
+    def release(self, key: _Key, fd: int) -> None:
+        """The writer of `key` has closed SQLite: drop its flock descriptor (or park it)."""
+        with self._lock:
+            self._writers.pop(key, None)
+            self._close(key, fd)
+
+    def _close(self, key: _Key, fd: int) -> None:
+        if self._readers[key] or key in self._writers:
+            self._parked.setdefault(key, []).append(fd)  # see the class docstring
+            return
+        for parked in [*self._parked.pop(key, []), fd]:
+            with contextlib.suppress(OSError):
+                fcntl.flock(parked, fcntl.LOCK_UN)
+                os.close(parked)
+
+    @contextlib.contextmanager
+    def reading(self, path: Path) -> Iterator[None]:
+        """Mark `path` as open by a SQLite reader of this process for the block."""
+        try:
+            stat = os.stat(path)
+        except OSError:
+            yield  # nothing to protect: SQLite will report the missing file
+            return
+        key = (stat.st_dev, stat.st_ino)
+        with self._lock:
+            self._readers[key] += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._readers[key] -= 1
+                if not self._readers[key]:
+                    del self._readers[key]
+                    if key not in self._writers:
+                        for parked in self._parked.pop(key, []):
+                            with contextlib.suppress(OSError):
+                                os.close(parked)
+
+
+_INODES: Final = _Inodes()
+
+
 class SQLiteStorage:
     """A ledger in one SQLite file (WAL): durable, reopenable, one writer at a time.
 
@@ -384,8 +529,13 @@ class SQLiteStorage:
       appends (the file stays consistent, a valid prefix of the chain), and their seqs are then
       reused by later appends, so receipts already handed out for them no longer match.
 
-    A sidecar `<path>.lock` holds an OS `flock` from `open` to `close`: a second writer, in
-    this process or another, gets `StorageError`; the OS releases it if the process dies.
+    A sidecar `<path>.lock` and the database file itself (its inode) hold an OS `flock` from
+    `open` to `close`: a second writer, in this process or another, through this path or any
+    other name of the same file (hard link, symlink, bind mount), gets `StorageError`; the OS
+    releases both if the process dies. A read-only file is refused at `open`.
+
+    Reads (`read`, `load_cursors`, `read_tiles`, `get_idempotency`) use their own read-only
+    connection, so they never wait for a commit (and its fsync) in progress.
 
     Args:
         path: the database file (created on first open; its directory must exist).
@@ -415,9 +565,12 @@ class SQLiteStorage:
         """The durability setting (`"full"` or `"normal"`)."""
         self.lock_path: Final[Path] = self.path.with_name(self.path.name + ".lock")
         """The sidecar lock file, `<path>.lock`."""
-        self._limiter = trio.CapacityLimiter(1)
+        self._limiter = trio.CapacityLimiter(1)  # the writer connection
+        self._read_limiter = trio.CapacityLimiter(1)  # the reader connection
         self._conn: sqlite3.Connection | None = None
+        self._reader: sqlite3.Connection | None = None
         self._lock_fd: int | None = None
+        self._inode: tuple[int, _Key] | None = None
         self._ledger_id: str | None = None
         self._length = 0
         self._head: Hash | None = None
@@ -428,17 +581,33 @@ class SQLiteStorage:
         return f"<SQLiteStorage {str(self.path)!r} {self.durability} {state}>"
 
     # -- threads ---------------------------------------------------------------------------
-    async def _hop(self, what: str, fn: Callable[..., _T], *args: Any) -> _T:
-        """Run `fn(*args)` in a worker thread under the limiter; sqlite errors -> StorageError."""
+    async def _hop(
+        self,
+        what: str,
+        fn: Callable[..., _T],
+        *args: Any,
+        limiter: trio.CapacityLimiter | None = None,
+    ) -> _T:
+        """Run `fn(*args)` in a worker thread under the writer's limiter (or `limiter`); sqlite
+        errors -> StorageError."""
         try:
-            return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter)
+            return await trio.to_thread.run_sync(fn, *args, limiter=limiter or self._limiter)
         except sqlite3.Error as exc:
             raise StorageError(f"SQLite ledger file {self.path}: {what} failed: {exc}") from exc
+
+    async def _read_hop(self, what: str, fn: Callable[..., _T], *args: Any) -> _T:
+        """`_hop` on the reader connection's limiter (never queued behind a commit)."""
+        return await self._hop(what, fn, *args, limiter=self._read_limiter)
 
     def _connection(self, what: str) -> sqlite3.Connection:
         if self._conn is None:
             raise StorageError(f"cannot {what}: SQLiteStorage {self.path} is not open")
         return self._conn
+
+    def _reading(self, what: str) -> sqlite3.Connection:
+        if self._reader is None:
+            raise StorageError(f"cannot {what}: SQLiteStorage {self.path} is not open")
+        return self._reader
 
     # Test seam: the class of the connection (a subclass can inject failures).
     _factory: type[sqlite3.Connection] = sqlite3.Connection
@@ -447,35 +616,44 @@ class SQLiteStorage:
     async def open(self, ledger_id: str) -> None:
         """Take the writer lock, then create the ledger file or check the existing one.
 
-        Checks, in order: the lock is free; the file is a ledger file of a format version this
-        build reads; it belongs to `ledger_id`; its last entry's chain hash recomputes from the
-        previous entry's (the full chain is checked by `LedgerEngine.verify` / `verify_file`).
+        Checks, in order: the locks are free (the sidecar, then the database file's inode); the
+        file can be written; it is a ledger file of a format version this build reads
+        (an older one is migrated); it belongs to `ledger_id`; its last entry's chain hash
+        recomputes from the previous entry's (the full chain is checked by
+        `LedgerEngine.verify` / `verify_file`). Then it opens the read connection.
 
         Cancellation: while waiting for the worker thread nothing has happened; once the
         thread runs, the open completes (or fails leaving nothing held) before the
         cancellation is delivered.
 
         Raises:
-            StorageError: already open; the lock is held by another writer; the file cannot be
-                opened, is not a ledger file, has an unknown format version, or belongs to
-                another ledger (all naming the file).
+            StorageError: already open; a lock is held by another writer (through any name
+                of the file); the file is read-only, cannot be opened, is not a ledger file,
+                has an unknown or newer format version, or belongs to another ledger (all
+                naming the file).
             IntegrityError: the last entry does not verify (naming its seq).
         """
         if self._conn is not None:
             raise StorageError(
                 f"SQLiteStorage {self.path} is already open (ledger {self._ledger_id!r})"
             )
-        conn, length, head = await self._hop("open", self._open_sync, ledger_id)
+        conn, reader, length, head = await self._hop("open", self._open_sync, ledger_id)
         self._conn = conn
+        self._reader = reader
         self._ledger_id = ledger_id
         self._length = length
         self._head = head
         self._stale = False
 
-    def _open_sync(self, ledger_id: str) -> tuple[sqlite3.Connection, int, Hash]:
+    def _open_sync(
+        self, ledger_id: str
+    ) -> tuple[sqlite3.Connection, sqlite3.Connection, int, Hash]:
         fd = self._take_lock()
         conn: sqlite3.Connection | None = None
+        reader: sqlite3.Connection | None = None
+        inode: tuple[int, _Key] | None = None
         try:
+            inode = _INODES.claim(self.path)
             conn = sqlite3.connect(
                 _uri(self.path, "rwc"),
                 uri=True,
@@ -508,13 +686,25 @@ class SQLiteStorage:
             if version < FORMAT_VERSION:
                 _migrate(conn, self.path, version)
             length, head = _check_tail(conn, ledger_id)
+            reader = sqlite3.connect(
+                _uri(self.path, "ro"),
+                uri=True,
+                isolation_level=None,
+                check_same_thread=False,
+                factory=self._factory,
+            )
+            reader.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
         except BaseException:
-            if conn is not None:
-                conn.close()
+            for opened in (reader, conn):
+                if opened is not None:
+                    opened.close()
+            if inode is not None:
+                _INODES.release(inode[1], inode[0])  # after SQLite closed: see _Inodes
             os.close(fd)  # closing the descriptor releases the flock
             raise
         self._lock_fd = fd
-        return conn, length, head
+        self._inode = inode
+        return conn, reader, length, head
 
     def _take_lock(self) -> int:
         try:
@@ -577,7 +767,8 @@ class SQLiteStorage:
         if self._stale:
             await self.head()
         expected = self._length
-        after = check_batch(batch, expected)
+        assert self._head is not None
+        after = check_batch(batch, expected, self._head, backend=self)
         if batch.empty:
             await trio.lowlevel.checkpoint()
             return
@@ -588,8 +779,9 @@ class SQLiteStorage:
             [(tile.level, tile.index, tile.hashes) for tile in batch.tree],
             [(r.key, r.fingerprint, r.first_seq, r.count, r.created) for r in batch.idempotency],
         )
+        tail = (expected - 1, bytes(self._head)) if expected else None
         try:
-            await self._hop("append", self._append_sync, conn, *parts)
+            await self._hop("append", self._append_sync, conn, tail, *parts)
         except StorageError:
             self._stale = True
             raise
@@ -600,6 +792,7 @@ class SQLiteStorage:
     def _append_sync(
         self,
         conn: sqlite3.Connection,
+        tail: tuple[int, bytes] | None,
         rows: list[tuple[int, bytes, bytes]],
         cursors: list[tuple[str, int]],
         tiles: list[tuple[int, int, bytes]],
@@ -608,6 +801,12 @@ class SQLiteStorage:
         try:
             conn.execute("BEGIN IMMEDIATE")
             if rows:
+                # We are the only writer, unless something got past the locks (or the file was
+                # replaced under us): check, in the transaction, that the last row is the one
+                # this storage wrote (an index lookup), so as never to extend another chain.
+                found = conn.execute(_LAST).fetchone()
+                if (None if found is None else (found[0], found[1])) != tail:
+                    raise _Moved(tail, found)
                 conn.executemany(_INSERT, rows)
             if cursors:
                 conn.executemany(_UPSERT_CURSOR, cursors)
@@ -633,12 +832,12 @@ class SQLiteStorage:
         Raises:
             StorageError: not open, or SQLite failed.
         """
-        conn = self._connection("load cursors")
+        conn = self._reading("load cursors")
 
         def load() -> dict[str, int]:
             return {str(m): int(q) for m, q in conn.execute("SELECT module, seq FROM cursors")}
 
-        return await self._hop("load cursors", load)
+        return await self._read_hop("load cursors", load)
 
     async def read_tiles(self, keys: Sequence[tuple[int, int]]) -> dict[tuple[int, int], TreeTile]:
         """The stored tiles among `keys` (`(level, index)` pairs); missing ones are absent.
@@ -649,7 +848,7 @@ class SQLiteStorage:
             StorageError: not open, or SQLite failed. IntegrityError: a stored tile is not a
                 whole number of 32-byte hashes.
         """
-        conn = self._connection("read tree tiles")
+        conn = self._reading("read tree tiles")
         wanted = list(dict.fromkeys((int(level), int(index)) for level, index in keys))
 
         def load() -> list[tuple[int, int, Any]]:
@@ -663,7 +862,7 @@ class SQLiteStorage:
             return found
 
         tiles: dict[tuple[int, int], TreeTile] = {}
-        for level, index, hashes in await self._hop("read tree tiles", load):
+        for level, index, hashes in await self._read_hop("read tree tiles", load):
             try:
                 tiles[level, index] = TreeTile(level=level, index=index, hashes=hashes)
             except (TypeError, ValueError) as exc:
@@ -682,7 +881,7 @@ class SQLiteStorage:
         Raises:
             StorageError: not open, or SQLite failed.
         """
-        conn = self._connection("look up an idempotency key")
+        conn = self._reading("look up an idempotency key")
 
         def load() -> tuple[Any, ...] | None:
             row: tuple[Any, ...] | None = conn.execute(
@@ -691,7 +890,7 @@ class SQLiteStorage:
             ).fetchone()
             return row
 
-        row = await self._hop("look up an idempotency key", load)
+        row = await self._read_hop("look up an idempotency key", load)
         if row is None:
             return None
         return IdempotencyRecord(
@@ -731,7 +930,8 @@ class SQLiteStorage:
         """Entries `start <= seq < stop` in seq order (`None`: up to the head at this call).
 
         Fetches bounded chunks (at most 512 rows or about 4 MiB each), one worker-thread hop
-        per chunk, so memory stays bounded however long the ledger is. The iterator holds no
+        per chunk on the read connection (never behind a commit), so memory stays bounded
+        however long the ledger is. The iterator holds no
         resource between chunks: it may be abandoned at any point. Cancellation: nothing to
         undo (the chunk in flight finishes in its thread first).
 
@@ -741,42 +941,49 @@ class SQLiteStorage:
                 missing (naming its seq).
         """
         check_range(start, stop)
-        conn = self._connection("read")
+        conn = self._reading("read")
         end = self._length if stop is None else min(stop, self._length)
 
         async def fetch(first: int, last: int) -> list[_Row]:
-            if self._conn is not conn:
+            if self._reader is not conn:
                 raise StorageError(f"cannot read: SQLiteStorage {self.path} was closed")
-            return await self._hop("read", _fetch_chunk, conn, first, last)
+            return await self._read_hop("read", _fetch_chunk, conn, first, last)
 
         return _Entries(fetch, start, end)
 
     # -- close -----------------------------------------------------------------------------
     async def close(self) -> None:
-        """Close the database (merging the WAL into the file) and release the lock. Idempotent.
+        """Close both connections (merging the WAL into the file) and release the locks.
+        Idempotent.
 
         Cancellation: shielded; the close always completes (it waits for a read chunk or batch
-        in flight, then runs in a worker thread), so the lock is never left held.
+        in flight, then runs in a worker thread), so the locks are never left held.
 
         Raises:
             StorageError: SQLite reported an error while closing (the lock is released anyway).
         """
-        conn, fd = self._conn, self._lock_fd
+        conn, reader, fd, inode = self._conn, self._reader, self._lock_fd, self._inode
         if conn is None:
             await trio.lowlevel.checkpoint()
             return
-        self._conn = None
-        self._lock_fd = None
+        self._conn = self._reader = None
+        self._lock_fd = self._inode = None
 
         def close_sync() -> None:
             try:
-                conn.close()
+                conn.close()  # the last connection: SQLite checkpoints and removes the WAL
             finally:
+                if inode is not None:
+                    _INODES.release(inode[1], inode[0])  # only once SQLite has closed
                 if fd is not None:
                     os.close(fd)
 
         with trio.CancelScope(shield=True):
-            await self._hop("close", close_sync)
+            try:
+                if reader is not None:  # waits for a read chunk in flight
+                    await self._read_hop("close", reader.close)
+            finally:
+                await self._hop("close", close_sync)
 
 
 def _read_head(conn: sqlite3.Connection, ledger_id: str) -> tuple[int, Hash]:
@@ -822,7 +1029,12 @@ async def verify_file(
     Opens the file read-only (so it works beside a live writer, which it never blocks), reads
     the ledger id from its meta table, and streams every entry in bounded chunks through
     `ChainVerifier`, from the genesis of that ledger id. It verifies the entries present when
-    it started (later appends by a live writer are not included).
+    it started (later appends by a live writer are not included). It reads every format
+    version (1 to the current one) as it is, without migrating it.
+
+    On a read-only directory or mount SQLite cannot create the `-shm` index a WAL reader
+    needs: when there is no `-wal` file (or an empty one: no writer has uncommitted work
+    outside the main file), the file is then opened as immutable (no locks, no `-shm`).
 
     Args:
         path: the ledger file.
@@ -847,11 +1059,9 @@ async def verify_file(
         except sqlite3.Error as exc:
             raise StorageError(f"SQLite ledger file {where}: {what} failed: {exc}") from exc
 
-    def open_sync() -> tuple[sqlite3.Connection, str, int]:
-        if not where.is_file():
-            raise StorageError(f"cannot verify ledger file {where}: no such file")
+    def attempt(mode: str) -> tuple[sqlite3.Connection, str, int]:
         conn = sqlite3.connect(
-            _uri(where, "ro"), uri=True, isolation_level=None, check_same_thread=False
+            _uri(where, mode), uri=True, isolation_level=None, check_same_thread=False
         )
         try:
             conn.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
@@ -862,22 +1072,36 @@ async def verify_file(
             raise
         return conn, meta["ledger_id"], 0 if last is None else int(last) + 1
 
-    conn, ledger_id, total = await hop("open", open_sync)
-    try:
-        verifier = ChainVerifier(genesis(ledger_id))
+    def open_sync() -> tuple[sqlite3.Connection, str, int]:
+        if not where.is_file():
+            raise StorageError(f"cannot verify ledger file {where}: no such file")
+        try:
+            return attempt("ro")
+        except sqlite3.OperationalError:
+            wal = where.with_name(where.name + "-wal")
+            with contextlib.suppress(FileNotFoundError):
+                if wal.stat().st_size:
+                    raise  # committed work may live in the WAL: the file alone is not the ledger
+            log.info("ledger file %s: cannot open it read-only; reading it as immutable", where)
+            return attempt("ro&immutable=1")
 
-        async def fetch(first: int, last: int) -> list[_Row]:
-            return await hop("read", _fetch_chunk, conn, first, last)
+    with _INODES.reading(where):
+        conn, ledger_id, total = await hop("open", open_sync)
+        try:
+            verifier = ChainVerifier(genesis(ledger_id))
 
-        def on_chunk(done: int) -> None:
-            if progress is not None:
-                progress(done, total)
+            async def fetch(first: int, last: int) -> list[_Row]:
+                return await hop("read", _fetch_chunk, conn, first, last)
 
-        async for entry in _Entries(fetch, 0, total, on_chunk):
-            verifier.feed(entry)
-        if progress is not None and total == 0:
-            progress(0, 0)
-    finally:
-        with trio.CancelScope(shield=True):
-            await hop("close", conn.close)
+            def on_chunk(done: int) -> None:
+                if progress is not None:
+                    progress(done, total)
+
+            async for entry in _Entries(fetch, 0, total, on_chunk):
+                verifier.feed(entry)
+            if progress is not None and total == 0:
+                progress(0, 0)
+        finally:
+            with trio.CancelScope(shield=True):
+                await hop("close", conn.close)
     return verifier.length, verifier.head

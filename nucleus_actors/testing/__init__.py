@@ -16,6 +16,8 @@ assert plan.seen("my-module") == [0, 1, 2, 3, 4]
 * `Probe` / `GatingProbe`: modules that record every callback (`CallbackLog`).
 * `TrackedLedger` / `open_tracked_ledger`: a ledger that records every append and checks the
   runtime's invariants (`check()`, `InvariantViolation`).
+* `StorageConformance` / `make_entries`: the storage contract as a reusable pytest suite for
+  any storage backend (docs/storage.md, "Writing a backend").
 * `nucleus_actors.testing.pytest_plugin`: fixtures (`nucleus_ledger`, `nucleus_seed`,
   `nucleus_schedule`, `nucleus_probe`, `nucleus_clock`) and `--nucleus-seed`; installed as a
   pytest plugin with the package.
@@ -27,6 +29,7 @@ from ._events import Callback, CallbackEvent, CallbackLog, CallOutcome
 from ._faults import Action, Fault, FaultPlan, InjectedFault
 from ._probe import GatingProbe, Probe
 from ._schedule import FaultSchedule
+from ._storage import StorageConformance, make_entries
 from ._tracked import (
     TAG_KEY,
     AppendCall,
@@ -59,6 +62,9 @@ __all__ = [
     "StopReport",
     "InvariantViolation",
     "TAG_KEY",
+    # storage backends
+    "StorageConformance",
+    "make_entries",
 ]
 
 # Public names show where users import them from (as trio does), not the private module.

@@ -325,7 +325,7 @@ class TrackedLedger(LedgerEngine):
             )
         )
 
-    async def append(self, record: Record) -> Receipt:
+    async def append(self, record: Record, *, idempotency_key: str | None = None) -> Receipt:
         """`LedgerEngine.append`, recording the call and its outcome (same errors)."""
         submitted: object = record
         if not isinstance(submitted, Record):
@@ -333,7 +333,7 @@ class TrackedLedger(LedgerEngine):
         item = self._tagged(submitted)
         self._pending += 1
         try:
-            receipt = await super().append(item[0])
+            receipt = await super().append(item[0], idempotency_key=idempotency_key)
         except BaseException as exc:
             self._finish([item], None, exc)
             raise
@@ -342,7 +342,9 @@ class TrackedLedger(LedgerEngine):
         self._finish([item], [receipt], None)
         return receipt
 
-    async def append_many(self, records: Iterable[Record]) -> list[Receipt]:
+    async def append_many(
+        self, records: Iterable[Record], *, idempotency_key: str | None = None
+    ) -> list[Receipt]:
         """`LedgerEngine.append_many`, recording the call and its outcome (same errors)."""
         batch = list(records)
         if not all(isinstance(r, Record) for r in batch):
@@ -350,7 +352,9 @@ class TrackedLedger(LedgerEngine):
         items = [self._tagged(r) for r in batch]
         self._pending += 1
         try:
-            receipts = await super().append_many([r for r, _ in items])
+            receipts = await super().append_many(
+                [r for r, _ in items], idempotency_key=idempotency_key
+            )
         except BaseException as exc:
             self._finish(items, None, exc)
             raise

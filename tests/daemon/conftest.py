@@ -8,7 +8,7 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -44,13 +44,20 @@ def nucleus(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
 class DaemonProcess:
     """`nucleus run CONFIG --port 0` in a subprocess; its stderr is collected line by line."""
 
-    def __init__(self, config: Path, *args: str, **env: str) -> None:
+    def __init__(
+        self,
+        config: Path,
+        *args: str,
+        preexec: Callable[[], object] | None = None,
+        **env: str,
+    ) -> None:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "nucleus_actors", "run", str(config), "--port", "0", *args],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,
             env=subprocess_env(**env),
+            preexec_fn=preexec,
         )
         self.lines: list[str] = []
         self.url: str | None = None

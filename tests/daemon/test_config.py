@@ -286,8 +286,9 @@ def test_unknown_dependency_is_a_config_error_at_startup(tmp_path: Path) -> None
         assert daemon.wait() == 2
     finally:
         daemon.close()
-    assert "ledger 'main': configuration error" in daemon.log
-    assert "ghost" in daemon.log
+    # Found before anything starts (the same check as `nucleus check`).
+    assert "ledgers[0].modules[0].depends_on (ledger 'main', module 'kind-counter')" in daemon.log
+    assert "depends on unknown module 'ghost'" in daemon.log
     assert "listening on" not in daemon.log
 
 

@@ -64,8 +64,9 @@ async def test_a_stream_follows_appends_made_outside_http_and_keeps_alive(
         start = trio.current_time()
         assert await events.__anext__() == ": keep-alive\n\n"
         assert trio.current_time() - start == pytest.approx(app_module.HEARTBEAT_SECONDS)
-        # The daemon stopping ends the stream.
+        # The daemon stopping ends the stream, saying so (clients wait before retrying).
         state.begin_stopping()
+        assert (await events.__anext__()).startswith("event: shutdown\ndata: ")
         with pytest.raises(StopAsyncIteration):
             await events.__anext__()
 

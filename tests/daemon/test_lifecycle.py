@@ -184,8 +184,8 @@ id = "broken"
 storage = ":memory:"
 
 [[ledgers.modules]]
-use = "nucleus_actors.daemon.modules:RequireFields"
-"""  # no `fields`: its init fails, the ledger does not start
+use = "tests.daemon.testmods:FailsInit"
+"""  # its init fails, the ledger does not start
     config = write_config(tmp_path, FAILURE.format(policy="serve") + broken)
     daemon: DaemonProcess = start_daemon(config)
     with client(daemon.wait_listening()) as api:
@@ -237,8 +237,7 @@ id = "main"
 storage = ":memory:"
 
 [[ledgers.modules]]
-use = "nucleus_actors.daemon.modules:RequireFields"
-config = { fields = "customer" }
+use = "tests.daemon.testmods:FailsInit"
 """,
     )
     daemon = DaemonProcess(config)
@@ -247,7 +246,7 @@ config = { fields = "customer" }
     finally:
         daemon.close()
     assert "ledger 'main' failed to start" in daemon.log
-    assert "'fields' must be a non-empty list of non-empty strings" in daemon.log
+    assert "the device this module needs is gone" in daemon.log
     assert "listening on" not in daemon.log
 
 

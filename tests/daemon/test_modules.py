@@ -26,7 +26,8 @@ from nucleus_actors.daemon.modules import (
     RequireFields,
     SchemaViolation,
 )
-from nucleus_actors.daemon.wire import entry_line
+from nucleus_actors.daemon.wire import entry_line, export_header
+from nucleus_actors.hashing import genesis
 from nucleus_actors.storage import MemoryStorage
 
 
@@ -229,7 +230,8 @@ def mirror_spec(path: Path, **config: object) -> ModuleSpec[JsonlMirror]:
 
 
 async def expected_lines(engine: LedgerEngine) -> bytes:
-    return b"".join([entry_line(e.record, e.hash) async for e in engine.read(0)])
+    header = export_header(engine.config.ledger_id, 0, genesis(engine.config.ledger_id))
+    return header + b"".join([entry_line(e.record, e.hash) async for e in engine.read(0)])
 
 
 async def test_jsonl_mirror_copies_every_entry_and_resumes(tmp_path: Path) -> None:
@@ -290,12 +292,13 @@ async def test_jsonl_mirror_refuses_a_file_of_another_ledger(tmp_path: Path) -> 
     async with open_ledger(LedgerConfig(ledger_id="a"), modules=[mirror_spec(path)]) as engine:
         await engine.append_many([Record("k", n) for n in range(3)])
     for ledger, records, message in [
-        ("b", 3, r"does not match ledger 'b' at seq 2"),
-        ("c", 1, r"ends at seq 2 but ledger 'c' has 1 entries"),
+        ("b", 3, r"mirrors ledger 'a' from seq 0, not ledger 'b'"),  # the header says
+        ("a", 3, r"does not match ledger 'a' at seq 2"),  # another ledger named "a"
+        ("a", 1, r"ends at seq 2 but ledger 'a' has 1 entries"),
     ]:
         storage = MemoryStorage()
         async with open_ledger(LedgerConfig(ledger_id=ledger), storage=storage) as engine:
-            await engine.append_many([Record("k", n) for n in range(records)])
+            await engine.append_many([Record("other", n) for n in range(records)])
         engine = LedgerEngine(LedgerConfig(ledger_id=ledger), storage)
         engine.register(mirror_spec(path))
         with pytest.raises(ModuleError, match=r"jsonl-mirror") as info:
@@ -307,4 +310,10 @@ async def test_jsonl_mirror_refuses_a_file_of_another_ledger(tmp_path: Path) -> 
         engine.register(mirror_spec(path))
         with pytest.raises(ModuleError, match=r"jsonl-mirror") as info:
             await engine.init_all()
-    assert "does not look like a jsonl-mirror file" in str(info.value.__cause__)
+    assert "does not start with an export header line" in str(info.value.__cause__)
+    path.write_text('{"nucleus_export":1,"ledger_id":"a","from":0,"prev":"00"}\n{"no":1}\n')
+    async with LedgerEngine(LedgerConfig(ledger_id="a")) as engine:
+        engine.register(mirror_spec(path))
+        with pytest.raises(ModuleError, match=r"jsonl-mirror") as info:
+            await engine.init_all()
+    assert "a Hash is 64 hex digits" in str(info.value.__cause__)

@@ -29,6 +29,7 @@ from typer.testing import CliRunner, Result
 
 from nucleus_actors.cli import app
 from nucleus_actors.daemon.metrics import METRICS
+from nucleus_actors.hashing import genesis
 
 from .conftest import REPO, DaemonProcess, client, subprocess_env, toml_str
 
@@ -210,7 +211,7 @@ def test_append_errors_name_the_line_and_what_was_stored(env: Env) -> None:
     assert env.cli("append", "-l", "main", "--json", "1").exit_code == 2  # no --kind
     not_json = env.cli("append", "-l", "main", "-k", "t", "--json", "{")
     assert not_json.exit_code == 2
-    assert "--json is not JSON" in not_json.stderr
+    assert "--json: not JSON" in not_json.stderr
     which = env.cli("append", "-k", "t", "--json", "1")  # two ledgers, no --ledger
     assert which.exit_code == 2
     assert "the daemon serves 2 ledgers (main, aux): choose one with --ledger" in which.stderr
@@ -320,15 +321,26 @@ def test_export_verifies_the_chain_and_matches_the_jsonl_mirror(env: Env, tmp_pa
     assert f"exported {length} entries of 'main' to {target}, chain verified" in result.stderr
     assert not target.with_name("out.jsonl.partial").exists()
     exported = target.read_bytes()
-    assert [e["seq"] for e in lines(exported.decode())] == list(range(length))
+    header, *entries = lines(exported.decode())
+    assert header == {
+        "nucleus_export": 1,
+        "ledger_id": "main",
+        "from": 0,
+        "prev": genesis("main").hex(),
+    }
+    assert [e["seq"] for e in entries] == list(range(length))
     # The mirror module copies every committed entry, in the same format.
-    wait_until(lambda: env.mirror.read_bytes().count(b"\n") >= length, "the mirror")
+    wait_until(lambda: env.mirror.read_bytes().count(b"\n") >= length + 1, "the mirror")
     assert env.mirror.read_bytes()[: len(exported)] == exported
 
     part = env.cli("export", "-l", "main", "--from", "3", "--to", "7", "--no-progress")
     assert part.exit_code == 0, part.output
-    assert [e["seq"] for e in lines(part.stdout)] == [3, 4, 5, 6]
-    assert part.stdout.encode() == b"".join(exported.splitlines(keepends=True)[3:7])
+    part_header, *part_entries = lines(part.stdout)
+    assert [e["seq"] for e in part_entries] == [3, 4, 5, 6]
+    assert part_header["from"] == 3
+    assert part_header["prev"] == entries[2]["hash"]  # CHAIN_2: the slice verifies alone
+    body = part.stdout.encode().split(b"\n", 1)[1]
+    assert body == b"".join(exported.splitlines(keepends=True)[4:8])
     past = env.cli("export", "-l", "main", "--from", str(length + 5))
     assert past.exit_code == 2
     assert f"--from {length + 5} is past the end ({length})" in past.stderr
@@ -571,7 +583,7 @@ def test_tail_follow_and_the_mirror_resume_after_the_daemon_is_killed(tmp_path: 
     try:
         append_many(url, 30)
         wait_until(lambda: len(tail.out) == 30, "tail to print 30 entries")
-        wait_until(lambda: mirror.read_bytes().count(b"\n") == 30, "the mirror")
+        wait_until(lambda: mirror.read_bytes().count(b"\n") == 31, "the mirror")
         daemon.proc.kill()  # kill -9: no clean stop, the connection drops
         daemon.wait()
         daemon.close()
@@ -586,7 +598,7 @@ def test_tail_follow_and_the_mirror_resume_after_the_daemon_is_killed(tmp_path: 
         with client(url) as api:
             total = api.get("/v1/ledgers/main/head").json()["length"]
         assert total == 40
-        wait_until(lambda: mirror.read_bytes().count(b"\n") == 40, "the mirror to resume")
+        wait_until(lambda: mirror.read_bytes().count(b"\n") == 41, "the mirror to resume")
         export = runner.invoke(app, ["export", "--url", url, "--no-progress"])
         assert export.exit_code == 0, export.output
         assert mirror.read_bytes() == export.stdout.encode()  # no gap, no duplicate, same bytes
@@ -596,5 +608,5 @@ def test_tail_follow_and_the_mirror_resume_after_the_daemon_is_killed(tmp_path: 
     assert tail.seqs() == list(range(40)), tail.seqs()  # nothing skipped, nothing twice
     assert code == 130
     assert any("resuming from seq 30" in line for line in tail.err), tail.err
-    kinds = [json.loads(line)["kind"] for line in mirror.read_text().splitlines()]
+    kinds = [json.loads(line)["kind"] for line in mirror.read_text().splitlines()[1:]]
     assert kinds == ["t"] * 30 + ["after"] * 10

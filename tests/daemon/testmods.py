@@ -78,3 +78,12 @@ class NeedsArgs(Module):
 
 
 NOT_A_CLASS = 42
+
+
+class FailsInit(Module):
+    """Its init fails at run time (not a configuration problem: `nucleus check` accepts it)."""
+
+    id = "fails-init"
+
+    async def init(self, ctx: ModuleContext) -> None:
+        raise OSError("the device this module needs is gone")

@@ -9,7 +9,7 @@ from pathlib import Path
 import nucleus_actors.testing as testing
 
 PACKAGE = Path(testing.__file__).parent
-PUBLIC_IMPORTS = {"nucleus_actors", "nucleus_actors.storage"}
+PUBLIC_IMPORTS = {"nucleus_actors", "nucleus_actors.storage", "nucleus_actors.hashing"}
 
 
 def test_every_public_name_exists_and_is_documented() -> None:

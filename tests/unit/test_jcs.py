@@ -25,7 +25,8 @@ _scalars = st.one_of(
     st.none(),
     st.booleans(),
     st.integers(min_value=-(2**53 - 1), max_value=2**53 - 1),
-    st.floats(allow_nan=False, allow_infinity=False),
+    # Whole doubles of magnitude in [2**53, 1e21) are refused (test_numbers.py).
+    st.floats(allow_nan=False, allow_infinity=False).filter(lambda x: not 2**53 <= abs(x) < 1e21),
     _text,
 )
 _json = st.recursive(
@@ -61,7 +62,9 @@ def test_fast_path_is_taken_and_exact(value: Any) -> None:
 @settings(max_examples=200)
 @given(
     kind=st.text(
-        st.characters(exclude_categories=("Cs", "Zs", "Zl", "Zp", "Cc")), min_size=1, max_size=10
+        st.characters(exclude_categories=("Cs", "Zs", "Zl", "Zp", "Cc", "Cf")),
+        min_size=1,
+        max_size=10,
     ).filter(lambda k: k.strip() == k and "\x85" not in k and all(not c.isspace() for c in k)),
     payload=_json,
     meta=st.dictionaries(_keys.filter(bool), _text, max_size=3),
@@ -79,7 +82,7 @@ def test_canonical_bytes_match_rfc8785_of_the_whole_record(
 def test_known_edge_cases() -> None:
     cases = [
         {"\U0001f600": 1, "\ue000": 2, "a": 3},  # UTF-16 order differs from code point order
-        [1e21, 1e-7, -0.0, 5e-324, 1.0, 123456789012345680.0],
+        [1e21, 1e-7, -0.0, 5e-324, 1.0, 4503599627370495.5],
         'control \x00\x01\x1f\x7f \u2028 "quoted" back\\slash',
         {"b": [], "a": {}},
     ]

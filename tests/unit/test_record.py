@@ -44,9 +44,16 @@ def test_invalid_record_is_a_value_error_and_nucleus_error() -> None:
     [
         ("", r"kind must not be empty \(at \$\.kind\)"),
         ("x" * (MAX_KIND_LENGTH + 1), r"kind is 257 characters, the limit is 256"),
-        ("order created", r"contains whitespace or control characters"),
-        ("tab\tkind", r"contains whitespace or control characters"),
-        ("nul\x00", r"contains whitespace or control characters"),
+        ("order created", r"contains whitespace.* \(U\+0020 at index 5\)"),
+        ("tab\tkind", r"contains whitespace.* \(U\+0009 at index 3\)"),
+        ("nul\x00", r"non-printable character \(U\+0000 at index 3\)"),
+        ("csi\x9b", r"non-printable character \(U\+009B at index 3\)"),  # C1 control
+        ("zero\u200bwidth", r"non-printable character \(U\+200B at index 4\)"),  # Cf
+        ("bom\ufeff", r"non-printable character \(U\+FEFF"),
+        ("nbsp\xa0", r"non-printable character \(U\+00A0"),
+        ("line\u2028sep", r"non-printable character \(U\+2028"),
+        ("lone\ud800", r"non-printable character \(U\+D800"),
+        ("tag\U000e0041", r"non-printable character \(U\+E0041"),
         (7, r"kind must be a str, got int"),
         (None, r"kind must be a str, got NoneType"),
     ],
@@ -186,3 +193,96 @@ def test_hash_value_type() -> None:
 def test_receipt_fields() -> None:
     receipt = Receipt(3, Hash(bytes(32)), 17)
     assert (receipt.seq, receipt.hash, receipt.timestamp) == (3, Hash(bytes(32)), 17)
+
+
+def test_kind_forbidden_class_is_exactly_the_unicode_categories() -> None:
+    # The published class (also the OpenAPI `pattern`) is what unicodedata says: every Cc, Cf,
+    # Cs, Zs, Zl, Zp character and everything str.isspace() calls whitespace, nothing else.
+    import re
+    import sys
+    import unicodedata
+
+    from nucleus_actors.record import KIND_FORBIDDEN
+
+    if unicodedata.unidata_version != "14.0.0":  # pragma: no cover - other Pythons
+        pytest.skip(f"the class was generated from Unicode 14.0, this Python has {sys.version}")
+    bad = re.compile(f"[{KIND_FORBIDDEN}]")
+    for code in range(0x110000):
+        char = chr(code)
+        expected = unicodedata.category(char) in {"Cc", "Cf", "Cs", "Zs", "Zl", "Zp"}
+        expected = expected or char.isspace()
+        assert (bad.match(char) is not None) is expected, hex(code)
+
+
+def test_printable_kinds_are_accepted() -> None:
+    for kind in ("order.created", "commande.créée", "注文", "😀.emoji", "a-b_c:d/e", "\ue000"):
+        assert Record(kind, None).kind == kind
+
+
+def test_error_messages_and_paths_are_printable_and_encodable() -> None:
+    # A lone surrogate in a key used to end up raw in the message and the path: printing or
+    # encoding the error raised UnicodeEncodeError itself.
+    cases = [
+        lambda: Record("k", {"\ud800": 1}),
+        lambda: Record("k", {"a": {"\udfff\x9b": [1e16]}}),
+        lambda: Record("k", ["\ud83d"]),
+        lambda: Record("k", 1, {"\ud800": "v"}),
+        lambda: Record("k", 1, {"key": "\ud800"}),
+        lambda: Record("k\ud800", 1),
+        lambda: Record("k", {"line\nbreak\u2028": {1, 2}}),
+    ]
+    for build in cases:
+        with pytest.raises(InvalidRecord) as info:
+            build()
+        text = str(info.value)
+        text.encode("utf-8")
+        assert text.isprintable(), text
+        assert info.value.path is not None
+        assert info.value.path.isprintable(), info.value.path
+    with pytest.raises(InvalidRecord) as info:
+        Record("k", {"\ud800": 1})
+    assert info.value.path == '$.payload["\\ud800"]'
+
+
+def test_meta_is_immutable() -> None:
+    record = Record("k", 1, {"a": "1"})
+    with pytest.raises(TypeError, match="immutable"):
+        record.meta["k"] = "v"  # type: ignore[index]
+    for mutate in (
+        lambda m: m.update(b="2"),
+        lambda m: m.pop("a"),
+        lambda m: m.clear(),
+        lambda m: m.setdefault("b", "2"),
+        lambda m: m.popitem(),
+        lambda m: m.__delitem__("a"),
+    ):
+        with pytest.raises(TypeError, match="immutable"):
+            mutate(record.meta)
+    assert record.meta == {"a": "1"}
+    assert record == Record("k", 1, {"a": "1"})
+    assert record.with_meta(b="2").meta == {"a": "1", "b": "2"}
+
+
+def test_records_hash_and_compare_by_canonical_bytes() -> None:
+    a = Record("k", {"x": [1, 2.0]}, {"m": "v"})
+    b = Record("k", {"x": (1, 2)}, {"m": "v"})
+    assert a == b  # same canonical bytes
+    assert hash(a) == hash(b)
+    assert Record("k", True) != Record("k", 1)  # `true` is not `1`
+    assert Record("k", 1) != Record("k", 1).replace(seq=0, timestamp=5)
+    committed = Record("k", 1, seq=3, timestamp=9)
+    assert {committed, Record("k", 1, seq=3, timestamp=9)} == {committed}
+    assert len({Record("k", i) for i in range(10)}) == 10
+    assert Record("k", 1) != ("k", 1)
+
+
+def test_records_pickle_and_copy_as_values() -> None:
+    import copy
+    import pickle
+
+    record = Record("k", {"a": [1, "é"]}, {"trace": "t"}, seq=4, timestamp=7)
+    for clone in (pickle.loads(pickle.dumps(record)), copy.deepcopy(record), copy.copy(record)):
+        assert clone == record
+        assert clone.meta == {"trace": "t"}
+        with pytest.raises(TypeError):
+            clone.meta["x"] = "y"  # type: ignore[index]

@@ -76,3 +76,19 @@ def test_phase_machine_failed_is_final_and_illegal_phase_moves_raise() -> None:
     assert machine.fire(t.PhaseEvent.STARTUP_FAILED) is Phase.FAILED
     assert machine.fire(t.PhaseEvent.STOPPED) is Phase.FAILED  # final, not an error
     assert seen == [Phase.FAILED]
+
+
+async def test_an_illegal_transition_inside_an_actor_is_not_taken_for_a_crash(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Raised while the actor reports "start ok", it reaches the `async with`, unwrapped,
+    instead of being handled as a crash of the module (and hidden by a restart)."""
+    table = dict(t.MODULE_TABLE)
+    del table[(ModuleState.INITIALIZED, t.ModuleEvent.START_OK)]
+    monkeypatch.setattr(t, "MODULE_TABLE", table)
+    engine = LedgerEngine(LedgerConfig(ledger_id="t"))
+    engine.register(_Stub())
+    with pytest.raises(t.IllegalTransition, match="INITIALIZED on 'start ok'"):
+        async with engine:
+            await engine.init_all()
+            await engine.start_all()

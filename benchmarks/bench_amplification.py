@@ -1,0 +1,131 @@
+"""Memory and latency under concurrent maximum-size batches (issue 15, section 5).
+
+Starts `nucleus run` (one ledger, storage as chosen, default limits), then for `--seconds`
+keeps `--clients` connections each posting a maximum-size batch (a body just under
+`max_body_bytes`, `--records` records) back to back, while a prober GETs `/healthz` every
+20 ms on its own connection. Reports the daemon's peak RSS (VmHWM) and RSS before, the batch
+count and statuses, and `/healthz` latency p50 / p99 / max.
+
+Run: python benchmarks/bench_amplification.py [--clients 8] [--seconds 10] [--records 10000]
+         [--storage memory|sqlite]
+Targets (issue 15): peak RSS < 400 MB, /healthz p99 < 100 ms with 8 clients.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def body(records: int, size: int) -> bytes:
+    """A batch of `records` records whose JSON is just under `size` bytes."""
+
+    def make(text: str) -> bytes:
+        items = [{"kind": "bench.item", "payload": {"t": text, "n": n}} for n in range(records)]
+        return json.dumps({"records": items}).encode()
+
+    pad = max(0, (size - len(make("")) - 64) // records)
+    data = make("x" * pad)
+    assert len(data) <= size, len(data)
+    return data
+
+
+def rss(pid: int, field: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise LookupError(field)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--records", type=int, default=10_000)
+    parser.add_argument("--storage", choices=["memory", "sqlite"], default="memory")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        storage = '":memory:"' if args.storage == "memory" else '"bench.db"\ndurability = "normal"'
+        config = Path(tmp) / "nucleus.toml"
+        config.write_text(f'[[ledgers]]\nid = "main"\nstorage = {storage}\n')
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        env.pop("NUCLEUS_TOKEN", None)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "nucleus_actors", "run", str(config), "--port", "0"],
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        assert proc.stderr is not None
+        url = None
+        for line in proc.stderr:
+            match = re.search(r"listening on (http://\S+)", line)
+            if match:
+                url = match.group(1)
+                break
+        assert url is not None, "daemon did not start"
+        threading.Thread(target=lambda: [None for _ in proc.stderr], daemon=True).start()  # type: ignore[union-attr]
+        payload = body(args.records, 4 << 20)
+        rss_before = rss(proc.pid, "VmRSS")
+        stop = time.monotonic() + args.seconds
+        statuses: collections.Counter[int] = collections.Counter()
+        latencies: list[float] = []
+
+        def post() -> None:
+            with httpx.Client(base_url=url, timeout=120) as api:
+                while time.monotonic() < stop:
+                    response = api.post(
+                        "/v1/ledgers/main/records/batch",
+                        content=payload,
+                        headers={"Content-Type": "application/json"},
+                    )
+                    statuses[response.status_code] += 1
+
+        def probe() -> None:
+            with httpx.Client(base_url=url, timeout=120) as api:
+                while time.monotonic() < stop:
+                    start = time.perf_counter()
+                    assert api.get("/healthz").status_code == 200
+                    latencies.append(time.perf_counter() - start)
+                    time.sleep(0.02)
+
+        threads = [threading.Thread(target=post) for _ in range(args.clients)]
+        threads.append(threading.Thread(target=probe))
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        peak = rss(proc.pid, "VmHWM")
+        proc.terminate()
+        proc.wait(60)
+    latencies.sort()
+    p99 = latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))]
+    print(
+        f"clients {args.clients}, {args.records} records/batch, body {len(payload)} bytes, "
+        f"{args.seconds:g} s, storage {args.storage}"
+    )
+    print(f"batches by status: {dict(statuses)}")
+    print(f"daemon RSS before {rss_before / 2**20:.0f} MB, peak {peak / 2**20:.0f} MB")
+    print(
+        f"/healthz: {len(latencies)} probes, p50 {statistics.median(latencies) * 1e3:.1f} ms, "
+        f"p99 {p99 * 1e3:.1f} ms, max {latencies[-1] * 1e3:.1f} ms"
+    )
+
+
+if __name__ == "__main__":
+    main()
