@@ -150,6 +150,7 @@ class Pipeline:
         self._idle = trio.Event()
         self._idle.set()
         self._scope: trio.CancelScope | None = None
+        self._store_lock = trio.Lock()  # group commits and cursor-only batches, one at a time
 
     def submit(self, request: Request) -> None:
         if self._stopped:
@@ -395,7 +396,19 @@ class Pipeline:
                 for request, start in committing
                 if request.idempotency is not None
             ]
-            error = await self._store(self._batch(entries, tiles, keys))
+            batch = self._batch(entries, tiles, keys)
+            lock = self._store_lock
+            if lock.locked():  # a cursor-only batch is being stored: wait for it
+                async with lock:
+                    error = await self._store(batch)
+            else:  # the common case: no extra schedule point on the append path
+                lock.acquire_nowait()
+                try:
+                    error = await self._store(batch)
+                finally:
+                    lock.release()
+            if error is None and batch.cursors:
+                self._engine._supervisor.cursors_saved(batch.cursors)
         finally:
             self._storing = False
             if self._cancel_requested and self._scope is not None:
@@ -441,16 +454,16 @@ class Pipeline:
         # the others' deliveries; only then wait (BLOCK) for the ones that are full.
         blocked = []
         for child in engine._supervisor.after_children():
-            done = child.mailbox.deliver_nowait(items, child.spec.overflow)
+            done = child.mailbox.deliver_nowait(items, child.overflow)
             if done < len(items):
                 blocked.append((child, items[done:]))
         if len(blocked) == 1:
             child, rest = blocked[0]
-            await child.mailbox.deliver(rest, child.spec.overflow)
+            await child.mailbox.deliver(rest, child.overflow)
         elif blocked:
             async with trio.open_nursery() as nursery:
                 for child, rest in blocked:
-                    nursery.start_soon(child.mailbox.deliver, rest, child.spec.overflow)
+                    nursery.start_soon(child.mailbox.deliver, rest, child.overflow)
 
     def _batch(
         self,
@@ -462,7 +475,11 @@ class Pipeline:
         (`prev`), and whatever else must commit atomically with them (cursors, tree tiles,
         idempotency keys)."""
         return StorageBatch(
-            entries=entries, prev=self.chain.head, tree=tiles, idempotency=keys or ()
+            entries=entries,
+            prev=self.chain.head,
+            cursors=self._engine._supervisor.dirty_cursors(),
+            tree=tiles,
+            idempotency=keys or (),
         )
 
     async def _store(self, batch: StorageBatch) -> tuple[BaseException, bool] | None:
@@ -492,6 +509,23 @@ class Pipeline:
                 self._moved = self._resync = True
             return exc, True
         return None
+
+    async def flush_cursors(self) -> None:
+        """Store the durable modules' cursors that moved since they were last stored, in a
+        batch of their own (the cursor flusher every `cursor_interval`, and at stop). Never
+        concurrent with a group commit; errors are logged (the cursor stays dirty)."""
+        supervisor = self._engine._supervisor
+        async with self._store_lock:
+            cursors = supervisor.dirty_cursors()
+            if not cursors:
+                supervisor.cursors_saved({})
+                return
+            try:
+                await self._engine.storage.append(StorageBatch(entries=[], cursors=cursors))
+            except Exception:
+                log.warning("could not store module cursors %r", cursors, exc_info=True)
+                return
+            supervisor.cursors_saved(cursors)
 
     def _diverged(self, error: IntegrityError, requests: list[Request]) -> None:
         """Storage holds a chain that does not continue the ledger's (entries lost or
@@ -569,7 +603,8 @@ class Pipeline:
                     # and store their tiles, so proofs keep covering every entry
                     tiles, grown = tree.grow([leaf_hash(e.canonical) for e in adopted])
                     if tiles:
-                        await engine.storage.append(StorageBatch(entries=(), tree=tiles))
+                        async with self._store_lock:  # not beside a cursor-only batch
+                            await engine.storage.append(StorageBatch(entries=(), tree=tiles))
                     tree.edge = grown
             last_ts = max(chain.last_ts, adopted[-1].timestamp) if adopted else chain.last_ts
             self.appends += len(adopted)

@@ -16,11 +16,12 @@ a time under one lock, as an OTP supervisor handles one message at a time.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Callable
 from enum import Enum
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import trio
 
@@ -35,13 +36,16 @@ from .module._base import Module
 from .module._context import LedgerReader
 from .module._hooks import check_hooks
 from .module._mailbox import Lifecycle, LifecycleOp
-from .module._spec import ModuleSpec
+from .module._spec import ModuleSpec, resolved_overflow
 from .registry import ModuleRegistry, check_module_id
+from .storage import CursorStore
 from .supervision import IntensityWindow, Restart, Strategy
 
 __all__ = ["StopMode", "Supervisor", "SupervisorHost"]
 
 log = logging.getLogger("nucleus_actors.supervisor")
+
+C = TypeVar("C")
 
 _SPEC_FIELDS = (
     "restart",
@@ -52,6 +56,8 @@ _SPEC_FIELDS = (
     "depends_on",
     "config",
     "backoff",
+    "durable",
+    "start_at",
 )
 
 
@@ -75,6 +81,8 @@ class SupervisorHost(Protocol):
     def _module_nursery(self) -> trio.Nursery: ...
 
     def _escalated(self, failure: LedgerFailed) -> None: ...
+
+    def require_storage(self, capability: Callable[..., C], feature: str) -> C: ...
 
     def _phase_changed(self, phase: Phase) -> None: ...
 
@@ -101,6 +109,9 @@ class Supervisor:
         self._startup_failure: tuple[Child, BaseException] | None = None
         self.registry_view = ModuleRegistry._create(self)
         self.instruments: list[Instrument] = []  # engine.add_instrument: every module's
+        self.saved_cursors: dict[str, int] = {}  # durable modules' stored cursors (at open)
+        self.cursor_dirty = trio.Event()  # set when a runtime-kept cursor moved
+        self._durable = False  # any durable module registered (cursors to keep)
 
     @property
     def phase(self) -> Phase:
@@ -165,6 +176,7 @@ class Supervisor:
                 f"got {type(target).__name__}"
             )
         module_id = check_module_id(getattr(instance, "id", None))
+        spec = self._durability(spec, instance, module_id)
         check_hooks(instance, module_id)
         if module_id in self.children:
             raise RegistryError(f"module {module_id!r} is already present", module_id=module_id)
@@ -172,9 +184,57 @@ class Supervisor:
             raise RegistryError(f"module {module_id!r} depends on itself", module_id=module_id)
         return Child(module_id=module_id, spec=spec, instance=instance, factory=factory, host=self)
 
+    def _durability(
+        self, spec: ModuleSpec[Any], instance: Module, module_id: str
+    ) -> ModuleSpec[Any]:
+        """Resolve `overflow=None` and check the durable-delivery rules at register.
+
+        Raises:
+            RegistryError: `resume_after` defined on a non-durable module.
+            StorageError: a durable module on a storage without the `CursorStore` capability.
+        """
+        if spec.overflow is None:
+            spec = dataclasses.replace(spec, overflow=resolved_overflow(spec))
+        if type(instance).overrides("resume_after") and not spec.durable:
+            raise RegistryError(
+                f"module {module_id!r} defines resume_after but is not durable: resume_after "
+                "is for durable modules only (register it with durable=True)",
+                module_id=module_id,
+            )
+        if spec.durable and not type(instance).overrides("resume_after"):
+            # A module that owns its position (resume_after) needs no cursor from storage.
+            self._host.require_storage(CursorStore, f"register durable module {module_id!r}")
+        return spec
+
+    def dirty_cursors(self) -> dict[str, int]:
+        """Runtime-kept cursors (durable modules without `resume_after`) that moved since
+        they were last stored: module id -> position (highest seq processed, -1: none)."""
+        if not self._durable:
+            return {}
+        return {
+            c.id: c.next_seq - 1
+            for c in self.order
+            if c.durable
+            and c.positioned
+            and not c.owns_position
+            and not c.removed
+            and c.next_seq - 1 != c.saved_position
+        }
+
+    def cursors_saved(self, cursors: dict[str, int] | Any) -> None:
+        """`cursors` were stored: remember them; re-arm the flusher once nothing is dirty."""
+        for module_id, position in cursors.items():
+            child = self.children.get(module_id)
+            if child is not None:
+                child.saved_position = position
+        if self.cursor_dirty.is_set() and not self.dirty_cursors():
+            self.cursor_dirty = trio.Event()
+
     def add_child(self, child: Child) -> None:
         self.children[child.id] = child
         self.order.append(child)
+        if child.durable:
+            self._durable = True
 
     def resolve_order(self) -> None:
         """Put the modules in start order (see `_order.start_order`).

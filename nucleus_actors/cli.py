@@ -693,7 +693,7 @@ def status(
             table = Table(show_edge=False, pad_edge=False, box=None)
             for column in (
                 "module", "version", "state", "restarts", "crashes", "inbox", "processed",
-                "dropped",
+                "dropped", "lag",
             ):  # fmt: skip
                 table.add_column(column, no_wrap=True)
             notes = []
@@ -708,6 +708,7 @@ def status(
                     str(m["inbox_depth"]),
                     str(m["processed"]),
                     str(m["dropped"]),
+                    str(m.get("lag", 0)),
                 )
                 if info := _info_text(m.get("info")):
                     notes.append(f"  {escape(m['id'])}: {escape(info)}")

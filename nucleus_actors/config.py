@@ -64,6 +64,9 @@ class LedgerConfig:
     """Cap on `stop_all` when leaving `async with` by cancellation, for `shutdown=None`."""
     max_batch: int = 1024
     """Most records one pipeline batch carries through hooks and storage."""
+    cursor_interval: float = 1.0
+    """Seconds a durable module's moved cursor may wait for a batch to ride with before it
+    is stored on its own (its bound on redeliveries after a crash)."""
     merkle_tree: bool | None = None
     """Keep the Merkle tree (tiles in storage) for `root` and proofs: `None` (default) when the
     storage implements `TreeStore`, `True` requires it (open fails otherwise), `False` never."""
@@ -83,6 +86,7 @@ class LedgerConfig:
             )
         _positive("restart_window", self.restart_window)
         _positive("exit_timeout", self.exit_timeout, allow_zero=True)
+        _positive("cursor_interval", self.cursor_interval)
         if type(self.max_record_bytes) is not int or self.max_record_bytes < 64:
             raise ValueError(
                 f"LedgerConfig.max_record_bytes must be an int >= 64, got {self.max_record_bytes!r}"

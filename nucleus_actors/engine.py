@@ -47,6 +47,7 @@ from .proofs import ConsistencyProof, InclusionProof
 from .record import Entry, Hash, Receipt, Record, committed_bytes
 from .registry import ModuleHandle, ModuleRegistry, Statistics, _handle
 from .storage import (
+    CursorStore,
     IdempotencyStore,
     MemoryStorage,
     StorageBackend,
@@ -359,6 +360,8 @@ class LedgerEngine:
                 last = await _first(storage.read(chain.length - 1, chain.length))
                 if last is not None:
                     chain.last_ts = last.timestamp
+            if isinstance(storage, CursorStore):
+                self._supervisor.saved_cursors = await storage.load_cursors()
             self._tree = await self._open_tree()
             failure: BaseException | None = None
             try:
@@ -366,6 +369,7 @@ class LedgerEngine:
                     self._nursery = nursery
                     await nursery.start(self._pipeline.run)
                     await nursery.start(self._supervisor.supervise)
+                    nursery.start_soon(self._cursor_flusher)
                     self._open = True
                     try:
                         yield
@@ -528,11 +532,21 @@ class LedgerEngine:
             await self._drain(cap)
             await self._pipeline.settle_unknown()
             await supervisor.stop_all(cap=cap)
+            await self._pipeline.flush_cursors()  # durable modules resume from here
         except BaseException:
             await supervisor.abort()  # cancelled: the modules not stopped yet are killed
             raise
         finally:
             supervisor.fire(PhaseEvent.STOPPED)
+
+    async def _cursor_flusher(self) -> None:
+        """Store moved cursors on their own at most every `cursor_interval` (they usually
+        ride with the next batch); idle while no cursor moves."""
+        supervisor = self._supervisor
+        while True:
+            await supervisor.cursor_dirty.wait()
+            await trio.sleep(self.config.cursor_interval)
+            await self._pipeline.flush_cursors()
 
     async def _drain(self, cap: float | None) -> None:
         """Let in-flight appends finish while every module still runs.

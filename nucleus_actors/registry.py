@@ -65,6 +65,12 @@ class ModuleStatus:
     never stopped."""
     incarnation: int
     """1 for the first run, +1 per restart."""
+    cursor: int | None = None
+    """Highest seq processed (a durable module: its position, from which it resumes); None:
+    nothing yet."""
+    lag: int = 0
+    """Committed entries not yet processed by it: head seq - cursor for a durable module,
+    the deliveries still in its inbox for another."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -175,7 +181,7 @@ class ModuleHandle(Generic[M], metaclass=NoPublicConstructor):
                 + "; ask needs a module that is not stopped or failed",
                 module_id=child.id,
             )
-        msg = Ask(fn, args)
+        msg = Ask(fn, args, child.host.ledger_reader.state.length)
         child.mailbox.put(msg)
         return await msg.reply.wait()
 
@@ -199,6 +205,8 @@ def _status(child: Child) -> ModuleStatus:
         dropped=child.mailbox.dropped,
         stop_result=child.stop_result,
         incarnation=child.incarnation,
+        cursor=child.cursor,
+        lag=child.lag,
     )
 
 

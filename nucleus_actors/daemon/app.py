@@ -235,6 +235,8 @@ class ModuleStatusOut(BaseModel):
     dropped: int
     stop_result: str | None
     incarnation: int
+    cursor: int | None = None
+    lag: int = 0
     info: dict[str, Any] | None = Field(
         description="what the module's `describe()` reports (null when it has none, or did "
         "not answer within a second)"

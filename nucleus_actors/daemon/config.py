@@ -157,8 +157,15 @@ class ModuleSettings(_Section):
     """Seconds each init/start/hook callback may take (expiry is a crash); `inf` = no limit."""
     inbox: int = Field(default=64, ge=1)
     """Capacity of its after_append inbox, in records."""
-    overflow: Literal["block", "drop_oldest", "drop_newest", "fail"] = "block"
-    """What happens when its inbox is full: slow appends down, drop, or crash the module."""
+    overflow: Literal["block", "drop_oldest", "drop_newest", "fail", "catch_up"] | None = None
+    """What happens when its inbox is full: slow appends down, drop, crash the module, or
+    (durable modules) read the entries back from storage later; unset: `catch_up` for a
+    durable module, else `block`."""
+    durable: bool = False
+    """Deliver every committed entry at least once across restarts, reopens and crashes (the
+    module catches up from its cursor); see docs/delivery.md."""
+    start_at: Literal["start", "end"] = "start"
+    """Where a durable module with no position yet starts on an existing ledger."""
     depends_on: list[str] = Field(default_factory=list)
     """Ids of modules that must start before it (and stop after it)."""
     backoff: BackoffSettings | None = None
@@ -200,13 +207,17 @@ class ModuleSettings(_Section):
             return module
 
         make.__qualname__ = f"{cls.__qualname__}.factory"
+        # A class that owns its position (resume_after, e.g. jsonl-mirror) is durable by nature.
+        durable = self.durable or (isinstance(cls, type) and cls.overrides("resume_after"))
         return ModuleSpec(
             make,
             restart=Restart(self.restart),
             shutdown=None if math.isinf(self.shutdown) else self.shutdown,
             timeout=None if math.isinf(self.timeout) else self.timeout,
             inbox=self.inbox,
-            overflow=Overflow(self.overflow),
+            overflow=None if self.overflow is None else Overflow(self.overflow),
+            durable=durable,
+            start_at=self.start_at,
             depends_on=tuple(self.depends_on),
             config=dict(self.config),
             backoff=None if self.backoff is None else self.backoff.build(),
@@ -234,6 +245,8 @@ class LedgerSettings(_Section):
     """Delay between consecutive restarts of a module; unset restarts at once."""
     max_record_bytes: int = Field(default=1 << 20, ge=64)
     """Largest record accepted, measured on its canonical bytes."""
+    cursor_interval: float = Field(default=1.0, gt=0, allow_inf_nan=False)
+    """Seconds a durable module's moved cursor may wait before it is stored on its own."""
     verify_on_open: Literal["tail", "full"] = "tail"
     """`"tail"`: opening checks the chain's last entries, then the whole chain is verified in
     the background (metric `nucleus_ledger_verified_entries`); `"full"`: the whole chain is
@@ -290,6 +303,7 @@ class LedgerSettings(_Section):
             restart_window=self.restart_window,
             backoff=None if self.backoff is None else self.backoff.build(),
             max_record_bytes=self.max_record_bytes,
+            cursor_interval=self.cursor_interval,
             idempotency_window=self.idempotency_window,
         )
 

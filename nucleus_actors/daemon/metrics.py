@@ -110,6 +110,11 @@ METRICS: Final[Mapping[str, tuple[str, str, tuple[str, ...]]]] = {
         "after_append deliveries dropped by the module's overflow policy.",
         ("ledger", "module"),
     ),
+    "nucleus_module_lag": (
+        "gauge",
+        "Committed entries the module has not processed yet (durable: head - cursor).",
+        ("ledger", "module"),
+    ),
     "nucleus_module_incarnation": (
         "gauge",
         "1 for the module's first run, +1 per restart.",
@@ -171,6 +176,7 @@ class _LedgerCollector(Collector):
                 f["nucleus_module_processed_total"].add_metric(labels, status.processed)
                 f["nucleus_module_dropped_total"].add_metric(labels, status.dropped)
                 f["nucleus_module_incarnation"].add_metric(labels, status.incarnation)
+                f["nucleus_module_lag"].add_metric(labels, status.lag)
         yield from f.values()
 
 

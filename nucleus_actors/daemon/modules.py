@@ -524,12 +524,13 @@ class JsonlMirror(Module):
     `kind`, `payload`, `meta`, `timestamp`, `hash`, `canonical`): byte for byte what `nucleus
     export` writes for the same ledger.
 
-    Resuming: on `init` (first start, restart after a crash, daemon restart) it reads the
-    file's last line, cuts off a torn one (a crash mid-write), checks that this entry's hash
-    matches the ledger's, and copies the entries committed since from the ledger. Deliveries
-    it already wrote are skipped by seq, and entries it never got (dropped by an overflow
-    policy) are read back from the ledger: the file always holds seqs 0, 1, 2, ... with no
-    gap and no duplicate. The catch-up runs within the module's `timeout`.
+    Resuming: it is a durable module that owns its position (`resume_after`). On `init`
+    (first start, restart after a crash, daemon restart) it reads the file's last line, cuts
+    off a torn one (a crash mid-write) and checks that this entry's hash matches the
+    ledger's; `resume_after` returns that seq, and the runtime delivers every entry committed
+    since, in order, from storage then live (see docs/delivery.md): the file always holds
+    seqs 0, 1, 2, ... with no gap and no duplicate, across kill -9 too. A delivery it already
+    wrote is still skipped by seq.
     """
 
     id = "jsonl-mirror"
@@ -581,7 +582,6 @@ class JsonlMirror(Module):
                     "start afresh)"
                 )
             self.next_seq = 0 if last is None else await self._check(ctx, file, *last)
-            await self._catch_up(ctx.ledger.state.length)
         except BaseException:
             await trio.to_thread.run_sync(file.close)
             self.file = None
@@ -603,12 +603,9 @@ class JsonlMirror(Module):
             )
         return seq + 1
 
-    async def _catch_up(self, end: int) -> None:
-        assert self._ctx is not None
-        if self.next_seq >= end:
-            return
-        async for entry in self._ctx.ledger.read(self.next_seq, end):
-            await self._write(entry.record, entry.hash)
+    async def resume_after(self, ctx: ModuleContext) -> int | None:
+        """The last seq in the file (None: an empty file): the runtime resumes after it."""
+        return self.next_seq - 1 if self.next_seq else None
 
     async def _write(self, record: Record, hash: Hash) -> None:
         assert self.file is not None
@@ -619,11 +616,15 @@ class JsonlMirror(Module):
             await trio.to_thread.run_sync(self.file.sync)
 
     async def after_append(self, record: Record, hash: Hash) -> None:
-        """Append the entry (after any it missed); skip one already in the file."""
+        """Append the entry; skip one already in the file (the runtime sends no gap)."""
         assert record.seq is not None
         if record.seq < self.next_seq:
             return
-        await self._catch_up(record.seq)
+        if record.seq != self.next_seq:
+            raise RuntimeError(
+                f"jsonl-mirror expected seq {self.next_seq}, got {record.seq}: it must run "
+                "as a durable module"
+            )
         await self._write(record, hash)
 
     def describe(self) -> dict[str, Any]:

@@ -24,17 +24,20 @@ from trio_util import AsyncValue
 from .. import _instrument, _transitions
 from .._groups import leaves
 from .._instrument import CallbackCall, Instrument
-from ..errors import ModuleError, RecordRejected, RegistryError
+from ..errors import ModuleError, RecordRejected, RegistryError, StorageError
 from ..lifecycle import ModuleState, StopResult
 from ..record import Record
 from ._base import Module
 from ._context import LedgerReader, ModuleContext
 from ._mailbox import Ask, Before, Delivery, Lifecycle, LifecycleOp, Mailbox, Reply
-from ._spec import ModuleSpec
+from ._spec import ModuleSpec, Overflow, resolved_overflow
 
 __all__ = ["Child", "ChildHost", "Outcome"]
 
 log = logging.getLogger("nucleus_actors.supervisor")
+
+CATCH_UP_CHUNK = 256
+"""Entries a durable module reads from storage at a time while it catches up."""
 
 
 class Outcome(enum.Enum):
@@ -54,6 +57,8 @@ class ChildHost(Protocol):
     ledger_reader: LedgerReader
     registry_view: Any
     instruments: list[Instrument]
+    saved_cursors: dict[str, int]
+    cursor_dirty: trio.Event
 
     def initialized(self, child: Child) -> None: ...
 
@@ -109,6 +114,14 @@ class Child:
         self.instance = instance
         self.host = host
         self.mailbox = Mailbox(spec.inbox, self._overflowed)
+        self.overflow: Overflow = resolved_overflow(spec)
+        # Durable delivery: the next seq this module processes, whether a start position was
+        # established, and the position last stored as its cursor (runtime-kept cursors).
+        self.durable = spec.durable
+        self.next_seq = 0
+        self.positioned = False
+        self.saved_position: int | None = None
+        self.last_seq: int | None = None  # non-durable: the last seq it processed
         # Written only by `_transitions` (the supervisor's transition table).
         self.state: ModuleState
         self.state_value: AsyncValue[ModuleState]
@@ -155,6 +168,21 @@ class Child:
         cls = type(self.instance)
         self.has_before = cls.overrides("before_append")
         self.has_after = cls.overrides("after_append")
+        self.owns_position = cls.overrides("resume_after")
+
+    @property
+    def cursor(self) -> int | None:
+        """Highest seq processed (durable: its position), None if nothing yet."""
+        if self.durable:
+            return self.next_seq - 1 if self.next_seq > 0 else None
+        return self.last_seq
+
+    @property
+    def lag(self) -> int:
+        """Committed entries not yet processed (non-durable: deliveries still queued)."""
+        if self.durable:
+            return max(0, self.host.ledger_reader.state.length - self.next_seq)
+        return self.mailbox.depth
 
     def _instruments(self) -> tuple[Instrument, ...]:
         """The instruments of the current instance: the ledger's, then the instance's own."""
@@ -249,6 +277,8 @@ class Child:
         self.crashing = False
         self.alive = True
         self.mailbox.reopen()
+        if self.durable:  # it catches up from its position instead
+            self.mailbox.discard_deliveries()
         first = Lifecycle(op)
         self._lifecycle_msg = first  # answered by _run however the incarnation ends
         self._lifecycle_step = "init"  # both "init" and "boot" begin with init
@@ -433,12 +463,19 @@ class Child:
         if ended is not None:
             return ended
         mailbox = self.mailbox
+        durable = self.durable
         handled = 0
         while True:
+            if durable and mailbox.lagging and mailbox.empty:
+                await self._lag_chunk(instance)
+                continue
             msg = await mailbox.get()
             kind = type(msg)
             if kind is tuple:
-                await self._deliveries(instance, msg)
+                if durable:
+                    await self._durable_deliveries(instance, msg)
+                else:
+                    await self._deliveries(instance, msg)
             elif kind is Before:
                 await self._before(instance, msg)
             elif kind is Ask:
@@ -481,9 +518,7 @@ class Child:
     def _timed_out(self, callback: str) -> TimeoutError:
         return TimeoutError(f"{callback} exceeded the module's timeout of {self.spec.timeout} s")
 
-    async def _deliveries(self, instance: Module, first: Delivery) -> None:
-        mailbox = self.mailbox
-        overflow = self.spec.overflow
+    def _after_hook(self, instance: Module) -> Callable[[Record, Any], Awaitable[None]]:
         hook: Callable[[Record, Any], Awaitable[None]] = instance.after_append
         instruments = self._instruments()
         if instruments:
@@ -494,7 +529,127 @@ class Child:
                 await _instrument.observed(instruments, call, raw_after, record, digest)
 
             hook = observed_after
+        return hook
 
+    # -- durable delivery --------------------------------------------------------------------
+    async def _position(self, instance: Module, ctx: ModuleContext) -> BaseException | None:
+        """Set where a durable module resumes (after init, before start); an error is a crash.
+
+        `resume_after()` if the module defines it, else the position of its previous
+        incarnation, else the cursor stored for it, else `start_at`. The inbox was discarded
+        at launch: it catches up from the position + 1, then takes live deliveries.
+        """
+        length = self.host.ledger_reader.state.length
+        after: int | None
+        if self.owns_position:
+            with trio.CancelScope(deadline=self._deadline()) as scope:
+                try:
+                    after = await instance.resume_after(ctx)
+                except Exception as exc:
+                    return exc
+            if scope.cancelled_caught:
+                return self._timed_out("resume_after")
+            if after is not None and (type(after) is not int or after < -1):
+                return TypeError(f"resume_after must return an int >= -1 or None, got {after!r}")
+        elif self.positioned:
+            after = self.next_seq - 1
+        else:
+            after = self.host.saved_cursors.get(self.id)
+            self.saved_position = after
+        if after is not None and after >= length:
+            return ValueError(
+                f"module {self.id!r} resumes after seq {after}, beyond the head of ledger "
+                f"{self.host.ledger_id!r} (last seq {length - 1})"
+            )
+        if after is None:
+            after = -1 if self.spec.start_at == "start" else length - 1
+        self.next_seq = after + 1
+        self.positioned = True
+        self.mailbox.lagging = True  # catch up to the head before waiting for deliveries
+        return None
+
+    async def _durably(self, work: Callable[[], Awaitable[None]]) -> None:
+        """Run durable delivery work; an error in it (hook or storage read) is a crash."""
+        self._hook_name = "after_append"
+        try:
+            await work()
+        except BaseException as exc:
+            if isinstance(exc, Exception) and not isinstance(exc, _Crash):
+                self.host.crash_detected(self)
+                raise _Crash(exc) from exc
+            if self._hook_timeout is not None:
+                self.host.crash_detected(self)
+            raise
+        finally:
+            self._hook_started = math.inf
+
+    async def _durable_one(
+        self, hook: Callable[[Record, Any], Awaitable[None]], record: Record, digest: Any
+    ) -> None:
+        self._hook_started = self._now()
+        await hook(record, digest)
+        self._hook_started = math.inf
+        self.next_seq += 1  # callers pass the record at seq next_seq
+        self.processed += 1
+        if not self.owns_position:
+            dirty = self.host.cursor_dirty
+            if not dirty.is_set():
+                dirty.set()
+
+    async def _catch_up(self, hook: Callable[[Record, Any], Awaitable[None]], stop: int) -> None:
+        """Process [next_seq, stop) read from storage, a chunk at a time."""
+        reader = self.host.ledger_reader
+        while self.next_seq < stop:
+            start = self.next_seq
+            end = min(stop, start + CATCH_UP_CHUNK)
+            chunk = [entry async for entry in reader.read(start, end)]
+            for entry in chunk:
+                if entry.seq != self.next_seq:
+                    break
+                await self._durable_one(hook, entry.record, entry.hash)
+            if self.next_seq < end:
+                raise StorageError(
+                    f"catch-up of module {self.id!r}: storage returned {len(chunk)} entries "
+                    f"for seqs {start} to {end - 1}"
+                )
+
+    async def _lag_chunk(self, instance: Module) -> None:
+        """The inbox is empty but the module lags: read the next chunk up to the head."""
+        head = self.host.ledger_reader.state.length
+        if self.next_seq >= head:
+            self.mailbox.lagging = False  # anything committed from now on is delivered
+            return
+        hook = self._after_hook(instance)
+        stop = min(head, self.next_seq + CATCH_UP_CHUNK)
+        await self._durably(lambda: self._catch_up(hook, stop))
+
+    async def _durable_deliveries(self, instance: Module, first: Delivery) -> None:
+        """Live deliveries of a durable module: skip what it already processed, read a gap
+        (deliveries not queued, or from before its position) from storage first."""
+        mailbox = self.mailbox
+        hook = self._after_hook(instance)
+
+        async def work() -> None:
+            item: Delivery | None = first
+            while item is not None:
+                record, digest = item
+                try:
+                    seq = record.seq
+                    assert seq is not None  # committed records have their seq
+                    if seq > self.next_seq:
+                        await self._catch_up(hook, seq)
+                    if seq == self.next_seq:
+                        await self._durable_one(hook, record, digest)
+                finally:
+                    mailbox.delivered(1)
+                item = mailbox.next_delivery()
+
+        await self._durably(work)
+
+    async def _deliveries(self, instance: Module, first: Delivery) -> None:
+        mailbox = self.mailbox
+        overflow = self.overflow
+        hook = self._after_hook(instance)
         now = self._now
         self._hook_name = "after_append"
         run = mailbox.take_deliveries(first, overflow)
@@ -506,6 +661,8 @@ class Child:
                     await hook(record, digest)
                     done += 1
                 self.processed += done
+                if done:
+                    self.last_seq = run[done - 1][0].seq
                 mailbox.delivered(done)
                 next_item = mailbox.next_delivery()
                 if next_item is None:
@@ -577,6 +734,9 @@ class Child:
         if reply.abandoned:
             return
         try:
+            if self.durable and self.next_seq < msg.target:  # served once caught up to it
+                hook = self._after_hook(instance)
+                await self._durably(lambda: self._catch_up(hook, msg.target))
             with trio.CancelScope(deadline=self._deadline()):
                 try:
                     value = msg.fn(instance, *msg.args)
@@ -630,7 +790,9 @@ class Child:
                 return None
         if op is LifecycleOp.START or op is LifecycleOp.BOOT:
             self._lifecycle_step = "start"
-            err = await self._callback(instance.start, ctx, "start")
+            err = await self._position(instance, ctx) if self.durable else None
+            if err is None:
+                err = await self._callback(instance.start, ctx, "start")
             if err is not None:
                 await self._best_effort_stop(instance, ctx)  # it was initialized
                 self._lifecycle_msg = None

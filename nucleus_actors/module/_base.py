@@ -87,3 +87,17 @@ class Module:
         at least once across a restart of this module (the delivery it crashed on is
         redelivered to the new incarnation first).
         """
+
+    async def resume_after(self, ctx: ModuleContext) -> int | None:
+        """Durable modules only (optional): the last seq whose effect this module has durably
+        recorded itself, or `None` for nothing yet (then `ModuleSpec.start_at` applies).
+
+        Define it when the module keeps its own effects and its position in one transaction
+        of its own store: the runtime then stores no cursor for it and delivers from the
+        returned seq + 1 (effectively exactly once). It runs in every incarnation after `init`,
+        before `start`, bounded by the module's `timeout`; raising, or returning a seq beyond
+        the ledger's head, is a crash. Defining it on a non-durable module is a
+        `RegistryError` at register.
+        Cancellation: the module is being stopped or killed; let it propagate.
+        """
+        return None

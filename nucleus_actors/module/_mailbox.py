@@ -99,12 +99,14 @@ class Before:
 class Ask:
     """Run `fn(module, *args)` inside the actor and reply with its result."""
 
-    __slots__ = ("args", "fn", "reply")
+    __slots__ = ("args", "fn", "reply", "target")
 
-    def __init__(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
+    def __init__(self, fn: Callable[..., Any], args: tuple[Any, ...], target: int = 0) -> None:
         self.fn = fn
         self.args = args
         self.reply = Reply()
+        self.target = target
+        """Ledger length when asked: a durable module catches up to it before answering."""
 
 
 class Mailbox:
@@ -120,6 +122,7 @@ class Mailbox:
         "capacity",
         "depth",
         "dropped",
+        "lagging",
         "on_overflow",
     )
 
@@ -130,6 +133,8 @@ class Mailbox:
         self.dropped = 0
         """Deliveries dropped by the overflow policy."""
         self.on_overflow = on_overflow
+        self.lagging = False
+        """CATCH_UP: deliveries were not queued (inbox full); the module reads them back."""
         self._queue: deque[Any] = deque()
         self._get_lot = trio.lowlevel.ParkingLot()
         self._put_lot = trio.lowlevel.ParkingLot()
@@ -187,6 +192,8 @@ class Mailbox:
                 self.depth += 1
             elif overflow is Overflow.BLOCK:
                 break
+            elif overflow is Overflow.CATCH_UP:
+                self.lagging = True  # not queued, not dropped: read back from storage later
             elif overflow is Overflow.DROP_OLDEST and self._drop_oldest():
                 queue.append(item)
                 self.depth += 1
@@ -264,6 +271,20 @@ class Mailbox:
         self.depth -= count
         if self._put_lot:
             self._put_lot.unpark_all()
+
+    def discard_deliveries(self) -> None:
+        """Remove every queued delivery (a durable module re-reads them from storage)."""
+        if any(type(msg) is tuple for msg in self._queue):
+            kept: deque[Any] = deque(msg for msg in self._queue if type(msg) is not tuple)
+            self.depth -= len(self._queue) - len(kept)
+            self._queue = kept
+            if self._put_lot:
+                self._put_lot.unpark_all()
+
+    @property
+    def empty(self) -> bool:
+        """Nothing queued (the actor would wait in `get`)."""
+        return not self._queue
 
     def has_lifecycle(self) -> bool:
         """Whether a lifecycle message is waiting (queued or deferred)."""

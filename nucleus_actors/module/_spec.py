@@ -12,7 +12,7 @@ from typing import Any, Generic, TypeVar
 from ..supervision import Backoff, Restart
 from ._base import Module
 
-__all__ = ["ModuleSpec", "Overflow"]
+__all__ = ["ModuleSpec", "Overflow", "resolved_overflow"]
 
 M = TypeVar("M", bound=Module)
 
@@ -28,6 +28,10 @@ class Overflow(StrEnum):
     """Drop the new delivery; counted in the module's `dropped`."""
     FAIL = "fail"
     """Drop the new delivery (counted) and treat the overflow as a crash of the module."""
+    CATCH_UP = "catch_up"
+    """Durable modules only (their default): do not queue the delivery and do not wait; the
+    module is marked lagging and reads the entries it missed back from storage when it gets
+    there. Memory stays bounded and nothing is lost (see docs/delivery.md)."""
 
 
 def _seconds(name: str, value: object, *, allow_none: bool) -> None:
@@ -64,18 +68,43 @@ class ModuleSpec(Generic[M]):
     limit [30.0]."""
     inbox: int = field(default=64, kw_only=True)
     """Capacity of the inbox in `after_append` deliveries (records) [64]."""
-    overflow: Overflow = field(default=Overflow.BLOCK, kw_only=True)
-    """What a delivery does when the inbox is full [BLOCK]."""
+    overflow: Overflow | None = field(default=None, kw_only=True)
+    """What a delivery does when the inbox is full; `None` resolves at register to `CATCH_UP`
+    for a durable module, else `BLOCK` [None]. A durable module accepts `BLOCK` or
+    `CATCH_UP`; `CATCH_UP` needs `durable=True`."""
     depends_on: tuple[str, ...] = field(default=(), kw_only=True)
     """Ids of modules that must init/start before this one (and stop after it) [()]."""
     config: Mapping[str, Any] = field(default_factory=dict, kw_only=True)
     """Free-form settings, given to the module as `ctx.config` (read-only) [{}]."""
     backoff: Backoff | None = field(default=None, kw_only=True)
     """Restart backoff for this module; `None` uses `LedgerConfig.backoff` [None]."""
+    durable: bool = field(default=False, kw_only=True)
+    """Deliver every committed entry, in seq order, with no gap, at least once across
+    restarts, reopens and crashes: the module catches up from storage from its position
+    (`resume_after`, or the cursor the runtime keeps); needs a storage with the `CursorStore`
+    capability [False]."""
+    start_at: str = field(default="start", kw_only=True)
+    """Where a durable module with no position yet starts: `"start"` (seq 0) or `"end"` (the
+    head when it first starts) ["start"]."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "restart", Restart(self.restart))
-        object.__setattr__(self, "overflow", Overflow(self.overflow))
+        if self.overflow is not None:
+            object.__setattr__(self, "overflow", Overflow(self.overflow))
+        if type(self.durable) is not bool:
+            raise ValueError(f"ModuleSpec.durable must be a bool, got {self.durable!r}")
+        if self.start_at not in ("start", "end"):
+            raise ValueError(f'ModuleSpec.start_at must be "start" or "end", got {self.start_at!r}')
+        if self.overflow is Overflow.CATCH_UP and not self.durable:
+            raise ValueError(
+                "ModuleSpec.overflow=CATCH_UP needs durable=True (a non-durable module cannot "
+                "read missed deliveries back from storage)"
+            )
+        if self.durable and self.overflow not in (None, Overflow.BLOCK, Overflow.CATCH_UP):
+            raise ValueError(
+                f"ModuleSpec.overflow of a durable module must be BLOCK or CATCH_UP, got "
+                f"{self.overflow.value!r} (a durable module never drops deliveries)"
+            )
         _seconds("shutdown", self.shutdown, allow_none=True)
         _seconds("timeout", self.timeout, allow_none=True)
         if self.timeout == 0:
@@ -91,3 +120,11 @@ class ModuleSpec(Generic[M]):
         object.__setattr__(self, "config", MappingProxyType(dict(self.config)))
         if self.backoff is not None and not isinstance(self.backoff, Backoff):
             raise ValueError(f"ModuleSpec.backoff must be a Backoff or None, got {self.backoff!r}")
+
+
+def resolved_overflow(spec: ModuleSpec[Any]) -> Overflow:
+    """The overflow policy in effect: `spec.overflow`, or its default (`CATCH_UP` for a durable
+    module, `BLOCK` otherwise) when it is `None`."""
+    if spec.overflow is not None:
+        return spec.overflow
+    return Overflow.CATCH_UP if spec.durable else Overflow.BLOCK

@@ -238,7 +238,7 @@ class TrackedLedger(LedgerEngine):
         spec = module if isinstance(module, ModuleSpec) else ModuleSpec(module)
         restart = Restart(options.get("restart", spec.restart))
         shutdown = options.get("shutdown", spec.shutdown)
-        overflow = Overflow(options.get("overflow", spec.overflow))
+        overflow = handle._child.overflow
         target = spec.module
         logs = [plan.log for plan in plans_of(target)]
         if isinstance(target, Probe):
@@ -649,7 +649,8 @@ class TrackedLedger(LedgerEngine):
         watch: _Watch, log: CallbackLog, entries: list[Entry], start: int, violations: list[str]
     ) -> set[int]:
         module_id = watch.module_id
-        strict = watch.overflow is Overflow.BLOCK and not watch.controlled
+        # BLOCK and CATCH_UP (durable) deliver every entry in order, with no gap.
+        strict = watch.overflow in (Overflow.BLOCK, Overflow.CATCH_UP) and not watch.controlled
         handled: set[int] = set()
         prev: CallbackEvent | None = None
         for event in log.of(module_id, Callback.AFTER_APPEND):
@@ -711,7 +712,10 @@ class TrackedLedger(LedgerEngine):
         hooks = log.hooks(watch.module_id)
         if hooks is not None and Callback.AFTER_APPEND not in hooks:
             return "it has no after_append"
-        if watch.overflow is not Overflow.BLOCK:
+        if watch.overflow is Overflow.CATCH_UP:
+            if status.lag:
+                return f"durable and {status.lag} behind at close (it catches up on its next start)"
+        elif watch.overflow is not Overflow.BLOCK:
             return f"overflow={watch.overflow.value} drops deliveries"
         if status.stop_result not in ("clean", "error"):
             return f"it ended {status.state.name} (stop_result={status.stop_result})"

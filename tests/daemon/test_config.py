@@ -325,3 +325,31 @@ def test_use_by_name_builtins_entry_points_and_ambiguity(
     assert "three (tests.daemon.testmods:Explode), two (tests.daemon.testmods:StopMarker)" in (
         problem.message
     )
+
+
+def test_durable_module_keys_and_cursor_interval() -> None:
+    config = parse(
+        MINIMAL
+        + """cursor_interval = 0.25
+[[ledgers.modules]]
+use = "nucleus_actors.daemon.modules:KindCounter"
+durable = true
+start_at = "end"
+[[ledgers.modules]]
+use = "jsonl-mirror"
+config = { path = "m.jsonl" }
+"""
+    )
+    ledger = config.ledgers[0]
+    assert ledger.ledger_config().cursor_interval == 0.25
+    counter, mirror = (m.spec() for m in ledger.modules)
+    assert (counter.durable, counter.start_at, counter.overflow) == (True, "end", None)
+    assert mirror.durable  # it owns its position (resume_after): durable by nature
+    assert (
+        not parse(MINIMAL + '[[ledgers.modules]]\nuse = "kind-counter"\n')
+        .ledgers[0]
+        .modules[0]
+        .spec()
+        .durable
+    )
+    assert parse(MINIMAL).ledgers[0].ledger_config().cursor_interval == 1.0

@@ -226,7 +226,7 @@ async def test_json_schema_bad_config_fails_startup(
 
 # -- jsonl-mirror ----------------------------------------------------------------------------
 def mirror_spec(path: Path, **config: object) -> ModuleSpec[JsonlMirror]:
-    return ModuleSpec(JsonlMirror, config={"path": str(path), **config})
+    return ModuleSpec(JsonlMirror, durable=True, config={"path": str(path), **config})
 
 
 async def expected_lines(engine: LedgerEngine) -> bytes:
@@ -277,7 +277,7 @@ async def test_jsonl_mirror_is_exactly_once_across_its_own_crash(tmp_path: Path)
                 raise RuntimeError("crash after writing")  # redelivered to the new incarnation
 
     path = tmp_path / "m.jsonl"
-    spec = ModuleSpec(Fragile, config={"path": str(path)})
+    spec = ModuleSpec(Fragile, durable=True, config={"path": str(path)})
     async with open_ledger(LedgerConfig(ledger_id="t"), modules=[spec]) as engine:
         for n in range(4):
             await engine.append(Record("k", n))
