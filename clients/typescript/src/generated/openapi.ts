@@ -70,6 +70,23 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/v1/ledgers/{ledger}/checkpoint": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /** The latest signed checkpoint (signing one first if the ledger grew) */
+        get: operations["checkpoint_v1_ledgers__ledger__checkpoint_get"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/v1/ledgers/{ledger}/events": {
         parameters: {
             query?: never;
@@ -113,6 +130,40 @@ export interface paths {
         };
         /** Module statuses (read-only) */
         get: operations["modules_v1_ledgers__ledger__modules_get"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/ledgers/{ledger}/proof/consistency": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /** Merkle consistency proof between two tree sizes */
+        get: operations["consistency_proof_v1_ledgers__ledger__proof_consistency_get"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/ledgers/{ledger}/proof/inclusion": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /** Merkle inclusion proof of an entry */
+        get: operations["inclusion_proof_v1_ledgers__ledger__proof_inclusion_get"];
         put?: never;
         post?: never;
         delete?: never;
@@ -167,6 +218,23 @@ export interface paths {
         put?: never;
         /** Append records all-or-nothing */
         post: operations["append_batch_v1_ledgers__ledger__records_batch_post"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/ledgers/{ledger}/records/stream": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /** Append records one by one from an NDJSON stream (full duplex) */
+        post: operations["append_stream_v1_ledgers__ledger__records_stream_post"];
         delete?: never;
         options?: never;
         head?: never;
@@ -231,6 +299,31 @@ export interface components {
             receipts: components["schemas"]["ReceiptOut"][];
         };
         /**
+         * ConsistencyProofOut
+         * @description The tree of `from` entries is a prefix of the tree of `to` entries (RFC 9162).
+         */
+        ConsistencyProofOut: {
+            /** From */
+            from: number;
+            /**
+             * New Root
+             * @description Merkle root at size `to` (hex)
+             */
+            new_root: string;
+            /**
+             * Old Root
+             * @description Merkle root at size `from` (hex)
+             */
+            old_root: string;
+            /**
+             * Path
+             * @description RFC 9162 consistency proof hashes (hex)
+             */
+            path: string[];
+            /** To */
+            to: number;
+        };
+        /**
          * EntryOut
          * @description A committed entry.
          */
@@ -277,6 +370,35 @@ export interface components {
         HTTPValidationError: {
             /** Detail */
             detail?: components["schemas"]["ValidationError"][];
+        };
+        /**
+         * InclusionProofOut
+         * @description Entry `seq` is in the Merkle tree of `size` entries (RFC 9162 inclusion proof).
+         */
+        InclusionProofOut: {
+            /**
+             * Leaf
+             * @description LEAF_seq, 64 lowercase hex digits
+             */
+            leaf: string;
+            /**
+             * Path
+             * @description sibling hashes, the one next to the leaf first (hex)
+             */
+            path: string[];
+            /**
+             * Root
+             * @description Merkle root of the tree of `size` entries (hex)
+             */
+            root: string;
+            /** Seq */
+            seq: number;
+            /** Size */
+            size: number;
+        };
+        /** @description A JSON value as records store it (RFC 8785 numbers are IEEE doubles). Numbers: integers and every whole number within +/-(2**53-1); whole numbers of magnitude in [2**53, 1e21) are refused however they are written (send them as strings); from 1e21 on, a number written with a fraction or an exponent (1e21, 1.5e300) is accepted. No NaN or infinities; strings are Unicode text (no lone surrogates); arrays and objects nest at most 64 deep; object member names are unique (I-JSON). The record's canonical size is limited by the ledger's max_record_bytes. */
+        JsonValue: null | boolean | string | number | components["schemas"]["JsonValue"][] | {
+            [key: string]: components["schemas"]["JsonValue"];
         };
         /**
          * LedgerOut
@@ -329,6 +451,8 @@ export interface components {
         ModuleStatusOut: {
             /** Crashes */
             crashes: number;
+            /** Cursor */
+            cursor?: number | null;
             /** Dropped */
             dropped: number;
             /** Id */
@@ -344,6 +468,11 @@ export interface components {
             info: {
                 [key: string]: unknown;
             } | null;
+            /**
+             * Lag
+             * @default 0
+             */
+            lag: number;
             /** Last Error */
             last_error: string | null;
             /** Processed */
@@ -413,21 +542,23 @@ export interface components {
         RecordIn: {
             /**
              * Kind
-             * @description What happened, e.g. `order.created`: 1..256 printable characters, no whitespace.
+             * @description What happened, e.g. `order.created`: 1..256 printable characters, no whitespace
+             *     (no character of Unicode categories Cc, Cf, Cs, Zs, Zl, Zp).
              */
             kind: string;
             /**
              * Meta
-             * @description String metadata, covered by the hash.
+             * @description String metadata, covered by the hash (member names are non-empty).
              */
             meta?: {
                 [key: string]: string;
             };
             /**
              * Payload
-             * @description Any JSON value (integers within +/-(2**53-1); send larger ones as strings).
+             * @description Any JSON value (see `JsonValue`: integers within +/-(2**53-1), send larger ones as
+             *     strings).
              */
-            payload: unknown;
+            payload: components["schemas"]["JsonValue"];
         };
         /**
          * StatisticsOut
@@ -591,6 +722,68 @@ export interface operations {
             };
         };
     };
+    checkpoint_v1_ledgers__ledger__checkpoint_get: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description ledger id */
+                ledger: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description C2SP signed note holding a C2SP tlog-checkpoint (docs/verification.md) */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "text/plain": string;
+                };
+            };
+            /** @description Not Found */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ProblemOut"];
+                    "application/problem+json": unknown;
+                };
+            };
+            /** @description Validation Error */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["HTTPValidationError"];
+                };
+            };
+            /** @description Internal Server Error */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ProblemOut"];
+                    "application/problem+json": unknown;
+                };
+            };
+            /** @description Service Unavailable */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ProblemOut"];
+                    "application/problem+json": unknown;
+                };
+            };
+        };
+    };
     events_v1_ledgers__ledger__events_get: {
         parameters: {
             query?: {
@@ -598,7 +791,7 @@ export interface operations {
                 after?: number | null;
             };
             header?: {
-                /** @description resume after this event id */
+                /** @description resume after this event id (empty: from `after`) */
                 "Last-Event-ID"?: string | null;
             };
             path: {
@@ -765,6 +958,122 @@ export interface operations {
             };
         };
     };
+    consistency_proof_v1_ledgers__ledger__proof_consistency_get: {
+        parameters: {
+            query: {
+                /** @description the older tree size */
+                from: number;
+                /** @description the newer tree size (default: the length) */
+                to?: number | null;
+            };
+            header?: never;
+            path: {
+                /** @description ledger id */
+                ledger: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description Successful Response */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ConsistencyProofOut"];
+                };
+            };
+            /** @description Not Found */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ProblemOut"];
+                    "application/problem+json": unknown;
+                };
+            };
+            /** @description Unprocessable Entity */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ProblemOut"];
+                    "application/problem+json": unknown;
+                };
+            };
+            /** @description Service Unavailable */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ProblemOut"];
+                    "application/problem+json": unknown;
+                };
+            };
+        };
+    };
+    inclusion_proof_v1_ledgers__ledger__proof_inclusion_get: {
+        parameters: {
+            query: {
+                /** @description the entry's seq */
+                seq: number;
+                /** @description tree size (default: the ledger length) */
+                size?: number | null;
+            };
+            header?: never;
+            path: {
+                /** @description ledger id */
+                ledger: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description Successful Response */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["InclusionProofOut"];
+                };
+            };
+            /** @description Not Found */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ProblemOut"];
+                    "application/problem+json": unknown;
+                };
+            };
+            /** @description Unprocessable Entity */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ProblemOut"];
+                    "application/problem+json": unknown;
+                };
+            };
+            /** @description Service Unavailable */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ProblemOut"];
+                    "application/problem+json": unknown;
+                };
+            };
+        };
+    };
     read_range_v1_ledgers__ledger__records_get: {
         parameters: {
             query?: {
@@ -826,7 +1135,10 @@ export interface operations {
     append_v1_ledgers__ledger__records_post: {
         parameters: {
             query?: never;
-            header?: never;
+            header?: {
+                /** @description retry safely: the same key and body within idempotency_window return the first receipts (with `Idempotent-Replayed: true`) instead of appending again */
+                "Idempotency-Key"?: string | null;
+            };
             path: {
                 /** @description ledger id */
                 ledger: string;
@@ -900,6 +1212,16 @@ export interface operations {
             };
             /** @description Unsupported Media Type */
             415: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ProblemOut"];
+                    "application/problem+json": unknown;
+                };
+            };
+            /** @description Misdirected Request */
+            421: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -988,7 +1310,10 @@ export interface operations {
     append_batch_v1_ledgers__ledger__records_batch_post: {
         parameters: {
             query?: never;
-            header?: never;
+            header?: {
+                /** @description retry safely: the same key and body within idempotency_window return the first receipts (with `Idempotent-Replayed: true`) instead of appending again */
+                "Idempotency-Key"?: string | null;
+            };
             path: {
                 /** @description ledger id */
                 ledger: string;
@@ -1042,6 +1367,105 @@ export interface operations {
             };
             /** @description Conflict */
             409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ProblemOut"];
+                    "application/problem+json": unknown;
+                };
+            };
+            /** @description Request Entity Too Large */
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ProblemOut"];
+                    "application/problem+json": unknown;
+                };
+            };
+            /** @description Unsupported Media Type */
+            415: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ProblemOut"];
+                    "application/problem+json": unknown;
+                };
+            };
+            /** @description Misdirected Request */
+            421: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ProblemOut"];
+                    "application/problem+json": unknown;
+                };
+            };
+            /** @description Unprocessable Entity */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ProblemOut"];
+                    "application/problem+json": unknown;
+                };
+            };
+            /** @description Service Unavailable */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ProblemOut"];
+                    "application/problem+json": unknown;
+                };
+            };
+        };
+    };
+    append_stream_v1_ledgers__ledger__records_stream_post: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description ledger id */
+                ledger: string;
+            };
+            cookie?: never;
+        };
+        /** @description NDJSON: one record object (`{kind, payload, meta?}`) per line. */
+        requestBody: {
+            content: {
+                /** @example {"kind": "order.created", "payload": {"id": 1}} */
+                "application/x-ndjson": components["schemas"]["RecordIn"][];
+            };
+        };
+        responses: {
+            /** @description One answer line per input line, in order: a receipt `{"line", "seq", "hash", "timestamp"}` once the record is durable, or a problem object with `"line"`; then `{"summary": {"appended", "failed"}}`. */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/x-ndjson": Record<string, never>[];
+                };
+            };
+            /** @description Unauthorized */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ProblemOut"];
+                    "application/problem+json": unknown;
+                };
+            };
+            /** @description Not Found */
+            404: {
                 headers: {
                     [name: string]: unknown;
                 };
