@@ -25,7 +25,18 @@ export async function documentFromPython() {
 
 export async function generate(document) {
   const ast = await openapiTS(document, { exportType: false, alphabetize: true });
-  return HEADER + astToString(ast);
+  // The recursive JsonValue schema comes out as an indexed access to itself, which tsc
+  // refuses (TS2502); a named recursive alias says the same thing.
+  const text = astToString(ast).replace(
+    /JsonValue: null \| boolean \| string \| number \| components\["schemas"\]\["JsonValue"\]\[\] \| \{\s*\[key: string\]: components\["schemas"\]\["JsonValue"\];\s*\};/,
+    "JsonValue: JsonValue;",
+  );
+  const alias =
+    text === astToString(ast)
+      ? ""
+      : "\n/** A JSON value as records store it (see components.schemas.JsonValue). */\n" +
+        "export type JsonValue = null | boolean | string | number | JsonValue[] | { [key: string]: JsonValue };\n";
+  return HEADER + text + alias;
 }
 
 async function main(args) {

@@ -397,9 +397,7 @@ export interface components {
             size: number;
         };
         /** @description A JSON value as records store it (RFC 8785 numbers are IEEE doubles). Numbers: integers and every whole number within +/-(2**53-1); whole numbers of magnitude in [2**53, 1e21) are refused however they are written (send them as strings); from 1e21 on, a number written with a fraction or an exponent (1e21, 1.5e300) is accepted. No NaN or infinities; strings are Unicode text (no lone surrogates); arrays and objects nest at most 64 deep; object member names are unique (I-JSON). The record's canonical size is limited by the ledger's max_record_bytes. */
-        JsonValue: null | boolean | string | number | components["schemas"]["JsonValue"][] | {
-            [key: string]: components["schemas"]["JsonValue"];
-        };
+        JsonValue: JsonValue;
         /**
          * LedgerOut
          * @description One ledger of the daemon.
@@ -1617,3 +1615,6 @@ export interface operations {
         };
     };
 }
+
+/** A JSON value as records store it (see components.schemas.JsonValue). */
+export type JsonValue = null | boolean | string | number | JsonValue[] | { [key: string]: JsonValue };
