@@ -514,15 +514,7 @@ def create_app(state: DaemonState) -> FastAPI:
     bearer = HTTPBearer(auto_error=False, description="Needed for writes when a token is set.")
     write_security = [Security(bearer)]
 
-    def lookup(ledger: str) -> LedgerHost:
-        host = state.hosts.get(ledger)
-        if host is None:
-            raise Problem(
-                "unknown-ledger",
-                f"no ledger {ledger!r} in this daemon (it serves {', '.join(state.hosts)})",
-                ledger=ledger,
-            )
-        return host
+    lookup = state.lookup
 
     def serving(ledger: str) -> tuple[LedgerHost, LedgerEngine]:
         host = lookup(ledger)

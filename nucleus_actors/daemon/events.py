@@ -292,15 +292,7 @@ async def _wait_event(log: LifecycleLog, sent: int, woken: trio.Event) -> bool:
 def install_events(app: FastAPI, state: DaemonState) -> None:
     """Add `GET /v1/ledgers/{ledger}/events` and `GET /v1/ledgers/{ledger}/statistics`."""
 
-    def lookup(ledger: str) -> LedgerHost:
-        host = state.hosts.get(ledger)
-        if host is None:
-            raise Problem(
-                "unknown-ledger",
-                f"no ledger {ledger!r} in this daemon (it serves {', '.join(state.hosts)})",
-                ledger=ledger,
-            )
-        return host
+    lookup = state.lookup
 
     @app.get(
         "/v1/ledgers/{ledger}/events",

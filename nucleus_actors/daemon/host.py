@@ -13,6 +13,7 @@ from ..lifecycle import Phase
 from .config import LedgerSettings
 from .guards import ByteBudget, HostAllowList, HttpLimits
 from .metrics import DaemonMetrics
+from .problems import Problem
 
 if TYPE_CHECKING:
     from .checkpoints import CheckpointSigner
@@ -114,6 +115,21 @@ class DaemonState:
         self.body_scopes: set[trio.CancelScope] = set()
         """Cancel scopes of request bodies being read: `begin_stopping` cancels them (the
         writes are refused with 503, nothing was acted on)."""
+
+    def lookup(self, ledger: str) -> LedgerHost:
+        """The host of `ledger`.
+
+        Raises:
+            Problem: `unknown-ledger` (404), naming the ledgers this daemon serves.
+        """
+        host = self.hosts.get(ledger)
+        if host is None:
+            raise Problem(
+                "unknown-ledger",
+                f"no ledger {ledger!r} in this daemon (it serves {', '.join(self.hosts)})",
+                ledger=ledger,
+            )
+        return host
 
     def begin_stopping(self) -> None:
         """Mark the daemon as stopping and end every stream."""
