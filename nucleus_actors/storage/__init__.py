@@ -1,5 +1,8 @@
 """Storage backends: the `StorageBackend` protocol (storage contract v2), the `StorageBatch` it
-commits, the capability protocols, `MemoryStorage` and `SQLiteStorage`."""
+commits, the capability protocols, `MemoryStorage`, `SQLiteStorage` and `PostgresStorage`
+(imported on first use: it needs the `postgres` extra, psycopg 3)."""
+
+from typing import TYPE_CHECKING, Any
 
 from ._base import (
     CAPABILITIES,
@@ -19,13 +22,18 @@ from ._base import (
 from .memory import MemoryStorage
 from .sqlite import SQLiteStorage, verify_file
 
+if TYPE_CHECKING:
+    from .postgres import LeaseInfo, PostgresStorage
+
 __all__ = [
     "CAPABILITIES",
     "STORAGE_CONTRACT",
     "CursorStore",
     "IdempotencyRecord",
     "IdempotencyStore",
+    "LeaseInfo",
     "MemoryStorage",
+    "PostgresStorage",
     "SQLiteStorage",
     "StorageBackend",
     "StorageBatch",
@@ -37,3 +45,13 @@ __all__ = [
     "require_capability",
     "verify_file",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("PostgresStorage", "LeaseInfo"):
+        from . import postgres
+
+        value = getattr(postgres, name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'nucleus_actors.storage' has no attribute {name!r}")
