@@ -19,6 +19,7 @@ import {
   verifyConsistency,
   verifyInclusion,
   type ChainBreak,
+  type Checkpoint,
 } from "./verify.js";
 
 type Schemas = components["schemas"];
@@ -34,6 +35,10 @@ export type ModuleStatus = Schemas["ModuleStatusOut"];
 export type Statistics = Schemas["StatisticsOut"];
 /** A page of a range read. */
 export type Page = Schemas["PageOut"];
+/** An inclusion proof as the daemon sends it (`GET .../proof/inclusion`), hashes in hex. */
+export type InclusionProof = Schemas["InclusionProofOut"];
+/** A consistency proof as the daemon sends it (`GET .../proof/consistency`), hashes in hex. */
+export type ConsistencyProof = Schemas["ConsistencyProofOut"];
 /** An RFC 9457 problem object. */
 export type Problem = Schemas["ProblemOut"];
 /** A module lifecycle event (`GET .../events`). */
@@ -62,6 +67,12 @@ export interface ClientOptions {
   fetch?: typeof fetch;
   /** Entries per page of `read` (1..1000, default 500). */
   pageSize?: number;
+  /**
+   * The daemon's checkpoint verifier key (`name+keyid+base64`, printed by `nucleus keygen`):
+   * the default `vkey` of `verifyRange`, `verifiedCheckpoint`, `proveInclusion` and
+   * `proveConsistency`, so that ranges are checked against the signed checkpoint.
+   */
+  vkey?: string | undefined;
 }
 
 /** The daemon answered with an error (a problem object when it sent one). */
@@ -130,8 +141,10 @@ export class NucleusClient {
   private readonly token: string | undefined;
   private readonly fetchFn: typeof fetch;
   private readonly pageSize: number;
+  private readonly vkey: string | undefined;
 
   constructor(options: ClientOptions) {
+    this.vkey = options.vkey;
     this.baseUrl = options.baseUrl.replace(/\/+$/, "");
     this.token = options.token;
     this.fetchFn = options.fetch ?? globalThis.fetch.bind(globalThis);
@@ -267,16 +280,85 @@ export class NucleusClient {
     }
   }
 
-  /** Inclusion proof of entry `seq` in the tree of `size` entries (daemons with proofs). */
-  async inclusionProof(id: string, seq: number, size?: number): Promise<{ seq: number; size: number; leaf: string; path: string[]; root: string }> {
+  /**
+   * Inclusion proof of entry `seq` in the tree of `size` entries (default: the length), as the
+   * daemon sends it: unchecked (see `proveInclusion`). Daemons with proofs.
+   */
+  async inclusionProof(id: string, seq: number, size?: number): Promise<InclusionProof> {
     const query = size === undefined ? `seq=${seq}` : `seq=${seq}&size=${size}`;
     return this.json(`${NucleusClient.ledgerPath(id)}/proof/inclusion?${query}`);
   }
 
-  /** Consistency proof between the trees of `from` and `to` entries (daemons with proofs). */
-  async consistencyProof(id: string, from: number, to?: number): Promise<{ from: number; to: number; old_root: string; new_root: string; path: string[] }> {
+  /**
+   * Consistency proof between the trees of `from` and `to` entries (default: the length), as
+   * the daemon sends it: unchecked (see `proveConsistency`). Daemons with proofs.
+   */
+  async consistencyProof(id: string, from: number, to?: number): Promise<ConsistencyProof> {
     const query = to === undefined ? `from=${from}` : `from=${from}&to=${to}`;
     return this.json(`${NucleusClient.ledgerPath(id)}/proof/consistency?${query}`);
+  }
+
+  private keyOf(vkey: string | undefined, call: string): string {
+    const key = vkey ?? this.vkey;
+    if (key === undefined) throw new TypeError(`${call} needs a verifier key: pass { vkey } or set it in the client options`);
+    return key;
+  }
+
+  /**
+   * The ledger's checkpoint, its signature checked with `vkey` (default: the client's):
+   * `{origin, size, root, chain}`, or `null` when the daemon serves no checkpoint. Throws
+   * `ProofError` naming what failed when the note does not verify with that key.
+   */
+  async verifiedCheckpoint(id: string, options: { vkey?: string } = {}): Promise<Checkpoint | null> {
+    const key = this.keyOf(options.vkey, "verifiedCheckpoint");
+    const note = await this.checkpoint(id);
+    return note === null ? null : verifyCheckpoint(note, key);
+  }
+
+  /**
+   * Prove that entry `seq`, as the daemon serves it, is in the signed checkpoint: verifies the
+   * checkpoint with `vkey`, recomputes the entry's leaf hash from its content (RFC 8785 +
+   * blake3, not trusting the hash the daemon sends) and checks the daemon's inclusion proof at
+   * the checkpoint's size against the signed root. Returns the entry and the checkpoint;
+   * throws `ProofError` saying what failed (signature, entry content, proof).
+   */
+  async proveInclusion(id: string, seq: number, options: { vkey?: string } = {}): Promise<{ entry: Entry; checkpoint: Checkpoint }> {
+    const checkpoint = await this.verifiedCheckpoint(id, { vkey: this.keyOf(options.vkey, "proveInclusion") });
+    if (checkpoint === null) throw new ProofError(`ledger ${id} serves no checkpoint: nothing to prove against`);
+    if (!(Number.isInteger(seq) && seq >= 0 && seq < checkpoint.size)) {
+      throw new ProofError(`entry ${seq} is not below the checkpoint's size ${checkpoint.size}`);
+    }
+    const [entry, proof] = await Promise.all([this.get(id, seq), this.inclusionProof(id, seq, checkpoint.size)]);
+    const leaf = toHex(leafHash(canonicalBytes(recordOf(entry))));
+    if (proof.leaf !== leaf) throw new ProofError(`entry ${seq}: its content hashes to leaf ${leaf}, the proof is for ${proof.leaf}`);
+    verifyInclusion(leaf, seq, checkpoint.size, proof.path, checkpoint.root);
+    return { entry, checkpoint };
+  }
+
+  /**
+   * Prove that the ledger only grew since an older checkpoint note you kept (what a monitor
+   * checks): verifies both that note and the daemon's current checkpoint with `vkey`, then the
+   * daemon's consistency proof between their sizes. Returns both checkpoints; throws
+   * `ProofError` saying what failed (a rewritten or shortened history fails here).
+   */
+  async proveConsistency(id: string, olderNote: string, options: { vkey?: string } = {}): Promise<{ older: Checkpoint; newer: Checkpoint }> {
+    const key = this.keyOf(options.vkey, "proveConsistency");
+    const older = verifyCheckpoint(olderNote, key);
+    const newer = await this.verifiedCheckpoint(id, { vkey: key });
+    if (newer === null) throw new ProofError(`ledger ${id} serves no checkpoint: nothing to prove against`);
+    if (newer.size < older.size) {
+      throw new ProofError(`the ledger shrank: the older checkpoint has ${older.size} entries, the current one ${newer.size}`);
+    }
+    if (older.size === newer.size || older.size === 0) {
+      // Nothing to prove in between: the same tree must have the same root (and chain).
+      if (older.size === newer.size && (older.root !== newer.root || older.chain !== newer.chain)) {
+        throw new ProofError(`two checkpoints of ${older.size} entries with different roots: history was rewritten`);
+      }
+      return { older, newer };
+    }
+    const proof = await this.consistencyProof(id, older.size, newer.size);
+    verifyConsistency(older.size, newer.size, proof.path, older.root, newer.root);
+    return { older, newer };
   }
 
   /**
@@ -361,28 +443,36 @@ export class NucleusClient {
   /**
    * Verify entries `from <= seq < to` on this side: recompute each entry's canonical bytes
    * (RFC 8785), leaf and chain hash (blake3), check them against the hashes the daemon sent,
-   * and check the last one against the head (when `to` is the length) or, when `vkey` is given
-   * and the daemon serves a checkpoint, the checkpoint's tree must cover the range.
+   * and check the last one against the head (when `to` is the length). With a verifier key
+   * (`vkey`, default: the client's) and a daemon that serves checkpoints, the checked entries
+   * are also tied to the signed checkpoint: its root must be the root of the checked prefix
+   * (or a consistency proof must lead there; for a slice not starting at 0, an inclusion proof
+   * of its last entry in the signed tree), and its `chain` line must equal the recomputed chain
+   * when the checkpoint's size falls in the range; then `anchor` is "checkpoint".
    *
    * A range that does not start at 0 starts from the hash of entry `from - 1` as the daemon
    * reports it. Returns `{ok: true, head}` or `{ok: false, seq, reason}` naming the first seq
-   * that does not verify.
+   * that does not verify. Throws `ProofError` when the checkpoint's signature does not verify
+   * with `vkey` (the daemon or the key is not the one expected: no entry is at fault).
    */
   async verifyRange(id: string, range: { from?: number; to?: number; vkey?: string } = {}): Promise<VerifyResult> {
     const head = await this.head(id);
     const from = range.from ?? 0;
     const to = Math.min(range.to ?? head.length, head.length);
     if (from < 0 || from > to) throw new RangeError(`verifyRange needs 0 <= from <= to, got from=${from} to=${to}`);
+    const vkey = range.vkey ?? this.vkey;
     const prev = from === 0 ? toHex(genesis(id)) : (await this.get(id, from - 1)).hash;
     const verifier = new ChainVerifier(prev, from);
+    // With a key: every leaf and chain hash, to compare with the signed checkpoint.
     const leaves: Uint8Array[] = [];
-    const keepLeaves = range.vkey !== undefined;
-    let last: Entry | undefined;
+    const chains: string[] = [];
     for await (const entry of this.read(id, { from, to })) {
       const broken = verifier.feed(entry);
       if (broken) return broken;
-      if (keepLeaves) leaves.push(leafHash(canonicalBytes(recordOf(entry))));
-      last = entry;
+      if (vkey !== undefined) {
+        leaves.push(leafHash(canonicalBytes(recordOf(entry))));
+        chains.push(verifier.head);
+      }
     }
     if (verifier.next !== to) {
       return { ok: false, seq: verifier.next, reason: `the daemon sent entries up to ${verifier.next - 1}, expected up to ${to - 1}` };
@@ -395,30 +485,37 @@ export class NucleusClient {
       }
       anchor = "head";
     }
-    if (range.vkey !== undefined && to > from) {
+    if (vkey !== undefined && to > from) {
       const note = await this.checkpoint(id);
-      if (note !== null) {
-        const checkpoint = verifyCheckpoint(note, range.vkey);
+      const checkpoint = note === null ? null : verifyCheckpoint(note, vkey);
+      // The last checked entry inside the signed tree (below `from`: the checkpoint covers none).
+      const covered = checkpoint === null ? -1 : Math.min(to, checkpoint.size) - 1;
+      if (checkpoint !== null && covered >= from) {
+        const { size } = checkpoint;
+        if (checkpoint.chain !== null && size <= to) {
+          const ours = size === from ? prev : (chains[size - 1 - from] as string);
+          if (ours !== checkpoint.chain) {
+            return { ok: false, seq: size - 1, reason: `entries up to ${size - 1} chain to ${ours}, the signed checkpoint says ${checkpoint.chain}` };
+          }
+        }
         try {
-          if (from === 0 && checkpoint.size <= to) {
+          if (from === 0 && size <= to) {
             // The signed tree is a prefix of what was checked: recompute its root.
-            const root = toHex(merkleRoot(leaves.slice(0, checkpoint.size)));
+            const root = toHex(merkleRoot(leaves.slice(0, size)));
             if (root !== checkpoint.root) {
-              return { ok: false, seq: Math.max(checkpoint.size - 1, 0), reason: `entries 0..${checkpoint.size - 1} do not hash to the signed checkpoint root` };
+              return { ok: false, seq: size - 1, reason: `entries 0..${size - 1} hash to root ${root}, the signed checkpoint says ${checkpoint.root}` };
             }
           } else if (from === 0) {
             // What was checked is a prefix of the signed tree: a consistency proof links them.
-            const proof = await this.consistencyProof(id, to, checkpoint.size);
-            verifyConsistency(to, checkpoint.size, proof.path, merkleRoot(leaves), checkpoint.root);
-          } else if (last !== undefined && last.seq < checkpoint.size) {
-            // A slice: its last entry must be in the signed tree (the chain links the rest).
-            const proof = await this.inclusionProof(id, last.seq, checkpoint.size);
-            verifyInclusion(leaves[leaves.length - 1] as Uint8Array, last.seq, checkpoint.size, proof.path, checkpoint.root);
+            const proof = await this.consistencyProof(id, to, size);
+            verifyConsistency(to, size, proof.path, merkleRoot(leaves), checkpoint.root);
           } else {
-            return { ok: false, seq: checkpoint.size, reason: `the checkpoint covers ${checkpoint.size} entries, not entry ${to - 1}` };
+            // A slice: its last signed entry must be in the signed tree (the chain links the rest).
+            const proof = await this.inclusionProof(id, covered, size);
+            verifyInclusion(leaves[covered - from] as Uint8Array, covered, size, proof.path, checkpoint.root);
           }
         } catch (error) {
-          if (error instanceof ProofError) return { ok: false, seq: to - 1, reason: `checkpoint: ${error.message}` };
+          if (error instanceof ProofError) return { ok: false, seq: covered, reason: `checkpoint of ${size} entries: ${error.message}` };
           throw error;
         }
         anchor = "checkpoint";

@@ -363,13 +363,18 @@ export function verifyConsistency(
 }
 
 // -- signed checkpoints (C2SP signed-note + tlog-checkpoint) ------------------------------------
-/** A checkpoint's body: origin line, tree size, root hash. */
+/** A checkpoint's body: origin line, tree size, root hash, chain head. */
 export interface Checkpoint {
   origin: string;
   size: number;
-  /** Root hash as lowercase hex. */
+  /** Root hash of the Merkle tree of `size` entries, as lowercase hex. */
   root: string;
-  /** Lines after the third (extensions), without their newlines. */
+  /**
+   * `CHAIN_{size-1}` from the `chain <hex>` extension line (the genesis hash when `size` is
+   * 0), as lowercase hex; `null` for a checkpoint without that line.
+   */
+  chain: string | null;
+  /** Lines after the third (extensions, the chain line included), without their newlines. */
   extensions: string[];
 }
 
@@ -394,9 +399,11 @@ export function parseVerifierKey(vkey: string): { name: string; keyId: Uint8Arra
 
 /**
  * Verify a signed note (the daemon's `GET .../checkpoint`) with a verifier key and return the
- * checkpoint it carries. Throws `ProofError` if no signature by that key verifies.
+ * checkpoint it carries. Throws `ProofError`, saying what failed, when no signature by that key
+ * verifies, when the origin line is not `origin` (default: the key's name, as the daemon signs),
+ * or when the text is not a tlog-checkpoint (size, 32-byte root, `chain` line of 64 hex digits).
  */
-export function verifyCheckpoint(note: string, vkey: string): Checkpoint {
+export function verifyCheckpoint(note: string, vkey: string, options: { origin?: string } = {}): Checkpoint {
   const split = note.lastIndexOf("\n\n");
   if (split < 0 || !note.endsWith("\n")) throw new ProofError("a signed note is text, a blank line and signatures");
   const body = note.slice(0, split + 1);
@@ -414,8 +421,23 @@ export function verifyCheckpoint(note: string, vkey: string): Checkpoint {
   }
   if (!verified) throw new ProofError(`no valid signature by ${key.name} on the checkpoint`);
   const lines = body.slice(0, -1).split("\n");
-  if (lines.length < 3) throw new ProofError("a checkpoint has an origin, a size and a root");
+  if (lines.length < 3 || lines.some((line) => line === "")) {
+    throw new ProofError("a checkpoint is at least three non-empty lines (origin, size, root)");
+  }
   const [origin, sizeText, rootText] = lines as [string, string, string];
-  if (!/^(0|[1-9][0-9]*)$/.test(sizeText)) throw new ProofError(`bad tree size ${sizeText}`);
-  return { origin, size: Number(sizeText), root: toHex(b64decode(rootText)), extensions: lines.slice(3) };
+  const expected = options.origin ?? key.name;
+  if (origin !== expected) throw new ProofError(`checkpoint origin is ${JSON.stringify(origin)}, expected ${JSON.stringify(expected)}`);
+  if (!/^(0|[1-9][0-9]*)$/.test(sizeText) || !Number.isSafeInteger(Number(sizeText))) {
+    throw new ProofError(`checkpoint tree size must be a decimal integer, got ${JSON.stringify(sizeText)}`);
+  }
+  const root = b64decode(rootText);
+  if (root.length !== HASH_BYTES) throw new ProofError(`checkpoint root hash is ${root.length} bytes, not ${HASH_BYTES}`);
+  const extensions = lines.slice(3);
+  let chain: string | null = null;
+  for (const line of extensions) {
+    if (!line.startsWith("chain ")) continue;
+    chain = line.slice("chain ".length).toLowerCase();
+    if (!/^[0-9a-f]{64}$/.test(chain)) throw new ProofError(`checkpoint chain line must be 64 hex digits: ${JSON.stringify(line)}`);
+  }
+  return { origin, size: Number(sizeText), root: toHex(root), chain, extensions };
 }

@@ -116,9 +116,14 @@ export class TestDaemon {
 
   /** Run Python code with this checkout's package importable; returns stdout. */
   static async python(code: string, ...args: string[]): Promise<string> {
+    return TestDaemon.run(["-c", code, ...args]);
+  }
+
+  /** `python ARGS...` with this checkout's package importable; returns stdout, throws on exit != 0. */
+  static async run(args: string[]): Promise<string> {
     const env: NodeJS.ProcessEnv = { ...process.env };
     env.PYTHONPATH = [REPO_ROOT, FIXTURES, process.env.PYTHONPATH].filter(Boolean).join(":");
-    const proc = spawn(python(), ["-c", code, ...args], { env, stdio: ["ignore", "pipe", "pipe"] });
+    const proc = spawn(python(), args, { env, stdio: ["ignore", "pipe", "pipe"] });
     let out = "";
     let err = "";
     proc.stdout?.setEncoding("utf8").on("data", (c: string) => (out += c));
@@ -129,17 +134,30 @@ export class TestDaemon {
   }
 }
 
+/** `nucleus keygen NAME --out FILE`: writes a checkpoint signer key, returns its verifier key. */
+export async function keygen(name: string, file: string): Promise<string> {
+  return (await TestDaemon.run(["-m", "nucleus_actors", "keygen", name, "--out", file])).trim();
+}
+
 /**
  * POST JSON to the daemon (tests write through HTTP; the client is read-only). A fresh
  * connection each time (node:http, no agent): a pooled keep-alive socket the daemon closed
  * while idle would fail the request, and a POST must not be retried blindly.
  */
-export function append(url: string, ledger: string, kind: string, payload: unknown, meta: Record<string, string> = {}): Promise<{ seq: number; hash: string; timestamp: number }> {
+export function append(
+  url: string,
+  ledger: string,
+  kind: string,
+  payload: unknown,
+  meta: Record<string, string> = {},
+  token?: string,
+): Promise<{ seq: number; hash: string; timestamp: number }> {
   const body = JSON.stringify({ kind, payload, meta });
+  const auth: Record<string, string> = token === undefined ? {} : { Authorization: `Bearer ${token}` };
   return new Promise((resolveReceipt, reject) => {
     const request = httpRequest(
       `${url}/v1/ledgers/${ledger}/records`,
-      { method: "POST", agent: false, headers: { "Content-Type": "application/json", "Content-Length": Buffer.byteLength(body) } },
+      { method: "POST", agent: false, headers: { "Content-Type": "application/json", "Content-Length": Buffer.byteLength(body), ...auth } },
       (response) => {
         let text = "";
         response.setEncoding("utf8");
