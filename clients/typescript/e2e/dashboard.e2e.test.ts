@@ -7,7 +7,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, before, describe, test } from "node:test";
 import { chromium, type BrowserContext, type ConsoleMessage, type Page } from "playwright-core";
-import { append, PACKAGE_ROOT, REPO_ROOT, tamper, TestDaemon } from "../test/daemon.js";
+import { append, keygen, PACKAGE_ROOT, REPO_ROOT, tamper, TestDaemon } from "../test/daemon.js";
 
 const CHROMIUM = process.env.CHROMIUM ?? "/usr/bin/chromium";
 const ARTIFACTS = process.env.NUCLEUS_ARTIFACTS ?? join(PACKAGE_ROOT, "artifacts");
@@ -149,5 +149,62 @@ describe("the dashboard at /ui", () => {
     const overflow = await page.evaluate(() => document.documentElement.scrollWidth - document.documentElement.clientWidth);
     assert.ok(overflow <= 1, `the page scrolls sideways by ${overflow}px on a phone`);
     await screenshot("dashboard-phone.png");
+  });
+});
+
+describe('the dashboard on a daemon with reads = "token" and signed checkpoints', () => {
+  const READ = "read-token-for-the-browser";
+  const WRITE = "write-token-for-the-test";
+  const secured = new TestDaemon(
+    `
+reads = "token"
+
+[[ledgers]]
+id = "main"
+storage = "main.db"
+checkpoint_key = "main.key"
+checkpoint_origin = "ui.example/main"
+
+[[ledgers.modules]]
+use = "nucleus_fixture_mods:CrashOnCue"
+`,
+    { NUCLEUS_TOKEN: WRITE, NUCLEUS_READ_TOKEN: READ },
+  );
+  let tab: Page;
+  const errors: string[] = [];
+
+  before(async () => {
+    await keygen("ui.example/main", join(secured.dir, "main.key"));
+    await secured.start();
+    for (let i = 0; i < 3; i++) await append(secured.url, "main", "n", { i }, {}, WRITE);
+    tab = await context.newPage();
+    tab.on("pageerror", (error) => errors.push(`pageerror: ${error.message}`));
+  });
+  after(async () => {
+    await tab?.close();
+    await secured.stop();
+  });
+
+  test("asks for the read token, then shows the ledger and follows the tail with it", async () => {
+    await tab.goto(`${secured.url}/ui`); // the page itself is open; its data is not
+    await tab.locator('#connection[data-state="unauthorized"]').waitFor({ timeout: 10_000 });
+    await tab.locator("#token-form").waitFor({ state: "visible" });
+    assert.equal(await tab.locator("#stat-length").textContent(), "–");
+    await tab.locator("#token").fill(READ);
+    await tab.locator('#token-form button[type="submit"]').click();
+    await tab.locator("#connection[data-state=live]").waitFor({ timeout: 10_000 });
+    await tab.locator("#token-form").waitFor({ state: "hidden" });
+    await tab.locator('#modules tr[data-module="crasher"][data-state="running"]').waitFor();
+    await tab.locator('#tail li[data-seq="2"]').waitFor();
+    await tab.locator("#stat-checkpoint", { hasText: /^\d+ entries \(ui\.example\/main\)$/ }).waitFor();
+    const receipt = await append(secured.url, "main", "with.token", { ok: true }, {}, WRITE);
+    await tab.locator(`#tail li[data-seq="${receipt.seq}"]`).waitFor({ timeout: FAST });
+    await tab.locator("#verify").click();
+    await tab.locator('#verify-result[data-ok="true"]').waitFor({ timeout: 10_000 });
+    // The token lasts for the tab's session: a reload does not ask again.
+    await tab.reload();
+    await tab.locator("#connection[data-state=live]").waitFor({ timeout: 10_000 });
+    assert.equal(await tab.locator("#token-form").isHidden(), true);
+    assert.deepEqual(errors, []);
   });
 });
