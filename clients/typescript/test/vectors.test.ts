@@ -198,7 +198,18 @@ describe("signed checkpoints (C2SP signed note, Ed25519)", () => {
   const body = `${name}\n2\n${btoa(String.fromCharCode(...root))}\n`;
 
   test("a note signed by the key verifies and yields origin, size and root", () => {
-    assert.deepEqual(verifyCheckpoint(sign(body), vkey), { origin: name, size: 2, root: toHex(root), extensions: [] });
+    assert.deepEqual(verifyCheckpoint(sign(body), vkey), { origin: name, size: 2, root: toHex(root), chain: null, extensions: [] });
+  });
+
+  test("the chain line is parsed; a malformed one, another origin or a short root is refused", () => {
+    const chain = "ab".repeat(32);
+    const withChain = verifyCheckpoint(sign(`${body}chain ${chain.toUpperCase()}\n`), vkey);
+    assert.deepEqual([withChain.chain, withChain.extensions], [chain, [`chain ${chain.toUpperCase()}`]]);
+    assert.throws(() => verifyCheckpoint(sign(`${body}chain abc\n`), vkey), /checkpoint chain line must be 64 hex digits: "chain abc"/);
+    const elsewhere = `other.example/log\n2\n${btoa(String.fromCharCode(...root))}\n`;
+    assert.throws(() => verifyCheckpoint(sign(elsewhere), vkey), /checkpoint origin is "other.example\/log", expected "nucleus.example\/main"/);
+    assert.equal(verifyCheckpoint(sign(elsewhere), vkey, { origin: "other.example/log" }).origin, "other.example/log");
+    assert.throws(() => verifyCheckpoint(sign(`${name}\n2\n${btoa("short")}\n`), vkey), /root hash is 5 bytes, not 32/);
   });
 
   test("a changed body, another key or a malformed key is refused", () => {
