@@ -712,6 +712,11 @@ def status(
                 )
                 if info := _info_text(m.get("info")):
                     notes.append(f"  {escape(m['id'])}: {escape(info)}")
+                if m.get("stalls"):
+                    notes.append(
+                        f"  {escape(m['id'])}: [yellow]blocked the event loop {m['stalls']} "
+                        'time(s) (stall_warning; isolation = "process" fixes it)[/yellow]'
+                    )
                 if m.get("last_error"):
                     notes.append(
                         f"  {escape(m['id'])}: [red]last error: {escape(m['last_error'])}[/red]"

@@ -72,6 +72,9 @@ class LedgerConfig:
     storage implements `TreeStore`, `True` requires it (open fails otherwise), `False` never."""
     idempotency_window: float = 86400.0
     """Seconds an idempotency key is remembered (a retry within it gets the first receipts)."""
+    stall_warning: float | None = 0.1
+    """Seconds a callback of a TASK module may block the event loop before a watchdog thread
+    logs a warning and counts it in `ModuleStatus.stalls` (`None`: no watchdog)."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.ledger_id, str) or not LEDGER_ID_PATTERN.fullmatch(self.ledger_id):
@@ -87,6 +90,7 @@ class LedgerConfig:
         _positive("restart_window", self.restart_window)
         _positive("exit_timeout", self.exit_timeout, allow_zero=True)
         _positive("cursor_interval", self.cursor_interval)
+        _positive("stall_warning", self.stall_warning, allow_none=True)
         if type(self.max_record_bytes) is not int or self.max_record_bytes < 64:
             raise ValueError(
                 f"LedgerConfig.max_record_bytes must be an int >= 64, got {self.max_record_bytes!r}"

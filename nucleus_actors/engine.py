@@ -25,6 +25,7 @@ import trio
 from ._groups import leaves
 from ._instrument import Instrument
 from ._pipeline import Pipeline, Request
+from ._stall import StallWatchdog
 from ._supervisor import Supervisor
 from ._transitions import PhaseEvent
 from ._tree import LedgerTree
@@ -364,6 +365,13 @@ class LedgerEngine:
                 self._supervisor.saved_cursors = await storage.load_cursors()
             self._tree = await self._open_tree()
             failure: BaseException | None = None
+            watchdog: StallWatchdog | None = None
+            if self.config.stall_warning is not None:
+                supervisor = self._supervisor
+                watchdog = StallWatchdog(
+                    self.config.ledger_id, self.config.stall_warning, lambda: supervisor.order
+                )
+                watchdog.start()
             try:
                 async with trio.open_nursery() as nursery:
                     self._nursery = nursery
@@ -389,6 +397,9 @@ class LedgerEngine:
                     _unwrap(group)
                 except BaseException as exc:
                     failure = exc
+            finally:
+                if watchdog is not None:
+                    watchdog.stop()
             if self._failure is not None and (failure is None or isinstance(failure, Exception)):
                 # Escalation is the root cause: it wins over what the body saw meanwhile (an
                 # append failing because the ledger failed), but not over KeyboardInterrupt.

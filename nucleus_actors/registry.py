@@ -71,6 +71,9 @@ class ModuleStatus:
     lag: int = 0
     """Committed entries not yet processed by it: head seq - cursor for a durable module,
     the deliveries still in its inbox for another."""
+    stalls: int = 0
+    """Times one of its callbacks blocked the event loop longer than
+    `LedgerConfig.stall_warning` (counted by the stall watchdog; fix: `isolation=PROCESS`)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -207,6 +210,7 @@ def _status(child: Child) -> ModuleStatus:
         incarnation=child.incarnation,
         cursor=child.cursor,
         lag=child.lag,
+        stalls=child.stalls,
     )
 
 

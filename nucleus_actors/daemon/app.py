@@ -237,6 +237,7 @@ class ModuleStatusOut(BaseModel):
     incarnation: int
     cursor: int | None = None
     lag: int = 0
+    stalls: int = 0
     info: dict[str, Any] | None = Field(
         description="what the module's `describe()` reports (null when it has none, or did "
         "not answer within a second)"

@@ -25,7 +25,7 @@ import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Final, Literal
 
 from pydantic import (
     BaseModel,
@@ -247,6 +247,9 @@ class LedgerSettings(_Section):
     """Largest record accepted, measured on its canonical bytes."""
     cursor_interval: float = Field(default=1.0, gt=0, allow_inf_nan=False)
     """Seconds a durable module's moved cursor may wait before it is stored on its own."""
+    stall_warning: Annotated[float, Field(gt=0, allow_inf_nan=False)] | Literal[False] = 0.1
+    """Seconds a callback of a TASK module may block the event loop before it is logged as a
+    stall and counted (`nucleus_module_stalls_total`); `false` turns the watchdog off."""
     verify_on_open: Literal["tail", "full"] = "tail"
     """`"tail"`: opening checks the chain's last entries, then the whole chain is verified in
     the background (metric `nucleus_ledger_verified_entries`); `"full"`: the whole chain is
@@ -269,6 +272,21 @@ class LedgerSettings(_Section):
     @classmethod
     def _id(cls, value: str) -> str:
         return _matching(value, LEDGER_ID_PATTERN, _ID_RULE)
+
+    @field_validator("stall_warning", mode="before")
+    @classmethod
+    def _stall_warning(cls, value: object) -> object:
+        ok = value is False or (
+            isinstance(value, (int, float))
+            and not isinstance(value, bool)
+            and math.isfinite(value)
+            and value > 0
+        )
+        if not ok:
+            raise PydanticCustomError(
+                "stall_warning", "must be a number of seconds > 0, or false (off)", {}
+            )
+        return value
 
     @field_validator("checkpoint_origin")
     @classmethod
@@ -304,6 +322,7 @@ class LedgerSettings(_Section):
             backoff=None if self.backoff is None else self.backoff.build(),
             max_record_bytes=self.max_record_bytes,
             cursor_interval=self.cursor_interval,
+            stall_warning=self.stall_warning or None,
             idempotency_window=self.idempotency_window,
         )
 

@@ -115,6 +115,11 @@ METRICS: Final[Mapping[str, tuple[str, str, tuple[str, ...]]]] = {
         "Committed entries the module has not processed yet (durable: head - cursor).",
         ("ledger", "module"),
     ),
+    "nucleus_module_stalls_total": (
+        "counter",
+        "Times a callback of the module blocked the event loop longer than stall_warning.",
+        ("ledger", "module"),
+    ),
     "nucleus_module_incarnation": (
         "gauge",
         "1 for the module's first run, +1 per restart.",
@@ -177,6 +182,7 @@ class _LedgerCollector(Collector):
                 f["nucleus_module_dropped_total"].add_metric(labels, status.dropped)
                 f["nucleus_module_incarnation"].add_metric(labels, status.incarnation)
                 f["nucleus_module_lag"].add_metric(labels, status.lag)
+                f["nucleus_module_stalls_total"].add_metric(labels, status.stalls)
         yield from f.values()
 
 

@@ -15,6 +15,7 @@ import enum
 import inspect
 import logging
 import math
+import sys
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
@@ -122,6 +123,11 @@ class Child:
         self.positioned = False
         self.saved_position: int | None = None
         self.last_seq: int | None = None  # non-durable: the last seq it processed
+        # Stall detection (`_stall.py`): the frame of the live incarnation's task and the
+        # callback it is in ("" between callbacks), plain writes read by a watchdog thread.
+        self.run_frame: Any = None
+        self.step = ""
+        self.stalls = 0  # written by the watchdog thread only
         # Written only by `_transitions` (the supervisor's transition table).
         self.state: ModuleState
         self.state_value: AsyncValue[ModuleState]
@@ -216,10 +222,14 @@ class Child:
 
     async def _stop_callback(self, instance: Module, ctx: ModuleContext) -> None:
         instruments = self._instruments()
-        if instruments:
-            await _instrument.observed(instruments, self._call("stop"), instance.stop, ctx)
-        else:
-            await instance.stop(ctx)
+        self.step = "stop"
+        try:
+            if instruments:
+                await _instrument.observed(instruments, self._call("stop"), instance.stop, ctx)
+            else:
+                await instance.stop(ctx)
+        finally:
+            self.step = ""
 
     def renew_instance(self) -> None:
         """A fresh instance from the factory (if any) for the next incarnation.
@@ -362,6 +372,7 @@ class Child:
         ctx._observe = self._observe_background
         outcome: Outcome | None = None
         error: BaseException | None = None
+        self.run_frame = sys._getframe()  # the stall watchdog finds this task by it
         try:
             with scope:
                 try:
@@ -417,6 +428,7 @@ class Child:
         finally:
             self._scope = None
             self.alive = False
+            self.run_frame = None
             # Whatever is still waiting on this incarnation gets an answer, however it ended.
             leftover = self.module_error(f"incarnation {incarnation} ended abruptly", None)
             if self._lifecycle_msg is not None:
@@ -543,10 +555,13 @@ class Child:
         after: int | None
         if self.owns_position:
             with trio.CancelScope(deadline=self._deadline()) as scope:
+                self.step = "resume_after"
                 try:
                     after = await instance.resume_after(ctx)
                 except Exception as exc:
                     return exc
+                finally:
+                    self.step = ""
             if scope.cancelled_caught:
                 return self._timed_out("resume_after")
             if after is not None and (type(after) is not int or after < -1):
@@ -570,7 +585,7 @@ class Child:
 
     async def _durably(self, work: Callable[[], Awaitable[None]]) -> None:
         """Run durable delivery work; an error in it (hook or storage read) is a crash."""
-        self._hook_name = "after_append"
+        self._hook_name = self.step = "after_append"
         try:
             await work()
         except BaseException as exc:
@@ -582,6 +597,7 @@ class Child:
             raise
         finally:
             self._hook_started = math.inf
+            self.step = ""
 
     async def _durable_one(
         self, hook: Callable[[Record, Any], Awaitable[None]], record: Record, digest: Any
@@ -651,7 +667,7 @@ class Child:
         overflow = self.overflow
         hook = self._after_hook(instance)
         now = self._now
-        self._hook_name = "after_append"
+        self._hook_name = self.step = "after_append"
         run = mailbox.take_deliveries(first, overflow)
         done = 0
         try:
@@ -680,6 +696,7 @@ class Child:
             raise
         finally:
             self._hook_started = math.inf
+            self.step = ""
 
     async def _before(self, instance: Module, msg: Before) -> None:
         hook: Callable[[Record], Awaitable[Record | None]] = instance.before_append
@@ -695,7 +712,7 @@ class Child:
 
         results = msg.results
         now = self._now
-        self._hook_name = "before_append"
+        self._hook_name = self.step = "before_append"
         try:
             for record in msg.records:
                 self._hook_started = now()
@@ -727,6 +744,7 @@ class Child:
             raise
         finally:
             self._hook_started = math.inf
+            self.step = ""
         msg.reply.set()
 
     async def _ask(self, instance: Module, msg: Ask) -> None:
@@ -738,6 +756,7 @@ class Child:
                 hook = self._after_hook(instance)
                 await self._durably(lambda: self._catch_up(hook, msg.target))
             with trio.CancelScope(deadline=self._deadline()):
+                self.step = "ask"
                 try:
                     value = msg.fn(instance, *msg.args)
                     if inspect.isawaitable(value):
@@ -745,6 +764,8 @@ class Child:
                 except Exception as exc:
                     reply.fail(exc)  # the caller's error, not a crash of the module
                     return
+                finally:
+                    self.step = ""
                 reply.set(value)
                 return
             cause = self._timed_out("ask")
@@ -760,6 +781,7 @@ class Child:
     ) -> BaseException | None:
         instruments = self._instruments()
         with trio.CancelScope(deadline=self._deadline()) as scope:
+            self.step = name
             try:
                 if instruments:
                     await _instrument.observed(instruments, self._call(name), fn, ctx)
@@ -767,6 +789,8 @@ class Child:
                     await fn(ctx)
             except Exception as exc:
                 return exc
+            finally:
+                self.step = ""
             return None
         assert scope.cancelled_caught
         return self._timed_out(name)

@@ -353,3 +353,13 @@ config = { path = "m.jsonl" }
         .durable
     )
     assert parse(MINIMAL).ledgers[0].ledger_config().cursor_interval == 1.0
+
+
+def test_stall_warning_key() -> None:
+    assert parse(MINIMAL).ledgers[0].ledger_config().stall_warning == 0.1
+    assert parse(MINIMAL + "stall_warning = 0.5\n").ledgers[0].ledger_config().stall_warning == 0.5
+    off = parse(MINIMAL + "stall_warning = false\n").ledgers[0]
+    assert off.ledger_config().stall_warning is None
+    for bad in ("0", "-1", "true", '"0.1"'):
+        with pytest.raises(ConfigError, match="stall_warning"):
+            parse(MINIMAL + f"stall_warning = {bad}\n")

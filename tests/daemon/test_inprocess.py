@@ -87,3 +87,28 @@ async def test_a_stream_sends_an_error_event_once_the_ledger_will_not_grow() -> 
         assert body["phase"] == "stopped"
         with pytest.raises(StopAsyncIteration):
             await events.__anext__()
+
+
+async def test_stalls_reach_the_modules_route_and_metrics() -> None:
+    """A module that blocks the event loop: `stalls` in the status and in /metrics."""
+    import time
+
+    from nucleus_actors import Hash, Module
+
+    class Sleepy(Module):
+        id = "sleepy"
+
+        async def after_append(self, record: Record, hash: Hash) -> None:
+            time.sleep(0.3)  # noqa: ASYNC251 - the blocking call under test
+
+    async with open_ledger(LedgerConfig(ledger_id="main"), modules=[Sleepy()]) as engine:
+        await engine.append(Record("k", 1))
+        while engine.modules.get("sleepy").status.processed < 1:
+            await trio.sleep(0.01)
+        state, _ = serving_host(engine)
+        transport = httpx.ASGITransport(app=create_app(state))
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as api:
+            modules = (await api.get("/v1/ledgers/main/modules")).json()["modules"]
+            metrics = (await api.get("/metrics")).text
+    assert [m["stalls"] for m in modules] == [1]
+    assert 'nucleus_module_stalls_total{ledger="main",module="sleepy"} 1.0' in metrics

@@ -477,6 +477,11 @@ export interface components {
             processed: number;
             /** Restarts */
             restarts: number;
+            /**
+             * Stalls
+             * @default 0
+             */
+            stalls: number;
             /** State */
             state: string;
             /** Stop Result */
