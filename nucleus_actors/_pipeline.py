@@ -26,6 +26,7 @@ from ._future import Future
 from ._transitions import PhaseEvent
 from .errors import (
     CommitUnknown,
+    Fenced,
     IntegrityError,
     InvalidRecord,
     LedgerFailed,
@@ -415,6 +416,17 @@ class Pipeline:
                 self._scope.cancel()
         if error is not None:
             cause, known = error
+            if isinstance(cause, Fenced):
+                for request, _ in committing:
+                    fenced = Fenced(
+                        f"append failed, nothing stored: {cause}",
+                        epoch=cause.epoch,
+                        current=cause.current,
+                    )
+                    fenced.__cause__ = cause
+                    request.fail(fenced)
+                self.fenced(cause)
+                return
             if self._moved:
                 # Storage's head is neither ours nor this batch's: something else wrote to it.
                 # Continue from it if it extends our chain, else fail the ledger (loudly),
@@ -490,6 +502,8 @@ class Pipeline:
         self._moved = False
         try:
             await storage.append(batch)
+        except Fenced as exc:
+            return exc, True  # the fence refused the whole batch: nothing stored
         except Exception as exc:
             try:
                 length, head = await storage.head()
@@ -522,10 +536,37 @@ class Pipeline:
                 return
             try:
                 await self._engine.storage.append(StorageBatch(entries=[], cursors=cursors))
+            except Fenced as exc:
+                self.fenced(exc)
+                return
             except Exception:
                 log.warning("could not store module cursors %r", cursors, exc_info=True)
                 return
             supervisor.cursors_saved(cursors)
+
+    def fenced(self, error: Fenced) -> None:
+        """Storage refused a batch because another writer holds the ledger (a newer epoch):
+        stop writing for good. The ledger fails with `LedgerFailed` caused by the `Fenced`
+        error (its modules stop; the daemon turns the ledger into a standby)."""
+        engine = self._engine
+        if engine.fenced is not None:
+            return
+        engine.fenced = error
+        failure = LedgerFailed(
+            f"ledger {engine.config.ledger_id!r} stopped writing: it was fenced, another "
+            f"writer holds it ({error})",
+            phase=Phase.FAILED,
+        )
+        failure.__cause__ = error
+        log.error("%s", failure)
+        for request in [*self._queue]:
+            request.fail(Fenced(str(error), epoch=error.epoch, current=error.current))
+        self._queue.clear()
+        self._queued_records = 0
+        supervisor = engine._supervisor
+        if supervisor.phase is Phase.RUNNING:
+            supervisor.fire(PhaseEvent.ESCALATED)
+        engine._escalated(failure)
 
     def _diverged(self, error: IntegrityError, requests: list[Request]) -> None:
         """Storage holds a chain that does not continue the ledger's (entries lost or

@@ -31,6 +31,7 @@ from ._transitions import PhaseEvent
 from ._tree import LedgerTree
 from .config import LedgerConfig
 from .errors import (
+    Fenced,
     IdempotencyConflict,
     IntegrityError,
     InvalidRecord,
@@ -180,6 +181,10 @@ class LedgerEngine:
         self._failure: LedgerFailed | None = None
         self._chain = self._pipeline.chain  # length, head, last timestamp: the pipeline's
         self._tree: LedgerTree | None = None  # the Merkle tree (None: not kept)
+        self.fenced: Fenced | None = None
+        """Set when storage refused a batch because another writer holds the ledger (a newer
+        fencing epoch, see `PostgresStorage`): the engine stopped writing and failed with
+        `LedgerFailed` caused by this error."""
 
     def __repr__(self) -> str:
         length = self._chain.length
@@ -861,6 +866,30 @@ class LedgerEngine:
                 with trio.CancelScope(shield=True):
                     await request._wait()
             self._keys_in_flight.discard(key)
+
+    async def refresh(self) -> int:
+        """Adopt the entries another writer stored beyond this ledger's head; the new length.
+
+        For a read-only follower (a standby on shared storage, whose storage's `head()` reads
+        the database): the new entries are checked against the chain, the tree is reloaded,
+        `wait_length` waiters wake and running modules get them. Does nothing while this
+        engine's own appends are in flight.
+
+        Cancellation: the head and entries are re-read on the next call; nothing half-done.
+
+        Raises:
+            LifecycleError: the engine is not open. IntegrityError: storage holds a chain that
+                does not continue this one. StorageError: storage failed.
+        """
+        if not self._open:
+            raise self._not_open("refresh")
+        pipeline = self._pipeline
+        if pipeline.storing or self._keys_in_flight:
+            await trio.lowlevel.checkpoint()
+            return self._chain.length
+        async with pipeline._store_lock:
+            await pipeline._resync_head()
+        return self._chain.length
 
     # -- reads -----------------------------------------------------------------------------
     async def get(self, seq: int) -> Entry:
