@@ -194,6 +194,8 @@ def check(
         path = ledger.storage_path(settings.base_dir)
         modules = ", ".join(m.id or m.use for m in ledger.modules) or "no modules"
         where = "in memory" if path is None else str(path)
+        if ledger.postgres:
+            where = f"PostgreSQL schema {ledger.pg_schema} ({ledger.role})"
         _out.print(f"ledger {ledger.id!r}: {where}; {modules}", markup=False)
     _out.print(f"{config}: ok", markup=False)
 
@@ -686,6 +688,11 @@ def status(
             _out.print(
                 f"\nledger [bold]{escape(item['ledger'])}[/bold]: [{style}]{item['phase']}"
                 f"[/{style}], {item['length']} entries, head {item['head']}"
+                + (
+                    f", {escape(str(item['role']))} at epoch {item.get('epoch')}"
+                    if item.get("role")
+                    else ""
+                )
             )
             if not item["modules"]:
                 _out.print("  no modules")

@@ -867,6 +867,17 @@ class LedgerEngine:
                     await request._wait()
             self._keys_in_flight.discard(key)
 
+    def fence(self, error: Fenced) -> None:
+        """Stop writing for good: another writer holds the ledger (`error` says which epoch).
+
+        What happens when storage refuses a batch with `Fenced`, for a caller that learned it
+        otherwise (e.g. `PostgresStorage.wait_lost`): queued appends fail with `Fenced`, the
+        modules stop and the `async with` block ends with `LedgerFailed` caused by `error`.
+        Idempotent. Raises nothing.
+        """
+        if self._open:
+            self._pipeline.fenced(error)
+
     async def refresh(self) -> int:
         """Adopt the entries another writer stored beyond this ledger's head; the new length.
 

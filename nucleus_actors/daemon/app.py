@@ -30,7 +30,7 @@ import inspect
 import logging
 import re
 from collections.abc import AsyncIterator
-from typing import Annotated, Any, Final
+from typing import Annotated, Any, Final, Literal
 
 import trio
 from fastapi import FastAPI, Header, Query, Request, Security
@@ -205,6 +205,11 @@ class HeadOut(BaseModel):
     length: int
     head: str = Field(description="chain hash of the last entry (the genesis hash if empty)")
     phase: str
+    role: str | None = Field(
+        default=None,
+        description="PostgreSQL ledgers: `writer`, or `standby` (another daemon writes it)",
+    )
+    epoch: int | None = Field(default=None, description="PostgreSQL ledgers: the lease epoch")
 
 
 class LedgerOut(BaseModel):
@@ -530,6 +535,11 @@ def create_app(state: DaemonState) -> FastAPI:
             )
         return host, host.engine
 
+    def writing(ledger: str) -> tuple[LedgerHost, LedgerEngine]:
+        host, engine = serving(ledger)
+        host.check_writable()
+        return host, engine
+
     @app.post(
         "/v1/ledgers/{ledger}/records",
         status_code=201,
@@ -541,7 +551,7 @@ def create_app(state: DaemonState) -> FastAPI:
     async def append(
         ledger: LedgerId, body: RecordIn, idempotency_key: IdempotencyKey = None
     ) -> Response:
-        _, engine = serving(ledger)
+        _, engine = writing(ledger)
         replayed = False
         if idempotency_key is None:
             receipt = await engine.append(body.record())
@@ -566,7 +576,7 @@ def create_app(state: DaemonState) -> FastAPI:
     async def append_batch(
         ledger: LedgerId, body: BatchIn, idempotency_key: IdempotencyKey = None
     ) -> Response:
-        _, engine = serving(ledger)
+        _, engine = writing(ledger)
         check_batch_size(state, len(body.records))
         records = []
         for index, item in enumerate(body.records):
@@ -594,7 +604,7 @@ def create_app(state: DaemonState) -> FastAPI:
         )
 
     install_stream_route(
-        app, state, serving, write_security, _problems(401, 404, 413, 415, 422, 503)
+        app, state, writing, write_security, _problems(401, 404, 413, 415, 422, 503)
     )
 
     @app.get(
@@ -656,15 +666,17 @@ def create_app(state: DaemonState) -> FastAPI:
         summary="Length, head hash and phase",
     )
     async def head(ledger: LedgerId) -> Response:
-        state_ = lookup(ledger).engine.state
-        return JSONResponse(
-            {
-                "ledger": ledger,
-                "length": state_.length,
-                "head": state_.head.hex(),
-                "phase": str(state_.phase),
-            }
-        )
+        host = lookup(ledger)
+        state_ = host.engine.state
+        out: dict[str, Any] = {
+            "ledger": ledger,
+            "length": state_.length,
+            "head": state_.head.hex(),
+            "phase": str(state_.phase),
+        }
+        if host.role is not None:  # a PostgreSQL ledger
+            out["role"], out["epoch"] = host.role, host.epoch
+        return JSONResponse(out)
 
     @app.get(
         "/v1/ledgers/{ledger}/checkpoint",
@@ -810,11 +822,23 @@ def create_app(state: DaemonState) -> FastAPI:
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/readyz", summary="Readiness: every ledger RUNNING", responses=_problems(503))
-    async def readyz() -> Response:
-        phases = {host.id: str(host.phase) for host in state.hosts.values()}
+    @app.get(
+        "/readyz",
+        summary="Readiness: every ledger RUNNING (with ?role=writer: this daemon writes one)",
+        responses=_problems(503),
+    )
+    async def readyz(
+        role: Annotated[
+            Literal["writer"] | None,
+            Query(description="`writer`: 503 unless this daemon writes at least one ledger"),
+        ] = None,
+    ) -> Response:
+        ledgers = {host.id: host.readiness() for host in state.hosts.values()}
         ready = not state.stopping and all(
-            host.serving and host.phase.name == "RUNNING" for host in state.hosts.values()
+            host.serving
+            and host.phase.name == "RUNNING"
+            and (host.settings.role != "writer" or host.role != "standby")
+            for host in state.hosts.values()
         )
         bound = state.limits.stall_timeout
         stalled = {
@@ -822,6 +846,15 @@ def create_app(state: DaemonState) -> FastAPI:
             for host in state.hosts.values()
             if host.serving and host.engine.append_stalled_for() > bound
         }
+        writes = [
+            host.id for host in state.hosts.values() if host.serving and host.role != "standby"
+        ]
+        if role == "writer" and not writes and not state.stopping:
+            raise Problem(
+                "not-ready",
+                "this daemon writes no ledger (every ledger here is a standby or down)",
+                ledgers=ledgers,
+            )
         if not ready or stalled:
             why = "the daemon is stopping" if state.stopping else "not every ledger is running"
             if ready:
@@ -829,8 +862,8 @@ def create_app(state: DaemonState) -> FastAPI:
                     f"appends to {', '.join(map(repr, stalled))} made no progress for over "
                     f"stall_timeout={bound:g} s"
                 )
-            raise Problem("not-ready", why, ledgers=phases, stalled=stalled or None)
-        return JSONResponse({"status": "ready", "ledgers": phases})
+            raise Problem("not-ready", why, ledgers=ledgers, stalled=stalled or None)
+        return JSONResponse({"status": "ready", "ledgers": ledgers})
 
     install_ui(app, state)  # /ui, /v1/ledgers/{ledger}/events and /statistics (ui.py, events.py)
     return app

@@ -231,7 +231,22 @@ class LedgerSettings(_Section):
     """Ledger id (bound into the genesis hash; the `{ledger}` in API paths)."""
     storage: str = Field(min_length=1)
     """SQLite file of the ledger, relative to the config file's directory (`~` expands), or
-    `":memory:"` to keep it in memory only."""
+    `":memory:"` to keep it in memory only, or a PostgreSQL URI (`postgresql://...`, without
+    a password; `postgresql://` alone: libpq defaults and the `PG*` environment)."""
+    dsn_file: str | None = None
+    """PostgreSQL: a file (relative to the config file's directory) whose first line is the
+    connection string to use instead of the one in `storage` (keeps the password out of the
+    TOML)."""
+    schema_: str | None = Field(default=None, alias="schema")
+    """PostgreSQL: the schema holding the ledger (one ledger per schema); unset:
+    `nucleus_<id>` (the id's `.` and `-` as `_`)."""
+    role: Literal["auto", "writer", "standby"] = "auto"
+    """PostgreSQL: `"auto"` writes when it holds the lease and otherwise serves reads as a
+    standby, taking over when the lease expires; `"writer"` the same, but `/readyz` answers 503
+    until it writes; `"standby"` never writes."""
+    lease_timeout: float = Field(default=5.0, ge=0.5, allow_inf_nan=False)
+    """PostgreSQL: seconds the writer's lease lasts without renewal (renewed every third of
+    it); a standby takes over once it expired."""
     durability: Literal["full", "normal"] = "full"
     """SQLite durability: `"full"` fsyncs every commit (survives power loss); `"normal"` may
     lose the last acknowledged appends on an OS crash or power loss."""
@@ -304,10 +319,74 @@ class LedgerSettings(_Section):
         path = Path(os.path.expanduser(self.checkpoint_key))
         return path if path.is_absolute() else (base_dir / path).resolve()
 
+    @property
+    def postgres(self) -> bool:
+        """The ledger is stored in PostgreSQL (`storage = "postgresql://..."`)."""
+        return self.storage.startswith(("postgresql:", "postgres:"))
+
+    @property
+    def pg_schema(self) -> str:
+        """The PostgreSQL schema of the ledger (`schema`, or `nucleus_<id>`)."""
+        if self.schema_ is not None:
+            return self.schema_
+        return "nucleus_" + re.sub(r"[^A-Za-z0-9_]", "_", self.id)[:54]
+
+    def dsn(self, base_dir: Path) -> str:
+        """The PostgreSQL connection string: `dsn_file`'s first line, else `storage`.
+
+        Raises:
+            ValueError: `dsn_file` cannot be read or is empty.
+        """
+        if self.dsn_file is None:
+            return "" if self.storage.rstrip("/") in ("postgresql:", "postgres:") else self.storage
+        path = Path(os.path.expanduser(self.dsn_file))
+        path = path if path.is_absolute() else (base_dir / path).resolve()
+        try:
+            lines = path.read_text(encoding="utf-8").strip().splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ValueError(f"cannot read dsn_file {path}: {exc}") from None
+        if not lines or not lines[0].strip():
+            raise ValueError(f"dsn_file {path} is empty")
+        return lines[0].strip()
+
+    @model_validator(mode="after")
+    def _postgres_keys(self) -> LedgerSettings:
+        if self.postgres:
+            if re.match(r"postgres(ql)?://[^/@]*:[^/@]*@", self.storage):
+                raise PydanticCustomError(
+                    "secret",
+                    "storage: the PostgreSQL URI holds a password: keep it out of the TOML "
+                    "(dsn_file, PGPASSWORD or ~/.pgpass)",
+                    {},
+                )
+            if self.schema_ is not None and not re.fullmatch(
+                r"[A-Za-z_][A-Za-z0-9_]{0,62}", self.schema_
+            ):
+                raise PydanticCustomError(
+                    "schema",
+                    "schema must be 1 to 63 letters, digits and '_', not starting with a "
+                    "digit, got '{value}'",
+                    {"value": self.schema_},
+                )
+            return self
+        for key, value, unset in (
+            ("dsn_file", self.dsn_file, None),
+            ("schema", self.schema_, None),
+            ("role", self.role, "auto"),
+            ("lease_timeout", self.lease_timeout, 5.0),
+        ):
+            if value != unset:
+                raise PydanticCustomError(
+                    "postgres_only",
+                    "{key} is a PostgreSQL setting; storage '{storage}' is not a postgresql:// URI",
+                    {"key": key, "storage": self.storage},
+                )
+        return self
+
     def storage_path(self, base_dir: Path) -> Path | None:
         """The absolute SQLite path (relative paths resolve against `base_dir`), or None for
-        `":memory:"`."""
-        if self.storage == MEMORY:
+        `":memory:"` and PostgreSQL."""
+        if self.storage == MEMORY or self.postgres:
             return None
         path = Path(os.path.expanduser(self.storage))
         return path if path.is_absolute() else (base_dir / path).resolve()

@@ -112,7 +112,9 @@ class FastAppend:
             # not the guard's single replayed message: let the route read the rest
             await self.app(scope, _Replay(message, receive), send)
             return
-        record = None if host is None or not host.serving else self.parse(body)
+        record = (
+            None if host is None or not host.serving or host.role == "standby" else self.parse(body)
+        )
         if record is None:
             await self.app(scope, _Replay(message, receive), send)
             return

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -49,7 +49,45 @@ class LedgerHost:
         """Entries the last completed full verification covered (0 before one completed)."""
         self.verify_failed = False
         """The last full verification found an entry that does not verify."""
+        self.role: str | None = None
+        """PostgreSQL ledgers: `"writer"` (holds the lease) or `"standby"` (serves reads,
+        refuses writes); None for SQLite and memory ledgers (always the writer)."""
+        self.epoch: int | None = None
+        """PostgreSQL ledgers: the lease epoch this daemon writes under (writer) or last saw
+        (standby)."""
+        self.takeovers = 0
+        """PostgreSQL ledgers: times this daemon took the ledger over from another writer."""
+        self.fenced = 0
+        """PostgreSQL ledgers: times this daemon's writer was fenced (a newer epoch refused
+        its writes)."""
+        self.factory: Callable[[bool], LedgerEngine] | None = None
+        """PostgreSQL ledgers: makes a new engine, `factory(standby)` (a writer's with its
+        modules, a standby's without)."""
         self._changed = trio.Event()
+
+    def check_writable(self) -> None:
+        """Refuse a write on a ledger this daemon does not write.
+
+        Raises:
+            Problem: `not-writer` (503) on a PostgreSQL standby.
+        """
+        if self.role == "standby":
+            raise Problem(
+                "not-writer",
+                f"this daemon is a standby for ledger {self.id!r} (epoch {self.epoch}): it "
+                "serves reads, another daemon writes it; send writes to the writer (the "
+                "daemon whose /readyz?role=writer answers 200)",
+                ledger=self.id,
+                role="standby",
+                epoch=self.epoch,
+            )
+
+    def readiness(self) -> dict[str, object]:
+        """What `/readyz` says of this ledger: phase, and for PostgreSQL role and epoch."""
+        out: dict[str, object] = {"phase": str(self.phase), "role": self.role or "writer"}
+        if self.role is not None:
+            out["epoch"] = self.epoch
+        return out
 
     @property
     def id(self) -> str:

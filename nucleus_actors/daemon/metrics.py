@@ -60,6 +60,29 @@ METRICS: Final[Mapping[str, tuple[str, str, tuple[str, ...]]]] = {
         "1 when the last full chain verification found an entry that does not verify.",
         ("ledger",),
     ),
+    "nucleus_ledger_writer": (
+        "gauge",
+        "1 while this daemon writes the ledger (SQLite, memory, or PostgreSQL lease holder); "
+        "0 on a PostgreSQL standby or while down.",
+        ("ledger",),
+    ),
+    "nucleus_ledger_epoch": (
+        "gauge",
+        "PostgreSQL ledgers: the lease epoch this daemon writes under or last saw (0 for "
+        "SQLite and memory ledgers).",
+        ("ledger",),
+    ),
+    "nucleus_ledger_takeovers_total": (
+        "counter",
+        "PostgreSQL ledgers: times this daemon took the ledger over (a new epoch).",
+        ("ledger",),
+    ),
+    "nucleus_ledger_fenced_total": (
+        "counter",
+        "PostgreSQL ledgers: times this daemon's writer was fenced (a write refused because "
+        "another daemon holds a newer epoch).",
+        ("ledger",),
+    ),
     "nucleus_ledger_appends_total": (
         "counter",
         "Records committed since the daemon opened the ledger.",
@@ -165,6 +188,12 @@ class _LedgerCollector(Collector):
             f["nucleus_ledger_entries"].add_metric([ledger], state.length)
             f["nucleus_ledger_verified_entries"].add_metric([ledger], host.verified_entries)
             f["nucleus_ledger_verify_failed"].add_metric([ledger], int(host.verify_failed))
+            f["nucleus_ledger_writer"].add_metric(
+                [ledger], 1 if host.serving and host.role != "standby" else 0
+            )
+            f["nucleus_ledger_epoch"].add_metric([ledger], host.epoch or 0)
+            f["nucleus_ledger_takeovers_total"].add_metric([ledger], host.takeovers)
+            f["nucleus_ledger_fenced_total"].add_metric([ledger], host.fenced)
             f["nucleus_ledger_appends_total"].add_metric([ledger], stats.appends)
             f["nucleus_ledger_rejects_total"].add_metric([ledger], stats.rejects)
             f["nucleus_ledger_crashes_total"].add_metric([ledger], stats.crashes)

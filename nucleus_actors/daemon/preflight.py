@@ -6,7 +6,9 @@ registering does not catch, so that a configuration `check` calls ok is one `run
 * every `depends_on` names a module of the same ledger, and there is no dependency cycle;
 * each module's own settings pass its class's optional static `check_config(config)`;
 * each SQLite ledger file can be created or opened for writing (its directory exists and is
-  writable; an existing file is a writable regular file).
+  writable; an existing file is a writable regular file);
+* each PostgreSQL ledger's server answers (DSN, password, database, role: whichever is wrong
+  is named) and its schema, if it exists, belongs to this ledger.
 """
 
 from __future__ import annotations
@@ -36,6 +38,10 @@ def preflight(config: DaemonConfig, hosts: Mapping[str, LedgerHost]) -> list[Con
             ids = [handle.id for handle in host.engine.modules]
             if len(ids) == len(settings.modules):  # else registering already failed
                 problems += _dependencies(index, settings, ids)
+        if settings.postgres:
+            message = _postgres_problem(settings, config.base_dir)
+            if message is not None:
+                problems.append(ConfigProblem(f"{where}.storage (ledger {settings.id!r})", message))
         path = settings.storage_path(config.base_dir)
         if path is not None:
             message = _storage_problem(path)
@@ -117,4 +123,39 @@ def _storage_problem(path: Path) -> str | None:
             return f"the ledger file {path} is not a regular file"
         if not os.access(path, os.R_OK | os.W_OK):
             return f"the ledger file {path} is not readable and writable by this user"
+    return None
+
+
+def _postgres_problem(settings: LedgerSettings, base_dir: Path) -> str | None:
+    """Connect once (5 s at most) and read the schema's ledger id, if the schema exists."""
+    try:
+        dsn = settings.dsn(base_dir)
+    except ValueError as exc:
+        return str(exc)
+    try:
+        import psycopg
+        from psycopg import sql
+    except ImportError:
+        return "PostgreSQL storage needs psycopg 3: pip install 'nucleus_actors[postgres]'"
+    from ..storage.postgres import redact
+
+    schema = settings.pg_schema
+    try:
+        with psycopg.connect(dsn, connect_timeout=5, autocommit=True) as conn:
+            found = conn.execute("SELECT to_regclass(%s)", (f"{schema}.meta",)).fetchone()
+            if found is None or found[0] is None:
+                return None
+            query = sql.SQL("SELECT value FROM {}.meta WHERE key = 'ledger_id'").format(
+                sql.Identifier(schema)
+            )
+            row = conn.execute(query).fetchone()
+    except psycopg.ProgrammingError as exc:
+        return f"bad PostgreSQL connection string {redact(dsn)}: {' '.join(str(exc).split())}"
+    except psycopg.Error as exc:
+        return f"cannot connect to PostgreSQL {redact(dsn)}: {' '.join(str(exc).split())}"
+    if row is not None and row[0] != settings.id:
+        return (
+            f"PostgreSQL schema {schema!r} holds ledger {row[0]!r}, not {settings.id!r} "
+            "(one ledger per schema: set `schema`)"
+        )
     return None

@@ -14,6 +14,7 @@ from typing import Any, Final
 from starlette.responses import Response
 
 from ..errors import (
+    Fenced,
     IdempotencyConflict,
     IntegrityError,
     InvalidRecord,
@@ -61,6 +62,7 @@ PROBLEMS: Final[Mapping[str, tuple[int, str]]] = {
     "module-failed": (503, "A module failed"),
     "ledger-unavailable": (503, "Ledger unavailable"),
     "storage-unavailable": (503, "Storage unavailable"),
+    "not-writer": (503, "Not the writer of this ledger"),
     "not-ready": (503, "Not ready"),
     "daemon-stopping": (503, "Daemon stopping"),
     "server-busy": (503, "Server busy"),
@@ -188,6 +190,8 @@ def problem_from_error(exc: NucleusError, *, ledger: str) -> Problem:
         )
     if isinstance(exc, IntegrityError):
         return Problem("integrity-error", str(exc), ledger=ledger, seq=exc.seq)
+    if isinstance(exc, Fenced):
+        return Problem("not-writer", str(exc), ledger=ledger, role="standby", epoch=exc.current)
     if isinstance(exc, StorageError):
         return Problem("storage-unavailable", str(exc), ledger=ledger)
     return Problem("internal-error", f"{type(exc).__name__}: {exc}", ledger=ledger)

@@ -113,19 +113,13 @@ def build_hosts(
     problems: list[ConfigProblem] = []
     for index, settings in enumerate(config.ledgers):
         path = settings.storage_path(config.base_dir)
-        storage: StorageBackend = (
-            MemoryStorage() if path is None else SQLiteStorage(path, durability=settings.durability)
-        )
-        engine = LedgerEngine(settings.ledger_config(), storage)
-        instrument = None if metrics is None else metrics.instrument(settings.id)
-        for position, module in enumerate(settings.modules):
-            where = f"ledgers[{index}].modules[{position}] (ledger {settings.id!r}, "
-            where += f"module {module.use!r})"
-            try:
-                engine.register(module.spec(instrument=instrument))
-            except (NucleusError, ValueError, TypeError) as exc:
-                problems.append(ConfigProblem(where, f"cannot register the module: {exc}"))
+        factory = _engine_factory(config, settings, metrics, index, problems)
+        if factory is None:
+            continue
+        engine = factory(False)
         hosts[settings.id] = LedgerHost(settings, engine, path)
+        if settings.postgres:
+            hosts[settings.id].factory = factory
         try:
             hosts[settings.id].signer = _signer(config, settings, engine, accept_rollback)
         except ValueError as exc:
@@ -134,6 +128,61 @@ def build_hosts(
     if problems:
         raise ConfigError("configuration", problems)
     return hosts
+
+
+def _engine_factory(
+    config: DaemonConfig,
+    settings: LedgerSettings,
+    metrics: DaemonMetrics | None,
+    index: int,
+    problems: list[ConfigProblem],
+) -> Callable[[bool], LedgerEngine] | None:
+    """`factory(standby)` making the ledger's engine on a new storage object (a standby's has
+    no modules), or None after adding the problem (a bad `dsn_file`)."""
+    path = settings.storage_path(config.base_dir)
+    dsn: str | None = None
+    if settings.postgres:
+        try:
+            dsn = settings.dsn(config.base_dir)
+        except ValueError as exc:
+            problems.append(ConfigProblem(f"ledgers[{index}].dsn_file", str(exc)))
+            return None
+    instrument = None if metrics is None else metrics.instrument(settings.id)
+    first = True
+
+    def factory(standby: bool) -> LedgerEngine:
+        nonlocal first
+        storage: StorageBackend
+        if settings.postgres:
+            from ..storage.postgres import PostgresStorage
+
+            storage = PostgresStorage(
+                dsn,
+                schema=settings.pg_schema,
+                lease_timeout=settings.lease_timeout,
+                standby=standby,
+            )
+        elif path is None:
+            storage = MemoryStorage()
+        else:
+            storage = SQLiteStorage(path, durability=settings.durability)
+        engine = LedgerEngine(settings.ledger_config(), storage)
+        if standby:
+            return engine
+        report = first
+        first = False
+        for position, module in enumerate(settings.modules):
+            try:
+                engine.register(module.spec(instrument=instrument))
+            except (NucleusError, ValueError, TypeError) as exc:
+                if not report:
+                    raise
+                where = f"ledgers[{index}].modules[{position}] (ledger {settings.id!r}, "
+                where += f"module {module.use!r})"
+                problems.append(ConfigProblem(where, f"cannot register the module: {exc}"))
+        return engine
+
+    return factory
 
 
 def _bind(host: str, port: int) -> str:
@@ -427,6 +476,192 @@ class Daemon:
             if not started:
                 task_status.started()
 
+    # -- PostgreSQL ledgers: writer, standby, failover --------------------------------------
+    async def _run_pg_ledger(
+        self, host: LedgerHost, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Run a PostgreSQL ledger until the daemon stops: as the writer while this daemon
+        holds the lease, else as a standby (reads served, writes refused, head following the
+        database) that takes over once the lease expires (`role = "auto"` / `"writer"`).
+
+        A writer that is fenced (another daemon took a newer epoch) stops its modules and
+        becomes a standby. Startup reports once the ledger serves in either role.
+        """
+        settings = host.settings
+        assert host.factory is not None
+        started = False
+
+        def serving() -> None:
+            nonlocal started
+            if not started:
+                started = True
+                task_status.started()
+
+        engine: LedgerEngine | None = host.engine  # the first writer candidate
+        try:
+            while not self._release.is_set():
+                if settings.role != "standby":
+                    if engine is None:
+                        engine = host.factory(False)
+                    outcome = await self._pg_writer(host, engine, serving, first=not started)
+                    engine = None
+                    if outcome == "released":
+                        return
+                if not await self._pg_standby(host, serving):
+                    return
+        except Exception as exc:
+            host.serving = False
+            host.failure = exc
+            self._ledger_failed(host, exc, started=started)
+        finally:
+            host.serving = False
+            host.notify()
+            if not started:
+                task_status.started()
+
+    async def _pg_writer(
+        self, host: LedgerHost, engine: LedgerEngine, serving: Callable[[], None], *, first: bool
+    ) -> str:
+        """Try to write the ledger: `"released"` (the daemon stops), `"busy"` (another writer
+        holds the lease), `"fenced"` (this writer was replaced), `"failed"` (storage failed
+        while taking over: wait as a standby)."""
+        from ..errors import Fenced, LedgerFailed, StorageError
+
+        storage = engine.storage
+        was_standby = host.role == "standby"
+        try:
+            async with engine:
+                epoch = getattr(storage, "epoch", None)
+                if host.settings.verify_on_open == "full":
+                    await self._verify(host)
+                await engine.init_all()
+                await engine.start_all()
+                host.engine = engine
+                host.role, host.epoch = "writer", epoch
+                host.failure = None
+                if was_standby:
+                    host.takeovers += 1
+                try:
+                    host.signer = _signer(self.config, host.settings, engine, False)
+                except ValueError as exc:
+                    log.error("ledger %r: checkpoints not signed: %s", host.id, exc)
+                    host.signer = None
+                if host.signer is not None:
+                    await host.signer.check()
+                host.serving = True
+                host.notify()
+                s = engine.state
+                log.info(
+                    "ledger %r: writer at epoch %s%s: %d entries, head %s, modules: %s",
+                    host.id, epoch, " (took over)" if was_standby else "", s.length,
+                    s.head.hex(), ", ".join(h.id for h in engine.modules) or "none",
+                )  # fmt: skip
+                serving()
+                async with trio.open_nursery() as background:
+                    if host.signer is not None:
+                        background.start_soon(host.signer.run)
+                    wait_lost = getattr(storage, "wait_lost", None)
+                    if wait_lost is not None:
+
+                        async def watch() -> None:
+                            engine.fence(await wait_lost())
+
+                        background.start_soon(watch)
+                    await self._release.wait()
+                    background.cancel_scope.cancel()
+                host.serving = False
+                await engine.stop_all()
+            log.info("ledger %r stopped: %d entries", host.id, engine.state.length)
+            return "released"
+        except Fenced as exc:  # at open: the lease is held by another writer
+            log.info("ledger %r: %s", host.id, exc)
+            return "busy"
+        except LedgerFailed as exc:
+            if not isinstance(exc.__cause__, Fenced):
+                raise
+            host.fenced += 1
+            log.error(
+                "ledger %r: this daemon was fenced at epoch %s (another daemon writes it at "
+                "epoch %s): becoming a standby",
+                host.id, exc.__cause__.epoch, exc.__cause__.current,
+            )  # fmt: skip
+            return "fenced"
+        except StorageError as exc:
+            if first:
+                raise
+            log.warning("ledger %r: could not take over: %s", host.id, exc)
+            await trio.sleep(min(1.0, host.settings.lease_timeout / 3))
+            return "failed"
+        finally:
+            host.serving = False
+            host.signer = None
+            host.notify()
+
+    async def _pg_standby(self, host: LedgerHost, serving: Callable[[], None]) -> bool:
+        """Serve the ledger as a standby until the lease expires (True: try to take over; a
+        `role = "standby"` never does) or the daemon stops (False)."""
+        from ..errors import NucleusError as _Nucleus
+
+        assert host.factory is not None
+        settings = host.settings
+        poll = min(0.25, settings.lease_timeout / 4)
+        while not self._release.is_set():
+            engine = host.factory(True)
+            storage: Any = engine.storage
+            try:
+                async with engine:
+                    await engine.init_all()
+                    await engine.start_all()
+                    host.engine = engine
+                    host.role = "standby"
+                    host.epoch = (await storage.lease()).epoch
+                    host.failure = None
+                    host.serving = True
+                    host.notify()
+                    log.info(
+                        "ledger %r: standby (epoch %s held by another daemon): %d entries",
+                        host.id, host.epoch, engine.state.length,
+                    )  # fmt: skip
+                    serving()
+                    takeover = False
+                    warned = False
+                    while not self._release.is_set():
+                        with trio.move_on_after(poll):
+                            await self._release.wait()
+                        if self._release.is_set():
+                            break
+                        try:
+                            await engine.refresh()
+                            lease = await storage.lease()
+                        except _Nucleus as exc:
+                            if not warned:
+                                log.warning("ledger %r: standby cannot follow: %s", host.id, exc)
+                            warned = True
+                            continue
+                        if warned:
+                            log.info("ledger %r: standby follows the database again", host.id)
+                        warned = False
+                        host.epoch = lease.epoch
+                        if settings.role != "standby" and lease.remaining <= 0:
+                            log.info(
+                                "ledger %r: the lease of epoch %d expired: taking over",
+                                host.id, lease.epoch,
+                            )  # fmt: skip
+                            takeover = True
+                            break
+                    host.serving = False
+                    host.notify()
+                    await engine.stop_all()
+                return takeover
+            except _Nucleus as exc:
+                host.serving = False
+                host.failure = exc
+                host.notify()
+                log.warning("ledger %r: standby failed, retrying: %s", host.id, exc)
+                with trio.move_on_after(min(1.0, settings.lease_timeout / 2)):
+                    await self._release.wait()
+        return False
+
     async def _verify(self, host: LedgerHost) -> None:
         """Verify the whole chain of `host`'s ledger (as it is now); record the outcome."""
         length = host.engine.state.length
@@ -564,7 +799,10 @@ class Daemon:
         # Ledgers stop only after the server stopped: in-flight requests still need them.
         async with trio.open_nursery() as ledgers:
             for host in self.state.hosts.values():
-                await ledgers.start(self._run_ledger, host)
+                if host.factory is not None:
+                    await ledgers.start(self._run_pg_ledger, host)
+                else:
+                    await ledgers.start(self._run_ledger, host)
             ledgers.start_soon(watch_lifecycle, self.state)  # GET .../events (events.py)
             if not self._stop.is_set():
                 await self._serve()

@@ -426,7 +426,10 @@ def test_health_readiness_and_openapi(anonymous: httpx.Client) -> None:
     assert anonymous.get("/healthz").json() == {"status": "ok"}
     ready = anonymous.get("/readyz")
     assert ready.status_code == 200
-    assert ready.json()["ledgers"] == {"main": "running", "aux": "running"}
+    assert ready.json()["ledgers"] == {
+        "main": {"phase": "running", "role": "writer"},
+        "aux": {"phase": "running", "role": "writer"},
+    }
     spec = anonymous.get("/openapi.json").json()
     assert set(spec["paths"]) >= {
         "/v1/ledgers",

@@ -60,3 +60,6 @@ def pg_schemas(pg_dsn: str) -> Iterator[Callable[[], str]]:
 def pg_schema(pg_schemas: Callable[[], str]) -> str:
     """One unique schema name, dropped after the test."""
     return pg_schemas()
+
+
+from tests.daemon.conftest import start_daemon  # noqa: E402, F401 (the fixture, for daemon tests)
