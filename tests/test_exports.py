@@ -145,7 +145,7 @@ def test_runtime_objects_have_no_public_constructor_and_the_view_no_mutators() -
 DOCUMENTED_METHODS = {
     "LedgerEngine": {
         "add", "add_instrument", "append", "append_each", "append_keyed", "append_many",
-        "append_stalled_for", "config", "get", "init_all",
+        "append_stalled_for", "config", "fence", "get", "init_all", "refresh",
         "modules", "phase", "read", "register", "remove", "remove_instrument", "require_storage",
         "restart", "root", "inclusion_proof", "consistency_proof",
         "start_all", "state", "statistics", "stop_all", "storage", "terminate", "verify",
