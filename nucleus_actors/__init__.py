@@ -40,6 +40,7 @@ _SOURCES: dict[str, str] = {
     "ProofError": ".errors",
     "RecordRejected": ".errors",
     "RegistryError": ".errors",
+    "RemoteError": ".errors",
     "StorageError": ".errors",
     "LedgerState": ".lifecycle",
     "ModuleState": ".lifecycle",
@@ -50,6 +51,7 @@ _SOURCES: dict[str, str] = {
     "ModuleContext": ".module",
     "ModuleSpec": ".module",
     "Overflow": ".module",
+    "Isolation": ".module",
     "Entry": ".record",
     "Hash": ".record",
     "Receipt": ".record",
@@ -93,10 +95,11 @@ if _typing.TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
         ProofError,
         RecordRejected,
         RegistryError,
+        RemoteError,
         StorageError,
     )
     from .lifecycle import LedgerState, ModuleState, Phase, StopResult
-    from .module import LedgerReader, Module, ModuleContext, ModuleSpec, Overflow
+    from .module import Isolation, LedgerReader, Module, ModuleContext, ModuleSpec, Overflow
     from .proofs import ConsistencyProof, InclusionProof
     from .record import Entry, Hash, Receipt, Record
     from .registry import ModuleCounts, ModuleHandle, ModuleRegistry, ModuleStatus, Statistics
@@ -125,6 +128,7 @@ __all__ = [
     "Strategy",
     "Backoff",
     "Overflow",
+    "Isolation",
     # instrumentation
     "Instrument",
     "CallbackCall",
@@ -148,6 +152,7 @@ __all__ = [
     "LifecycleError",
     "LedgerFailed",
     "RegistryError",
+    "RemoteError",
     "StorageError",
     "IntegrityError",
     "CommitUnknown",

@@ -74,6 +74,11 @@ class CallbackCall:
     """before_append: the record as received; after_append: the committed record."""
     hash: Hash | None = None
     """after_append: the entry's chain hash."""
+    pid: int | None = None
+    """The worker process running the callback when the module is isolated
+    (`Isolation.PROCESS`), else None. For a batch of records sent to a worker in one message,
+    `before_callback` is called for each record before the batch is sent (an injection makes
+    its record go alone), `after_callback` when the batch's results are back."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -35,6 +35,7 @@ from .module._actor import Child, Outcome
 from .module._base import Module
 from .module._context import LedgerReader
 from .module._hooks import check_hooks
+from .module._isolation import Isolation, import_target, json_config, qualified_target
 from .module._mailbox import Lifecycle, LifecycleOp
 from .module._spec import ModuleSpec, resolved_overflow
 from .registry import ModuleRegistry, check_module_id
@@ -58,6 +59,9 @@ _SPEC_FIELDS = (
     "backoff",
     "durable",
     "start_at",
+    "isolation",
+    "memory_limit",
+    "id",
 )
 
 
@@ -153,7 +157,14 @@ class Supervisor:
                 )
         else:
             spec = ModuleSpec(item, **options)
-        target = spec.module
+        target: Any = spec.module
+        if isinstance(target, str):
+            try:
+                target = import_target(target)
+            except Exception as exc:
+                raise RegistryError(
+                    f"module {spec.module!r} cannot be imported: {type(exc).__name__}: {exc}"
+                ) from exc
         factory: Callable[[], Module] | None = None
         if isinstance(target, Module):
             instance = target
@@ -170,10 +181,18 @@ class Supervisor:
                     f"module factory {target!r} returned {type(made).__name__}, not a Module"
                 )
             instance = made
+            if spec.id is not None:
+                instance.id = spec.id
         else:
             raise RegistryError(
                 f"register() takes a Module, a zero-argument factory or a ModuleSpec, "
                 f"got {type(target).__name__}"
+            )
+        if isinstance(target, Module) and spec.id is not None:
+            raise RegistryError(
+                f"ModuleSpec.id={spec.id!r} needs a factory (it is set on every instance the "
+                "factory makes); set the id on the instance instead",
+                module_id=spec.id,
             )
         module_id = check_module_id(getattr(instance, "id", None))
         spec = self._durability(spec, instance, module_id)
@@ -182,7 +201,13 @@ class Supervisor:
             raise RegistryError(f"module {module_id!r} is already present", module_id=module_id)
         if module_id in spec.depends_on:
             raise RegistryError(f"module {module_id!r} depends on itself", module_id=module_id)
-        return Child(module_id=module_id, spec=spec, instance=instance, factory=factory, host=self)
+        isolated = spec.isolation is Isolation.PROCESS
+        name = qualified_target(spec.module, module_id) if isolated else ""
+        config_json = json_config(spec.config, module_id) if isolated else "{}"
+        child = Child(module_id=module_id, spec=spec, instance=instance, factory=factory, host=self)
+        child.target = name
+        child.config_json = config_json
+        return child
 
     def _durability(
         self, spec: ModuleSpec[Any], instance: Module, module_id: str

@@ -7,7 +7,8 @@ NucleusError
 │   └── LedgerFailed         escalation: restart intensity exceeded (cause = last crash)
 ├── RegistryError            duplicate/unknown id, dependency cycle, bad factory, bad dynamic op
 ├── ModuleError              module_id; a module failed a call (cause chained)
-│   └── RecordRejected       a before_append veto (reason)
+│   ├── RecordRejected       a before_append veto (reason)
+│   └── RemoteError          an exception from an isolated module's worker (type_name, args)
 ├── StorageError             backend failure, lock held, wrong ledger id, unknown format
 │   ├── IntegrityError       chain mismatch (seq of the first bad entry)
 │   ├── CommitUnknown        the batch may or may not be stored (acknowledgement lost)
@@ -40,6 +41,7 @@ __all__ = [
     "ProofError",
     "RecordRejected",
     "RegistryError",
+    "RemoteError",
     "StorageError",
 ]
 
@@ -161,6 +163,31 @@ class RecordRejected(ModuleError):
         if self.module_id is None:
             return _encodable(self.reason)
         return _encodable(f"module {self.module_id!r} rejected the record{where}: {self.reason}")
+
+
+class RemoteError(ModuleError):
+    """An exception raised in the worker process of an isolated module, copied to the parent.
+
+    Exceptions cross the process boundary as (type name, args, repr): `RecordRejected` and
+    builtin exceptions are rebuilt as themselves, any other type arrives as a `RemoteError`
+    whose message is the original `repr`.
+
+    Attributes:
+        type_name: qualified name of the original exception type (`"package.module.Type"`).
+        remote_args: the original `args` (each one as its `repr` if it did not pickle).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        type_name: str,
+        remote_args: tuple[Any, ...] = (),
+        module_id: str | None = None,
+    ) -> None:
+        super().__init__(message, module_id=module_id)
+        self.type_name = type_name
+        self.remote_args = remote_args
 
 
 class StorageError(NucleusError):

@@ -74,6 +74,9 @@ class ModuleStatus:
     stalls: int = 0
     """Times one of its callbacks blocked the event loop longer than
     `LedgerConfig.stall_warning` (counted by the stall watchdog; fix: `isolation=PROCESS`)."""
+    pid: int | None = None
+    """Process id of its worker while an isolated module (`Isolation.PROCESS`) runs; None
+    for a task module or between incarnations."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -211,6 +214,7 @@ def _status(child: Child) -> ModuleStatus:
         cursor=child.cursor,
         lag=child.lag,
         stalls=child.stalls,
+        pid=None if child.worker is None or not child.worker.usable else child.worker.pid,
     )
 
 

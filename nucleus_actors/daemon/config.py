@@ -41,7 +41,7 @@ from pydantic_core import PydanticCustomError
 
 from ..config import LEDGER_ID_PATTERN, LedgerConfig
 from ..errors import NucleusError
-from ..module import Module, ModuleSpec, Overflow
+from ..module import Isolation, Module, ModuleSpec, Overflow
 from ..supervision import Backoff, Restart, Strategy
 from .discovery import resolve_use
 
@@ -170,6 +170,11 @@ class ModuleSettings(_Section):
     """Ids of modules that must start before it (and stop after it)."""
     backoff: BackoffSettings | None = None
     """Restart backoff for this module; unset uses the ledger's."""
+    isolation: Literal["task", "process"] = "task"
+    """Where its callbacks run: a trio task of the daemon, or a worker process of its own
+    per incarnation (see docs/isolation.md)."""
+    memory_limit: int | None = Field(default=None, ge=1)
+    """`isolation = "process"` only: the worker's address-space limit in bytes."""
 
     @field_validator("use")
     @classmethod
@@ -184,6 +189,15 @@ class ModuleSettings(_Section):
     @classmethod
     def _id(cls, value: str | None) -> str | None:
         return None if value is None else _matching(value, LEDGER_ID_PATTERN, _ID_RULE)
+
+    @model_validator(mode="after")
+    def _memory_limit_needs_a_process(self) -> ModuleSettings:
+        if self.memory_limit is not None and self.isolation != "process":
+            raise ValueError(
+                f'memory_limit = {self.memory_limit} needs isolation = "process" (a module '
+                "running as a task shares the daemon's memory)"
+            )
+        return self
 
     def spec(self, *, instrument: Callable[[Module], None] | None = None) -> ModuleSpec[Module]:
         """The `ModuleSpec` these settings describe (the class is imported again; cached).
@@ -207,6 +221,7 @@ class ModuleSettings(_Section):
             return module
 
         make.__qualname__ = f"{cls.__qualname__}.factory"
+        make.__wrapped__ = cls  # type: ignore[attr-defined]  # what an isolated worker builds
         # A class that owns its position (resume_after, e.g. jsonl-mirror) is durable by nature.
         durable = self.durable or (isinstance(cls, type) and cls.overrides("resume_after"))
         return ModuleSpec(
@@ -221,6 +236,8 @@ class ModuleSettings(_Section):
             depends_on=tuple(self.depends_on),
             config=dict(self.config),
             backoff=None if self.backoff is None else self.backoff.build(),
+            isolation=Isolation(self.isolation),
+            memory_limit=self.memory_limit,
         )
 
 

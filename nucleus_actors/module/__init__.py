@@ -2,6 +2,7 @@
 
 from ._base import Module
 from ._context import LedgerReader, ModuleContext
+from ._isolation import Isolation
 from ._spec import ModuleSpec, Overflow
 
-__all__ = ["LedgerReader", "Module", "ModuleContext", "ModuleSpec", "Overflow"]
+__all__ = ["Isolation", "LedgerReader", "Module", "ModuleContext", "ModuleSpec", "Overflow"]

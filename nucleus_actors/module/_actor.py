@@ -12,9 +12,11 @@ ends, `child_ended` with its `Outcome`. The supervisor decides what happens next
 from __future__ import annotations
 
 import enum
+import functools
 import inspect
 import logging
 import math
+import pickle
 import sys
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
@@ -30,7 +32,9 @@ from ..lifecycle import ModuleState, StopResult
 from ..record import Record
 from ._base import Module
 from ._context import LedgerReader, ModuleContext
+from ._isolation import Isolation, decode_error
 from ._mailbox import Ask, Before, Delivery, Lifecycle, LifecycleOp, Mailbox, Reply
+from ._proxy import WorkerProxy
 from ._spec import ModuleSpec, Overflow, resolved_overflow
 
 __all__ = ["Child", "ChildHost", "Outcome"]
@@ -39,6 +43,10 @@ log = logging.getLogger("nucleus_actors.supervisor")
 
 CATCH_UP_CHUNK = 256
 """Entries a durable module reads from storage at a time while it catches up."""
+
+WORKER_START_TIMEOUT = 30.0
+"""Seconds an isolated module's worker process may take to start (or its `timeout`, if
+longer), before its `init` runs under the module's timeout."""
 
 
 class Outcome(enum.Enum):
@@ -95,6 +103,37 @@ def crash_cause(exc: BaseException) -> BaseException | None:
         if isinstance(leaf, Exception):
             return leaf
     return None
+
+
+async def _no_hook(*_: Any) -> None:  # pragma: no cover - never called
+    raise AssertionError("an isolated module's hooks run in its worker (in batches)")
+
+
+class _RemoteModule:
+    """The parent's stand-in for an isolated module: each callback runs in the worker."""
+
+    def __init__(self, worker: WorkerProxy) -> None:
+        self._worker = worker
+
+    async def _lifecycle(self, op: str) -> Any:
+        ok, value = await self._worker.call(op, None)
+        if not ok:
+            raise decode_error(value[1])
+        return value
+
+    async def init(self, ctx: ModuleContext) -> None:
+        await self._lifecycle("init")
+
+    async def start(self, ctx: ModuleContext) -> None:
+        await self._lifecycle("start")
+
+    async def stop(self, ctx: ModuleContext) -> None:
+        await self._lifecycle("stop")
+
+    async def resume_after(self, ctx: ModuleContext) -> Any:
+        return await self._lifecycle("resume_after")
+
+    after_append = before_append = staticmethod(_no_hook)  # batches go through _remote_hook
 
 
 class Child:
@@ -163,6 +202,12 @@ class Child:
         self._lifecycle_step = ""  # "init", "start" or "stop": the callback it is in
         self._interrupted_asks: list[Reply] = []  # asks cut short by the incarnation ending
         self._now: Callable[[], float] = trio.current_time
+        # Isolation: the worker of the live incarnation (PROCESS modules), what it imports
+        # and its config as JSON (both checked at register by the supervisor).
+        self.isolated = spec.isolation is Isolation.PROCESS
+        self.worker: WorkerProxy | None = None
+        self.target = ""
+        self.config_json = "{}"
         self._refresh_hooks()
 
     # -- identity and hooks ----------------------------------------------------------------
@@ -197,12 +242,14 @@ class Child:
         return (*engine_wide, *attached) if engine_wide else attached
 
     def _call(self, name: str, record: Record | None = None, digest: Any = None) -> CallbackCall:
+        worker = self.worker
         return CallbackCall(
             module_id=self.id,
             callback=name,
             incarnation=self.incarnation,
             record=record,
             hash=digest,
+            pid=None if worker is None else worker.pid,
         )
 
     def _observe_background(self, fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -241,6 +288,8 @@ class Child:
         if self.factory is None:
             return
         instance = self.factory()
+        if isinstance(instance, Module) and self.spec.id is not None:
+            instance.id = self.spec.id
         if not isinstance(instance, Module):
             raise RegistryError(
                 f"factory of module {self.id!r} returned {type(instance).__name__}, not a Module",
@@ -359,6 +408,37 @@ class Child:
         first: Lifecycle,
         scope: trio.CancelScope,
     ) -> None:
+        if not self.isolated:
+            await self._incarnation(incarnation, instance, first, scope)
+            return
+        # Isolated: the worker's reader and requests live in a nursery of their own that
+        # outlasts the incarnation's scope (the best-effort `stop` after a crash needs it);
+        # shielded, as the incarnation is: only the supervisor ends it.
+        with trio.CancelScope(shield=True):
+            async with trio.open_nursery() as nursery:
+                worker = self.worker = WorkerProxy(self, incarnation, nursery)
+                try:
+                    await self._incarnation(incarnation, _RemoteModule(worker), first, scope)  # type: ignore[arg-type]
+                finally:
+                    nursery.cancel_scope.cancel()
+
+    async def _close_worker(self) -> None:
+        worker = self.worker
+        if worker is not None:
+            with trio.CancelScope(shield=True):
+                await worker.close()
+
+    def _kill_worker(self, reason: str) -> None:
+        if self.worker is not None:
+            self.worker.kill(reason)
+
+    async def _incarnation(
+        self,
+        incarnation: int,
+        instance: Module,
+        first: Lifecycle,
+        scope: trio.CancelScope,
+    ) -> None:
         host = self.host
         ctx = ModuleContext(
             ledger_id=host.ledger_id,
@@ -379,8 +459,11 @@ class Child:
                     async with trio.open_nursery() as background:
                         ctx._nursery = background
                         self._now = trio.lowlevel.current_clock().current_time
-                        if self.spec.timeout is not None:
-                            background.start_soon(self._watchdog, self.spec.timeout)
+                        timeout = self.spec.timeout
+                        if timeout is not None:
+                            if self.isolated:  # hook batches report progress every timeout/8
+                                timeout += timeout / 8
+                            background.start_soon(self._watchdog, timeout)
                         outcome, error = await self._serve(instance, ctx, first)
                         background.cancel_scope.cancel()
                 except BaseException as exc:
@@ -437,6 +520,7 @@ class Child:
             for reply in self._interrupted_asks:
                 reply.fail(leftover)
             self._interrupted_asks = []
+            await self._close_worker()  # no worker outlives its incarnation
             # Lifecycle messages still queued were addressed to this incarnation.
             self.mailbox.drop_lifecycle(
                 ModuleError(
@@ -454,6 +538,8 @@ class Child:
         shutdown = self.spec.shutdown
         if shutdown == 0 or self._kill_requested:
             return
+        if self.worker is not None and not self.worker.usable:
+            return  # its worker is gone (it died, or was killed for a timeout): nothing to stop
         previous = self._scope
         with trio.CancelScope(shield=True) as scope:
             self._scope = scope  # kill() during this stop cancels it
@@ -519,6 +605,7 @@ class Child:
             await trio.sleep_until(started + limit)
             if self._hook_started == started:
                 self._hook_timeout = self._timed_out(self._hook_name)
+                self._kill_worker(f"{self._hook_name} overran the timeout")
                 if self._scope is not None:
                     self._scope.cancel()
                 return
@@ -563,6 +650,7 @@ class Child:
                 finally:
                     self.step = ""
             if scope.cancelled_caught:
+                self._kill_worker("resume_after overran the timeout")
                 return self._timed_out("resume_after")
             if after is not None and (type(after) is not int or after < -1):
                 return TypeError(f"resume_after must return an int >= -1 or None, got {after!r}")
@@ -619,10 +707,18 @@ class Child:
             start = self.next_seq
             end = min(stop, start + CATCH_UP_CHUNK)
             chunk = [entry async for entry in reader.read(start, end)]
-            for entry in chunk:
-                if entry.seq != self.next_seq:
-                    break
-                await self._durable_one(hook, entry.record, entry.hash)
+            if self.worker is not None:
+                items: list[Delivery] = []
+                for entry in chunk:
+                    if entry.seq != start + len(items):
+                        break
+                    items.append((entry.record, entry.hash))
+                await self._remote_durable(items)
+            else:
+                for entry in chunk:
+                    if entry.seq != self.next_seq:
+                        break
+                    await self._durable_one(hook, entry.record, entry.hash)
             if self.next_seq < end:
                 raise StorageError(
                     f"catch-up of module {self.id!r}: storage returned {len(chunk)} entries "
@@ -642,6 +738,9 @@ class Child:
     async def _durable_deliveries(self, instance: Module, first: Delivery) -> None:
         """Live deliveries of a durable module: skip what it already processed, read a gap
         (deliveries not queued, or from before its position) from storage first."""
+        if self.worker is not None:
+            await self._remote_durable_deliveries(first)
+            return
         mailbox = self.mailbox
         hook = self._after_hook(instance)
 
@@ -663,6 +762,9 @@ class Child:
         await self._durably(work)
 
     async def _deliveries(self, instance: Module, first: Delivery) -> None:
+        if self.worker is not None:
+            await self._remote_deliveries(first)
+            return
         mailbox = self.mailbox
         overflow = self.overflow
         hook = self._after_hook(instance)
@@ -699,6 +801,9 @@ class Child:
             self.step = ""
 
     async def _before(self, instance: Module, msg: Before) -> None:
+        if self.worker is not None:
+            await self._remote_before(msg)
+            return
         hook: Callable[[Record], Awaitable[Record | None]] = instance.before_append
         instruments = self._instruments()
         if instruments:
@@ -748,6 +853,9 @@ class Child:
         msg.reply.set()
 
     async def _ask(self, instance: Module, msg: Ask) -> None:
+        if self.worker is not None:
+            await self._remote_ask(instance, msg)
+            return
         reply = msg.reply
         if reply.abandoned:
             return
@@ -769,12 +877,35 @@ class Child:
                 reply.set(value)
                 return
             cause = self._timed_out("ask")
+            self._kill_worker("ask overran the timeout")
             self.host.crash_detected(self)
             reply.fail(self.module_error("timed out in ask", cause))
             raise _Crash(cause)
         finally:
             if not reply.done:  # cut short by the incarnation ending: answered with the reason
                 self._interrupted_asks.append(reply)
+
+    async def _start_worker(self) -> BaseException | None:
+        """Spawn the worker (before `init`); the error if it does not come up.
+
+        Bounded by `WORKER_START_TIMEOUT` or the module's timeout, whichever is longer: a
+        Python process takes a few hundred milliseconds to start on a busy machine, which
+        must not count against a short `timeout` meant for the module's callbacks.
+        """
+        worker = self.worker
+        assert worker is not None
+        limit = max(WORKER_START_TIMEOUT, self.spec.timeout or math.inf)
+        with trio.move_on_after(limit) as scope:
+            try:
+                await worker.start()
+            except Exception as exc:
+                return exc
+            return None
+        assert scope.cancelled_caught
+        self._kill_worker("it did not start within the timeout")
+        return TimeoutError(
+            f"the worker process did not start within the module's timeout of {self.spec.timeout} s"
+        )
 
     async def _callback(
         self, fn: Callable[[ModuleContext], Any], ctx: ModuleContext, name: str
@@ -793,6 +924,7 @@ class Child:
                 self.step = ""
             return None
         assert scope.cancelled_caught
+        self._kill_worker(f"{name} overran the timeout")
         return self._timed_out(name)
 
     async def _lifecycle(
@@ -802,7 +934,9 @@ class Child:
         self._lifecycle_msg = msg  # answered by _run if the incarnation ends meanwhile
         if op is LifecycleOp.INIT or op is LifecycleOp.BOOT:
             self._lifecycle_step = "init"
-            err = await self._callback(instance.init, ctx, "init")
+            err = await self._start_worker() if self.worker is not None else None
+            if err is None:
+                err = await self._callback(instance.init, ctx, "init")
             if err is not None:
                 self._lifecycle_msg = None
                 reply.fail(self.module_error("failed in init", err))
@@ -839,3 +973,302 @@ class Child:
         self._lifecycle_msg = None
         reply.set()
         return Outcome.STOPPED, None
+
+    # -- isolated modules: callbacks in the worker process ------------------------------------
+    async def _remote_hook(
+        self, op: str, items: list[Any], on_result: Callable[[int, Any], None]
+    ) -> None:
+        """Run hook `op` ("after" or "before") over `items` in the worker, in batches.
+
+        `on_result(i, result)` is called in order for every item the worker finished (also
+        the ones it reported before a timeout or its death), then the module's error for the
+        item it failed on is raised (the worker's death, or what the hook raised). With
+        instruments, every item gets its `before_callback` before it is sent; a batch ends
+        at the first item an instrument injects into, which then goes alone, between its
+        injections.
+        """
+        name = "after_append" if op == "after" else "before_append"
+        instruments = self._instruments()
+        count = len(items)
+        index = 0
+        while index < count:
+            calls: list[CallbackCall] = []
+            injected: tuple[CallbackCall, list[Any]] | None = None
+            end = count
+            if instruments:
+                end = index
+                while end < count:
+                    call = self._remote_call(name, items[end])
+                    injections = _instrument.begin(instruments, call)
+                    end += 1
+                    if any(injection is not None for injection in injections):
+                        injected = (call, injections)
+                        end -= 1
+                        break
+                    calls.append(call)
+            if end > index:
+                await self._remote_batch(op, items, index, end, calls, on_result)
+            if injected is not None:
+                call, injections = injected
+                alone = functools.partial(
+                    self._remote_batch, op, items, end, end + 1, [], on_result
+                )
+                await _instrument.run(instruments, call, injections, alone)
+                end += 1
+            index = end
+
+    def _remote_call(self, name: str, item: Any) -> CallbackCall:
+        if type(item) is tuple:
+            return self._call(name, item[0], item[1])
+        return self._call(name, item)
+
+    async def _remote_batch(
+        self,
+        op: str,
+        items: list[Any],
+        start: int,
+        end: int,
+        calls: list[CallbackCall],
+        on_result: Callable[[int, Any], None],
+    ) -> None:
+        """One `call` frame with `items[start:end]` (see `_remote_hook`)."""
+        worker = self.worker
+        assert worker is not None
+        timeout = self.spec.timeout
+        tick = None if timeout is None else timeout / 8
+        progress: list[Any] = []  # results the worker reported while the batch ran
+        now = self._now
+        done = 0
+
+        def on_tick(count: int, results: Any) -> None:
+            if op == "before":
+                progress.extend(results)
+            else:
+                progress.extend([None] * (count - len(progress)))
+            self._hook_started = now()  # the next record of the batch has its own deadline
+
+        def take(results: list[Any]) -> None:
+            nonlocal done
+            for result in results:
+                on_result(start + done, result)
+                done += 1
+
+        self._hook_started = now()
+        error: BaseException | None = None
+        durations: list[float] = []
+        try:
+            ok, value = await worker.call(op, items[start:end], tick=tick, on_tick=on_tick)
+            if ok:
+                if op == "after":
+                    durations = value
+                    results: list[Any] = [None] * (end - start)
+                else:
+                    results, durations = value
+                take(results[done:])
+                return
+            failed_at, encoded, extra = value
+            if op == "after":
+                durations = extra
+                results = [None] * failed_at
+            else:
+                results, durations = extra
+            take(results[done:failed_at])
+            error = decode_error(encoded)
+            raise error
+        except BaseException as exc:
+            if error is None:
+                take(progress[done:])
+                error = exc
+            raise
+        finally:
+            if calls:
+                self._report_batch(calls, done, durations, error)
+
+    def _report_batch(
+        self,
+        calls: list[CallbackCall],
+        done: int,
+        durations: list[float],
+        error: BaseException | None,
+    ) -> None:
+        """`after_callback` of every instrument for each call of a batch, from its results."""
+        instruments = self._instruments()
+        for position, call in enumerate(calls):
+            duration = durations[position] if position < len(durations) else 0.0
+            if position < done:
+                result = _instrument.CallbackResult(
+                    outcome=_instrument.CallbackOutcome.RETURNED,
+                    duration=duration,
+                    error=None,
+                    completed=True,
+                )
+            elif position == done and isinstance(error, Exception):
+                result = _instrument.CallbackResult(
+                    outcome=_instrument.CallbackOutcome.RAISED,
+                    duration=duration,
+                    error=error,
+                    completed=False,
+                )
+            else:
+                result = _instrument.CallbackResult(
+                    outcome=_instrument.CallbackOutcome.CANCELLED,
+                    duration=0.0,
+                    error=None,
+                    completed=False,
+                )
+            for instrument in instruments:
+                instrument.after_callback(call, result)
+
+    async def _remote_deliveries(self, first: Delivery) -> None:
+        """`_deliveries` for an isolated module: each run of queued deliveries is one batch."""
+        mailbox = self.mailbox
+        overflow = self.overflow
+        self._hook_name = "after_append"
+        run = mailbox.take_deliveries(first, overflow)
+        done = 0
+
+        def on_result(index: int, _: Any) -> None:
+            nonlocal done
+            done += 1
+
+        try:
+            while True:
+                await self._remote_hook("after", run, on_result)
+                self.processed += done
+                if done:
+                    self.last_seq = run[done - 1][0].seq
+                mailbox.delivered(done)
+                next_item = mailbox.next_delivery()
+                if next_item is None:
+                    return
+                run, done = mailbox.take_deliveries(next_item, overflow), 0
+        except BaseException as exc:
+            self.processed += done
+            if done:
+                self.last_seq = run[done - 1][0].seq
+            mailbox.delivered(done)
+            mailbox.give_back(run[done:])  # the failed one is redelivered first, then the rest
+            if isinstance(exc, Exception):
+                self.host.crash_detected(self)
+                raise _Crash(exc) from exc
+            if self._hook_timeout is not None:
+                self.host.crash_detected(self)
+            raise
+        finally:
+            self._hook_started = math.inf
+
+    async def _remote_before(self, msg: Before) -> None:
+        """`_before` for an isolated module: the whole batch of records in one call."""
+        results = msg.results
+        records = msg.records
+        self._hook_name = "before_append"
+
+        def on_result(index: int, out: Any) -> None:
+            if out is None:
+                results.append(records[index])
+            elif out[0] == "rejected":
+                rejected = decode_error(out[1])
+                assert isinstance(rejected, RecordRejected)
+                rejected.module_id = self.id
+                results.append(rejected)
+            else:
+                results.append(out[1])
+
+        try:
+            await self._remote_hook("before", records, on_result)
+        except BaseException as exc:
+            if isinstance(exc, Exception):
+                results.append(self.module_error("crashed in before_append", exc))
+                self.host.crash_detected(self)  # state first: the caller may look at it
+                msg.reply.set()
+                raise _Crash(exc) from exc
+            timeout = self._hook_timeout
+            if timeout is not None:
+                results.append(self.module_error("timed out in before_append", timeout))
+                self.host.crash_detected(self)
+            msg.reply.set()  # partial: the rest waits for a restart (or fails)
+            raise
+        finally:
+            self._hook_started = math.inf
+        msg.reply.set()
+
+    async def _remote_durable(self, items: list[Delivery]) -> None:
+        """Entries `next_seq ..` (contiguous) of a durable isolated module, in one call."""
+        if not items:
+            return
+        dirty = self.host.cursor_dirty
+
+        def on_result(index: int, _: Any) -> None:
+            self.next_seq += 1
+            self.processed += 1
+
+        try:
+            await self._remote_hook("after", items, on_result)
+        finally:
+            if not self.owns_position and not dirty.is_set():
+                dirty.set()
+
+    async def _remote_durable_deliveries(self, first: Delivery) -> None:
+        """`_durable_deliveries` for an isolated module: queued deliveries in batches."""
+        mailbox = self.mailbox
+        items = [first]
+        while (item := mailbox.next_delivery()) is not None:
+            items.append(item)
+
+        async def work() -> None:
+            try:
+                index = 0
+                while index < len(items):
+                    seq = items[index][0].seq
+                    assert seq is not None  # committed records have their seq
+                    if seq < self.next_seq:
+                        index += 1
+                        continue
+                    if seq > self.next_seq:
+                        await self._catch_up(_no_hook, seq)
+                    end = index
+                    while end < len(items) and items[end][0].seq == self.next_seq + end - index:
+                        end += 1
+                    await self._remote_durable(items[index:end])
+                    index = end
+            finally:
+                mailbox.delivered(len(items))
+
+        await self._durably(work)
+
+    async def _remote_ask(self, instance: Module, msg: Ask) -> None:
+        """`_ask` for an isolated module: `fn` and its arguments go to the worker by pickle."""
+        reply = msg.reply
+        if reply.abandoned:
+            return
+        worker = self.worker
+        assert worker is not None
+        try:
+            if self.durable and self.next_seq < msg.target:  # served once caught up to it
+                await self._durably(lambda: self._catch_up(_no_hook, msg.target))
+            try:
+                blob = pickle.dumps((msg.fn, msg.args), protocol=pickle.HIGHEST_PROTOCOL)
+            except Exception as exc:
+                error = TypeError(
+                    f"ask to isolated module {self.id!r} needs a picklable function and "
+                    f"arguments (a top-level function, or a method looked up by name such as "
+                    f"{type(self.instance).__name__}.method): {exc}"
+                )
+                error.__cause__ = exc
+                reply.fail(error)
+                return
+            with trio.CancelScope(deadline=self._deadline()):
+                ok, value = await worker.call("ask", blob)
+                if ok:
+                    reply.set(value)
+                else:
+                    reply.fail(decode_error(value[1]))  # the caller's error, not a crash
+                return
+            cause = self._timed_out("ask")
+            self._kill_worker("ask overran the timeout")
+            self.host.crash_detected(self)
+            reply.fail(self.module_error("timed out in ask", cause))
+            raise _Crash(cause)
+        finally:
+            if not reply.done:  # cut short by the incarnation ending: answered with the reason
+                self._interrupted_asks.append(reply)

@@ -11,6 +11,7 @@ from typing import Any, Generic, TypeVar
 
 from ..supervision import Backoff, Restart
 from ._base import Module
+from ._isolation import Isolation
 
 __all__ = ["ModuleSpec", "Overflow", "resolved_overflow"]
 
@@ -55,9 +56,10 @@ class ModuleSpec(Generic[M]):
         ValueError: an option is out of range (the message names it and the value).
     """
 
-    module: M | Callable[[], M]
+    module: M | Callable[[], M] | str
     """A `Module` instance, or a zero-argument factory (a class works) called for each
-    incarnation: once at register (to learn the id), then on every restart."""
+    incarnation: once at register (to learn the id), then on every restart; or the factory's
+    name, `"package.module:Class"` (imported at register)."""
     restart: Restart = field(default=Restart.PERMANENT, kw_only=True)
     """When to restart it after it ends [PERMANENT]."""
     shutdown: float | None = field(default=5.0, kw_only=True)
@@ -87,8 +89,30 @@ class ModuleSpec(Generic[M]):
     """Where a durable module with no position yet starts: `"start"` (seq 0) or `"end"` (the
     head when it first starts) ["start"]."""
 
+    isolation: Isolation = field(default=Isolation.TASK, kw_only=True)
+    """Where its callbacks run: `TASK`, a trio task of the ledger's process, or `PROCESS`, a
+    worker process of its own per incarnation (needs a factory importable by name and a
+    JSON-serialisable `config`; see docs/isolation.md) [TASK]."""
+    memory_limit: int | None = field(default=None, kw_only=True)
+    """`PROCESS` only: the worker's address-space limit (`RLIMIT_AS`) in bytes; exceeding it
+    is a crash of the module; `None` = no limit [None]."""
+    id: str | None = field(default=None, kw_only=True)
+    """Overrides the module's id (set on every instance the factory makes) [None]."""
+
     def __post_init__(self) -> None:
         object.__setattr__(self, "restart", Restart(self.restart))
+        object.__setattr__(self, "isolation", Isolation(self.isolation))
+        limit = self.memory_limit
+        if limit is not None:
+            if type(limit) is not int or limit < 1:
+                raise ValueError(
+                    f"ModuleSpec.memory_limit must be an int of bytes >= 1 or None, got {limit!r}"
+                )
+            if self.isolation is not Isolation.PROCESS:
+                raise ValueError(
+                    f"ModuleSpec.memory_limit={limit} needs isolation=PROCESS (a task shares "
+                    "the ledger's process and its memory)"
+                )
         if self.overflow is not None:
             object.__setattr__(self, "overflow", Overflow(self.overflow))
         if type(self.durable) is not bool:

@@ -9,7 +9,10 @@ its class does not override is never called, hence never faulted).
 
 from __future__ import annotations
 
+import importlib
 import math
+import os
+import signal
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
@@ -201,7 +204,7 @@ class _PlanInstrument(Instrument):
             return None
 
         async def act() -> None:
-            await plan._act(fault, call.module_id, callback, decision.call)
+            await plan._act(fault, call.module_id, callback, decision.call, call.pid)
 
         return Injection(entry=act) if fault.at == "entry" else Injection(exit=act)
 
@@ -452,7 +455,10 @@ class FaultPlan:
             TypeError: not a Module, a factory or a ModuleSpec.
         """
         if isinstance(module, ModuleSpec):
-            return replace(module, module=self.wrap(module.module))
+            target: Any = module.module
+            if isinstance(target, str):  # "package.module:Class": the factory it names
+                target = _import(target)
+            return replace(module, module=self.wrap(target))
         if isinstance(module, Module):
             return self._wrap_instance(module)
         if callable(module):
@@ -467,6 +473,8 @@ class FaultPlan:
 
             faulty_factory.__name__ = f"faulty_{getattr(factory, '__name__', 'factory')}"
             faulty_factory.__qualname__ = faulty_factory.__name__
+            # An isolated module's worker builds its instance from what this wraps.
+            faulty_factory.__wrapped__ = factory  # type: ignore[attr-defined]
             setattr(faulty_factory, _PLANS_ATTR, (*getattr(factory, _PLANS_ATTR, ()), self))
             return faulty_factory
         raise TypeError(
@@ -510,8 +518,17 @@ class FaultPlan:
                 self._fired[mkey] = self._fired.get(mkey, 0) + 1
         return _Decision(call, chosen)
 
-    async def _act(self, fault: Fault, module_id: str, callback: Callback, call: int) -> None:
+    async def _act(
+        self, fault: Fault, module_id: str, callback: Callback, call: int, pid: int | None
+    ) -> None:
         action = fault.action
+        if pid is not None and action in (Action.CRASH, Action.HANG):
+            # An isolated module: the fault happens to its worker process for real. CRASH
+            # kills it (SIGKILL: the runtime reports "worker exited by signal 9"); HANG makes
+            # its main thread block in `time.sleep` (SIGUSR1), so the module's timeout (or
+            # shutdown) has the worker killed. Either way this call never returns.
+            os.kill(pid, signal.SIGKILL if action is Action.CRASH else signal.SIGUSR1)
+            await trio.sleep_forever()
         if action is Action.CRASH:
             message = (
                 f"injected crash in {callback.value} of module {module_id!r} "
@@ -526,6 +543,15 @@ class FaultPlan:
             await trio.sleep(fault.seconds)
         else:
             raise RecordRejected(fault.reason)
+
+
+def _import(target: str) -> Any:
+    """The object `"package.module:Qualname"` names."""
+    module_name, _, qualname = target.partition(":")
+    obj: Any = importlib.import_module(module_name)
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    return obj
 
 
 def plans_of(target: object) -> tuple[FaultPlan, ...]:
