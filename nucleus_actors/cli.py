@@ -700,7 +700,7 @@ def status(
             table = Table(show_edge=False, pad_edge=False, box=None)
             for column in (
                 "module", "version", "state", "restarts", "crashes", "inbox", "processed",
-                "dropped", "lag",
+                "dropped", "lag", "pid",
             ):  # fmt: skip
                 table.add_column(column, no_wrap=True)
             notes = []
@@ -716,6 +716,7 @@ def status(
                     str(m["processed"]),
                     str(m["dropped"]),
                     str(m.get("lag", 0)),
+                    "-" if m.get("pid") is None else str(m["pid"]),
                 )
                 if info := _info_text(m.get("info")):
                     notes.append(f"  {escape(m['id'])}: {escape(info)}")

@@ -51,6 +51,7 @@ from ..engine import LedgerEngine
 from ..errors import InvalidRecord, LifecycleError, NucleusError, ProofError, _printable
 from ..lifecycle import ModuleState
 from ..module import Module
+from ..module._describe import describe
 from ..record import KIND_FORBIDDEN, MAX_KIND_LENGTH, Record
 from ..registry import ModuleHandle
 from .auth import ReadGuard
@@ -243,6 +244,10 @@ class ModuleStatusOut(BaseModel):
     cursor: int | None = None
     lag: int = 0
     stalls: int = 0
+    pid: int | None = Field(
+        default=None,
+        description='process id of the module\'s worker (isolation = "process"), else null',
+    )
     info: dict[str, Any] | None = Field(
         description="what the module's `describe()` reports (null when it has none, or did "
         "not answer within a second)"
@@ -953,7 +958,7 @@ async def _module_infos(host: LedgerHost) -> dict[str, Any]:
     async def ask(handle: ModuleHandle[Module]) -> None:
         with trio.move_on_after(INFO_SECONDS):
             try:
-                info = await handle.ask(_describe)
+                info = await handle.ask(describe)
             except NucleusError:
                 return
             if info is None:
@@ -970,11 +975,6 @@ async def _module_infos(host: LedgerHost) -> dict[str, Any]:
             if handle.state is ModuleState.RUNNING:
                 nursery.start_soon(ask, handle)
     return infos
-
-
-def _describe(module: Module) -> Any:
-    describe = getattr(module, "describe", None)
-    return describe() if callable(describe) else None
 
 
 def _install_error_handlers(app: FastAPI) -> None:

@@ -143,6 +143,11 @@ METRICS: Final[Mapping[str, tuple[str, str, tuple[str, ...]]]] = {
         "Times a callback of the module blocked the event loop longer than stall_warning.",
         ("ledger", "module"),
     ),
+    "nucleus_module_worker_pid": (
+        "gauge",
+        "Process id of the module's worker (isolation = process); absent for a task module.",
+        ("ledger", "module"),
+    ),
     "nucleus_module_incarnation": (
         "gauge",
         "1 for the module's first run, +1 per restart.",
@@ -212,6 +217,8 @@ class _LedgerCollector(Collector):
                 f["nucleus_module_incarnation"].add_metric(labels, status.incarnation)
                 f["nucleus_module_lag"].add_metric(labels, status.lag)
                 f["nucleus_module_stalls_total"].add_metric(labels, status.stalls)
+                if status.pid is not None:
+                    f["nucleus_module_worker_pid"].add_metric(labels, status.pid)
         yield from f.values()
 
 

@@ -103,3 +103,50 @@ def add(module: Counter, n: int) -> int:
 
 def fail(module: Counter) -> None:
     raise LookupError("no such thing")
+
+
+class Reader(Module):
+    """Reads the ledger through `ctx.ledger` in init; asks another module from a hook."""
+
+    id = "reader"
+
+    async def init(self, ctx: ModuleContext) -> None:
+        self.ctx = ctx
+        self.length_at_init = ctx.ledger.state.length
+        self.read_at_init = [entry.seq async for entry in ctx.ledger.read()]
+        self.first = None if not self.read_at_init else (await ctx.ledger.get(0)).record.kind
+        self.root = (await ctx.ledger.root()).hex() if self.length_at_init else None
+        self.asked: list[int] = []
+
+    async def after_append(self, record: Record, hash: Hash) -> None:
+        if record.kind == "ask":
+            self.asked.append(await self.ctx.modules.get("counter").ask(total))
+
+    def report(self) -> dict[str, Any]:
+        return {
+            "length_at_init": self.length_at_init,
+            "read_at_init": self.read_at_init,
+            "first": self.first,
+            "root": self.root,
+            "asked": self.asked,
+            "config": dict(self.ctx.config),
+        }
+
+
+class Spawner(Module):
+    """Background work from `ctx.spawn`: config "background" is "crash" or "exit"."""
+
+    id = "spawner"
+
+    async def start(self, ctx: ModuleContext) -> None:
+        self.ctx = ctx
+
+    async def after_append(self, record: Record, hash: Hash) -> None:
+        if record.kind == "spawn-crash" and self.ctx.incarnation == 1:
+            self.ctx.spawn(_crash_soon)
+        elif record.kind == "exit" and self.ctx.incarnation == 1:
+            self.ctx.exit()
+
+
+async def _crash_soon() -> None:
+    raise OSError("background work failed")

@@ -35,6 +35,8 @@ from nucleus_actors import (
     open_ledger,
 )
 from nucleus_actors.module import Module
+from nucleus_actors.storage import MemoryStorage
+from nucleus_actors.testing import FaultPlan
 
 from .modules import Counter, Gate, Seen, add, fail, read_seen, total
 
@@ -306,3 +308,104 @@ async def test_no_orphans_when_the_parent_is_killed(tmp_path: Path) -> None:
         if process.returncode is None:
             process.kill()
             await process.wait()
+
+
+async def test_ctx_ledger_and_asks_to_other_modules_from_a_worker() -> None:
+    from .modules import Reader
+
+    storage = MemoryStorage()
+    async with open_ledger(LedgerConfig(ledger_id="iso"), storage=storage) as ledger:
+        for _ in range(300):  # more than one read request (256 entries each)
+            await ledger.append(Record("k", {}))
+        expected_root = (await ledger.root()).hex()
+    modules = [ModuleSpec(Counter), ModuleSpec(Reader, isolation=PROCESS, config={"a": [1]})]
+    async with open_ledger(
+        LedgerConfig(ledger_id="iso"), storage=storage, modules=modules
+    ) as ledger:
+        handle = ledger.modules.get("reader")
+        await ledger.append(Record("k", {}))
+        await ledger.append(Record("ask", {}))
+        report = await handle.ask(Reader.report)
+    assert report["length_at_init"] == 300
+    assert report["read_at_init"] == list(range(300))
+    assert report["first"] == "k" and report["root"] == expected_root
+    assert report["asked"] == [2]  # the task module counted both deliveries before the ask
+    assert report["config"] == {"a": [1]}
+
+
+async def test_background_crash_and_exit_in_a_worker() -> None:
+    from .modules import Spawner
+
+    async with open_ledger(
+        LedgerConfig(ledger_id="iso"), modules=[ModuleSpec(Spawner, isolation=PROCESS)]
+    ) as ledger:
+        handle = ledger.modules.get("spawner")
+        await ledger.append(Record("spawn-crash", {}))
+        await wait_until(
+            lambda: handle.status.restarts == 1 and handle.state is ModuleState.RUNNING
+        )
+        assert handle.status.last_error == "OSError('background work failed')"
+        assert handle.status.crashes == 1
+    async with open_ledger(
+        LedgerConfig(ledger_id="iso"), modules=[ModuleSpec(Spawner, isolation=PROCESS)]
+    ) as ledger:
+        handle = ledger.modules.get("spawner")
+        pid = handle.status.pid
+        await ledger.append(Record("exit", {}))
+        await wait_until(
+            lambda: handle.status.restarts == 1 and handle.state is ModuleState.RUNNING
+        )
+        status = handle.status
+        assert status.crashes == 0 and status.pid != pid  # PERMANENT: restarted after exit
+        assert pid is not None and not alive(pid)
+
+
+async def test_durable_isolated_module_catches_up_after_a_crash(tmp_path: Path) -> None:
+    path = tmp_path / "seen.txt"
+    storage = MemoryStorage()
+    async with open_ledger(LedgerConfig(ledger_id="iso"), storage=storage) as ledger:
+        for i in range(600):  # entries from before the module existed: read from storage
+            await ledger.append(Record("k", {"i": i}))
+    spec = seen_spec(path, durable=True, inbox=8)
+    async with open_ledger(
+        LedgerConfig(ledger_id="iso"), storage=storage, modules=[spec]
+    ) as ledger:
+        handle = ledger.modules.get("seen")
+        acknowledged = [(await ledger.append(Record("k", {}))).seq for _ in range(20)]
+        acknowledged.append((await ledger.append(Record("segv", {}))).seq)
+        acknowledged += [(await ledger.append(Record("k", {}))).seq for _ in range(50)]
+        await wait_until(lambda: handle.status.restarts == 1 and handle.status.lag == 0)
+        await wait_until(lambda: set(range(len(acknowledged) + 600)) <= set(read_seen(path)))
+        assert handle.status.cursor == 600 + len(acknowledged) - 1
+    seen = read_seen(path)
+    assert list(dict.fromkeys(seen)) == list(range(600 + len(acknowledged)))
+    assert "SIGSEGV" in (handle.status.last_error or "")
+
+
+async def test_fault_plan_kills_and_hangs_isolated_workers(tmp_path: Path) -> None:
+    path = tmp_path / "seen.txt"
+    plan = FaultPlan().crash("after_append", nth=3).hang("after_append", nth=6)
+    spec = plan.wrap(seen_spec(path, timeout=1.0))
+    async with open_ledger(LedgerConfig(ledger_id="iso"), modules=[spec]) as ledger:
+        handle = ledger.modules.get("seen")
+        for i in range(3):
+            await ledger.append(Record("k", {"i": i}))
+        await wait_until(lambda: handle.status.restarts == 1)
+        assert "worker exited by signal 9 (SIGKILL)" in (handle.status.last_error or "")
+        for i in range(3, 10):
+            await ledger.append(Record("k", {"i": i}))
+        await wait_until(
+            lambda: (
+                handle.status.restarts == 2
+                and handle.state is ModuleState.RUNNING
+                and set(range(10)) <= set(read_seen(path))
+            )
+        )
+        status = handle.status
+    assert status.crashes == 2
+    assert "after_append exceeded the module's timeout of 1.0 s" in (status.last_error or "")
+    fired = plan.fired("seen")
+    assert [(e.fault.action.value, e.call, e.handled) for e in fired if e.fault] == [
+        ("crash", 3, False),
+        ("hang", 6, False),
+    ]

@@ -43,7 +43,7 @@ export interface paths {
             path?: never;
             cookie?: never;
         };
-        /** Readiness: every ledger RUNNING */
+        /** Readiness: every ledger RUNNING (with ?role=writer: this daemon writes one) */
         get: operations["readyz_readyz_get"];
         put?: never;
         post?: never;
@@ -355,6 +355,11 @@ export interface components {
          */
         HeadOut: {
             /**
+             * Epoch
+             * @description PostgreSQL ledgers: the lease epoch
+             */
+            epoch?: number | null;
+            /**
              * Head
              * @description chain hash of the last entry (the genesis hash if empty)
              */
@@ -365,6 +370,11 @@ export interface components {
             length: number;
             /** Phase */
             phase: string;
+            /**
+             * Role
+             * @description PostgreSQL ledgers: `writer`, or `standby` (another daemon writes it)
+             */
+            role?: string | null;
         };
         /** HTTPValidationError */
         HTTPValidationError: {
@@ -473,6 +483,11 @@ export interface components {
             lag: number;
             /** Last Error */
             last_error: string | null;
+            /**
+             * Pid
+             * @description process id of the module's worker (isolation = "process"), else null
+             */
+            pid?: number | null;
             /** Processed */
             processed: number;
             /** Restarts */
@@ -677,7 +692,10 @@ export interface operations {
     };
     readyz_readyz_get: {
         parameters: {
-            query?: never;
+            query?: {
+                /** @description `writer`: 503 unless this daemon writes at least one ledger */
+                role?: "writer" | null;
+            };
             header?: never;
             path?: never;
             cookie?: never;
@@ -691,6 +709,15 @@ export interface operations {
                 };
                 content: {
                     "application/json": unknown;
+                };
+            };
+            /** @description Validation Error */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["HTTPValidationError"];
                 };
             };
             /** @description Service Unavailable */
