@@ -410,7 +410,8 @@ def test_ledgers_and_modules(api: httpx.Client) -> None:
     assert [m["id"] for m in modules] == ["require-fields", "explode", "kind-counter"]
     assert set(modules[0]) == {
         "id", "version", "state", "restarts", "crashes", "last_error", "inbox_depth",
-        "processed", "dropped", "stop_result", "incarnation", "cursor", "lag", "stalls", "pid", "info",
+        "processed", "dropped", "stop_result", "incarnation", "cursor", "lag", "stalls", "pid",
+        "info",
     }  # fmt: skip
     infos = {m["id"]: m["info"] for m in modules}
     assert infos["require-fields"] is None  # no describe()
