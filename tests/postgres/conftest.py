@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 
@@ -63,3 +64,20 @@ def pg_schema(pg_schemas: Callable[[], str]) -> str:
 
 
 from tests.daemon.conftest import start_daemon  # noqa: E402, F401 (the fixture, for daemon tests)
+
+
+@pytest.fixture
+def own_cluster() -> Iterator[Any]:
+    """A running PostgreSQL cluster owned by the test (initdb + pg_ctl on 127.0.0.1 and a
+    free port), removed afterwards; skipped with the reason when it cannot be made."""
+    from tests.postgres.cluster import Cluster, unavailable
+
+    why = unavailable()
+    if why is not None:
+        pytest.skip(why)
+    cluster = Cluster()
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.remove()
