@@ -8,7 +8,7 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -49,10 +49,21 @@ class DaemonProcess:
         config: Path,
         *args: str,
         preexec: Callable[[], object] | None = None,
+        prefix: Sequence[str] = (),
         **env: str,
     ) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "nucleus_actors", "run", str(config), "--port", "0", *args],
+            [
+                *prefix,  # e.g. `ip netns exec NS` to run it in a network namespace
+                sys.executable,
+                "-m",
+                "nucleus_actors",
+                "run",
+                str(config),
+                "--port",
+                "0",
+                *args,
+            ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,

@@ -40,7 +40,7 @@ class Cluster:
 
     def __init__(self, host: str = "127.0.0.1", port: int | None = None, netns: str | None = None):
         self.host = host
-        self.port = port or free_port(host if netns is None else "127.0.0.1")
+        self.port = port or free_port(host.split(",")[0] if netns is None else "127.0.0.1")
         self.netns = netns
         self.dir = Path(tempfile.mkdtemp(prefix="nucleus-pg-"))
         self.data = self.dir / "data"
