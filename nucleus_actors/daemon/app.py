@@ -29,7 +29,7 @@ import hmac
 import inspect
 import logging
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Annotated, Any, Final, Literal
 
 import trio
@@ -52,6 +52,7 @@ from ..errors import InvalidRecord, LifecycleError, NucleusError, ProofError, _p
 from ..lifecycle import ModuleState
 from ..module import Module
 from ..module._describe import describe
+from ..proofs import ConsistencyProof, InclusionProof
 from ..record import KIND_FORBIDDEN, MAX_KIND_LENGTH, Record
 from ..registry import ModuleHandle
 from .auth import ReadGuard
@@ -707,6 +708,18 @@ def create_app(state: DaemonState) -> FastAPI:
         note = await host.signer.latest()
         return Response(note, media_type="text/plain; charset=utf-8")
 
+    async def proof_response(
+        ledger: str, prove: Callable[[LedgerEngine], Awaitable[InclusionProof | ConsistencyProof]]
+    ) -> Response:
+        """`prove(engine)` as JSON; its `ProofError` (the request is well-formed, but the
+        ledger has no such tree or entry) as a 404 `not-found` problem."""
+        _, engine = serving(ledger)
+        try:
+            proof = await prove(engine)
+        except ProofError as exc:
+            raise Problem("not-found", str(exc), ledger=ledger) from None
+        return JSONResponse(proof.to_json())
+
     @app.get(
         "/v1/ledgers/{ledger}/proof/inclusion",
         response_model=InclusionProofOut,
@@ -720,12 +733,7 @@ def create_app(state: DaemonState) -> FastAPI:
             int | None, Query(ge=1, description="tree size (default: the ledger length)")
         ] = None,
     ) -> Response:
-        _, engine = serving(ledger)
-        try:
-            proof = await engine.inclusion_proof(seq, size)
-        except ProofError as exc:  # well-formed, but the ledger has no such tree or entry
-            raise Problem("not-found", str(exc), ledger=ledger) from None
-        return JSONResponse(proof.to_json())
+        return await proof_response(ledger, lambda engine: engine.inclusion_proof(seq, size))
 
     @app.get(
         "/v1/ledgers/{ledger}/proof/consistency",
@@ -740,12 +748,7 @@ def create_app(state: DaemonState) -> FastAPI:
             int | None, Query(ge=1, description="the newer tree size (default: the length)")
         ] = None,
     ) -> Response:
-        _, engine = serving(ledger)
-        try:
-            proof = await engine.consistency_proof(from_, to)
-        except ProofError as exc:  # well-formed, but the ledger has no such tree or entry
-            raise Problem("not-found", str(exc), ledger=ledger) from None
-        return JSONResponse(proof.to_json())
+        return await proof_response(ledger, lambda engine: engine.consistency_proof(from_, to))
 
     @app.get("/v1/ledgers", response_model=LedgersOut, summary="Every ledger of the daemon")
     async def ledgers() -> Response:

@@ -67,9 +67,11 @@ __all__ = [
     "make_entries",
 ]
 
-# Public names show where users import them from (as trio does), not the private module.
+# Public names show where users import them from (as trio does), not the private module;
+# names of the core re-exported here (`CallOutcome` is `nucleus_actors.CallbackOutcome`) keep
+# theirs.
 for _name in __all__:
     _obj = globals()[_name]
-    if isinstance(_obj, type) or callable(_obj):
+    if (isinstance(_obj, type) or callable(_obj)) and _obj.__module__.startswith(__name__ + "."):
         _obj.__module__ = __name__
 del _name, _obj

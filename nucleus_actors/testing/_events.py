@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import TYPE_CHECKING
 
-from nucleus_actors import Hash, Record
+from nucleus_actors import CallbackOutcome, Hash, Record
 
 if TYPE_CHECKING:
     from ._faults import Fault
@@ -32,17 +32,9 @@ class Callback(StrEnum):
     """Background work the module runs with `ctx.spawn` (one call per spawned task)."""
 
 
-class CallOutcome(StrEnum):
-    """How one callback call ended."""
-
-    RETURNED = "returned"
-    """It returned normally."""
-    REJECTED = "rejected"
-    """`before_append` raised `RecordRejected` (a veto, not a crash)."""
-    RAISED = "raised"
-    """It raised an exception: a crash of the module (or, for `stop`, a stop error)."""
-    CANCELLED = "cancelled"
-    """It was cancelled: its timeout or shutdown deadline expired, or the module was killed."""
+CallOutcome = CallbackOutcome
+"""How one callback call ended: the instrumentation seam's `CallbackOutcome` under the name the
+testing toolkit has always used (one enum, so a `CallbackResult.outcome` is a `CallOutcome`)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

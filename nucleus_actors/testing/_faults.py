@@ -34,7 +34,7 @@ from nucleus_actors import (
     attached_instruments,
 )
 
-from ._events import Callback, CallbackEvent, CallbackLog, CallOutcome
+from ._events import Callback, CallbackEvent, CallbackLog
 
 __all__ = ["Action", "Fault", "FaultPlan", "InjectedFault"]
 
@@ -222,7 +222,7 @@ class _PlanInstrument(Instrument):
                 record=record,
                 seq=seq,
                 hash=call.hash,
-                outcome=CallOutcome(result.outcome.value),
+                outcome=result.outcome,
                 handled=result.completed,
                 fault=decision.fault,
                 error=None if result.error is None else repr(result.error),
