@@ -1,5 +1,6 @@
 // A tour of @nucleus-actors/client: every call, then verification. Run against a daemon:
 //   NUCLEUS_URL=http://127.0.0.1:8470 node examples/tour.mjs
+// (NUCLEUS_READ_TOKEN for a daemon with reads = "token", NUCLEUS_VKEY to check its checkpoints)
 // (The client test suite runs it against the daemon it starts.)
 import { NucleusApiError, NucleusClient, verifyEntries } from "@nucleus-actors/client";
 
@@ -42,7 +43,19 @@ for await (const event of client.events(id, { signal: quiet })) {
   console.log(`event ${event.id}: ${event.module} ${event.type} -> ${event.state}`);
 }
 
-const result = await client.verifyRange(id); // { ok: true, head } or { ok: false, seq, reason }
+// With the daemon's verifier key (NUCLEUS_VKEY, printed by `nucleus keygen`): the signed
+// checkpoint, an entry proved to be in it, and the range verified against it.
+const vkey = process.env.NUCLEUS_VKEY;
+if (vkey && head.length > 0) {
+  const signed = await client.verifiedCheckpoint(id, { vkey }); // { origin, size, root, chain }
+  console.log(signed ? `signed checkpoint: ${signed.size} entries by ${signed.origin}, chain ${signed.chain}` : "no signed checkpoint");
+  if (signed && signed.size > 0) {
+    const { entry } = await client.proveInclusion(id, signed.size - 1, { vkey });
+    console.log(`entry ${entry.seq} is in the signed tree`);
+  }
+}
+
+const result = await client.verifyRange(id, { vkey }); // { ok: true, head } or { ok: false, seq, reason }
 console.log(result.ok ? `verified ${result.checked} entries against the ${result.anchor}` : `seq ${result.seq} does not verify: ${result.reason}`);
 
 try {

@@ -3,6 +3,7 @@
 // consistency proofs and `verifyRange` against the checkpoint, agrees with Python on all of it,
 // and refuses a tampered signature, a wrong key and a tampered proof, saying what failed.
 import assert from "node:assert/strict";
+import { spawnSync } from "node:child_process";
 import { join } from "node:path";
 import { after, before, describe, test } from "node:test";
 import {
@@ -18,7 +19,7 @@ import {
   verifyInclusion,
   type Entry,
 } from "@nucleus-actors/client";
-import { append, keygen, TestDaemon } from "./daemon.js";
+import { append, keygen, PACKAGE_ROOT, TestDaemon } from "./daemon.js";
 
 const ORIGIN = "test.example/signed";
 const daemon = new TestDaemon(`
@@ -154,6 +155,19 @@ print(json.dumps(Checkpoint.verify(sys.argv[1], VerifierKey.parse(sys.argv[2])).
     // An empty ledger with a key: nothing to tie to a checkpoint.
     const empty = await client.head("plain");
     assert.deepEqual(await client.verifyRange("plain"), { ok: true, head: empty.head, from: 0, to: 0, checked: 0, anchor: "head" });
+  });
+
+  test("examples/tour.mjs with NUCLEUS_VKEY proves an entry and verifies against the checkpoint", async () => {
+    const result = spawnSync(process.execPath, [join(PACKAGE_ROOT, "examples", "tour.mjs")], {
+      env: { ...process.env, NUCLEUS_URL: daemon.url, NUCLEUS_VKEY: vkey },
+      encoding: "utf8",
+      timeout: 30_000,
+    });
+    assert.equal(result.status, 0, result.stderr);
+    const head = await client.head("signed");
+    assert.match(result.stdout, new RegExp(`^signed checkpoint: ${head.length} entries by test\\.example/signed, chain ${head.head}$`, "m"));
+    assert.match(result.stdout, new RegExp(`^entry ${head.length - 1} is in the signed tree$`, "m"));
+    assert.match(result.stdout, /^verified \d+ entries against the checkpoint$/m);
   });
 
   test("a tampered signature, a changed note and a wrong key are refused by name", async () => {
