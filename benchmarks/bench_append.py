@@ -14,6 +14,8 @@ ratio to the baseline it is judged against:
   ours: append_many 1000   batches of 1,000 records, same modules         (target >= 100k/s)
   eventsourcing POPO       the `eventsourcing` in-memory application, one event per save()
   ours: 0 modules, 1 task  1 task, no modules                 (target >= 1.0x eventsourcing)
+  ... no tree              1 task, 64 tasks and append_many again with `merkle_tree=False`:
+                           the cost of keeping the Merkle tree      (target <= 20 %)
   memory                   RSS growth over 200k appends through a module that sleeps 1 ms per
                            after_append (inbox 64), minus the stored entries' own bytes
                                                                           (target < 30 MB)
@@ -115,9 +117,14 @@ async def raw_pipeline(n: int) -> float:
 # -- the engine -------------------------------------------------------------------------------
 
 
-async def ours_single(n: int, modules: int = MODULES) -> float:
+def _config(tree: bool) -> LedgerConfig:
+    # merkle_tree=False: the engine keeps no Merkle tree (the baseline of the tree's cost).
+    return LedgerConfig(ledger_id="bench", merkle_tree=tree)
+
+
+async def ours_single(n: int, modules: int = MODULES, tree: bool = True) -> float:
     mods = _modules()[:modules]
-    async with open_ledger(LedgerConfig(ledger_id="bench"), modules=mods) as ledger:
+    async with open_ledger(_config(tree), modules=mods) as ledger:
         start = time.perf_counter()
         for i in range(n):
             await ledger.append(Record("order.created", _payload(i)))
@@ -128,8 +135,8 @@ async def ours_zero_modules(n: int) -> float:
     return await ours_single(n, modules=0)
 
 
-async def ours_concurrent(n: int, tasks: int = 64) -> float:
-    async with open_ledger(LedgerConfig(ledger_id="bench"), modules=_modules()) as ledger:
+async def ours_concurrent(n: int, tasks: int = 64, tree: bool = True) -> float:
+    async with open_ledger(_config(tree), modules=_modules()) as ledger:
         per_task = n // tasks
 
         async def appender(t: int) -> None:
@@ -143,8 +150,8 @@ async def ours_concurrent(n: int, tasks: int = 64) -> float:
         return per_task * tasks / (time.perf_counter() - start)
 
 
-async def ours_many(n: int, size: int = 1000) -> float:
-    async with open_ledger(LedgerConfig(ledger_id="bench"), modules=_modules()) as ledger:
+async def ours_many(n: int, size: int = 1000, tree: bool = True) -> float:
+    async with open_ledger(_config(tree), modules=_modules()) as ledger:
         batches = [
             [Record("order.created", _payload(b * size + i)) for i in range(size)]
             for b in range(n // size)
@@ -260,8 +267,12 @@ async def main(quick: bool, rounds: int) -> None:
     scenarios: dict[str, tuple[Callable[[int], Awaitable[float]], int]] = {
         "raw": (raw_pipeline, n),
         "single": (ours_single, n),
+        # Each engine scenario again without the Merkle tree, right after it: the tree's cost.
+        "single_notree": (functools.partial(ours_single, tree=False), n),
         "concurrent": (ours_concurrent, n * 2),
+        "concurrent_notree": (functools.partial(ours_concurrent, tree=False), n * 2),
         "many": (ours_many, n * 5),
+        "many_notree": (functools.partial(ours_many, tree=False), n * 5),
         "many_built": (ours_many_including_construction, n * 5),
         "es": (eventsourcing_popo, n),
         "zero": (ours_zero_modules, n),
@@ -288,11 +299,24 @@ async def main(quick: bool, rounds: int) -> None:
     row("eventsourcing POPO, 1 event/save", "es", None, "")
     row("ours: 0 modules, 1 task", "zero", "es", ">= 1.0x eventsourcing")
 
+    row("ours: 1 task, 3 modules, no tree", "single_notree", None, "")
+    row("ours: 64 tasks, 3 modules, no tree", "concurrent_notree", None, "")
+    row("ours: append_many 1000, no tree", "many_notree", None, "")
+
     width = max(len(r[0]) for r in rows)
     print(f"{rounds} interleaved rounds; best round, median round, ratio of the best rounds")
     print(f"{'scenario':<{width}}  {'best':>12}  {'median':>12}  {'ratio':>7}  target")
     for name, best_s, median_s, ratio, target in rows:
         print(f"{name:<{width}}  {best_s:>12}  {median_s:>12}  {ratio:>7}  {target}")
+
+    print("\ncost of keeping the Merkle tree (1 - with / without, best rounds; target <= 20 %):")
+    for label, key in (("1 task", "single"), ("64 tasks", "concurrent"), ("append_many", "many")):
+        cost = 100 * (1 - best[key] / best[f"{key}_notree"])
+        verdict = "ok" if cost <= 20 else "MISSED"
+        print(
+            f"  {label:<12} {best[key]:>10,.0f}/s vs {best[f'{key}_notree']:>10,.0f}/s  "
+            f"cost {cost:5.1f} %  {verdict}"
+        )
 
     # In a fresh process, so that memory freed by the scenarios above does not hide growth.
     appends = 20_000 if quick else 200_000

@@ -14,6 +14,8 @@ Scenarios:
   ours: append_many(1000)   batches of 1,000 records (one commit per batch)
   eventsourcing: 1/save     eventsourcing SQLite application, one event per save()
   eventsourcing: 100/save   eventsourcing SQLite application, 100 events per save()
+  ours: ..., no tree        the three scenarios above with `merkle_tree=False` (no Merkle tree
+                            tiles kept): the tree's cost on appends (target <= 15 %)
   raw sqlite3 executemany   the same rows as ours (seq, canonical, hash), executemany batches of
                             100 in one transaction each, via trio.to_thread: the ceiling
 """
@@ -21,6 +23,7 @@ Scenarios:
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import shutil
 import sqlite3
@@ -54,8 +57,13 @@ def _payload(i: int) -> dict[str, Any]:
 # -- ours ------------------------------------------------------------------------------------
 
 
-async def ours_single(path: Path) -> int:
-    async with open_ledger(LedgerConfig(ledger_id="bench"), storage=SQLiteStorage(path)) as led:
+def _config(tree: bool) -> LedgerConfig:
+    # merkle_tree=False: the engine keeps no Merkle tree (the baseline of the tree's cost).
+    return LedgerConfig(ledger_id="bench", merkle_tree=tree)
+
+
+async def ours_single(path: Path, tree: bool = True) -> int:
+    async with open_ledger(_config(tree), storage=SQLiteStorage(path)) as led:
         start = time.perf_counter()
         for i in range(SINGLE):
             await led.append(Record("dog.trick_added", _payload(i)))
@@ -63,8 +71,8 @@ async def ours_single(path: Path) -> int:
     return SINGLE
 
 
-async def ours_concurrent(path: Path) -> int:
-    async with open_ledger(LedgerConfig(ledger_id="bench"), storage=SQLiteStorage(path)) as led:
+async def ours_concurrent(path: Path, tree: bool = True) -> int:
+    async with open_ledger(_config(tree), storage=SQLiteStorage(path)) as led:
 
         async def task(t: int) -> None:
             for i in range(PER_TASK):
@@ -78,8 +86,8 @@ async def ours_concurrent(path: Path) -> int:
     return TASKS * PER_TASK
 
 
-async def ours_many(path: Path) -> int:
-    async with open_ledger(LedgerConfig(ledger_id="bench"), storage=SQLiteStorage(path)) as led:
+async def ours_many(path: Path, tree: bool = True) -> int:
+    async with open_ledger(_config(tree), storage=SQLiteStorage(path)) as led:
         start = time.perf_counter()
         for b in range(MANY_BATCHES):
             await led.append_many(
@@ -197,8 +205,11 @@ _elapsed: list[float] = []  # each scenario appends its timed section here
 
 SCENARIOS: dict[str, Callable[[Path], Awaitable[int]]] = {
     "ours: 1 task, append": ours_single,
+    "ours: 1 task, no tree": functools.partial(ours_single, tree=False),
     "ours: 64 tasks, append": ours_concurrent,
+    "ours: 64 tasks, no tree": functools.partial(ours_concurrent, tree=False),
     "ours: append_many(1000)": ours_many,
+    "ours: append_many, no tree": functools.partial(ours_many, tree=False),
     "eventsourcing: 1/save": es_one,
     "eventsourcing: 100/save": es_hundred,
     "raw sqlite3 executemany(100)": raw,
@@ -207,6 +218,9 @@ KEYS = {
     "single": "ours: 1 task, append",
     "concurrent": "ours: 64 tasks, append",
     "many": "ours: append_many(1000)",
+    "single_notree": "ours: 1 task, no tree",
+    "concurrent_notree": "ours: 64 tasks, no tree",
+    "many_notree": "ours: append_many, no tree",
     "es1": "eventsourcing: 1/save",
     "es100": "eventsourcing: 100/save",
     "raw": "raw sqlite3 executemany(100)",
@@ -249,6 +263,12 @@ async def main(repeat: int, directory: Path) -> None:
         verdict = "" if target is None else (" ok" if ratio >= target else " MISSED")
         goal = "-" if target is None else f">= {target:g}x"
         print(f"{label:<58}{ratio:>9.2f}x{goal:>10}{verdict}")
+    print("\ncost of keeping the Merkle tree (1 - with / without, medians; target <= 15 %):")
+    for label, key in (("1 task", "single"), ("64 tasks", "concurrent"), ("append_many", "many")):
+        on, off = median[KEYS[key]], median[KEYS[f"{key}_notree"]]
+        cost = 100 * (1 - on / off)
+        verdict = "ok" if cost <= 15 else "MISSED"
+        print(f"  {label:<12}{on:>10,.0f}/s vs {off:>10,.0f}/s  cost {cost:5.1f} %  {verdict}")
 
 
 async def profile(name: str, directory: Path) -> None:
