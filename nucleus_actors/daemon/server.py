@@ -20,6 +20,7 @@ The exit status is 0 after a signal, 1 after a ledger failure.
 
 from __future__ import annotations
 
+import gc
 import inspect
 import logging
 import os
@@ -729,6 +730,7 @@ class Daemon:
                 for url in urls:
                     log.info("listening on %s", url)
                 self._log_access_policy()
+                _freeze_heap()
         except BaseExceptionGroup as group:
             bind_errors, rest = group.split(OSError)
             if rest is not None or bind_errors is None:
@@ -808,6 +810,18 @@ class Daemon:
                 await self._serve()
             await self._stop.wait()
             self._release.set()
+
+
+def _freeze_heap() -> None:
+    """Move everything alive once the daemon serves (the app, its routes and schemas, modules,
+    ledgers' state) out of the cyclic garbage collector's reach (`gc.freeze`).
+
+    A full collection otherwise walks those ~100k objects each time requests with many objects
+    (a batch of 1,000 records) trigger one: 50-150 ms during which no request is served. They
+    live as long as the daemon, so nothing is lost by never collecting them.
+    """
+    gc.collect()
+    gc.freeze()
 
 
 async def _call_reconfigure(module: Any, *, config: dict[str, Any]) -> bool:
