@@ -748,13 +748,19 @@ def _parse_meta(items: list[str]) -> dict[str, str]:
 
 
 def _stdin_lines(
-    stream: IO[bytes], kind: str | None, meta: dict[str, str], problems: dict[int, str]
+    stream: IO[bytes],
+    kind: str | None,
+    meta: dict[str, str],
+    problems: dict[int, str],
+    key_prefix: str | None = None,
 ) -> Iterator[bytes]:
     """NDJSON chunks for the stream route, one output line per stdin line (so the daemon's
     line numbers are stdin's), read as they come (a pipe need not end).
 
     A line the daemon could never take (not JSON with `--kind`; not a record object without
-    it) is noted in `problems` and sent as a blank line (which the daemon skips).
+    it) is noted in `problems` and sent as a blank line (which the daemon skips). With
+    `key_prefix`, line N carries `"idempotency_key": key_prefix + str(N)` (unless it has its
+    own), so a re-run with the same prefix appends each line at most once.
     """
     read = getattr(stream, "read1", stream.read)
     number = 0
@@ -768,18 +774,23 @@ def _stdin_lines(
         out = []
         for raw in lines:
             number += 1
-            out.append(_stdin_line(number, raw, kind, meta, problems))
+            out.append(_stdin_line(number, raw, kind, meta, problems, key_prefix))
         yield b"".join(out)
     if pending.strip():
-        yield _stdin_line(number + 1, pending, kind, meta, problems)
+        yield _stdin_line(number + 1, pending, kind, meta, problems, key_prefix)
 
 
 def _stdin_line(
-    number: int, raw: bytes, kind: str | None, meta: dict[str, str], problems: dict[int, str]
+    number: int,
+    raw: bytes,
+    kind: str | None,
+    meta: dict[str, str],
+    problems: dict[int, str],
+    key_prefix: str | None = None,
 ) -> bytes:
     if not raw.strip():
         return b"\n"
-    if kind is None and not meta:
+    if kind is None and not meta and key_prefix is None:
         return raw.rstrip(b"\r") + b"\n"  # a whole record: the daemon checks it
     try:
         value = _jcs.loads(raw)
@@ -798,8 +809,12 @@ def _stdin_line(
         )
         return b"\n"
     else:
-        extra = value.get("meta")
-        record = {**value, "meta": {**meta, **extra} if isinstance(extra, dict) else extra}
+        record = dict(value)
+        if meta:
+            extra = value.get("meta", {})
+            record["meta"] = {**meta, **extra} if isinstance(extra, dict) else extra
+    if key_prefix is not None:
+        record.setdefault("idempotency_key", f"{key_prefix}{number}")
     return dumps(record).encode() + b"\n"
 
 
@@ -888,6 +903,14 @@ def append(
             help="Show records/s and the count on stderr (default: when it is a terminal).",
         ),
     ] = None,
+    idempotency_prefix: Annotated[
+        str | None,
+        typer.Option(
+            "--idempotency-prefix",
+            help="Give stdin line N the idempotency key PREFIX+N: re-running the same input "
+            "with the same prefix (after a cut) appends every line at most once.",
+        ),
+    ] = None,
     url: Url = DEFAULT_URL,
     token_env: TokenEnv = "NUCLEUS_TOKEN",
     ledger: LedgerOpt = None,
@@ -900,9 +923,22 @@ def append(
     soon as its record is durable. A refused line (not JSON, invalid, vetoed) is reported on
     stderr with its line number and the others go on; the exit status is then 2 (bad input)
     or 1 (refused by a module or the daemon).
+
+    With `--idempotency-prefix P`, line N is sent with the idempotency key `P` + `N`: if the
+    stream is cut (network, daemon restart), run the same command on the same input again;
+    lines already appended answer their first receipt (`"replayed": true`) instead of being
+    appended twice (within the daemon's `idempotency_window`).
     """
     del batch_size  # accepted for old scripts; stdin is streamed record by record
     extra = _parse_meta(meta or [])
+    if idempotency_prefix is not None and not (
+        len(idempotency_prefix) <= 240 and all(" " < c <= "~" for c in idempotency_prefix)
+    ):
+        _error(
+            "--idempotency-prefix must be at most 240 printable ASCII characters (no spaces), "
+            f"got {idempotency_prefix!r}"
+        )
+        raise typer.Exit(EXIT_CONFIG)
     single: dict[str, Any] | None = None
     if payload is not None:  # checked before the daemon is contacted: bad input exits 2
         if kind is None:
@@ -924,19 +960,25 @@ def append(
             if sys.stdin.isatty():
                 _error("give --kind K --json PAYLOAD, or pipe JSON Lines records on stdin")
                 raise typer.Exit(EXIT_CONFIG)
-            _append_stdin(api, target, kind, extra, progress)
+            _append_stdin(api, target, kind, extra, progress, idempotency_prefix)
     except ClientError as exc:
         raise _fail(exc) from None
 
 
 def _append_stdin(
-    api: DaemonClient, ledger: str, kind: str | None, meta: dict[str, str], progress: bool | None
+    api: DaemonClient,
+    ledger: str,
+    kind: str | None,
+    meta: dict[str, str],
+    progress: bool | None,
+    key_prefix: str | None = None,
 ) -> None:
     """Stream stdin to the daemon's NDJSON route; receipts to stdout as they come back."""
     from .daemon.upload import UploadError, upload_ndjson
 
     problems: dict[int, str] = {}  # refused before sending: line -> why
     seqs: list[int] = []
+    replayed = [0]  # receipts of lines an earlier run appended (idempotency keys)
     failed = [0]
     worst = [0]  # exit status: 2 for bad input, else 1 when something failed
     show = _err.is_terminal if progress is None else progress
@@ -966,6 +1008,7 @@ def _append_stdin(
                 flush_problems(line)
             if "seq" in answer:
                 seqs.append(answer["seq"])
+                replayed[0] += answer.get("replayed") is True
                 sys.stdout.write(dumps(answer) + "\n")  # not rich: one line per record
                 elapsed = max(time.monotonic() - started, 1e-6)
                 bar.update(task, completed=len(seqs), rate=f"{len(seqs) / elapsed:,.0f}/s")
@@ -982,7 +1025,7 @@ def _append_stdin(
             upload_ndjson(
                 api.url,
                 f"/v1/ledgers/{ledger}/records/stream",
-                _stdin_lines(sys.stdin.buffer, kind, meta, problems),
+                _stdin_lines(sys.stdin.buffer, kind, meta, problems, key_prefix),
                 on_line,
                 headers=headers,
             )
@@ -994,7 +1037,9 @@ def _append_stdin(
                 "(set the address with --url or $NUCLEUS_URL)"
             ) from None
     flush_problems(float("inf"))
-    done = f"seqs {seqs[0]}..{seqs[-1]}" if seqs else "nothing appended"
+    done = f"seqs {min(seqs)}..{max(seqs)}" if seqs else "nothing appended"
+    if replayed[0]:
+        done += f"; {replayed[0]} of them appended by an earlier run (replayed)"
     if failed[0]:
         _err.print(
             f"appended {len(seqs)} record(s) to {ledger!r} ({done}); {failed[0]} line(s) "

@@ -803,6 +803,151 @@ class LedgerEngine:
                 outcomes.append(LifecycleError("append was withdrawn"))
         return outcomes
 
+    async def append_each_keyed(
+        self, records: Sequence[Record], keys: Sequence[str | None]
+    ) -> list[tuple[Receipt, bool] | NucleusError]:
+        """`append_each` where each record may carry its own idempotency key (`None`: none).
+
+        One outcome per record, in order: `(receipt, replayed)`, or the error for that record
+        alone. A keyed record follows `append_keyed`'s rules for a batch of one: a key already
+        committed for the same record (within `idempotency_window`) gives the first receipt
+        with `replayed=True` and appends nothing; a key used for a different record, or in
+        flight (another append with it has not finished, a second use in `keys` included), is
+        an `IdempotencyConflict` for that record. The keys are looked up first (one storage
+        read each), then every record to append is handed to the pipeline together, in order
+        (group commit); each key is committed in the same storage batch as its entry.
+
+        Cancellation: as for `append_each`; keys of records already handed to storage stay
+        reserved until storage answered (shielded), so a retry never appends twice.
+
+        Raises:
+            ValueError: `keys` is not as long as `records`, or a key is not 1..255 printable
+                ASCII characters (nothing was appended).
+            StorageError: a key is given and the backend keeps no keys (`IdempotencyStore`).
+            LifecycleError: the ledger is not RUNNING (nothing was appended).
+        """
+        self._require("append", Phase.RUNNING)
+        records = list(records)
+        keys = list(keys)
+        if len(keys) != len(records):
+            raise ValueError(
+                f"append_each_keyed needs one key (or None) per record: {len(records)} records, "
+                f"{len(keys)} keys"
+            )
+        for key in keys:
+            if key is not None and not (
+                isinstance(key, str) and 0 < len(key) <= 255 and all(" " < c <= "~" for c in key)
+            ):
+                raise ValueError(
+                    f"an idempotency key must be 1..255 printable ASCII characters, got {key!r}"
+                )
+        store = (
+            self.require_storage(IdempotencyStore, "idempotent appends")
+            if any(key is not None for key in keys)
+            else None
+        )
+        limit = self.config.max_record_bytes
+        suffix = len(b',"seq":%d,"ts":%d}' % (self._chain.length, self._chain.last_ts))
+        # Per record: an outcome already known, or (key, fingerprint) still to look up, or
+        # None (no key): then a Request once submitted.
+        slots: list[Request | NucleusError | tuple[Receipt, bool] | None] = []
+        pending: dict[int, tuple[str, str]] = {}
+        reserved: list[str] = []
+        given: list[object] = list(records)  # callers may pass anything: check each item
+        for index, (record, key) in enumerate(zip(given, keys, strict=True)):
+            if not isinstance(record, Record):
+                name = type(record).__name__
+                slots.append(InvalidRecord(f"append_each_keyed takes Records, got {name}"))
+                continue
+            size = len(record._body) + suffix
+            if size > limit:
+                slots.append(
+                    InvalidRecord(
+                        f"record is {size} canonical bytes, over max_record_bytes={limit}"
+                    )
+                )
+                continue
+            if key is not None:
+                if key in self._keys_in_flight:
+                    slots.append(
+                        IdempotencyConflict(
+                            f"idempotency key {key!r} is in flight: an append with it has not "
+                            "finished; retry once it has",
+                            key=key,
+                            in_flight=True,
+                        )
+                    )
+                    continue
+                self._keys_in_flight.add(key)  # reserved with no checkpoint since the check
+                reserved.append(key)
+                pending[index] = (key, _fingerprint([record]))
+            slots.append(None)
+        try:
+            if store is not None and pending:
+                horizon = self.config.wall_clock() - int(self.config.idempotency_window * 1e6)
+                pruned = False
+                for index, (key, fingerprint) in pending.items():
+                    found = await store.get_idempotency(key)
+                    if found is not None and found.created < horizon:
+                        if not pruned:
+                            await store.prune_idempotency(horizon)
+                            pruned = True
+                        found = None
+                    if found is None:
+                        continue
+                    if found.fingerprint != fingerprint:
+                        slots[index] = IdempotencyConflict(
+                            f"idempotency key {key!r} was used for a different request (seqs "
+                            f"{found.first_seq}..{found.first_seq + found.count - 1}); send a "
+                            "new request with a new key",
+                            key=key,
+                            in_flight=False,
+                        )
+                    else:
+                        entry = await self.get(found.first_seq)
+                        slots[index] = (entry.receipt(), True)
+            self._require("append", Phase.RUNNING)
+            for index, slot in enumerate(slots):  # no checkpoint: they travel together
+                if slot is None:
+                    request = Request([records[index]], pending.get(index))
+                    self._pipeline.submit(request)
+                    slots[index] = request
+            try:
+                waited = False
+                for slot in slots:
+                    if isinstance(slot, Request):
+                        await slot._wait()
+                        waited = True
+                if not waited:
+                    await trio.lowlevel.checkpoint()
+            except BaseException:
+                for slot in slots:
+                    if isinstance(slot, Request) and not slot.storing:
+                        slot.withdrawn = True
+                raise
+        finally:
+            storing = [s for s in slots if isinstance(s, Request) and s.storing and not s.done]
+            if storing:
+                with trio.CancelScope(shield=True):
+                    for request in storing:
+                        await request._wait()
+            self._keys_in_flight.difference_update(reserved)
+        outcomes: list[tuple[Receipt, bool] | NucleusError] = []
+        for slot in slots:
+            if isinstance(slot, Request):
+                if slot.error is None and slot.receipts is not None:
+                    outcomes.append((slot.receipts[0], False))
+                elif isinstance(slot.error, NucleusError):
+                    outcomes.append(slot.error)
+                elif slot.error is not None:
+                    raise slot.error
+                else:  # pragma: no cover - defensive: answered without an outcome
+                    outcomes.append(LifecycleError("append was withdrawn"))
+            else:
+                assert slot is not None
+                outcomes.append(slot)
+        return outcomes
+
     async def append_keyed(self, records: Sequence[Record], key: str) -> tuple[list[Receipt], bool]:
         """Append `records` all-or-nothing under the idempotency key `key`; return the receipts
         and whether they are a replay (the key was already committed for the same records:

@@ -24,6 +24,7 @@ body size (before anything is parsed) and media type.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hmac
 import inspect
@@ -435,9 +436,31 @@ def _publish_json_value(app: FastAPI) -> None:
 
     def openapi() -> dict[str, Any]:
         document = build()
-        document.setdefault("components", {}).setdefault("schemas", {})["JsonValue"] = (
-            JSON_VALUE_SCHEMA
-        )
+        schemas = document.setdefault("components", {}).setdefault("schemas", {})
+        schemas["JsonValue"] = JSON_VALUE_SCHEMA
+        record = schemas.get("RecordIn")
+        if record is not None and "StreamRecordIn" not in schemas:
+            # A line of the NDJSON stream: a record, optionally with its own idempotency key.
+            line = copy.deepcopy(record)
+            line["title"] = "StreamRecordIn"
+            line["description"] = (
+                "A record to append from the NDJSON stream: `RecordIn`, optionally with the "
+                "record's own `idempotency_key` (not part of the record)."
+            )
+            line["properties"]["idempotency_key"] = {
+                "type": "string",
+                "minLength": 1,
+                "maxLength": 255,
+                "pattern": "^[!-~]+$",
+                "description": "The record's idempotency key, with the `Idempotency-Key` "
+                "header's semantics: a line whose key was committed for the same record "
+                'within idempotency_window answers the first receipt with `"replayed": true` '
+                "and appends nothing; a key used for a different record is a 422 "
+                "`idempotency-key-reused` line, a key in flight a 409 "
+                "`idempotency-key-in-flight` line. Resume a cut stream by resending every "
+                "line with the same keys.",
+            }
+            schemas["StreamRecordIn"] = line
         return document
 
     app.openapi = openapi  # type: ignore[method-assign]

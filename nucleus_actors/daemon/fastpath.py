@@ -55,6 +55,11 @@ def parse_record(body: bytes) -> Record | None:
         value = loads(body)
     except (ValueError, RecursionError):
         return None
+    return record_from_value(value)
+
+
+def record_from_value(value: Any) -> Record | None:
+    """`parse_record` for a body already parsed (by `loads`)."""
     if type(value) is not dict or "kind" not in value or "payload" not in value:
         return None
     if len(value) > 2 and not value.keys() <= _RECORD_KEYS:

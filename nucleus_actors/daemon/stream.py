@@ -12,11 +12,19 @@ writer    outcomes -> receipt / problem lines -> send()
 
 Answer lines: `{"line": n, "seq", "hash", "timestamp"}` for an appended record, or a problem
 object (RFC 9457 members) with `"line"` for a refused one (bad JSON, an invalid record, a veto,
-a failed module); then one `{"summary": {"appended", "failed"}}`. Blank lines are skipped (they
-still count for line numbers). Memory stays bounded whatever the body's size: lines longer
-than `max_body_bytes` are answered with an error and skipped, and the channels hold at most
-a few groups. If the client goes away, no further group is submitted; the group in flight
-completes (stored records stay stored; they were just not acknowledged).
+a failed module); then one `{"summary": {"appended", "failed"}}` (and `"replayed"` when some
+lines were replays).
+
+A line may carry `"idempotency_key"` (1..255 printable ASCII characters) beside `kind`,
+`payload` and `meta`: the record's own key, with the `Idempotency-Key` header's semantics
+(engine `append_each_keyed`). A key already committed for the same record answers the first
+receipt with `"replayed": true` and appends nothing; a key used for a different record is an
+`idempotency-key-reused` (422) line, a key in flight an `idempotency-key-in-flight` (409) line.
+So a stream cut mid-way is resumed by sending every line again with the same keys. Blank lines
+are skipped (they still count for line numbers). Memory stays bounded whatever the body's size:
+lines longer than `max_body_bytes` are answered with an error and skipped, and the channels hold
+at most a few groups. If the client goes away, no further group is submitted; the group in
+flight completes (stored records stay stored; they were just not acknowledged).
 """
 
 from __future__ import annotations
@@ -37,7 +45,7 @@ from starlette.types import Receive, Scope, Send
 from ..errors import NucleusError
 from ..record import Receipt, Record
 from . import fastpath
-from .fastpath import parse_record
+from .fastpath import parse_record, record_from_value
 from .host import DaemonState, LedgerHost
 from .problems import Problem, problem_from_error
 
@@ -114,12 +122,23 @@ def _explain(raw: bytes, ledger: str) -> Problem:
 
 
 class _Item:
-    __slots__ = ("line", "problem", "record")
+    __slots__ = ("key", "line", "problem", "record")
 
-    def __init__(self, line: int, record: Record | None, problem: Problem | None) -> None:
+    def __init__(
+        self, line: int, record: Record | None, problem: Problem | None, key: str | None = None
+    ) -> None:
         self.line = line
         self.record = record
         self.problem = problem
+        self.key = key  # the line's idempotency_key
+
+
+KEY_MEMBER: Final = "idempotency_key"
+"""A line's optional member: the record's own idempotency key (resuming a cut stream)."""
+
+
+def _valid_key(key: object) -> bool:
+    return isinstance(key, str) and 0 < len(key) <= 255 and all(" " < c <= "~" for c in key)
 
 
 class StreamResponse(Response):
@@ -147,14 +166,17 @@ class StreamResponse(Response):
         )
         items_in, items_out = trio.open_memory_channel[_Item](QUEUE)
         done_in, done_out = trio.open_memory_channel[list[bytes]](4)
-        counts = [0, 0]  # appended, failed
+        counts = [0, 0, 0]  # appended, failed, replayed
         disconnected = trio.Event()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._read, receive, items_in, disconnected)
             nursery.start_soon(self._append, engine, items_out, done_in, counts, disconnected)
             await self._write(send, done_out, disconnected)
         if not disconnected.is_set():
-            summary = {"summary": {"appended": counts[0], "failed": counts[1]}}
+            totals = {"appended": counts[0], "failed": counts[1]}
+            if counts[2]:
+                totals["replayed"] = counts[2]  # lines answered with an earlier receipt
+            summary = {"summary": totals}
             await send(
                 {
                     "type": "http.response.body",
@@ -209,9 +231,36 @@ class StreamResponse(Response):
                     return
 
     def _parse(self, number: int, raw: bytes) -> _Item:
-        record = parse_record(raw)
+        if b'"idempotency_key"' not in raw:  # the common case: a plain record object
+            record = parse_record(raw)
+            if record is not None:
+                return _Item(number, record, None)
+            return _Item(number, None, _explain(raw, self.host.id))
+        try:
+            value = fastpath.loads(raw)
+        except (ValueError, RecursionError):
+            return _Item(number, None, _explain(raw, self.host.id))
+        if type(value) is not dict or KEY_MEMBER not in value:
+            return self._parse_plain(number, raw, value)
+        key = value.pop(KEY_MEMBER)
+        if not _valid_key(key):
+            shown = key[:300] if isinstance(key, str) else key
+            problem = Problem(
+                "bad-request",
+                f"{KEY_MEMBER} must be 1..255 printable ASCII characters, got {shown!r}",
+            )
+            return _Item(number, None, problem)
+        # The record is the line without its key: checked exactly as a line without one.
+        return self._parse_plain(number, None, value, key)
+
+    def _parse_plain(
+        self, number: int, raw: bytes | None, value: Any, key: str | None = None
+    ) -> _Item:
+        record = record_from_value(value)
         if record is not None:
-            return _Item(number, record, None)
+            return _Item(number, record, None, key)
+        if raw is None:
+            raw = json.dumps(value, ensure_ascii=False).encode("utf-8", "surrogatepass")
         return _Item(number, None, _explain(raw, self.host.id))
 
     async def _append(
@@ -233,11 +282,16 @@ class StreamResponse(Response):
                         group.append(items.receive_nowait())
                     except (trio.WouldBlock, trio.EndOfChannel):
                         break
-                records = [item.record for item in group if item.record is not None]
-                outcomes: list[Receipt | NucleusError] = []
+                appending = [item for item in group if item.record is not None]
+                records = [item.record for item in appending if item.record is not None]
+                outcomes: list[Receipt | tuple[Receipt, bool] | NucleusError] = []
                 if records:
                     try:
-                        outcomes = await engine.append_each(records)
+                        if any(item.key is not None for item in appending):
+                            keys = [item.key for item in appending]
+                            outcomes = list(await engine.append_each_keyed(records, keys))
+                        else:
+                            outcomes = list(await engine.append_each(records))
                     except NucleusError as exc:  # the ledger stopped: every record fails
                         outcomes = [exc] * len(records)
                 lines: list[bytes] = []
@@ -249,15 +303,19 @@ class StreamResponse(Response):
                         lines.append(_line_problem(item.problem, item.line, instance))
                         continue
                     outcome = next(results)
+                    replayed = False
+                    if isinstance(outcome, tuple):
+                        outcome, replayed = outcome
                     if isinstance(outcome, Receipt):
-                        counts[0] += 1
+                        counts[2 if replayed else 0] += 1
                         lines.append(
-                            b'{"line":%d,"seq":%d,"hash":"%s","timestamp":%d}\n'
+                            b'{"line":%d,"seq":%d,"hash":"%s","timestamp":%d%s}\n'
                             % (
                                 item.line,
                                 outcome.seq,
                                 outcome.hash.hex().encode(),
                                 outcome.timestamp,
+                                b',"replayed":true' if replayed else b"",
                             )
                         )
                     else:
@@ -303,8 +361,10 @@ def install_stream_route(
                     }
                 },
                 "description": "One answer line per input line, in order: a receipt "
-                '`{"line", "seq", "hash", "timestamp"}` once the record is durable, or a problem '
-                'object with `"line"`; then `{"summary": {"appended", "failed"}}`.',
+                '`{"line", "seq", "hash", "timestamp"}` once the record is durable (with '
+                '`"replayed": true` when the line\'s `idempotency_key` was already committed '
+                'for it), or a problem object with `"line"`; then `{"summary": {"appended", '
+                '"failed"}}` (and `"replayed"`, a count, when some lines were replays).',
             },
             **problems,
         },
@@ -316,12 +376,13 @@ def install_stream_route(
                         # NDJSON: each array item is one line
                         "schema": {
                             "type": "array",
-                            "items": {"$ref": "#/components/schemas/RecordIn"},
+                            "items": {"$ref": "#/components/schemas/StreamRecordIn"},
                         },
                         "example": '{"kind": "order.created", "payload": {"id": 1}}\n',
                     }
                 },
-                "description": "NDJSON: one record object (`{kind, payload, meta?}`) per line.",
+                "description": "NDJSON: one record object (`{kind, payload, meta?}`) per line, "
+                "optionally with its own `idempotency_key` (see `StreamRecordIn`).",
             }
         },
         summary="Append records one by one from an NDJSON stream (full duplex)",

@@ -302,3 +302,110 @@ def test_nucleus_append_streams_records_larger_than_a_request_body(
     assert [a["seq"] for a in answers] == list(range(before, before + 5))
     assert _head(url) == before + 5
     assert "appended 5 record(s) to 'main'" in result.stderr
+
+
+# -- per-line idempotency keys ----------------------------------------------------------------
+async def test_keyed_lines_replay_their_first_receipt_and_refuse_a_reuse_or_a_bad_key() -> None:
+    async with _app() as (client, engine):
+        first = [{"kind": "k", "payload": n, "idempotency_key": f"run-1/{n}"} for n in range(3)]
+        body = lines_of(*first, {"kind": "plain", "payload": "no key"})
+        answers = answer_lines(
+            await client.post("/v1/ledgers/main/records/stream", content=body, headers=NDJSON)
+        )
+        assert [a["seq"] for a in answers[:4]] == [0, 1, 2, 3]
+        assert not any("replayed" in a for a in answers[:4])
+        assert answers[-1] == {"summary": {"appended": 4, "failed": 0}}
+        stored = await engine.get(1)
+        assert stored.record.payload == 1
+        assert stored.record.kind == "k"  # the key is not part of the record
+
+        again = lines_of(
+            first[1],  # a replay: the first receipt, nothing appended
+            {"kind": "k", "payload": "other", "idempotency_key": "run-1/2"},  # reused: 422
+            {"kind": "k", "payload": 9, "idempotency_key": "new/1"},
+            {"kind": "k", "payload": 9, "idempotency_key": "new/1"},  # in flight: 409
+            {"kind": "k", "payload": 1, "idempotency_key": "bad key"},  # not a key: 400
+            {"kind": "k", "payload": 1, "idempotency_key": 7},
+            {"kind": "bad kind", "payload": 1, "idempotency_key": "run-2/1"},  # invalid record
+        )
+        answers = answer_lines(
+            await client.post("/v1/ledgers/main/records/stream", content=again, headers=NDJSON)
+        )
+        replay = answers[0]
+        assert replay["replayed"] is True
+        assert (replay["line"], replay["seq"], replay["hash"]) == (1, 1, stored.hash.hex())
+        assert replay["timestamp"] == stored.timestamp
+        assert answers[1]["line"] == 2
+        assert answers[1]["status"] == 422
+        assert answers[1]["type"].endswith("/idempotency-key-reused")
+        assert answers[2]["seq"] == 4
+        assert answers[3]["status"] == 409
+        assert answers[3]["type"].endswith("/idempotency-key-in-flight")
+        assert [answers[n]["status"] for n in (4, 5)] == [400, 400]
+        assert "idempotency_key must be" in answers[4]["detail"]
+        assert answers[6]["status"] == 422
+        assert answers[6]["type"].endswith("/invalid-record")
+        assert answers[-1] == {"summary": {"appended": 1, "failed": 5, "replayed": 1}}
+        assert engine.state.length == 5
+
+
+def test_a_cut_stream_resent_with_the_same_keys_appends_every_record_exactly_once(
+    daemon: DaemonProcess,
+) -> None:
+    url = daemon.wait_listening()
+    start = _head(url)
+    records = [{"kind": "k", "payload": n, "idempotency_key": f"cut/{n}"} for n in range(200)]
+    sock = _open(url)
+    buffer = bytearray()
+    with sock:
+        sock.sendall(_chunk(lines_of(*records[:120])))
+        _read_until(sock, b'"line":60,', buffer)  # some acknowledged, maybe not all 120
+        sock.sendall(_chunk(b'{"kind": "k", "payl'))  # then the connection drops mid-line
+    time.sleep(0.5)  # let the daemon notice
+    sock = _open(url)
+    buffer = bytearray()
+    with sock:
+        sock.sendall(_chunk(lines_of(*records)) + b"0\r\n\r\n")
+        _read_until(sock, b'"summary"', buffer)
+    answers = [json.loads(line) for line in bytes(buffer).split(b"\n") if line.startswith(b"{")]
+    receipts = [a for a in answers if "seq" in a]
+    assert len(receipts) == 200, answers[-3:]
+    replayed = sum(1 for a in receipts if a.get("replayed"))
+    assert 60 <= replayed <= 120
+    summary = answers[-1]["summary"]
+    assert summary == {"appended": 200 - replayed, "failed": 0, "replayed": replayed}
+    stored = httpx.get(
+        f"{url}/v1/ledgers/main/records", params={"start": start, "limit": 1000}
+    ).json()["entries"]
+    assert sorted(e["payload"] for e in stored) == list(range(200))  # each exactly once
+    by_seq = {e["seq"]: e for e in stored}
+    for receipt in receipts:
+        assert by_seq[receipt["seq"]]["payload"] == receipt["line"] - 1
+        assert by_seq[receipt["seq"]]["hash"] == receipt["hash"]
+
+
+def test_nucleus_append_with_an_idempotency_prefix_resumes_without_duplicates(
+    daemon: DaemonProcess,
+) -> None:
+    url = daemon.wait_listening()
+    before = _head(url)
+    lines = "".join(json.dumps({"n": n}) + "\n" for n in range(30))
+    args = ["append", "-k", "resume.test", "--idempotency-prefix", "import-7/"]
+    env = {"NUCLEUS_URL": url}
+    # a first run cut after 10 lines, then the whole input again
+    first = CliRunner().invoke(cli_app, args, input=lines[: lines.index('{"n": 10}')], env=env)
+    assert first.exit_code == 0, first.output
+    assert _head(url) == before + 10
+    again = CliRunner().invoke(cli_app, args, input=lines, env=env)
+    assert again.exit_code == 0, again.output
+    answers = [json.loads(line) for line in again.stdout.splitlines()]
+    assert [a.get("replayed", False) for a in answers] == [True] * 10 + [False] * 20
+    assert "10 of them appended by an earlier run (replayed)" in again.stderr
+    assert _head(url) == before + 30
+    stored = httpx.get(
+        f"{url}/v1/ledgers/main/records", params={"start": before, "limit": 100}
+    ).json()["entries"]
+    assert [e["payload"]["n"] for e in stored] == list(range(30))
+    bad = CliRunner().invoke(cli_app, [*args[:3], "--idempotency-prefix", "a b"], input=lines)
+    assert bad.exit_code != 0
+    assert "--idempotency-prefix must be" in bad.stderr

@@ -94,3 +94,36 @@ async def test_keys_survive_a_restart_and_expire_after_the_window(tmp_path: Path
         assert fresh[0].seq == 1
         again, replayed = await engine.append_keyed([Record("k", 1)], "key")
         assert (again, replayed) == (fresh, True)
+
+
+async def test_append_each_keyed_gives_each_record_its_own_key(tmp_path: Path) -> None:
+    path = tmp_path / "each.db"
+    async with open_ledger(LedgerConfig(ledger_id="m"), storage=SQLiteStorage(path)) as engine:
+        first = await engine.append_each_keyed(
+            [Record("k", 0), Record("k", 1), Record("k", 2)], ["a", None, "c"]
+        )
+        assert [o[1] for o in first if isinstance(o, tuple)] == [False, False, False]
+        receipts = [o[0] for o in first if isinstance(o, tuple)]
+        assert [r.seq for r in receipts] == [0, 1, 2]
+    # keys survive a restart; each outcome stands alone
+    async with open_ledger(LedgerConfig(ledger_id="m"), storage=SQLiteStorage(path)) as engine:
+        outcomes = await engine.append_each_keyed(
+            [Record("k", 0), Record("k", 1), Record("k", "other"), Record("k", 3), Record("k", 4)],
+            ["a", None, "c", "d", "d"],
+        )
+        assert outcomes[0] == (receipts[0], True)  # a replay: the first receipt
+        assert isinstance(outcomes[1], tuple)
+        assert outcomes[1][0].seq == 3  # no key: appended again
+        assert isinstance(outcomes[2], IdempotencyConflict)
+        assert outcomes[2].in_flight is False
+        assert isinstance(outcomes[3], tuple)
+        assert outcomes[3][0].seq == 4
+        assert isinstance(outcomes[4], IdempotencyConflict)  # the same key twice: in flight
+        assert outcomes[4].in_flight is True
+        assert engine.state.length == 5
+        with pytest.raises(ValueError, match="one key"):
+            await engine.append_each_keyed([Record("k", 1)], [])
+        with pytest.raises(ValueError, match="printable ASCII"):
+            await engine.append_each_keyed([Record("k", 1)], ["a b"])
+        again = await engine.append_each_keyed([Record("k", 3)], ["d"])  # the key is released
+        assert again == [(outcomes[3][0], True)]
