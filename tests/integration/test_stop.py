@@ -430,3 +430,58 @@ async def test_b5_a_landed_entry_of_unknown_outcome_is_delivered_before_the_stop
         assert reopened.state.length == 2  # it landed
     assert seen.seqs == [0, 1]  # fails: [0]
     assert engine.state.length == 2  # fails: 1
+
+
+class _Stuck(Module):
+    """Hangs in whichever callbacks `hang` names (until cancelled)."""
+
+    def __init__(self, module_id: str, *hang: str) -> None:
+        self.id = module_id
+        self.hang = hang
+
+    async def before_append(self, record: Record) -> Record | None:
+        if "before" in self.hang:
+            await trio.sleep_forever()
+        return record
+
+    async def after_append(self, record: Record, hash: Hash) -> None:
+        if "after" in self.hang:
+            await trio.sleep_forever()
+
+    async def stop(self, ctx: ModuleContext) -> None:
+        if "stop" in self.hang:
+            await trio.sleep_forever()
+
+
+@pytest.mark.parametrize("stuck_in", ["before", "after"])
+async def test_stop_all_takes_at_most_the_longest_shutdown_plus_the_sum_of_shutdowns(
+    mock_clock: trio.testing.MockClock, stuck_in: str
+) -> None:
+    """The bound docs/daemon.md gives systemd's TimeoutStopSec (graceful_timeout aside): a
+    ledger stops within its longest module `shutdown` (in-flight appends stuck on a module)
+    plus the sum of its modules' `shutdown` (each drains and stops in turn), plus the longest
+    once more if a restart round is running. Every module here overstays everything."""
+    shutdowns = {"a": 1.0, "b": 2.0, "c": 4.0}
+    async with open_ledger(config()) as engine:
+        for name, shutdown in shutdowns.items():
+            hang = (stuck_in, "stop") if name == "a" else ("stop",)
+            await engine.add(_Stuck(name, *hang), shutdown=shutdown)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_append_ignoring_errors, engine)  # in flight, stuck on "a"
+            await trio.testing.wait_all_tasks_blocked()
+            started = trio.current_time()
+            await engine.stop_all()
+        took = trio.current_time() - started
+    longest, total = max(shutdowns.values()), sum(shutdowns.values())
+    # Stuck before_append: the drain waits `longest` for progress, then every module its own
+    # deadline. Stuck after_append: the drain finishes at once (the record is stored), and
+    # "a" spends its deadline on the undelivered record and its stop together.
+    assert took == pytest.approx(longest + total if stuck_in == "before" else total)
+    assert took <= 2 * longest + total  # the documented bound
+    for name in shutdowns:
+        assert engine.modules.get(name).status.state is ModuleState.STOPPED
+
+
+async def _append_ignoring_errors(engine: LedgerEngine) -> None:
+    with contextlib.suppress(LifecycleError, ModuleError):
+        await engine.append(Record("k", 1))
