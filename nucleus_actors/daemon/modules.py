@@ -5,7 +5,9 @@
 * `json-schema` (`JsonSchemaValidator`) — a validator: each kind's payload must match its JSON
   Schema; a rejection names the failing location and schema keyword.
 * `kind-counter` (`KindCounter`) — an index: counts committed records per kind (optionally
-  keeps their seqs), exactly once across restarts; answers `ask`, shown by `nucleus status`.
+  keeps their seqs), exactly once across restarts and kill -9 (a durable module that keeps
+  its counts with its position in its own `state` file); answers `ask`, shown by
+  `nucleus status`.
 * `jsonl-mirror` (`JsonlMirror`) — a sink: copies every committed entry to a JSON Lines file,
   and after any restart resumes exactly where the file stops.
 
@@ -18,8 +20,10 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 from array import array
 from collections.abc import Mapping, Sequence
+from functools import partial
 from pathlib import Path
 from typing import IO, Any, Final
 
@@ -118,25 +122,136 @@ class RequireFields(Module):
         return None
 
 
+class _CounterState:
+    """kind-counter's own SQLite file: counts, index and position, saved in one transaction.
+
+    Blocking calls; the module runs them in a worker thread. WAL with `synchronous=NORMAL`:
+    a process crash (kill -9) loses nothing committed; an OS crash may lose the last snapshots,
+    which is harmless: counts and position always go back together, and the runtime delivers
+    again everything after the position it finds.
+    """
+
+    FORMAT: Final = 1
+
+    def __init__(self, path: str) -> None:
+        self.path = Path(os.path.expanduser(path)).absolute()
+        self.db: sqlite3.Connection | None = None
+
+    def open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.execute("BEGIN IMMEDIATE")
+            db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value ANY) STRICT")
+            db.execute(
+                "CREATE TABLE IF NOT EXISTS counts (kind TEXT PRIMARY KEY, n INTEGER NOT NULL)"
+                " STRICT"
+            )
+            db.execute(
+                "CREATE TABLE IF NOT EXISTS seqs (seq INTEGER PRIMARY KEY, kind TEXT NOT NULL)"
+                " STRICT"
+            )
+            db.execute("COMMIT")
+        except BaseException:
+            db.close()
+            raise
+        self.db = db
+
+    def load(self) -> tuple[dict[str, Any], dict[str, int], dict[str, array[int]] | None]:
+        """`(meta, counts, index)`: `meta` is empty for a new file; `index` None when the
+        snapshot keeps none."""
+        assert self.db is not None
+        meta = dict(self.db.execute("SELECT key, value FROM meta"))
+        if not meta:
+            return {}, {}, None
+        if meta.get("format") != self.FORMAT:
+            raise ValueError(
+                f"{self.path}: kind-counter state format {meta.get('format')!r}, this version "
+                f"reads {self.FORMAT} (move it away: the counts are then rebuilt)"
+            )
+        counts = dict(self.db.execute("SELECT kind, n FROM counts"))
+        index: dict[str, array[int]] | None = None
+        if meta.get("indexed"):
+            index = {}
+            for kind, seq in self.db.execute("SELECT kind, seq FROM seqs ORDER BY seq"):
+                seqs = index.get(kind)
+                if seqs is None:
+                    seqs = index[kind] = array("q")
+                seqs.append(seq)
+        return meta, counts, index
+
+    def save(
+        self,
+        meta: Mapping[str, Any],
+        counts: Mapping[str, int],
+        seqs: Sequence[tuple[int, str]],
+        *,
+        reset: bool = False,
+    ) -> None:
+        """Store the changed `counts` (kind -> new total), the new index `seqs` and `meta` (the
+        position) in one transaction; `reset` first forgets everything."""
+        db = self.db
+        assert db is not None
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            if reset:
+                for table in ("meta", "counts", "seqs"):
+                    db.execute(f"DELETE FROM {table}")  # fixed table names
+            db.executemany(
+                "INSERT INTO counts (kind, n) VALUES (?, ?) "
+                "ON CONFLICT (kind) DO UPDATE SET n = excluded.n",
+                counts.items(),
+            )
+            db.executemany("INSERT OR REPLACE INTO seqs (seq, kind) VALUES (?, ?)", seqs)
+            db.executemany("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", meta.items())
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
+    def close(self) -> None:
+        if self.db is not None:
+            db, self.db = self.db, None
+            db.close()
+
+
 class KindCounter(Module):
-    """Count committed records per kind, exactly once even across restarts.
+    """Count committed records per kind, exactly once even across restarts and kill -9.
 
     Config:
         index: also keep the seqs of each kind (`seqs(kind)`), default false. Costs 8 bytes
-            per entry of memory.
+            per entry of memory (and of the state file).
+        state: a SQLite file where it keeps its counts with its position (created with its
+            directory; relative paths resolve against the daemon's working directory). One
+            ledger per file. Unset: counts live in memory only.
+        snapshot_every: with `state`, save after at most this many newly counted entries
+            (default 1000), and always on `stop`.
 
-    On `init` it rebuilds its counts by reading the ledger (so a restart or a daemon restart
-    loses nothing), then counts each new entry once: a delivery redelivered after a crash is
-    recognised by its seq, and entries it did not get (dropped by an overflow policy) are read
-    back from the ledger. Ask it, e.g. `await handle.ask(lambda m: dict(m.counts))` or
+    It is a durable module that owns its position (`resume_after`): register it with
+    `ModuleSpec(KindCounter, durable=True)` (the daemon does so by itself). With `state`, each
+    snapshot stores the counts (the kinds that changed), the new index seqs, the position (the
+    last seq counted) and that entry's hash in one transaction; on start it loads the snapshot,
+    checks the hash against the ledger, and `resume_after` returns the position: the runtime
+    then delivers only the entries committed after it (at most `snapshot_every` plus what came
+    since, after a kill -9), so starting costs O(kinds + entries since the snapshot), not a
+    read of the ledger (with `index`, loading the index is O(entries) of the state file). A
+    snapshot of another history (the ledger was restored from an older backup) is dropped with
+    a warning and everything is counted again; one of another ledger id is an error.
+
+    Without `state`, an instance that already counted (a module restart that reuses the
+    instance) resumes where it was; a fresh instance (a restart from a factory, a daemon
+    restart) is fed the ledger from `start_at` by the runtime's catch-up: O(n) for a large
+    ledger, hence `state`.
+
+    A redelivery (anything at or before its position) is recognised by its seq and skipped.
+    Ask it, e.g. `await handle.ask(lambda m: dict(m.counts))` or
     `await handle.ask(KindCounter.count, "order.created")`. On `stop` it logs the totals.
-
-    The rebuild reads the whole ledger within the module's `timeout`: for very large ledgers,
-    raise the timeout or keep counts elsewhere.
     """
 
     id = "kind-counter"
-    version = "1.1.0"
+    version = "2.0.0"
 
     SHOWN_KINDS: Final = 20
     """`describe()` lists at most this many kinds (the most frequent)."""
@@ -148,38 +263,122 @@ class KindCounter(Module):
         """Seqs per kind, when `config.index` is true."""
         self.next_seq = 0
         """The first seq not counted yet."""
-        self._ctx: ModuleContext | None = None
+        self.saved_seq = 0
+        """`next_seq` as of the last snapshot in the state file."""
+        self.snapshot_every = 1000
+        self._state: _CounterState | None = None
+        self._ledger: str | None = None  # the ledger these counts are of (None: nothing yet)
+        self._last_hash = ""  # hex hash of entry next_seq - 1
+        self._changed: set[str] = set()  # kinds whose count changed since the last snapshot
+        self._new_seqs: list[tuple[int, str]] = []  # index seqs since the last snapshot
+        self._reset = False  # the next snapshot replaces the whole file
 
     @staticmethod
     def check_config(config: Mapping[str, Any]) -> None:
-        """Check `index` (`nucleus check` and `init` both call it).
+        """Check `index`, `state` and `snapshot_every` (`nucleus check` and `init` call it).
 
         Raises:
-            ValueError: `index` is not a boolean.
+            ValueError: `index` is not a boolean, `state` not a non-empty string, or
+                `snapshot_every` not an integer >= 1.
         """
         keep = config.get("index", False)
         if not isinstance(keep, bool):
             raise ValueError(f"config 'index' must be true or false, got {keep!r}")
+        state = config.get("state")
+        if state is not None and (not isinstance(state, str) or not state):
+            raise ValueError(f"config 'state' must be a non-empty string (a path), got {state!r}")
+        every = config.get("snapshot_every", 1000)
+        if type(every) is not int or every < 1:
+            raise ValueError(f"config 'snapshot_every' must be an integer >= 1, got {every!r}")
 
     async def init(self, ctx: ModuleContext) -> None:
-        """Read `index` from the config and rebuild the counts from the ledger.
+        """Read the config; with `state`, load the last snapshot and check it against the
+        ledger.
 
         Raises:
-            ValueError: `index` is not a boolean.
+            ValueError: bad config; the state file belongs to another ledger or is of an
+                unknown format.
+            sqlite3.Error: the state file cannot be opened or read.
         """
         self.check_config(ctx.config)
         keep = ctx.config.get("index", False)
-        self._ctx = ctx
+        self.snapshot_every = ctx.config.get("snapshot_every", 1000)
+        path = ctx.config.get("state")
+        same = self._ledger == ctx.ledger_id and (self.index is not None) == keep
+        if path is None:
+            if not same:  # a fresh instance: counted from start_at by the runtime
+                self._forget(keep)
+            return
+        state = _CounterState(path)
+        await trio.to_thread.run_sync(state.open)
+        try:
+            meta, counts, index = await trio.to_thread.run_sync(state.load)
+            self._forget(keep)
+            if meta:
+                if meta.get("ledger_id") != ctx.ledger_id:
+                    raise ValueError(
+                        f"{state.path} holds the counts of ledger {meta.get('ledger_id')!r}, "
+                        f"not {ctx.ledger_id!r} (one ledger per state file)"
+                    )
+                if await self._matches(ctx, meta, keep):
+                    self.counts = counts
+                    self.index = index if keep else None
+                    self.next_seq = self.saved_seq = int(meta["next_seq"])
+                    self._last_hash = str(meta["hash"])
+                else:
+                    self._reset = True
+        except BaseException:
+            await trio.to_thread.run_sync(state.close)
+            raise
+        self._state = state
+
+    async def _matches(self, ctx: ModuleContext, meta: Mapping[str, Any], keep: bool) -> bool:
+        """Whether a snapshot describes this ledger's history, with the wanted index."""
+        position = int(meta["next_seq"]) - 1
+        if bool(meta.get("indexed")) != keep:
+            ctx.log.info("index setting changed: counting the ledger again")
+            return False
+        if position < 0:
+            return True
+        if position >= ctx.ledger.state.length:
+            ctx.log.warning(
+                "state file %s counted up to seq %d but the ledger has %d entries (restored "
+                "from an older backup?): counting it again",
+                self._state_path(ctx),
+                position,
+                ctx.ledger.state.length,
+            )
+            return False
+        entry = await ctx.ledger.get(position)
+        if entry.hash.hex() != meta.get("hash"):
+            ctx.log.warning(
+                "state file %s does not match the ledger at seq %d (another history): "
+                "counting it again",
+                self._state_path(ctx),
+                position,
+            )
+            return False
+        return True
+
+    @staticmethod
+    def _state_path(ctx: ModuleContext) -> str:
+        return str(ctx.config.get("state"))
+
+    def _forget(self, keep: bool) -> None:
         self.counts = {}
         self.index = {} if keep else None
-        self.next_seq = 0
-        await self._catch_up(ctx.ledger.state.length)
+        self.next_seq = self.saved_seq = 0
+        self._last_hash = ""
+        self._changed = set()
+        self._new_seqs = []
+        self._ledger = None
 
-    async def _catch_up(self, end: int) -> None:
-        assert self._ctx is not None
-        if self.next_seq < end:
-            async for entry in self._ctx.ledger.read(self.next_seq, end):
-                self._count(entry.record.kind, entry.seq)
+    async def resume_after(self, ctx: ModuleContext) -> int | None:
+        """The last seq counted (None: nothing yet; the runtime then uses `start_at`)."""
+        self._ledger = ctx.ledger_id
+        if self._reset:
+            return -1  # the snapshot was of another history: count everything again
+        return self.next_seq - 1 if self.next_seq else None
 
     def _count(self, kind: str, seq: int) -> None:
         self.counts[kind] = self.counts.get(kind, 0) + 1
@@ -188,15 +387,48 @@ class KindCounter(Module):
             if seqs is None:
                 seqs = self.index[kind] = array("q")
             seqs.append(seq)
+            if self._state is not None:
+                self._new_seqs.append((seq, kind))
+        if self._state is not None:
+            self._changed.add(kind)
         self.next_seq = seq + 1
 
     async def after_append(self, record: Record, hash: Hash) -> None:
-        """Count the record unless its seq was counted already (a redelivery)."""
-        assert record.seq is not None
-        if record.seq < self.next_seq:
+        """Count the record unless its seq was counted already (a redelivery); save a
+        snapshot every `snapshot_every` entries (with `state`)."""
+        seq = record.seq
+        assert seq is not None
+        if seq < self.next_seq:
             return
-        await self._catch_up(record.seq)  # deliveries dropped by an overflow policy
-        self._count(record.kind, record.seq)
+        self._count(record.kind, seq)
+        self._last_hash = hash.hex()
+        if self._state is not None and self.next_seq - self.saved_seq >= self.snapshot_every:
+            await self._snapshot()
+
+    async def _snapshot(self) -> None:
+        """Save what changed since the last snapshot, with the position, in one transaction.
+
+        Cancellation: the transaction runs in a worker thread and completes (or rolls back)
+        there; the snapshot then counts as saved only if this call returned.
+        """
+        state = self._state
+        if state is None or (self.next_seq == self.saved_seq and not self._reset):
+            return
+        position = self.next_seq
+        meta = {
+            "format": _CounterState.FORMAT,
+            "ledger_id": self._ledger,
+            "next_seq": position,
+            "hash": self._last_hash,
+            "indexed": int(self.index is not None),
+        }
+        counts = {kind: self.counts[kind] for kind in self._changed}
+        seqs, reset = self._new_seqs, self._reset
+        await trio.to_thread.run_sync(partial(state.save, meta, counts, seqs, reset=reset))
+        self.saved_seq = position
+        self._changed = set()
+        self._new_seqs = []
+        self._reset = False
 
     # -- queries (run them with `ask`) -----------------------------------------------------
     def count(self, kind: str) -> int:
@@ -234,7 +466,14 @@ class KindCounter(Module):
         }
 
     async def stop(self, ctx: ModuleContext) -> None:
-        """Log the totals."""
+        """Save a last snapshot (with `state`), close the file and log the totals."""
+        state = self._state
+        if state is not None:
+            try:
+                await self._snapshot()
+            finally:
+                self._state = None
+                await trio.to_thread.run_sync(state.close)
         total = sum(self.counts.values())
         ctx.log.info("%d records counted by kind: %s", total, self.counts)
 

@@ -89,13 +89,16 @@ verify_on_open = "tail"
 use = "nucleus_actors.daemon.modules:RequireFields"
 config = { kinds = ["order."], fields = ["customer"] }
 
-# An index: counts records per kind (rebuilt from the ledger when it starts), logs the
-# totals when it stops. The supervision options are shown with their defaults.
+# An index: counts records per kind, exactly once, logs the totals when it stops. It is a
+# durable module: it is fed every entry in order, from storage when it falls behind. With
+# `config = { state = "/path/counts.db" }` it keeps its counts with its position, so that a
+# restart reads only what it had not counted yet (without it, it counts the ledger again on
+# every start). The supervision options are shown with their defaults.
 [[ledgers.modules]]
 use = "nucleus_actors.daemon.modules:KindCounter"
 restart = "permanent"   # or "transient", "temporary"
 shutdown = 5.0          # seconds stop() may take; inf waits forever
 timeout = 30.0          # seconds each callback may take; inf = no limit
-inbox = 64              # after_append deliveries queued before appends wait
-overflow = "block"      # or "drop_oldest", "drop_newest", "fail"
+inbox = 64              # after_append deliveries queued before it lags
+overflow = "catch_up"   # durable modules: "catch_up" (lag, read back later) or "block"
 """

@@ -55,8 +55,8 @@ def test_module_options_become_a_module_spec() -> None:
 [ledgers.backoff]
 initial = 0.5
 [[ledgers.modules]]
-use = "nucleus_actors.daemon.modules:KindCounter"
-id = "counter-2"
+use = "nucleus_actors.daemon.modules:RequireFields"
+id = "fields-2"
 config = { a = [1, 2] }
 restart = "transient"
 shutdown = inf
@@ -77,7 +77,7 @@ backoff = { initial = 1, multiplier = 3 }
     assert dict(spec.config) == {"a": [1, 2]}
     assert spec.backoff == Backoff(initial=1, multiplier=3)
     module = spec.module()  # type: ignore[operator]
-    assert module.id == "counter-2"
+    assert module.id == "fields-2"
 
 
 def test_every_error_is_listed_with_its_path() -> None:
@@ -345,8 +345,9 @@ config = { path = "m.jsonl" }
     counter, mirror = (m.spec() for m in ledger.modules)
     assert (counter.durable, counter.start_at, counter.overflow) == (True, "end", None)
     assert mirror.durable  # it owns its position (resume_after): durable by nature
+    # kind-counter keeps its counts with its position (resume_after): durable by nature too.
     assert (
-        not parse(MINIMAL + '[[ledgers.modules]]\nuse = "kind-counter"\n')
+        parse(MINIMAL + '[[ledgers.modules]]\nuse = "kind-counter"\n')
         .ledgers[0]
         .modules[0]
         .spec()

@@ -4,19 +4,21 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
 from nucleus_actors import (
+    Entry,
     Hash,
     LedgerConfig,
     LedgerEngine,
     ModuleError,
     ModuleSpec,
-    Overflow,
     Record,
     RecordRejected,
+    RegistryError,
     open_ledger,
 )
 from nucleus_actors.daemon.modules import (
@@ -28,7 +30,7 @@ from nucleus_actors.daemon.modules import (
 )
 from nucleus_actors.daemon.wire import entry_line, export_header
 from nucleus_actors.hashing import genesis
-from nucleus_actors.storage import MemoryStorage
+from nucleus_actors.storage import MemoryStorage, SQLiteStorage
 
 
 def require(**config: object) -> ModuleSpec[RequireFields]:
@@ -65,28 +67,120 @@ async def test_require_fields_bad_config_fails_startup(config: dict[str, object]
     assert "must be a non-empty list of non-empty strings" in str(info.value.__cause__)
 
 
+def counter(**config: object) -> ModuleSpec[KindCounter]:
+    return ModuleSpec(KindCounter, durable=True, config=config)
+
+
+class CountingSQLite(SQLiteStorage):
+    """Counts the entries its `read` yields (catch-up, `get`, rebuilds all read through it)."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.entries_read = 0
+
+    def read(self, start: int, stop: int | None = None) -> AsyncIterator[Entry]:
+        inner = super().read(start, stop)
+
+        async def counted() -> AsyncIterator[Entry]:
+            async for entry in inner:
+                self.entries_read += 1
+                yield entry
+
+        return counted()
+
+
+def test_kind_counter_must_be_durable() -> None:
+    engine = LedgerEngine(LedgerConfig(ledger_id="t"))
+    with pytest.raises(RegistryError, match=r"defines resume_after but is not durable"):
+        engine.register(KindCounter)
+    engine.register(counter())
+
+
 async def test_kind_counter_counts_exactly_once_across_restarts_and_reopens() -> None:
     storage = MemoryStorage()
     config = LedgerConfig(ledger_id="t")
-    async with open_ledger(config, storage=storage, modules=[KindCounter]) as engine:
+    async with open_ledger(config, storage=storage, modules=[counter()]) as engine:
         await engine.append_many([Record("a", 1), Record("b", 2), Record("a", 3)])
         handle = engine.modules.get(KindCounter)
         assert await handle.ask(lambda m: dict(m.counts)) == {"a": 2, "b": 1}
-        # A restart rebuilds from the ledger and does not double count.
+        # A restart (a fresh instance, no state file) is fed the ledger again: no double count.
         await engine.terminate("kind-counter")
         await engine.append(Record("b", 4))
         await engine.restart("kind-counter")
         await engine.append(Record("c", 5))
         assert await handle.ask(lambda m: dict(m.counts)) == {"a": 2, "b": 2, "c": 1}
 
-    # Reopening the same storage: counts are rebuilt.
-    engine = LedgerEngine(config, storage)
-    engine.register(KindCounter)
-    async with engine:
-        await engine.init_all()
-        await engine.start_all()
+    # Reopening the same storage: counted again by the runtime's catch-up.
+    async with open_ledger(config, storage=storage, modules=[counter()]) as engine:
         counts = await engine.modules.get(KindCounter).ask(lambda m: dict(m.counts))
         assert counts == {"a": 2, "b": 2, "c": 1}
+
+
+async def test_kind_counter_reused_instance_resumes_without_a_state_file() -> None:
+    instance = KindCounter()
+    spec = ModuleSpec(instance, durable=True)
+    async with open_ledger(LedgerConfig(ledger_id="t"), modules=[spec]) as engine:
+        await engine.append_many([Record("a", n) for n in range(5)])
+        await engine.terminate("kind-counter")
+        await engine.append(Record("b", 5))
+        await engine.restart("kind-counter")
+        handle = engine.modules.get(KindCounter)
+        assert await handle.ask(lambda m: dict(m.counts)) == {"a": 5, "b": 1}
+        assert handle.status.processed == 6  # the restart was fed only seq 5
+
+
+async def test_kind_counter_with_state_does_not_reread_the_ledger(tmp_path: Path) -> None:
+    config = LedgerConfig(ledger_id="t")
+    state = str(tmp_path / "counts.db")
+    spec = counter(state=state, index=True, snapshot_every=100)
+    kinds = ["a", "b", "c"]
+    async with open_ledger(
+        config, storage=SQLiteStorage(tmp_path / "l.db"), modules=[spec]
+    ) as engine:
+        for start in range(0, 1000, 250):
+            await engine.append_many([Record(kinds[n % 3], n) for n in range(start, start + 250)])
+        await engine.modules.get(KindCounter).ask(lambda m: None)
+    storage = CountingSQLite(tmp_path / "l.db")
+    async with open_ledger(config, storage=storage, modules=[spec]) as engine:
+        handle = engine.modules.get(KindCounter)
+        assert await handle.ask(lambda m: dict(m.counts)) == {"a": 334, "b": 333, "c": 333}
+        assert await handle.ask(KindCounter.seqs, "b", 990) == [991, 994, 997]
+        # The engine reads its last entry at open, the counter the entry at its position
+        # (to check the hash): nothing else, whatever the ledger's length.
+        assert storage.entries_read == 2
+        assert handle.status.processed == 0
+        assert handle.status.cursor == 999
+        await engine.append(Record("d", 1000))
+        assert await handle.ask(KindCounter.count, "d") == 1
+
+
+async def test_kind_counter_state_of_another_history_is_rebuilt(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    state = str(tmp_path / "counts.db")
+    async with open_ledger(
+        LedgerConfig(ledger_id="t"),
+        storage=SQLiteStorage(tmp_path / "one.db"),
+        modules=[counter(state=state)],
+    ) as engine:
+        await engine.append_many([Record("a", n) for n in range(5)])
+    # Same ledger id, another history (a restore, a new file): the snapshot does not match.
+    async with open_ledger(
+        LedgerConfig(ledger_id="t"),
+        storage=SQLiteStorage(tmp_path / "two.db"),
+        modules=[counter(state=state)],
+    ) as engine:
+        await engine.append_many([Record("z", n) for n in range(7)])
+        counts = await engine.modules.get(KindCounter).ask(lambda m: dict(m.counts))
+    assert counts == {"z": 7}
+    assert any("counting it again" in r.getMessage() for r in caplog.records)
+    # Another ledger id: a configuration error, the file is left alone.
+    with pytest.raises(ModuleError, match=r"kind-counter") as info:
+        async with open_ledger(
+            LedgerConfig(ledger_id="other"), modules=[counter(state=state)]
+        ):
+            pass
+    assert "holds the counts of ledger 't', not 'other'" in str(info.value.__cause__)
 
 
 async def test_kind_counter_ignores_a_redelivery_after_its_own_crash() -> None:
@@ -99,7 +193,9 @@ async def test_kind_counter_ignores_a_redelivery_after_its_own_crash() -> None:
             if Fragile.calls == 1:
                 raise RuntimeError("crash after counting")  # redelivered to the new incarnation
 
-    async with open_ledger(LedgerConfig(ledger_id="t"), modules=[Fragile]) as engine:
+    fragile = Fragile()
+    spec = ModuleSpec(fragile, durable=True)
+    async with open_ledger(LedgerConfig(ledger_id="t"), modules=[spec]) as engine:
         await engine.append(Record("x", 1))
         await engine.append(Record("x", 2))
         handle = engine.modules.get(Fragile)
@@ -109,7 +205,7 @@ async def test_kind_counter_ignores_a_redelivery_after_its_own_crash() -> None:
 
 # -- kind-counter: queries and index ---------------------------------------------------------
 async def test_kind_counter_index_count_and_describe() -> None:
-    spec = ModuleSpec(KindCounter, config={"index": True})
+    spec = counter(index=True)
     async with open_ledger(LedgerConfig(ledger_id="t"), modules=[spec]) as engine:
         await engine.append_many([Record("a" if n % 3 else "b", n) for n in range(10)])
         handle = engine.modules.get(KindCounter)
@@ -124,27 +220,29 @@ async def test_kind_counter_index_count_and_describe() -> None:
             "distinct_kinds": 2,
             "indexed": True,
         }
-    async with open_ledger(LedgerConfig(ledger_id="t"), modules=[KindCounter]) as engine:
+    async with open_ledger(LedgerConfig(ledger_id="t"), modules=[counter()]) as engine:
         with pytest.raises(RuntimeError, match=r"keeps no index: set config 'index = true'"):
             await engine.modules.get(KindCounter).ask(KindCounter.seqs, "a")
-    bad = ModuleSpec(KindCounter, config={"index": "yes"})
-    with pytest.raises(ModuleError, match=r"kind-counter") as info:
-        async with open_ledger(LedgerConfig(ledger_id="t"), modules=[bad]):
-            pass
-    assert "config 'index' must be true or false, got 'yes'" in str(info.value.__cause__)
+    for bad, message in [
+        ({"index": "yes"}, "config 'index' must be true or false, got 'yes'"),
+        ({"state": ""}, "config 'state' must be a non-empty string (a path), got ''"),
+        ({"snapshot_every": 0}, "config 'snapshot_every' must be an integer >= 1, got 0"),
+    ]:
+        with pytest.raises(ModuleError, match=r"kind-counter") as info:
+            async with open_ledger(LedgerConfig(ledger_id="t"), modules=[counter(**bad)]):
+                pass
+        assert message in str(info.value.__cause__)
 
 
-async def test_kind_counter_reads_back_deliveries_it_dropped() -> None:
-    storage = MemoryStorage()
-    spec = ModuleSpec(KindCounter, inbox=1, overflow=Overflow.DROP_NEWEST, config={"index": True})
-    async with open_ledger(LedgerConfig(ledger_id="t"), storage=storage, modules=[spec]) as engine:
-        await engine.append_many([Record("k", n) for n in range(50)])  # most deliveries dropped
+async def test_kind_counter_catches_up_when_its_inbox_overflows() -> None:
+    spec = ModuleSpec(KindCounter, durable=True, inbox=1, config={"index": True})
+    async with open_ledger(LedgerConfig(ledger_id="t"), modules=[spec]) as engine:
+        await engine.append_many([Record("k", n) for n in range(50)])  # most not queued
         await engine.append(Record("k", 50))
         handle = engine.modules.get(KindCounter)
         counts = await handle.ask(lambda m: dict(m.counts))
         seqs = await handle.ask(KindCounter.seqs, "k")
-        dropped = handle.status.dropped
-    assert dropped > 0
+        assert handle.status.lag == 0
     assert counts == {"k": 51}
     assert seqs == list(range(51))
 
