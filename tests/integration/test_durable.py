@@ -468,3 +468,40 @@ async def test_the_fault_toolkit_checks_durable_modules_in_order_with_no_gap(
     report = await ledger.check()
     assert report.complete == ("crashing", "slow")
     assert report.length == 100
+
+
+@pytest.mark.parametrize("backend", ["memory", "sqlite"])
+async def test_a_stalled_durable_module_under_64_appending_tasks(
+    backend: str, tmp_path: Path, mock_clock: trio.testing.MockClock
+) -> None:
+    """The lag benchmark's shape in small: 64 tasks append while the module is stalled; its
+    inbox never holds more than its bound, nothing is dropped, and once released it catches
+    up from storage in order and ends with lag 0."""
+    tasks, per_task, inbox = 64, 20, 8
+    total = tasks * per_task
+    hold = trio.Event()
+    module = Seen(hold=hold)
+    storage = MemoryStorage() if backend == "memory" else SQLiteStorage(tmp_path / "l.db")
+    spec = ModuleSpec(module, durable=True, inbox=inbox)
+    async with open_ledger(config(), storage=storage, modules=[spec]) as engine:
+        handle = engine.modules.get("seen")
+        depths: list[int] = []
+
+        async def writer(k: int) -> None:
+            for n in range(per_task):
+                await engine.append(Record("t", {"k": k, "n": n}))
+                depths.append(handle.status.inbox_depth)
+
+        async with trio.open_nursery() as nursery:
+            for k in range(tasks):
+                nursery.start_soon(writer, k)
+        status = handle.status
+        assert module.seqs == []  # still stalled: every append went through without it
+        assert (status.lag, status.cursor, status.dropped) == (total, None, 0)
+        assert len(depths) == total
+        assert max(depths) <= inbox
+        hold.set()
+        await handle.ask(lambda m: None)  # answered once caught up to the length
+        assert module.seqs == list(range(total))
+        assert (handle.status.lag, handle.status.cursor) == (0, total - 1)
+        assert handle.status.inbox_depth == 0
