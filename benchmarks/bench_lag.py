@@ -75,7 +75,9 @@ async def one_run(with_module: bool, appends: int, stall: float) -> dict[str, An
     total = per_task * TASKS
     with tempfile.TemporaryDirectory() as tmp:
         storage = SQLiteStorage(Path(tmp) / "l.db", durability="normal")
-        async with open_ledger(LedgerConfig(ledger_id="lag"), storage=storage, modules=specs) as led:
+        async with open_ledger(
+            LedgerConfig(ledger_id="lag"), storage=storage, modules=specs
+        ) as led:
             rss0 = rss_mb()
             max_depth = 0
             began = time.perf_counter()
@@ -156,7 +158,9 @@ def main() -> None:
     base = statistics.median(r["rate"] for r in runs["without"])
     cand = statistics.median(r["rate"] for r in runs["with"])
     total = runs["with"][0]["total"]
-    print(f"\n{total} appends by {TASKS} tasks, module stalled {args.stall} s, {args.rounds} rounds")
+    print(
+        f"\n{total} appends by {TASKS} tasks, module stalled {args.stall} s, {args.rounds} rounds"
+    )
     print(f"median rate without module   {base:10,.0f}/s")
     print(f"median rate with stalled     {cand:10,.0f}/s")
     print(f"ratio                        {cand / base:10.2f}x  (target >= 0.9x)")

@@ -2,8 +2,9 @@
 
 In the style of `trio.abc.Instrument`: an `Instrument` overrides the hooks it wants;
 `before_callback` and `after_callback` are plain (synchronous) calls made by the module's
-actor around each `init`, `start`, `stop`, `before_append`, `after_append` and each task
-started with `ctx.spawn` ("background"). Instruments observe (metrics, tracing) and may inject
+actor around each `init`, `start`, `stop`, `resume_after` (durable modules that own their
+position), `before_append`, `after_append` and each task started with `ctx.spawn`
+("background"). Instruments observe (metrics, tracing) and may inject
 (fault plans): `before_callback` may return an `Injection`, whose coroutines the actor awaits
 right before or right after the module's own callback, inside that callback's deadline.
 
@@ -67,7 +68,8 @@ class CallbackCall:
     module_id: str
     """Id of the module."""
     callback: str
-    """"init", "start", "stop", "before_append", "after_append" or "background"."""
+    """"init", "start", "stop", "resume_after", "before_append", "after_append" or
+    "background"."""
     incarnation: int
     """Incarnation of the module (1 for its first run, +1 per restart)."""
     record: Record | None = None

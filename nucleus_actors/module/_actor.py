@@ -641,10 +641,16 @@ class Child:
         length = self.host.ledger_reader.state.length
         after: int | None
         if self.owns_position:
+            instruments = self._instruments()
             with trio.CancelScope(deadline=self._deadline()) as scope:
                 self.step = "resume_after"
                 try:
-                    after = await instance.resume_after(ctx)
+                    if instruments:
+                        after = await _instrument.observed(
+                            instruments, self._call("resume_after"), instance.resume_after, ctx
+                        )
+                    else:
+                        after = await instance.resume_after(ctx)
                 except Exception as exc:
                     return exc
                 finally:
@@ -859,10 +865,19 @@ class Child:
         reply = msg.reply
         if reply.abandoned:
             return
+        requeued = False
         try:
             if self.durable and self.next_seq < msg.target:  # served once caught up to it
                 hook = self._after_hook(instance)
-                await self._durably(lambda: self._catch_up(hook, msg.target))
+                try:
+                    await self._durably(lambda: self._catch_up(hook, msg.target))
+                except BaseException:
+                    # A delivery crashed (or the incarnation ended) before the ask's function
+                    # ran: the ask waits for the next incarnation, as it would behind a queued
+                    # delivery of a non-durable module (a module down for good refuses it).
+                    self.mailbox.put_front(msg)
+                    requeued = True
+                    raise
             with trio.CancelScope(deadline=self._deadline()):
                 self.step = "ask"
                 try:
@@ -882,8 +897,8 @@ class Child:
             reply.fail(self.module_error("timed out in ask", cause))
             raise _Crash(cause)
         finally:
-            if not reply.done:  # cut short by the incarnation ending: answered with the reason
-                self._interrupted_asks.append(reply)
+            if not reply.done and not requeued:  # cut short by the incarnation ending
+                self._interrupted_asks.append(reply)  # answered with the reason
 
     async def _start_worker(self) -> BaseException | None:
         """Spawn the worker (before `init`); the error if it does not come up.

@@ -24,6 +24,9 @@ class Callback(StrEnum):
     """`Module.start` (once per incarnation, after init)."""
     STOP = "stop"
     """`Module.stop` (on stop_all/terminate, before a restart, after a crash or exit)."""
+    RESUME_AFTER = "resume_after"
+    """`Module.resume_after` (durable modules that own their position; once per
+    incarnation, after init, before start)."""
     BEFORE_APPEND = "before_append"
     """`Module.before_append` (only modules whose class overrides it)."""
     AFTER_APPEND = "after_append"

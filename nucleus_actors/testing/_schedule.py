@@ -14,7 +14,7 @@ from ._faults import Action, Fault, FaultPlan
 __all__ = ["FaultSchedule"]
 
 _HOOKS = frozenset({Callback.BEFORE_APPEND, Callback.AFTER_APPEND})
-_STARTUP = frozenset({Callback.INIT, Callback.START})
+_STARTUP = frozenset({Callback.INIT, Callback.RESUME_AFTER, Callback.START})
 
 
 def _seq_is(modulus: int, remainder: int) -> Callable[[Record], bool]:

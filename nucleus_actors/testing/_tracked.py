@@ -12,7 +12,12 @@ The invariants (`TrackedLedger.check`) are the runtime's promises under faults:
 4. every committed entry reached each watched module (a `Probe`, or a module wrapped by a
    `FaultPlan`) in order within each incarnation, the delivery a module crashed on first in
    its next incarnation, and at least once in all, unless the module legitimately missed
-   some (see `CheckReport.waived`);
+   some (see `CheckReport.waived`); a module with `BLOCK` or a durable one (`CATCH_UP`) gets
+   them with **no gap, in order**: a durable module's first delivery in this session is at
+   or before the first entry of the session (it catches up from its position; `start_at=
+   "end"` aside), each later one is the next seq, and after a crash it resumes at the
+   delivery it crashed on (or just after it, when it owns its position and had recorded it);
+   one that is still lagging when the ledger closes is waived from "every entry" only;
 5. `stop_all` (or leaving the `async with` block) finished within the modules' deadlines,
    with every module STOPPED or FAILED.
 """
@@ -168,6 +173,9 @@ class _Watch:
     since: int | None  # first seq it must receive; None = the first committed this session
     logs: list[CallbackLog]
     controlled: bool = False  # terminated/restarted/removed by the test
+    durable: bool = False  # catches up from its position: its first delivery may be earlier
+    from_start: bool = True  # durable with start_at="start" (else "end": it may start later)
+    owns_position: bool = False  # durable with resume_after (its store may be ahead)
 
 
 async def _noop(module: Module) -> None:
@@ -247,6 +255,7 @@ class TrackedLedger(LedgerEngine):
             own = getattr(target, _LOGS_ATTR, None)
             if not isinstance(target, Module) and isinstance(own, CallbackLog):
                 logs.append(own)  # Probe.factory()
+        child = handle._child
         self._watch[handle.id] = _Watch(
             module_id=handle.id,
             restart=restart,
@@ -254,6 +263,9 @@ class TrackedLedger(LedgerEngine):
             overflow=overflow,
             since=since,
             logs=logs,
+            durable=child.durable,
+            from_start=child.spec.start_at == "start",
+            owns_position=child.owns_position,
         )
 
     @overload
@@ -669,8 +681,19 @@ class TrackedLedger(LedgerEngine):
             if event.handled:
                 handled.add(seq)
             expected: int | None = None
+            also: int | None = None  # a second seq allowed where `expected` is
             if prev is None:
-                if watch.since is None:
+                first = start if watch.since is None else watch.since
+                if watch.durable:
+                    # It catches up from its position (a stored cursor, resume_after, or seq 0
+                    # for start_at="start"), at or before the first entry of this session: no
+                    # gap. With start_at="end" and no position it may begin later.
+                    if watch.from_start and seq > first:
+                        violations.append(
+                            f"{where} got seq {seq} first: a durable module resumes at its "
+                            f"position + 1, at most seq {first} here (a gap)"
+                        )
+                elif watch.since is None:
                     expected = start
             elif event.incarnation == prev.incarnation:
                 if prev.outcome is not CallOutcome.RETURNED:
@@ -683,7 +706,11 @@ class TrackedLedger(LedgerEngine):
                 # The delivery a module crashed on comes first in its next incarnation.
                 redelivered = prev.outcome is not CallOutcome.RETURNED
                 expected = prev.seq if redelivered else prev.seq + 1
-            if expected is not None:
+                if redelivered and prev.handled and watch.owns_position:
+                    # Its own store recorded that delivery before the crash (a fault at exit):
+                    # resume_after says so, and it resumes after it.
+                    also = prev.seq + 1
+            if expected is not None and seq != also:
                 wrong = seq != expected if strict else seq < expected
                 if wrong and prev is not None and event.incarnation != prev.incarnation:
                     what = "redelivery of" if prev.outcome is not CallOutcome.RETURNED else ""

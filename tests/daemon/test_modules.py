@@ -176,9 +176,7 @@ async def test_kind_counter_state_of_another_history_is_rebuilt(
     assert any("counting it again" in r.getMessage() for r in caplog.records)
     # Another ledger id: a configuration error, the file is left alone.
     with pytest.raises(ModuleError, match=r"kind-counter") as info:
-        async with open_ledger(
-            LedgerConfig(ledger_id="other"), modules=[counter(state=state)]
-        ):
+        async with open_ledger(LedgerConfig(ledger_id="other"), modules=[counter(state=state)]):
             pass
     assert "holds the counts of ledger 't', not 'other'" in str(info.value.__cause__)
 

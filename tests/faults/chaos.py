@@ -78,12 +78,43 @@ class Sink(Module):
         await trio.sleep(self.flush)
 
 
+class DurableSink(Module):
+    """A durable module on the runtime cursor (at least once): it counts its deliveries."""
+
+    def __init__(self, module_id: str) -> None:
+        self.id = module_id
+        self.count = 0
+
+    async def after_append(self, record: Record, hash: Hash) -> None:
+        self.count += 1
+
+
+class OwnPosition(Module):
+    """A durable module that owns its position: `store` (shared by every instance, and by the
+    ledger's next opening) plays its database, effect and position written in one step."""
+
+    def __init__(self, module_id: str, store: dict[str, int]) -> None:
+        self.id = module_id
+        self.store = store
+
+    async def resume_after(self, ctx: ModuleContext) -> int | None:
+        return self.store.get("last")
+
+    async def after_append(self, record: Record, hash: Hash) -> None:
+        assert record.seq is not None
+        if record.seq != self.store.get("last", -1) + 1:  # a gap or a duplicate in its store
+            self.store["errors"] = self.store.get("errors", 0) + 1
+        self.store["last"] = record.seq
+
+
 @dataclass
 class RunSummary:
     """What one run did (the suite adds these up into its report)."""
 
     seed: int
     outcome: str = "stopped"  # stopped | escalated | startup_failed
+    durable: bool = False  # durable modules ran (and the ledger was opened a second time)
+    reopened: str | None = None  # outcome of the second opening
     faults_planned: int = 0
     faults_fired: Counter[str] = field(default_factory=Counter)
     appended: int = 0
@@ -131,6 +162,8 @@ class FlakyStorage(MemoryStorage):
             await trio.lowlevel.checkpoint()
             raise StorageError("injected: the write failed")
         await super().append(batch)
+        if not batch.entries:
+            return  # durable modules' cursors alone: the engine reads no head after those
         if roll < 0.08:
             raise StorageError("injected: failed after writing")
         if roll < 0.11 and INDETERMINATE_STORAGE_FAULTS:
@@ -216,11 +249,49 @@ async def _chaos_run(
     ledgers: list[TrackedLedger],
 ) -> RunSummary:
     rng = random.Random(f"{seed}:scenario")
+    # Durable modules in a share of the runs, with a second opening of the same storage: they
+    # catch up from their positions (crashes during catch-up, at the switch to live, a stop
+    # while they lag are all drawn by the schedule). Drawn from a stream of its own so that
+    # the other choices of a seed stay as they were.
+    durable_rng = random.Random(f"{seed}:durable")
+    durable = durable_rng.random() < 0.4
+    summary = RunSummary(seed, durable=durable)
+    backend = _storage(storage, tmp_path, seed)
+    own_store: dict[str, int] = {}
+    summary.outcome = await _session(
+        seed, "", rng, durable_rng if durable else None, backend, own_store, strategy, timing,
+        ledgers, summary,
+    )  # fmt: skip
+    if durable:
+        if isinstance(backend, SQLiteStorage):
+            backend = SQLiteStorage(backend.path, durability="normal")
+        summary.reopened = await _session(
+            seed, "reopen:", random.Random(f"{seed}:reopen"), durable_rng, backend, own_store,
+            strategy, timing, ledgers, summary,
+        )  # fmt: skip
+        # Its effects are exactly once: every seq it recorded follows the one before.
+        assert own_store.get("errors", 0) == 0, f"'own' recorded a gap or a duplicate: {own_store}"
+    return summary
+
+
+async def _session(
+    seed: int,
+    prefix: str,
+    rng: random.Random,
+    durable_rng: random.Random | None,
+    backend: StorageBackend,
+    own_store: dict[str, int],
+    strategy: Strategy,
+    timing: Timing,
+    ledgers: list[TrackedLedger],
+    summary: RunSummary,
+) -> str:
+    """One opening of the ledger: modules with faults, appenders, maybe a stop, the check.
+    Returns how it ended (stopped | escalated | startup_failed)."""
     startup = rng.random() < 0.1
     schedule = FaultSchedule(
         seed, max_faults=3, horizon=12, startup=startup, max_delay=timing.timeout * 0.6
     )
-    summary = RunSummary(seed)
 
     def spec(module: Any, **options: Any) -> ModuleSpec[Any]:
         return ModuleSpec(
@@ -232,11 +303,10 @@ async def _chaos_run(
         )
 
     lifecycle = ["init", "start", "stop"]
-    validator_plan = schedule.plan("validator", callbacks=[*lifecycle, "before_append"])
+    validator_plan = schedule.plan(f"{prefix}validator", callbacks=[*lifecycle, "before_append"])
     sink_callbacks = [*lifecycle, "after_append", "after_append", "background"]
-    sink_plans = [schedule.plan(f"sink-{n}", callbacks=sink_callbacks) for n in (1, 2)]
-    for plan in (validator_plan, *sink_plans):
-        summary.faults_planned += len(plan.faults)
+    sink_plans = [schedule.plan(f"{prefix}sink-{n}", callbacks=sink_callbacks) for n in (1, 2)]
+    plans = [validator_plan, *sink_plans]
 
     def sink(n: int) -> Any:
         plan = sink_plans[n - 1]
@@ -253,6 +323,29 @@ async def _chaos_run(
         spec(Probe("probe"), restart=Restart.PERMANENT),
     ]
     rng.shuffle(specs)
+    if durable_rng is not None:
+        hooks = [*lifecycle, "after_append", "after_append", "after_append"]
+        cursor_plan = schedule.plan(f"{prefix}durable", callbacks=hooks)
+        own_plan = schedule.plan(f"{prefix}own", callbacks=[*hooks, "resume_after"])
+        plans += [cursor_plan, own_plan]
+        for plan, make in (
+            (cursor_plan, lambda: DurableSink("durable")),
+            (own_plan, lambda: OwnPosition("own", own_store)),
+        ):
+            specs.insert(
+                durable_rng.randrange(len(specs) + 1),
+                ModuleSpec(
+                    plan.wrap(make),
+                    durable=True,
+                    overflow=durable_rng.choice([Overflow.CATCH_UP] * 3 + [Overflow.BLOCK]),
+                    inbox=durable_rng.randint(1, 4),  # small: it lags and reads back often
+                    restart=durable_rng.choice([Restart.PERMANENT, Restart.TRANSIENT]),
+                    timeout=timing.timeout,
+                    shutdown=timing.shutdown,
+                ),
+            )
+    for plan in plans:
+        summary.faults_planned += len(plan.faults)
     backoff = None
     if rng.random() < 0.3:
         backoff = Backoff(initial=timing.timeout / 10, max=timing.timeout, jitter=0.5,
@@ -263,14 +356,15 @@ async def _chaos_run(
         max_restarts=rng.choice([1, 2, 4, 8, 16, 32]),
         restart_window=5.0,
         backoff=backoff,
+        cursor_interval=timing.timeout,
     )
-    ledger = TrackedLedger(config, _storage(storage, tmp_path, seed))
+    ledger = TrackedLedger(config, backend)
     ledgers.append(ledger)
     for item in specs:
         ledger.register(item)
 
     async def appender(index: int) -> None:
-        mine = random.Random(f"{seed}:appender:{index}")
+        mine = random.Random(f"{seed}:{prefix}appender:{index}")
         for op in range(mine.randint(4, 12)):
             await trio.sleep(mine.uniform(0, timing.pause))
             payload = {"appender": index, "op": op, "bad": mine.random() < 0.1}
@@ -290,6 +384,7 @@ async def _chaos_run(
             except LifecycleError:
                 return  # the ledger failed or is stopping
 
+    outcome = "stopped"
     started = False
     try:
         async with ledger:
@@ -306,21 +401,23 @@ async def _chaos_run(
             if rng.random() < 0.5:
                 await ledger.stop_all()
     except LedgerFailed:
-        summary.outcome = "escalated"
+        outcome = "escalated"
     except ModuleError:
         if started:
             raise
-        summary.outcome = "startup_failed"
-    summary.report = await ledger.check()
-    summary.appended = summary.report.appended
-    summary.failed_appends = summary.report.failed
-    summary.cancelled_appends = summary.report.cancelled
-    summary.restarts = ledger.statistics().restarts
-    for plan in (validator_plan, *sink_plans):
+        outcome = "startup_failed"
+    report = await ledger.check()
+    if summary.report is None:
+        summary.report = report
+    summary.appended += report.appended
+    summary.failed_appends += report.failed
+    summary.cancelled_appends += report.cancelled
+    summary.restarts += ledger.statistics().restarts
+    for plan in plans:
         for event in plan.fired():
             assert event.fault is not None
             summary.faults_fired[event.fault.action.value] += 1
-    return summary
+    return outcome
 
 
 def describe(seed: int, storage: str, strategy: Strategy) -> str:

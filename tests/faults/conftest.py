@@ -25,3 +25,8 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
         f"{sum(r.cancelled_appends for r in runs)} cancelled, "
         f"{sum(r.restarts for r in runs)} module restarts; every invariant checked after each run"
     )
+    durable = [r for r in runs if r.durable]
+    terminalreporter.write_line(
+        f"{len(durable)} runs with durable modules, each opened twice on the same storage; "
+        f"second openings {dict(sorted(test_chaos.Counter(r.reopened for r in durable).items()))}"
+    )
