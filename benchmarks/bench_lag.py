@@ -11,9 +11,13 @@ Each run is a fresh subprocess (so its RSS says something) on a fresh SQLite led
   must not wait for it: its inbox fills and the rest stays in storage. When released it
   catches up from storage and must end with lag 0, having seen every seq once, in order.
 
-Runs alternate (without, with, without, with, ...); the ratio is of the median rates.
-Targets: append rate with the module >= 0.9x without; RSS growth (after the appends, and peak)
-< 30 MB over 200k appends. Also prints how long the module took to reach lag 0 once released.
+Runs alternate (without, with, without, with, ...); ratios are of the median rates. Rates are
+given for the stall window (appends acknowledged in the first `--stall` s; all of them when
+they end sooner, the module being stalled throughout) and over all appends (when the appends
+outlast the stall, the released module catches up meanwhile and takes its share of the CPU).
+Targets: append rate while the module is stalled >= 0.9x without it; RSS growth (after the
+appends, and peak) < 30 MB over 200k appends. Also prints how long the module took to reach
+lag 0 once released.
 """
 
 from __future__ import annotations
@@ -80,22 +84,27 @@ async def one_run(with_module: bool, appends: int, stall: float) -> dict[str, An
         ) as led:
             rss0 = rss_mb()
             max_depth = 0
+            done = 0
+            in_stall = 0  # appends acknowledged within the first `stall` seconds
             began = time.perf_counter()
 
             async def writer(k: int) -> None:
-                nonlocal max_depth
+                nonlocal max_depth, done
                 for n in range(per_task):
                     await led.append(Record("k", {"w": k, "n": n}))
+                    done += 1
                 if with_module and k == 0:
                     max_depth = max(max_depth, led.modules.get("stalled").status.inbox_depth)
 
             async def releaser() -> None:
+                # Both runs take the count at `stall` s; only the second has a module to free.
+                nonlocal in_stall
                 await trio.sleep(stall)
+                in_stall = done
                 module.release.set()
 
             async with trio.open_nursery() as outer:
-                if with_module:
-                    outer.start_soon(releaser)
+                outer.start_soon(releaser)
                 async with trio.open_nursery() as nursery:
                     for k in range(TASKS):
                         nursery.start_soon(writer, k)
@@ -115,6 +124,8 @@ async def one_run(with_module: bool, appends: int, stall: float) -> dict[str, An
                 in_order = module.seqs.tolist() == list(range(total))
                 max_depth = max(max_depth, handle.status.inbox_depth)
     return {
+        # Stalled throughout when the appends end first.
+        "stall_rate": in_stall / stall if stall <= append_s else total / append_s,
         "rate": total / append_s,
         "append_s": append_s,
         "rss_growth": rss_after - rss0,
@@ -149,21 +160,26 @@ def main() -> None:
             result = json.loads(out.stdout)
             runs[kind].append(result)
             print(
-                f"{kind:8} {result['rate']:9,.0f} appends/s  RSS +{result['rss_growth']:5.1f} MB"
+                f"{kind:8} {result['stall_rate']:8,.0f}/s while stalled, "
+                f"{result['rate']:8,.0f}/s in all  RSS +{result['rss_growth']:5.1f} MB"
                 f" (peak +{result['peak_growth']:5.1f})  lag after appends "
                 f"{result['lag_at_end_of_appends']:7}  catch-up {result['catch_up_s']:5.2f} s"
                 f"  final lag {result['final_lag']}  in order {result['in_order']}",
                 flush=True,
             )
-    base = statistics.median(r["rate"] for r in runs["without"])
-    cand = statistics.median(r["rate"] for r in runs["with"])
     total = runs["with"][0]["total"]
     print(
-        f"\n{total} appends by {TASKS} tasks, module stalled {args.stall} s, {args.rounds} rounds"
+        f"\n{total} appends by {TASKS} tasks, module stalled {args.stall} s, "
+        f"{args.rounds} rounds (median rates)"
     )
-    print(f"median rate without module   {base:10,.0f}/s")
-    print(f"median rate with stalled     {cand:10,.0f}/s")
-    print(f"ratio                        {cand / base:10.2f}x  (target >= 0.9x)")
+    for key, what in (
+        ("stall_rate", "while the module is stalled (the first --stall s)"),
+        ("rate", "over all appends (after release its catch-up shares the CPU)"),
+    ):
+        base = statistics.median(r[key] for r in runs["without"])
+        cand = statistics.median(r[key] for r in runs["with"])
+        print(f"{what}: without {base:,.0f}/s, with {cand:,.0f}/s, ratio {cand / base:.2f}x")
+    print("target: ratio >= 0.9x while stalled")
     worst = max(r["rss_growth"] for r in runs["with"])
     worst_peak = max(r["peak_growth"] for r in runs["with"])
     print(f"RSS growth with the module   {worst:10.1f} MB after appends, peak +{worst_peak:.1f} MB"
