@@ -626,6 +626,33 @@ export interface components {
              */
             time: number;
         };
+        /**
+         * StreamRecordIn
+         * @description A record to append from the NDJSON stream: `RecordIn`, optionally with the record's own `idempotency_key` (not part of the record).
+         */
+        StreamRecordIn: {
+            /** @description The record's idempotency key, with the `Idempotency-Key` header's semantics: a line whose key was committed for the same record within idempotency_window answers the first receipt with `"replayed": true` and appends nothing; a key used for a different record is a 422 `idempotency-key-reused` line, a key in flight a 409 `idempotency-key-in-flight` line. Resume a cut stream by resending every line with the same keys. */
+            idempotency_key?: string;
+            /**
+             * Kind
+             * @description What happened, e.g. `order.created`: 1..256 printable characters, no whitespace
+             *     (no character of Unicode categories Cc, Cf, Cs, Zs, Zl, Zp).
+             */
+            kind: string;
+            /**
+             * Meta
+             * @description String metadata, covered by the hash (member names are non-empty).
+             */
+            meta?: {
+                [key: string]: string;
+            };
+            /**
+             * Payload
+             * @description Any JSON value (see `JsonValue`: integers within +/-(2**53-1), send larger ones as
+             *     strings).
+             */
+            payload: components["schemas"]["JsonValue"];
+        };
         /** ValidationError */
         ValidationError: {
             /** Context */
@@ -1467,15 +1494,15 @@ export interface operations {
             };
             cookie?: never;
         };
-        /** @description NDJSON: one record object (`{kind, payload, meta?}`) per line. */
+        /** @description NDJSON: one record object (`{kind, payload, meta?}`) per line, optionally with its own `idempotency_key` (see `StreamRecordIn`). */
         requestBody: {
             content: {
                 /** @example {"kind": "order.created", "payload": {"id": 1}} */
-                "application/x-ndjson": components["schemas"]["RecordIn"][];
+                "application/x-ndjson": components["schemas"]["StreamRecordIn"][];
             };
         };
         responses: {
-            /** @description One answer line per input line, in order: a receipt `{"line", "seq", "hash", "timestamp"}` once the record is durable, or a problem object with `"line"`; then `{"summary": {"appended", "failed"}}`. */
+            /** @description One answer line per input line, in order: a receipt `{"line", "seq", "hash", "timestamp"}` once the record is durable (with `"replayed": true` when the line's `idempotency_key` was already committed for it), or a problem object with `"line"`; then `{"summary": {"appended", "failed"}}` (and `"replayed"`, a count, when some lines were replays). */
             200: {
                 headers: {
                     [name: string]: unknown;
