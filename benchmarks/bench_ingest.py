@@ -487,6 +487,41 @@ def main() -> None:
             f"stream / in-process (best rounds): {ratio:.2f}x (target >= 0.70x); stream rate "
             f"{best['daemon: POST /records/stream']:,.0f} records/s on one connection"
         )
+    # Side by side: each target with what it is measured against, from the same run.
+    pairs = [
+        ("single POST (req/s)", "daemon: POST /records", "bare: hypercorn-trio ASGI", 0.8),
+        (
+            "single POST, access log (req/s)",
+            "daemon: POST /records, access log",
+            "bare: hypercorn-trio ASGI",
+            0.8,
+        ),
+        (
+            "NDJSON stream (records/s)",
+            "daemon: POST /records/stream",
+            "in-process: append_each",
+            0.7,
+        ),
+    ]
+    rows = [(label, ours, base, goal) for label, ours, base, goal in pairs if ours in best]
+    if rows:
+        print()
+        head = f"{'target':<33} {'ours':>9} {'baseline':>9} {'ratio':>7} {'goal':>7}  verdict"
+        print(head)
+        print("-" * len(head))
+        for label, ours, base, goal in rows:
+            value = best[ours] / best[base]
+            verdict = "ok" if value >= goal else "MISSED"
+            print(
+                f"{label:<33} {best[ours]:>9,.0f} {best[base]:>9,.0f} {value:>6.2f}x "
+                f"{f'>={goal:.1f}x':>7}  {verdict}"
+            )
+        print("(baseline: the bare ASGI app for POSTs, the same work in process for the stream)")
+    load = os.getloadavg()
+    print(
+        f"load average at the end: {load[0]:.1f} {load[1]:.1f} {load[2]:.1f} on "
+        f"{os.cpu_count()} CPUs (above the CPU count, the machine was shared: ratios are noisy)"
+    )
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from typing import IO, TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from . import __version__, _jcs
+from . import __version__, _jcs, _typer_lite
 from .daemon.client import (
     DEFAULT_URL,
     EXIT_BAD_INPUT,
@@ -47,6 +47,8 @@ if TYPE_CHECKING:
 # Client commands and `--version` must start fast: trio, the server (FastAPI, hypercorn),
 # pydantic, httpx and most of rich are imported where a command needs them, not here (a test
 # checks `sys.modules` after a client command).
+_typer_lite.install()  # typer would import pydantic to coerce every option: see _typer_lite
+
 EXIT_FAILURE = 1
 """Same as `daemon.server.EXIT_FAILURE` (a test checks)."""
 EXIT_CONFIG = 2

@@ -15,10 +15,10 @@ from nucleus_actors.daemon import client, problems, server
 
 from .conftest import DaemonProcess, subprocess_env
 
-SERVER_SIDE = ("trio", "fastapi", "hypercorn", "starlette", "uvicorn")
-# pydantic is not in the list: the installed typer (0.2x) coerces every command-line
-# parameter through pydantic TypeAdapters, so any typer command imports it. `--version`
-# (parsed before any command) still does not.
+SERVER_SIDE = ("trio", "fastapi", "hypercorn", "starlette", "uvicorn", "pydantic")
+# pydantic is in the list although typer (0.2x) coerces command-line values through pydantic
+# TypeAdapters: nucleus_actors._typer_lite coerces the client commands' simple options
+# without it.
 
 # Runs a CLI command in a fresh interpreter, then prints which heavy modules it imported.
 PROBE = """
@@ -73,6 +73,8 @@ def test_version_imports_neither_the_server_nor_httpx_nor_rich() -> None:
         ["append", "-k", "note"],
         ["tail", "-n", "5"],
         ["export", "--no-progress", "-o", "{tmp}/out.jsonl"],
+        ["export", "--no-progress", "--from", "1", "--to", "2", "-o", "{tmp}/part.jsonl"],
+        ["tail", "-n", "2", "--format", "text"],
     ],
 )
 def test_client_commands_import_no_server_framework(
@@ -83,6 +85,32 @@ def test_client_commands_import_no_server_framework(
     modules = loaded_by(*args, "--url", url, stdin="1\n2\n")
     assert "httpx" in modules or "append" in command  # it did talk to the daemon
     assert not set(modules) & set(SERVER_SIDE), modules
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["tail", "-n", "abc"], "Input should be a valid integer"),
+        (["tail", "-n", "-5"], "Input should be greater than or equal to 0"),
+        (["export", "--format", "nope", "-o", "x"], "'nope' is not one of 'jsonl'"),
+        (["status", "--json", "--url", ""], None),
+    ],
+)
+def test_option_errors_without_pydantic(args: list[str], message: str | None) -> None:
+    """Bad option values are refused as typer's pydantic adapters refuse them (usage error,
+    exit 2, the same messages), and pydantic is still not imported."""
+    out = subprocess.run(
+        [sys.executable, "-c", PROBE, *args],
+        capture_output=True,
+        text=True,
+        env=subprocess_env(NUCLEUS_TOKEN="", NUCLEUS_URL="http://127.0.0.1:1", COLUMNS="200"),
+        timeout=60,
+        check=False,
+    )
+    if message is not None:
+        assert message in out.stderr, out.stderr
+    marker = out.stdout.rindex("\n@@")
+    assert "pydantic" not in json.loads(out.stdout[marker + 3 :])
 
 
 def test_light_constants_agree_with_their_server_side_twins() -> None:
