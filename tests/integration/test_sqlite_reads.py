@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import trio
 
-from nucleus_actors import LedgerConfig, Record, open_ledger
+from nucleus_actors import Hash, LedgerConfig, Module, ModuleSpec, Record, open_ledger
 from nucleus_actors.storage import SQLiteStorage, StorageBatch
 from nucleus_actors.testing import make_entries
 
@@ -88,3 +88,40 @@ async def test_engine_get_completes_while_a_commit_is_held(
         assert not guard.cancelled_caught, "get() waited for the commit in progress"
         assert entry.hash == receipt.hash
         assert ledger.state.length == 2
+
+
+class _Seqs(Module):
+    id = "catching-up"
+
+    def __init__(self) -> None:
+        self.seqs: list[int] = []
+
+    async def after_append(self, record: Record, hash: Hash) -> None:
+        assert record.seq is not None
+        self.seqs.append(record.seq)
+
+
+async def test_a_durable_catch_up_completes_while_a_commit_is_held(
+    tmp_path: Path, gate: threading.Event
+) -> None:
+    """Catch-up reads go through the read connection: a durable module added while a group
+    commit is held in its thread still reads back the 600 entries before it."""
+    async with open_ledger(
+        LedgerConfig(ledger_id="orders"), storage=_Held(tmp_path / "ledger.db")
+    ) as ledger:
+        for start in range(0, 600, 200):
+            await ledger.append_many([Record("k", {"n": n}) for n in range(start, start + 200)])
+        module = _Seqs()
+        _HeldCommit.gate = gate
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(ledger.append, Record("k", {"n": 600}))
+            await trio.to_thread.run_sync(_HeldCommit.entered.wait)
+            with trio.move_on_after(DEADLOCK_GUARD) as guard:
+                handle = await ledger.add(ModuleSpec(module, durable=True))
+                await handle.ask(lambda m: None)  # answered once caught up to length 600
+                caught_up = list(module.seqs)
+            gate.set()
+        assert not guard.cancelled_caught, "the catch-up waited for the commit in progress"
+        assert caught_up == list(range(600))
+        await handle.ask(lambda m: None)
+        assert module.seqs == list(range(601))
