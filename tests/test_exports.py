@@ -144,7 +144,8 @@ def test_runtime_objects_have_no_public_constructor_and_the_view_no_mutators() -
 # docs/reference.md or the page the reference links for it; internal ones carry a `_` name.
 DOCUMENTED_METHODS = {
     "LedgerEngine": {
-        "add", "add_instrument", "append", "append_each", "append_keyed", "append_many",
+        "add", "add_instrument", "append", "append_each", "append_each_keyed", "append_keyed",
+        "append_many",
         "append_stalled_for", "config", "fence", "get", "init_all", "refresh",
         "modules", "phase", "read", "register", "remove", "remove_instrument", "require_storage",
         "restart", "root", "inclusion_proof", "consistency_proof",
