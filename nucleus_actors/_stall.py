@@ -11,8 +11,9 @@ loop is blocked). Nothing inside the loop can see that, so a thread watches from
 * **Who.** Each actor publishes, with plain attribute writes, the frame of its incarnation's
   task (`Child.run_frame`, once per incarnation) and the callback it is in (`Child.step`, at
   entry and exit of each callback). While the beat is pending the thread reads the loop
-  thread's stack (`sys._current_frames()`): the actor frame on it names the module, the
-  outermost module frame inside it is the blocking call.
+  thread's stack (`sys._current_frames()`): the actor frame on it names the module, and the
+  frame that one of the actor's call sites called is the blocking module call (runtime work
+  in the actor, e.g. decoding a catch-up chunk, is not a module's stall).
 * **Once per stall.** The same call (the same frame object) must be on the stack for at least
   half of `stall_warning` and the loop stuck for `stall_warning`; each blocking call is counted
   once (`ModuleStatus.stalls`) and logged once, as a WARNING naming the module, the callback
@@ -51,6 +52,23 @@ _RUNTIME_FILES = frozenset(
 """Files of the runtime's own frames between an actor and the module's callback."""
 
 DOCS_HINT = "docs/supervision.md#stalls"
+
+_SITES: frozenset[object] = frozenset()
+
+
+def _call_sites() -> frozenset[object]:
+    """Code objects of the runtime functions that call a module's callback (cached)."""
+    global _SITES
+    if not _SITES:
+        from . import _instrument
+        from .module._actor import Child
+
+        methods = ("_callback", "_stop_callback", "_position", "_durable_one", "_deliveries",
+                   "_before", "_ask")  # fmt: skip
+        _SITES = frozenset(
+            [getattr(Child, name).__code__ for name in methods] + [_instrument.run.__code__]
+        )
+    return _SITES
 
 
 class StallWatchdog:
@@ -138,24 +156,38 @@ class StallWatchdog:
                 self._report(child, step, now - min(posted_at, seen_since))
 
     def _blocker(self) -> tuple[Child, str, FrameType] | None:
-        """The module call running on the loop thread now: (child, callback, its frame)."""
+        """The module call running on the loop thread now: (child, callback, its frame).
+
+        Walking out from the innermost frame: the module's frame is the one a call site of the
+        actor (`_call_sites`) called, unless that is runtime code itself; the actor's task
+        frame further out names the module. Runtime work inside an actor that is not a module
+        call (reading a catch-up chunk from storage, decoding it) is never blamed on it.
+        """
         try:
             actors = {id(c.run_frame): c for c in list(self._children()) if c.run_frame}
         except RuntimeError:  # the registry changed while we looked: try at the next tick
             return None
         if not actors:
             return None
+        sites = _call_sites()
         frame = sys._current_frames().get(self._loop_thread)
-        inner: FrameType | None = None  # outermost non-runtime frame inside the actor so far
+        inward: FrameType | None = None  # the frame visited just before (called by `frame`)
+        called: FrameType | None = None  # the module's frame, once found
         while frame is not None:
             child = actors.get(id(frame))
             if child is not None and frame is child.run_frame:
                 step = child.step
-                if inner is None or not step:  # blocked in the runtime itself, not a callback
+                if called is None or not step:  # blocked in the runtime, not in a callback
                     return None
-                return child, step, inner
-            if frame.f_code.co_filename not in _RUNTIME_FILES:
-                inner = frame
+                return child, step, called
+            if (
+                called is None
+                and frame.f_code in sites
+                and inward is not None
+                and inward.f_code.co_filename not in _RUNTIME_FILES
+            ):
+                called = inward
+            inward = frame
             frame = frame.f_back
         return None
 

@@ -10,12 +10,14 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 import trio
 
 from nucleus_actors import (
+    Entry,
     Hash,
     LedgerConfig,
     LedgerFailed,
@@ -25,6 +27,7 @@ from nucleus_actors import (
     Restart,
     open_ledger,
 )
+from nucleus_actors.storage import MemoryStorage
 
 BLOCK = 0.3  # seconds a blocking callback sleeps: three times the default stall_warning
 
@@ -188,3 +191,45 @@ async def test_the_watchdog_thread_ends_when_the_ledger_fails() -> None:
             await engine.append(Record("t", {"n": 1}))
             await trio.sleep_forever()  # the escalation ends the block
     assert watchdogs() == before
+
+
+class SlowReads(MemoryStorage):
+    """Reads block the event loop (a synchronous backend): the runtime's work, not a module's."""
+
+    def read(self, start: int, stop: int | None = None) -> AsyncIterator[Entry]:
+        inner = super().read(start, stop)
+
+        async def blocking() -> AsyncIterator[Entry]:
+            time.sleep(BLOCK)  # noqa: ASYNC251 - the blocking call under test
+            async for entry in inner:
+                yield entry
+
+        return blocking()
+
+
+class Count(Module):
+    id = "count"
+
+    def __init__(self) -> None:
+        self.seen = 0
+
+    async def after_append(self, record: Record, hash: Hash) -> None:
+        self.seen += 1
+
+
+async def test_runtime_work_in_an_actor_is_not_blamed_on_the_module(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A durable module's catch-up reads from a storage that blocks the loop: the actor's stack
+    is on the loop thread, but no callback of the module is the blocking call."""
+    caplog.set_level(logging.WARNING, logger="nucleus_actors.supervisor")
+    storage = SlowReads()
+    async with open_ledger(config(), storage=storage) as engine:
+        await engine.append_many([Record("t", {"n": n}) for n in range(3)])
+    module = Count()
+    async with open_ledger(
+        config(), storage=storage, modules=[ModuleSpec(module, durable=True)]
+    ) as engine:
+        await wait_seen(module, 3)  # caught up through one blocking read
+        assert engine.modules.get("count").status.stalls == 0
+    assert stall_warnings(caplog) == []
