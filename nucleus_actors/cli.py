@@ -298,7 +298,13 @@ def run(
 
 @app.command()
 def verify(
-    path: Annotated[Path, typer.Argument(help="A SQLite ledger file.")],
+    target: Annotated[
+        str,
+        typer.Argument(
+            help="A SQLite ledger file, or a PostgreSQL URI (postgresql://...) with --schema.",
+            metavar="PATH",
+        ),
+    ],
     checkpoint: Annotated[
         Path | None,
         typer.Option("--checkpoint", help="A signed checkpoint (note file) the file must match."),
@@ -307,8 +313,15 @@ def verify(
         str | None,
         typer.Option("--key", help="The checkpoint's verifier key (the string, or a file)."),
     ] = None,
+    schema: Annotated[
+        str, typer.Option("--schema", help="PostgreSQL: the ledger's schema.")
+    ] = "nucleus",
 ) -> None:
     """Verify a ledger file's whole hash chain (safe beside a running daemon).
+
+    `PATH` may also be a PostgreSQL URI (`postgresql://user@host/db`, the password from
+    `PGPASSWORD` or `~/.pgpass`; `postgresql://` alone: the `PG*` variables) with `--schema`:
+    the chain stored there is verified the same way, read-only.
 
     With `--checkpoint NOTE --key VKEY` it also checks the checkpoint's signature and that the
     file's Merkle root and chain head at the checkpoint's size are the signed ones.
@@ -320,6 +333,13 @@ def verify(
     if (checkpoint is None) != (key is None):
         _error("--checkpoint and --key go together")
         raise typer.Exit(EXIT_CONFIG)
+    if target.startswith(("postgresql:", "postgres:")):
+        if checkpoint is not None:
+            _error("--checkpoint applies to SQLite files only")
+            raise typer.Exit(EXIT_CONFIG)
+        _verify_postgres(target, schema)
+        return
+    path = Path(target)
 
     import trio
 
@@ -351,6 +371,34 @@ def verify(
     _out.print(f"{path}: ok, {length} {entries}, head {head.hex()}", markup=False)
     if checkpoint is not None and key is not None:
         _out.print(_verify_checkpoint_file(path, checkpoint, key, length), markup=False)
+
+
+def _verify_postgres(dsn: str, schema: str) -> None:
+    """`nucleus verify postgresql://... --schema S` (exit 1 on an integrity failure, 2 when
+    the database cannot be read as a ledger)."""
+    import trio
+
+    from .storage.postgres import redact, verify_schema
+
+    where = f"{redact(dsn)} schema {schema}"
+    try:
+        ledger_id, length, head = trio.run(
+            partial(
+                verify_schema,
+                None if dsn.rstrip("/") in ("postgresql:", "postgres:") else dsn,
+                schema=schema,
+            )
+        )
+    except IntegrityError as exc:
+        _error(f"{where}: integrity failure at seq {exc.seq}: {exc}")
+        raise typer.Exit(EXIT_FAILURE) from None
+    except StorageError as exc:
+        _error(f"{exc}")
+        raise typer.Exit(EXIT_CONFIG) from None
+    entries = "entry" if length == 1 else "entries"
+    _out.print(
+        f"{where}: ledger {ledger_id!r} ok, {length} {entries}, head {head.hex()}", markup=False
+    )
 
 
 def _verifier_key(key: str) -> Any:

@@ -47,6 +47,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Any, ClassVar, Final, TypeVar
 
 import trio
@@ -67,7 +68,7 @@ from .sqlite import HASH_SCHEME, _created_by, _Entries, _entry
 if TYPE_CHECKING:
     import psycopg
 
-__all__ = ["LeaseInfo", "PostgresStorage"]
+__all__ = ["LeaseInfo", "PostgresStorage", "verify_schema"]
 
 log = logging.getLogger("nucleus_actors.storage.postgres")
 
@@ -1091,3 +1092,68 @@ def _check_tail(conn: Any, ledger_id: str) -> tuple[int, Hash]:
         verifier = ChainVerifier(before.hash, before.seq + 1)
     last = verifier.feed(_entry(tail[0]))
     return verifier.length, last
+
+
+async def verify_schema(
+    dsn: str | None,
+    *,
+    schema: str = "nucleus",
+    progress: Callable[[int, int], None] | None = None,
+) -> tuple[str, int, Hash]:
+    """Verify a PostgreSQL ledger's whole chain without writing; `(ledger id, length, head)`.
+
+    Reads the ledger id from the schema's `meta` table and streams every entry in bounded
+    chunks through `ChainVerifier` from that ledger's genesis, on one autocommit connection
+    (beside a live writer, which it never blocks; entries committed after it started are
+    not included).
+
+    Cancellation: nothing to undo; the connection is closed.
+
+    Raises:
+        StorageError: cannot connect, or the schema is not a ledger schema.
+        IntegrityError: naming the seq of the first entry that does not verify.
+    """
+    probe = PostgresStorage(dsn, schema=schema, standby=True)
+    limiter = trio.CapacityLimiter(1)
+    psycopg = _psycopg()
+
+    async def hop(what: str, fn: Callable[..., _T], *args: Any) -> _T:
+        try:
+            return await trio.to_thread.run_sync(fn, *args, limiter=limiter)
+        except psycopg.Error as exc:
+            raise StorageError(f"{probe._where()}: {what} failed: {_reason(exc)}") from exc
+
+    conn = await hop("connect", partial(probe._connect, writer=False))
+    try:
+
+        def meta() -> tuple[str, int]:
+            found = conn.execute("SELECT to_regclass(%s)", (f"{schema}.meta",)).fetchone()
+            if found is None or found[0] is None:
+                raise StorageError(f"{probe._where()} holds no nucleus_actors ledger")
+            rows = dict(conn.execute("SELECT key, value FROM meta").fetchall())
+            last = conn.execute("SELECT max(seq) FROM entries").fetchone()
+            count = 0 if last is None or last[0] is None else int(last[0]) + 1
+            return str(rows.get("ledger_id")), count
+
+        ledger_id, total = await hop("read the meta table", meta)
+        verifier = ChainVerifier(genesis(ledger_id))
+
+        def chunk(first: int, last: int) -> list[_Row]:
+            rows = conn.execute(_SELECT, (first, last, _CHUNK_ROWS)).fetchall()
+            return [(int(s), bytes(c), bytes(h)) for s, c, h in rows]
+
+        async def fetch(first: int, last: int) -> list[_Row]:
+            return await hop("read", chunk, first, last)
+
+        def on_chunk(done: int) -> None:
+            if progress is not None:
+                progress(done, total)
+
+        async for entry in _Entries(fetch, 0, total, on_chunk):
+            verifier.feed(entry)
+        if progress is not None and total == 0:
+            progress(0, 0)
+    finally:
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(conn.close, limiter=limiter)
+    return ledger_id, verifier.length, verifier.head

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.daemon.conftest import DaemonProcess, client
+from tests.daemon.conftest import DaemonProcess, client, nucleus
 from tests.postgres.daemons import pg_config, role_of, wait_until
 from tests.postgres.load import Load, check_acks, stored
 
@@ -71,6 +71,9 @@ def test_failover_under_load_kill_9(tmp_path: Path, pg_dsn: str, pg_schema: str)
         load.stop()
         entries = stored(pg_dsn, pg_schema)
         check_acks(load.acks, entries)
+        verified = nucleus("verify", pg_dsn, "--schema", pg_schema)
+        assert verified.returncode == 0, verified.stderr
+        assert f"ledger 'main' ok, {len(entries)} entries" in verified.stdout
         with client(writer.url) as api:
             metrics = api.get("/metrics").text
         assert 'nucleus_ledger_takeovers_total{ledger="main"} 1.0' in metrics
