@@ -561,6 +561,8 @@ class Daemon:
                 async with trio.open_nursery() as background:
                     if host.signer is not None:
                         background.start_soon(host.signer.run)
+                    if host.settings.verify_on_open == "tail":
+                        background.start_soon(self._verify_in_background, host)
                     wait_lost = getattr(storage, "wait_lost", None)
                     if wait_lost is not None:
 
