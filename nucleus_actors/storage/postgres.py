@@ -358,8 +358,10 @@ class PostgresStorage:
         except psycopg.Error as exc:
             raise StorageError(f"{self._where()}: {what} failed: {_reason(exc)}") from exc
 
-    def _writer(self) -> Any:
+    def _writer(self, opening: bool = False) -> Any:
         """The writer connection, reconnected if the last one broke (worker thread)."""
+        if not (self._open or opening):
+            raise StorageError(f"PostgresStorage ({self._where()}) was closed")
         conn = self._conn
         if conn is None or conn.closed or conn.broken:
             if conn is not None:
@@ -368,7 +370,9 @@ class PostgresStorage:
             self._conn = conn = self._connect(writer=True)
         return conn
 
-    def _reading_conn(self) -> Any:
+    def _reading_conn(self, opening: bool = False) -> Any:
+        if not (self._open or opening):
+            raise StorageError(f"PostgresStorage ({self._where()}) was closed")
         conn = self._reader
         if conn is None or conn.closed or conn.broken:
             if conn is not None:
@@ -417,14 +421,14 @@ class PostgresStorage:
             self._start_renewing()
 
     def _open_sync(self, ledger_id: str) -> tuple[int, Hash]:
-        conn = self._writer()
+        conn = self._writer(opening=True)
         self._migrate_sync(conn, ledger_id)
         self._epoch = None
         if not self._standby:
             self._epoch = self._acquire_sync(conn, ledger_id)
         try:
             length, head = _check_tail(conn, ledger_id)
-            self._reading_conn()
+            self._reading_conn(opening=True)
         except BaseException:
             if self._epoch is not None:
                 with contextlib.suppress(Exception):
