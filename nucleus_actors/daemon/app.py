@@ -859,7 +859,7 @@ def create_app(state: DaemonState) -> FastAPI:
     @app.get(
         "/readyz",
         summary="Readiness: every ledger RUNNING (with ?role=writer: this daemon writes one)",
-        responses=_problems(503),
+        responses=_problems(422, 503),
     )
     async def readyz(
         role: Annotated[
