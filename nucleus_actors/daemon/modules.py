@@ -372,6 +372,7 @@ class KindCounter(Module):
         self._changed = set()
         self._new_seqs = []
         self._ledger = None
+        self._reset = False
 
     async def resume_after(self, ctx: ModuleContext) -> int | None:
         """The last seq counted (None: nothing yet; the runtime then uses `start_at`)."""

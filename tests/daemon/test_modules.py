@@ -413,3 +413,24 @@ async def test_jsonl_mirror_refuses_a_file_of_another_ledger(tmp_path: Path) -> 
         with pytest.raises(ModuleError, match=r"jsonl-mirror") as info:
             await engine.init_all()
     assert "a Hash is 64 hex digits" in str(info.value.__cause__)
+
+
+async def test_kind_counter_recounts_when_the_index_setting_changes(tmp_path: Path) -> None:
+    state = str(tmp_path / "counts.db")
+    storage = MemoryStorage()
+    config = LedgerConfig(ledger_id="t")
+    async with open_ledger(config, storage=storage, modules=[counter(state=state)]) as engine:
+        await engine.append_many([Record("a" if n % 2 else "b", n) for n in range(6)])
+    async with open_ledger(
+        config, storage=storage, modules=[counter(state=state, index=True)]
+    ) as engine:
+        handle = engine.modules.get(KindCounter)
+        assert await handle.ask(lambda m: dict(m.counts)) == {"a": 3, "b": 3}
+        assert await handle.ask(KindCounter.seqs, "a") == [1, 3, 5]
+        assert handle.status.processed == 6  # counted again, to build the index
+    async with open_ledger(
+        config, storage=storage, modules=[counter(state=state, index=True)]
+    ) as engine:
+        handle = engine.modules.get(KindCounter)
+        assert await handle.ask(KindCounter.seqs, "b") == [0, 2, 4]
+        assert handle.status.processed == 0  # the index came from the state file
