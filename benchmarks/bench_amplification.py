@@ -84,6 +84,12 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--records", type=int, default=1000, help="max_batch_records (default)")
     parser.add_argument("--storage", choices=["memory", "sqlite"], default="sqlite")
+    parser.add_argument(
+        "--loop-stats",
+        action="store_true",
+        help="also time every event-loop step inside the daemon (thread CPU time: how long a "
+        "step held the loop, independent of the machine's other load)",
+    )
     parser.add_argument("--poster", metavar="URL", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.poster:
@@ -96,8 +102,14 @@ def main() -> None:
         config.write_text(f'[[ledgers]]\nid = "main"\nstorage = {storage}\n')
         env = {**os.environ, "PYTHONPATH": str(REPO)}
         env.pop("NUCLEUS_TOKEN", None)
+        stats = Path(tmp) / "loop.json"
+        launcher = (
+            [str(REPO / "benchmarks" / "_loop_stats.py"), str(stats)]
+            if args.loop_stats
+            else ["-m", "nucleus_actors"]
+        )
         proc = subprocess.Popen(
-            [sys.executable, "-m", "nucleus_actors", "run", str(config), "--port", "0"],
+            [sys.executable, *launcher, "run", str(config), "--port", "0"],
             stderr=subprocess.PIPE,
             text=True,
             env=env,
@@ -126,21 +138,30 @@ def main() -> None:
         with httpx.Client(base_url=url, timeout=120) as api:
             assert api.get("/healthz").status_code == 200
             time.sleep(0.5)  # the posters connect and start sending
+            window = [time.monotonic(), 0.0]
             while posters.poll() is None:
                 start = time.perf_counter()
                 assert api.get("/healthz").status_code == 200
                 latencies.append(time.perf_counter() - start)
                 time.sleep(0.02)
+        window[1] = time.monotonic()
         out, _ = posters.communicate()
         statuses = json.loads(out)
         peak = rss(proc.pid, "VmHWM")
         proc.terminate()
         proc.wait(60)
+        loop = None
+        if args.loop_stats:
+            sys.path.insert(0, str(REPO / "benchmarks"))
+            from _loop_stats import summary
+
+            loop = summary(str(stats), window[0], window[1])
     latencies.sort()
     p99 = latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))]
     print(
         f"clients {args.clients}, {args.records} records/batch, body {payload_size} bytes, "
-        f"{args.seconds:g} s, storage {args.storage}"
+        f"{args.seconds:g} s, storage {args.storage}, load average {os.getloadavg()[0]:.1f} "
+        f"on {os.cpu_count()} CPUs"
     )
     print(f"batches by status: {dict(statuses)}")
     print(f"daemon RSS before {rss_before / 2**20:.0f} MB, peak {peak / 2**20:.0f} MB")
@@ -148,6 +169,8 @@ def main() -> None:
         f"/healthz: {len(latencies)} probes, p50 {statistics.median(latencies) * 1e3:.1f} ms, "
         f"p99 {p99 * 1e3:.1f} ms, max {latencies[-1] * 1e3:.1f} ms"
     )
+    if loop is not None:
+        print(loop)
 
 
 if __name__ == "__main__":
