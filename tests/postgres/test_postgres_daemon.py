@@ -3,6 +3,7 @@ reads, refuse writes, follow the head and take over."""
 
 from __future__ import annotations
 
+import json
 import signal
 from pathlib import Path
 from typing import Any
@@ -99,3 +100,67 @@ def test_startup_config_errors_exit_2(tmp_path: Path, pg_dsn: str, pg_schema: st
     result = nucleus("check", str(config))
     assert result.returncode == 2
     assert "no_such_db_nucleus" in result.stderr
+
+
+def _events(response: Any, count: int) -> list[dict[str, str]]:
+    events: list[dict[str, str]] = []
+    current: dict[str, str] = {}
+    for line in response.iter_lines():
+        if line == "":
+            if current:
+                events.append(current)
+                current = {}
+                if len(events) == count:
+                    return events
+            continue
+        if line.startswith(":"):
+            continue
+        field, _, value = line.partition(":")
+        current[field] = value.removeprefix(" ")
+    raise AssertionError(f"stream ended after {len(events)} events")
+
+
+def test_standby_streams_and_proofs_follow_and_roles_are_kept(
+    tmp_path: Path, pg_dsn: str, pg_schema: str, start_daemon: Any
+) -> None:
+    """A standby's SSE stream and Merkle proofs follow the writer; `role = "standby"` never
+    takes over; `role = "writer"` waits (503 on /readyz) and takes over when the lease frees."""
+    writer = start_daemon(pg_config(tmp_path / "w.toml", pg_dsn, pg_schema, lease=2.0))
+    assert role_of(writer) == "writer"
+    replica = start_daemon(
+        pg_config(tmp_path / "r.toml", pg_dsn, pg_schema, lease=2.0, role="standby")
+    )
+    waiting = start_daemon(
+        pg_config(tmp_path / "x.toml", pg_dsn, pg_schema, lease=2.0, role="writer")
+    )
+    with client(writer.url) as w, client(replica.url) as r, client(waiting.url) as x:
+        assert role_of(replica) == "standby"
+        assert role_of(waiting) == "standby"
+        not_ready = x.get("/readyz")
+        assert not_ready.status_code == 503  # role = "writer" is not ready until it writes
+        assert not_ready.json()["ledgers"]["main"]["role"] == "standby"
+        with r.stream("GET", "/v1/ledgers/main/stream") as stream:
+            assert stream.status_code == 200
+            receipts = [
+                w.post("/v1/ledgers/main/records", json={"kind": "k", "payload": {"n": n}}).json()
+                for n in range(3)
+            ]
+            events = _events(stream, 3)
+        assert [int(e["id"]) for e in events] == [0, 1, 2]
+        assert [json.loads(e["data"])["hash"] for e in events] == [x["hash"] for x in receipts]
+        wait_until(lambda: r.get("/v1/ledgers/main/head").json()["length"] == 3, what="follow")
+        for path, params in (
+            ("/v1/ledgers/main/proof/inclusion", {"seq": 1, "size": 3}),
+            ("/v1/ledgers/main/proof/consistency", {"from": 1, "to": 3}),
+        ):
+            on_standby, on_writer = r.get(path, params=params), w.get(path, params=params)
+            assert on_standby.status_code == 200, on_standby.text
+            assert on_standby.json() == on_writer.json()
+    assert writer.stop(signal.SIGTERM) == 0
+    wait_until(lambda: role_of(waiting) == "writer", timeout=15, what="the writer-role takeover")
+    with client(waiting.url) as x:
+        assert x.get("/readyz").status_code == 200
+        assert (
+            x.post("/v1/ledgers/main/records", json={"kind": "k", "payload": {}}).json()["seq"] == 3
+        )
+    assert role_of(replica) == "standby"  # a `standby` never takes over
