@@ -1025,10 +1025,21 @@ class Child:
                 await self._remote_batch(op, items, index, end, calls, on_result)
             if injected is not None:
                 call, injections = injected
+                self._hook_started = self._now()  # its injections run under its deadline
+                # Its result counts only once the whole observed call returned (an injection
+                # at exit that crashes means the module did see it, yet it is redelivered).
+                result: list[Any] = []
                 alone = functools.partial(
-                    self._remote_batch, op, items, end, end + 1, [], on_result
+                    self._remote_batch,
+                    op,
+                    items,
+                    end,
+                    end + 1,
+                    [],
+                    lambda _, value: result.append(value),
                 )
                 await _instrument.run(instruments, call, injections, alone)
+                on_result(end, result[0])
                 end += 1
             index = end
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
 from ..isolation.test_isolation import alive, read_seen
 from .conftest import DaemonProcess, client, nucleus, toml_str
@@ -49,6 +50,7 @@ def metric(text: str, name: str, module: str) -> float | None:
     return None if match is None else float(match.group(1))
 
 
+@pytest.mark.slow
 def test_nucleus_run_with_an_isolated_module(tmp_path: Path, start_daemon: Any) -> None:
     seen = tmp_path / "seen.txt"
     config = tmp_path / "nucleus.toml"

@@ -18,6 +18,7 @@ import trio
 from nucleus_actors import (
     Backoff,
     Hash,
+    Isolation,
     LedgerConfig,
     LedgerFailed,
     LifecycleError,
@@ -87,6 +88,26 @@ class DurableSink(Module):
 
     async def after_append(self, record: Record, hash: Hash) -> None:
         self.count += 1
+
+
+def isolated_validator() -> Validator:
+    """The validator as an isolated module builds it (a factory importable by name)."""
+    return Validator("validator")
+
+
+def isolated_sink_1() -> Sink:
+    return Sink("sink-1", REAL.flush)
+
+
+def isolated_sink_2() -> Sink:
+    return Sink("sink-2", REAL.flush)
+
+
+def isolated_durable() -> DurableSink:
+    return DurableSink("durable")
+
+
+ISOLATED_SINKS = {1: isolated_sink_1, 2: isolated_sink_2}
 
 
 class OwnPosition(Module):
@@ -222,9 +243,19 @@ async def _cancelled_append(ledger: TrackedLedger, record: Record, rng: random.R
 
 
 async def chaos_run(
-    seed: int, *, storage: str, strategy: Strategy, tmp_path: Path, real_clock: bool
+    seed: int,
+    *,
+    storage: str,
+    strategy: Strategy,
+    tmp_path: Path,
+    real_clock: bool,
+    isolated: bool = False,
 ) -> RunSummary:
     """Run one seeded chaos scenario; raise `InvariantViolation` if an invariant breaks.
+
+    With `isolated`, the validator, the sinks and the durable sink run in worker processes
+    (`Isolation.PROCESS`, real clock only): the plans' crashes SIGKILL them, their hangs
+    block them for real.
 
     Raises:
         ChaosHang: the run did not end within its limit (the ledger's state is in the message).
@@ -232,7 +263,7 @@ async def chaos_run(
     timing = REAL if real_clock else MOCK
     ledgers: list[TrackedLedger] = []
     with trio.move_on_after(timing.limit) as scope:
-        summary = await _chaos_run(seed, storage, strategy, tmp_path, timing, ledgers)
+        summary = await _chaos_run(seed, storage, strategy, tmp_path, timing, ledgers, isolated)
     if scope.cancelled_caught:
         ledger = ledgers[0] if ledgers else None
         detail = "" if ledger is None else f" {ledger!r} {ledger.modules.status()}"
@@ -247,6 +278,7 @@ async def _chaos_run(
     tmp_path: Path,
     timing: Timing,
     ledgers: list[TrackedLedger],
+    isolated: bool = False,
 ) -> RunSummary:
     rng = random.Random(f"{seed}:scenario")
     # Durable modules in a share of the runs, with a second opening of the same storage: they
@@ -260,14 +292,14 @@ async def _chaos_run(
     own_store: dict[str, int] = {}
     summary.outcome = await _session(
         seed, "", rng, durable_rng if durable else None, backend, own_store, strategy, timing,
-        ledgers, summary,
+        ledgers, summary, isolated,
     )  # fmt: skip
     if durable:
         if isinstance(backend, SQLiteStorage):
             backend = SQLiteStorage(backend.path, durability="normal")
         summary.reopened = await _session(
             seed, "reopen:", random.Random(f"{seed}:reopen"), durable_rng, backend, own_store,
-            strategy, timing, ledgers, summary,
+            strategy, timing, ledgers, summary, isolated,
         )  # fmt: skip
         # Its effects are exactly once: every seq it recorded follows the one before.
         assert own_store.get("errors", 0) == 0, f"'own' recorded a gap or a duplicate: {own_store}"
@@ -285,6 +317,7 @@ async def _session(
     timing: Timing,
     ledgers: list[TrackedLedger],
     summary: RunSummary,
+    isolated: bool = False,
 ) -> str:
     """One opening of the ledger: modules with faults, appenders, maybe a stop, the check.
     Returns how it ended (stopped | escalated | startup_failed)."""
@@ -310,16 +343,20 @@ async def _session(
 
     def sink(n: int) -> Any:
         plan = sink_plans[n - 1]
+        if isolated:
+            return plan.wrap(ISOLATED_SINKS[n])
         if rng.random() < 0.5:  # a factory: a fresh instance per incarnation
             return plan.wrap(lambda: Sink(f"sink-{n}", timing.flush))
         return plan.wrap(Sink(f"sink-{n}", timing.flush))
 
     second_restart = rng.choice([Restart.PERMANENT, Restart.TRANSIENT, Restart.TEMPORARY])
     second_overflow = rng.choice([Overflow.BLOCK] * 4 + [Overflow.DROP_OLDEST, Overflow.FAIL])
+    where = {"isolation": Isolation.PROCESS} if isolated else {}
+    validator = isolated_validator if isolated else Validator("validator")
     specs = [
-        spec(validator_plan.wrap(Validator("validator")), restart=Restart.PERMANENT),
-        spec(sink(1), restart=Restart.PERMANENT),
-        spec(sink(2), restart=second_restart, overflow=second_overflow),
+        spec(validator_plan.wrap(validator), restart=Restart.PERMANENT, **where),
+        spec(sink(1), restart=Restart.PERMANENT, **where),
+        spec(sink(2), restart=second_restart, overflow=second_overflow, **where),
         spec(Probe("probe"), restart=Restart.PERMANENT),
     ]
     rng.shuffle(specs)
@@ -328,9 +365,12 @@ async def _session(
         cursor_plan = schedule.plan(f"{prefix}durable", callbacks=hooks)
         own_plan = schedule.plan(f"{prefix}own", callbacks=[*hooks, "resume_after"])
         plans += [cursor_plan, own_plan]
-        for plan, make in (
-            (cursor_plan, lambda: DurableSink("durable")),
-            (own_plan, lambda: OwnPosition("own", own_store)),
+        # Isolated runs: the durable sink runs in a worker too (its catch-up batches are read
+        # by the parent and forwarded); "own" shares `own_store` with the test, so stays a task.
+        durable_sink: Any = isolated_durable if isolated else lambda: DurableSink("durable")
+        for plan, make, options in (
+            (cursor_plan, durable_sink, where),
+            (own_plan, lambda: OwnPosition("own", own_store), {}),
         ):
             specs.insert(
                 durable_rng.randrange(len(specs) + 1),
@@ -342,6 +382,7 @@ async def _session(
                     restart=durable_rng.choice([Restart.PERMANENT, Restart.TRANSIENT]),
                     timeout=timing.timeout,
                     shutdown=timing.shutdown,
+                    **options,
                 ),
             )
     for plan in plans:
@@ -420,9 +461,10 @@ async def _session(
     return outcome
 
 
-def describe(seed: int, storage: str, strategy: Strategy) -> str:
+def describe(seed: int, storage: str, strategy: Strategy, isolated: bool = False) -> str:
     """What a failing run prints: how to replay it."""
     return (
-        f"chaos run seed={seed} storage={storage} strategy={strategy.value}; the fault "
+        f"chaos run seed={seed} storage={storage} strategy={strategy.value}"
+        f"{' isolated' if isolated else ''}; the fault "
         f"schedule is FaultSchedule({seed}) (see tests/faults/chaos.py)"
     )
