@@ -105,6 +105,11 @@ def crash_cause(exc: BaseException) -> BaseException | None:
     return None
 
 
+def _collect(into: list[Any]) -> Callable[[int, Any], None]:
+    """An `on_result` that keeps the results in `into`."""
+    return lambda _, value: into.append(value)
+
+
 async def _no_hook(*_: Any) -> None:  # pragma: no cover - never called
     raise AssertionError("an isolated module's hooks run in its worker (in batches)")
 
@@ -1030,13 +1035,7 @@ class Child:
                 # at exit that crashes means the module did see it, yet it is redelivered).
                 result: list[Any] = []
                 alone = functools.partial(
-                    self._remote_batch,
-                    op,
-                    items,
-                    end,
-                    end + 1,
-                    [],
-                    lambda _, value: result.append(value),
+                    self._remote_batch, op, items, end, end + 1, [], _collect(result)
                 )
                 await _instrument.run(instruments, call, injections, alone)
                 on_result(end, result[0])

@@ -7,9 +7,10 @@ it (in order per incarnation), and stopping kept to its deadlines.
 
 A third group runs on a MemoryStorage whose appends fail now and then (before or after
 writing). A fourth runs the validator and the sinks isolated (`Isolation.PROCESS`, real
-clock), so that crashes are real SIGKILLs of worker processes and hangs really block them. `--nucleus-chaos-runs=N` sets the runs per strategy with memory storage (default 100;
-flaky storage gets N // 5, SQLite N // 10, isolated N // 20, at least 1 each); `--nucleus-seed=S` replays one
-seed (pick the case with `-k`).
+clock), so that crashes are real SIGKILLs of worker processes and hangs really block them.
+`--nucleus-chaos-runs=N` sets the runs per strategy with memory storage (default 100; flaky
+storage gets N // 5, SQLite N // 10, isolated N // 20, at least 1 each); `--nucleus-seed=S`
+replays one seed (pick the case with `-k`).
 """
 
 from __future__ import annotations
