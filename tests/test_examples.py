@@ -39,6 +39,15 @@ EXPECTED: dict[str, list[str]] = {
         r"counts per kind this run: \{'order\.created': 3\}",
         r"chain verified: 3 entries, head [0-9a-f]{64}",
     ],
+    "isolated_module.py": [
+        r"ledger in pid \d+, thumbnailer in worker pid \d+",
+        r"after the segfault: .*worker exited by signal 11 \(SIGSEGV\)\"\)",
+        r"after the blocking call: TimeoutError\(\"after_append exceeded the module's timeout .*",
+        r"appends went on meanwhile .*",
+        r"worker pid now \d+, restarts 2",
+        r"rendered by this incarnation: \[2, 3\]",
+        r"ledger length 4, phase RUNNING",
+    ],
 }
 
 

@@ -16,7 +16,6 @@ import functools
 import inspect
 import logging
 import math
-import pickle
 import sys
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
@@ -32,7 +31,7 @@ from ..lifecycle import ModuleState, StopResult
 from ..record import Record
 from ._base import Module
 from ._context import LedgerReader, ModuleContext
-from ._isolation import Isolation, decode_error
+from ._isolation import Isolation, decode_error, dumps
 from ._mailbox import Ask, Before, Delivery, Lifecycle, LifecycleOp, Mailbox, Reply
 from ._proxy import WorkerProxy
 from ._spec import ModuleSpec, Overflow, resolved_overflow
@@ -1272,7 +1271,7 @@ class Child:
             if self.durable and self.next_seq < msg.target:  # served once caught up to it
                 await self._durably(lambda: self._catch_up(_no_hook, msg.target))
             try:
-                blob = pickle.dumps((msg.fn, msg.args), protocol=pickle.HIGHEST_PROTOCOL)
+                blob = dumps((msg.fn, msg.args))
             except Exception as exc:
                 error = TypeError(
                     f"ask to isolated module {self.id!r} needs a picklable function and "

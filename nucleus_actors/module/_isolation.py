@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import builtins
 import importlib
+import inspect
+import io
 import json
 import os
 import pickle
@@ -71,6 +73,34 @@ def _read_exactly(read: Callable[[int], bytes], size: int) -> bytes | None:
         chunks.append(chunk)
         size -= len(chunk)
     return b"".join(chunks)
+
+
+class _MainPickler(pickle.Pickler):
+    """Pickles functions and classes of `__main__` by their importable name (a worker's
+    `__main__` is the worker itself, so `__main__.fn` would not resolve there)."""
+
+    def __init__(self, file: io.BytesIO, main: str) -> None:
+        super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
+        self._main = main
+
+    def reducer_override(self, obj: Any) -> Any:
+        if (isinstance(obj, type) or inspect.isfunction(obj)) and getattr(
+            obj, "__module__", None
+        ) == "__main__":
+            qualname = getattr(obj, "__qualname__", "")
+            if "<" not in qualname:
+                return import_target, (f"{self._main}:{qualname}",)
+        return NotImplemented
+
+
+def dumps(obj: Any) -> bytes:
+    """`pickle.dumps` for something a worker will load (see `_MainPickler`)."""
+    main = _main_name() if "__main__" in sys.modules else None
+    if main is None:
+        return pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    buffer = io.BytesIO()
+    _MainPickler(buffer, main).dump(obj)
+    return buffer.getvalue()
 
 
 # -- exceptions --------------------------------------------------------------------------------
