@@ -258,7 +258,8 @@ class WorkerProxy:
         self._ended.set()
         self._ready.set()
         self._fail_calls(self._failure)
-        if self._killed is None and child.incarnation == self._incarnation:
+        # A worker that never became ready failed `start()`, which reports it as init's error.
+        if self._killed is None and self.pid is not None and child.incarnation == self._incarnation:
             child.crash_now(self._failure)
 
     def _dispatch(self, message: Any) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import sys
 import time
 from typing import Any
 
@@ -150,3 +151,14 @@ class Spawner(Module):
 
 async def _crash_soon() -> None:
     raise OSError("background work failed")
+
+
+class BrokenInWorker(Module):
+    """Builds in the parent (register learns its id) but not in a worker."""
+
+    id = "broken"
+
+    def __init__(self) -> None:
+        main = sys.modules["__main__"]
+        if getattr(getattr(main, "__spec__", None), "name", "") == "nucleus_actors.module._worker":
+            raise RuntimeError("cannot be built in a worker")

@@ -412,3 +412,16 @@ async def test_fault_plan_kills_and_hangs_isolated_workers(tmp_path: Path) -> No
         ("crash", 3, False),
         ("hang", 6, False),
     ]
+
+
+async def test_a_module_the_worker_cannot_build_fails_init() -> None:
+    from .modules import BrokenInWorker
+
+    async with open_ledger(LedgerConfig(ledger_id="iso")) as ledger:
+        with pytest.raises(ModuleError, match="failed in init") as info:
+            await ledger.add(ModuleSpec(BrokenInWorker, isolation=PROCESS))
+        cause = info.value.__cause__
+        assert isinstance(cause, ModuleError)
+        assert "worker could not build the module" in str(cause)
+        assert isinstance(cause.__cause__, RuntimeError)
+        assert "broken" not in ledger.modules
