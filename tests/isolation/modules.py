@@ -162,3 +162,15 @@ class BrokenInWorker(Module):
         main = sys.modules["__main__"]
         if getattr(getattr(main, "__spec__", None), "name", "") == "nucleus_actors.module._worker":
             raise RuntimeError("cannot be built in a worker")
+
+
+class Slow(Module):
+    """Takes `config["seconds"]` (blocking) per delivery."""
+
+    id = "slow"
+
+    async def init(self, ctx: ModuleContext) -> None:
+        self.seconds = float(ctx.config["seconds"])
+
+    async def after_append(self, record: Record, hash: Hash) -> None:
+        time.sleep(self.seconds)  # noqa: ASYNC251 - a slow module
