@@ -26,6 +26,7 @@ from nucleus_actors import (
     ModuleError,
     ModuleSpec,
     ModuleState,
+    Overflow,
     Phase,
     Record,
     RecordRejected,
@@ -427,34 +428,30 @@ async def test_a_module_the_worker_cannot_build_fails_init() -> None:
         assert "broken" not in ledger.modules
 
 
-async def test_the_inbox_bound_holds_across_the_boundary() -> None:
-    from nucleus_actors import Overflow
-
+@pytest.mark.parametrize("overflow", [Overflow.BLOCK, Overflow.DROP_NEWEST])
+async def test_the_inbox_bound_holds_across_the_boundary(overflow: Overflow) -> None:
     from .modules import Slow
 
-    for overflow in (Overflow.BLOCK, Overflow.DROP_NEWEST):
-        spec = ModuleSpec(
-            Slow, isolation=PROCESS, inbox=4, overflow=overflow, config={"seconds": 0.05}
-        )
-        async with open_ledger(LedgerConfig(ledger_id="iso"), modules=[spec]) as ledger:
-            handle = ledger.modules.get("slow")
-            depths: list[int] = []
+    spec = ModuleSpec(Slow, isolation=PROCESS, inbox=4, overflow=overflow, config={"seconds": 0.05})
+    async with open_ledger(LedgerConfig(ledger_id="iso"), modules=[spec]) as ledger:
+        handle = ledger.modules.get("slow")
+        depths: list[int] = []
 
-            async def watch() -> None:
-                while True:
-                    depths.append(handle.status.inbox_depth)
-                    await trio.sleep(0.001)
+        async def watch() -> None:
+            while True:
+                depths.append(handle.status.inbox_depth)
+                await trio.sleep(0.001)
 
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(watch)
-                for _ in range(30):
-                    await ledger.append(Record("k", {}))
-                nursery.cancel_scope.cancel()
-            await wait_until(lambda: handle.status.inbox_depth == 0)
-            status = handle.status
-        assert max(depths) <= 4
-        assert status.processed + status.dropped == 30
-        if overflow is Overflow.BLOCK:
-            assert status.dropped == 0  # appends waited for room instead
-        else:
-            assert status.dropped > 0
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(watch)
+            for _ in range(30):
+                await ledger.append(Record("k", {}))
+            nursery.cancel_scope.cancel()
+        await wait_until(lambda: handle.status.inbox_depth == 0)
+        status = handle.status
+    assert max(depths) <= 4
+    assert status.processed + status.dropped == 30
+    if overflow is Overflow.BLOCK:
+        assert status.dropped == 0  # appends waited for room instead
+    else:
+        assert status.dropped > 0
