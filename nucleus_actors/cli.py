@@ -750,7 +750,7 @@ def status(
             table = Table(show_edge=False, pad_edge=False, box=None)
             for column in (
                 "module", "version", "state", "restarts", "crashes", "inbox", "processed",
-                "dropped", "lag", "pid",
+                "dropped", "lag",
             ):  # fmt: skip
                 table.add_column(column, no_wrap=True)
             notes = []
@@ -766,8 +766,12 @@ def status(
                     str(m["processed"]),
                     str(m["dropped"]),
                     str(m.get("lag", 0)),
-                    "-" if m.get("pid") is None else str(m["pid"]),
                 )
+                if m.get("pid") is not None:
+                    notes.append(
+                        f'  {escape(m["id"])}: worker pid {m["pid"]} (isolation = "process"), '
+                        f"{m['restarts']} restart(s)"
+                    )
                 if info := _info_text(m.get("info")):
                     notes.append(f"  {escape(m['id'])}: {escape(info)}")
                 if m.get("stalls"):

@@ -145,7 +145,7 @@ METRICS: Final[Mapping[str, tuple[str, str, tuple[str, ...]]]] = {
     ),
     "nucleus_module_worker_pid": (
         "gauge",
-        "Process id of the module's worker (isolation = process); absent for a task module.",
+        "Process id of the module's worker (isolation = process); 0 for a task module.",
         ("ledger", "module"),
     ),
     "nucleus_module_incarnation": (
@@ -217,8 +217,7 @@ class _LedgerCollector(Collector):
                 f["nucleus_module_incarnation"].add_metric(labels, status.incarnation)
                 f["nucleus_module_lag"].add_metric(labels, status.lag)
                 f["nucleus_module_stalls_total"].add_metric(labels, status.stalls)
-                if status.pid is not None:
-                    f["nucleus_module_worker_pid"].add_metric(labels, status.pid)
+                f["nucleus_module_worker_pid"].add_metric(labels, status.pid or 0)
         yield from f.values()
 
 

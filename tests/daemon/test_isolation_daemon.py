@@ -93,8 +93,8 @@ def test_nucleus_run_with_an_isolated_module(tmp_path: Path, start_daemon: Any) 
     listed = {m["id"]: m for m in report["ledgers"][0]["modules"]}
     assert listed["seen"]["pid"] == new_pid
     assert listed["seen"]["restarts"] == 1
-    table = nucleus("status", "--url", url, COLUMNS="200")
-    assert str(new_pid) in table.stdout, table.stdout
+    table = nucleus("status", "--url", url)
+    assert f'seen: worker pid {new_pid} (isolation = "process"), 1 restart(s)' in table.stdout
     assert daemon.stop() == 0, daemon.log
     assert not alive(new_pid)
     assert not os.path.exists(f"/proc/{now['counter']['pid']}/cmdline")
