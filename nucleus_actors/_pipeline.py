@@ -52,7 +52,7 @@ log = logging.getLogger("nucleus_actors.pipeline")
 
 _MAX_SAFE = 2**53 - 1
 
-HASH_SLICE: Final = 256
+HASH_SLICE: Final = 128
 """A group commit encodes and hashes this many records between checkpoints."""
 
 
@@ -482,8 +482,9 @@ class Pipeline:
         """Canonical bytes, LEAF and CHAIN hashes of the live requests' records, from the
         committed head. A request with a record over `max_record_bytes` fails here.
 
-        With `slice_records > 0`, checkpoints after every `slice_records` records, so a large
-        batch (1,000 records of 4 KiB: ~10 ms) does not hold the event loop in one step;
+        With `slice_records > 0`, checkpoints after every `slice_records` records, and once at
+        the end when there were at least that many (the tiles and the storage rows follow), so
+        a large batch (1,000 records of 4 KiB: ~10 ms) does not hold the event loop in one step;
         nothing is stored or adopted yet, and the sequencer's shield keeps outer cancellations
         out. A caller may withdraw at such a checkpoint: `yielded` tells `_commit` to look.
         """
@@ -523,6 +524,10 @@ class Pipeline:
                     seq += 1
                 out.committing.append((request, start))
         out.seq, out.head = seq, head
+        if slice_records and len(entries) >= slice_records and work:
+            # The rest of the group commit (tree tiles, storage rows) is one more step.
+            out.yielded = True
+            await trio.lowlevel.checkpoint()
         return out
 
     def _batch(
