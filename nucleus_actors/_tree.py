@@ -52,10 +52,12 @@ def _node(left: bytes, right: bytes) -> bytes:
 def _perfect_root(hashes: bytes | bytearray | memoryview, count: int) -> bytes:
     """Root of `count` (a power of two) consecutive 32-byte hashes (a perfect subtree)."""
     data = bytes(hashes[: count * _H])
-    # Siblings are adjacent: each NODE hashes 0x01 and 64 consecutive bytes of the level.
+    # Siblings are adjacent: each NODE hashes 0x01 and 64 consecutive bytes of the level
+    # (read through a memoryview: no copy of the pair before the one concatenation).
     while len(data) > _H:
+        view = memoryview(data)
         data = b"".join(
-            [blake3(b"\x01" + data[i : i + 2 * _H]).digest() for i in range(0, len(data), 2 * _H)]
+            [blake3(b"\x01" + view[i : i + 2 * _H]).digest() for i in range(0, len(data), 2 * _H)]
         )
     return data
 
@@ -212,9 +214,12 @@ def _tile_levels(hashes: bytes) -> list[bytes]:
     current = hashes
     step = 2 * _H
     for _ in range(_TILE_BITS):
-        pairs = len(current) // step
+        view = memoryview(current)
         current = b"".join(
-            [blake3(b"\x01" + current[i * step : (i + 1) * step]).digest() for i in range(pairs)]
+            [
+                blake3(b"\x01" + view[i : i + step]).digest()
+                for i in range(0, len(current) - step + 1, step)
+            ]
         )
         levels.append(current)
     return levels
