@@ -18,6 +18,7 @@ the reference of every key; a test keeps the two in step.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -191,12 +192,20 @@ class ModuleSettings(_Section):
         return None if value is None else _matching(value, LEDGER_ID_PATTERN, _ID_RULE)
 
     @model_validator(mode="after")
-    def _memory_limit_needs_a_process(self) -> ModuleSettings:
+    def _process_rules(self) -> ModuleSettings:
         if self.memory_limit is not None and self.isolation != "process":
             raise ValueError(
                 f'memory_limit = {self.memory_limit} needs isolation = "process" (a module '
                 "running as a task shares the daemon's memory)"
             )
+        if self.isolation == "process":
+            try:
+                json.dumps(self.config, allow_nan=False)
+            except (TypeError, ValueError) as exc:
+                raise ValueError(
+                    f'isolation = "process" needs a config that is JSON (it is sent to the '
+                    f"worker process as JSON; TOML dates and times are not): {exc}"
+                ) from None
         return self
 
     def spec(self, *, instrument: Callable[[Module], None] | None = None) -> ModuleSpec[Module]:

@@ -98,3 +98,22 @@ def test_nucleus_run_with_an_isolated_module(tmp_path: Path, start_daemon: Any) 
     assert daemon.stop() == 0, daemon.log
     assert not alive(new_pid)
     assert not os.path.exists(f"/proc/{now['counter']['pid']}/cmdline")
+
+
+def test_check_refuses_process_settings_it_cannot_honour(tmp_path: Path) -> None:
+    config = tmp_path / "nucleus.toml"
+    config.write_text(
+        '[[ledgers]]\nid = "iso"\nstorage = ":memory:"\n\n'
+        '[[ledgers.modules]]\nuse = "kind-counter"\nmemory_limit = 1000000000\n'
+    )
+    result = nucleus("check", str(config))
+    assert result.returncode == 2, result
+    assert 'memory_limit = 1000000000 needs isolation = "process"' in result.stderr + result.stdout
+    config.write_text(
+        '[[ledgers]]\nid = "iso"\nstorage = ":memory:"\n\n'
+        '[[ledgers.modules]]\nuse = "kind-counter"\nisolation = "process"\n'
+        "config = { since = 2024-01-01 }\n"
+    )
+    result = nucleus("check", str(config))
+    assert result.returncode == 2, result
+    assert "needs a config that is JSON" in result.stderr + result.stdout

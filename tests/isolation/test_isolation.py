@@ -389,7 +389,7 @@ async def test_durable_isolated_module_catches_up_after_a_crash(tmp_path: Path) 
 async def test_fault_plan_kills_and_hangs_isolated_workers(tmp_path: Path) -> None:
     path = tmp_path / "seen.txt"
     plan = FaultPlan().crash("after_append", nth=3).hang("after_append", nth=6)
-    spec = plan.wrap(seen_spec(path, timeout=1.0))
+    spec = plan.wrap(seen_spec(path, timeout=2.0))
     async with open_ledger(LedgerConfig(ledger_id="iso"), modules=[spec]) as ledger:
         handle = ledger.modules.get("seen")
         for i in range(3):
@@ -407,7 +407,7 @@ async def test_fault_plan_kills_and_hangs_isolated_workers(tmp_path: Path) -> No
         )
         status = handle.status
     assert status.crashes == 2
-    assert "after_append exceeded the module's timeout of 1.0 s" in (status.last_error or "")
+    assert "after_append exceeded the module's timeout of 2.0 s" in (status.last_error or "")
     fired = plan.fired("seen")
     assert [(e.fault.action.value, e.call, e.handled) for e in fired if e.fault] == [
         ("crash", 3, False),
