@@ -7,6 +7,7 @@ Nothing here imports trio: the worker's reader thread uses the codec too.
 from __future__ import annotations
 
 import builtins
+import functools
 import importlib
 import inspect
 import io
@@ -144,7 +145,11 @@ def decode_error(encoded: tuple[str, str, tuple[Any, ...], str]) -> BaseExceptio
 def _main_name() -> str | None:
     """The importable name of `__main__` (a script run as `python path/x.py` whose directory
     is on `sys.path`, or `python -m pkg.x`), or None."""
-    main = sys.modules.get("__main__")
+    return _main_name_for(sys.modules.get("__main__"), tuple(sys.path))
+
+
+@functools.lru_cache(maxsize=4)
+def _main_name_for(main: Any, search: tuple[Any, ...]) -> str | None:
     spec = getattr(main, "__spec__", None)
     if spec is not None and spec.name and spec.name != "__main__":
         return str(spec.name)
@@ -155,7 +160,7 @@ def _main_name() -> str | None:
     stem, ext = os.path.splitext(file)
     if ext != ".py" or not stem.isidentifier():
         return None
-    entries = {os.path.abspath(p or os.getcwd()) for p in sys.path if isinstance(p, str)}
+    entries = {os.path.abspath(p or os.getcwd()) for p in search if isinstance(p, str)}
     return stem if folder in entries else None
 
 

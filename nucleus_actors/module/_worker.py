@@ -5,10 +5,10 @@ One worker runs one incarnation of one module. Its parent (the module's actor, t
 frames; the worker's own stdin and stdout are pointed elsewhere first, so that a module that
 prints cannot corrupt the channel.
 
-* A reader **thread** reads every frame from the parent and hands it to the trio loop with
-  `run_sync_soon` (which never blocks): so it sees EOF even while the module blocks the loop
-  (in C, in `time.sleep`), and then ends the process at once (`os._exit`): a worker never
-  outlives its parent, however the parent died.
+* A **thread** waits (with `poll`, reading nothing) for the parent's end of the control pipe
+  to close, and then ends the process at once (`os._exit`): it sees it even while the module
+  blocks the trio loop (in C, in `time.sleep`), so a worker never outlives its parent, however
+  the parent died. The frames themselves are read by a trio task.
 * Calls (`init`, `start`, `stop`, `resume_after`, a batch of `after_append` or
   `before_append`, `ask`) run one at a time, in order, each in a cancel scope that a `cancel`
   frame cancels. Hook batches report progress (`tick`) so that the parent can enforce the
@@ -23,6 +23,7 @@ import inspect
 import logging
 import os
 import pickle
+import select
 import signal
 import sys
 import threading
@@ -88,6 +89,16 @@ class _ForwardLogs(logging.Handler):
             )
         except Exception:  # pragma: no cover - logging must never crash the module
             self.handleError(record)
+
+
+def _exit_on_hangup(fd: int) -> None:
+    """Wait (without reading) until the parent's end of the control pipe is closed; exit."""
+    poller = select.poll()
+    poller.register(fd, 0)  # no events asked: poll() returns on hang-up or error only
+    while True:
+        for _, events in poller.poll():
+            if events & (select.POLLHUP | select.POLLERR | select.POLLNVAL):
+                os._exit(0)
 
 
 def _block(*_: object) -> None:
@@ -237,22 +248,30 @@ class _Worker:
     async def _main(self, in_fd: int) -> None:
         trio = self.trio
         send, self._inbox = trio.open_memory_channel(float("inf"))
-        token = trio.lowlevel.current_trio_token()
 
-        def reader() -> None:
-            def read(size: int) -> bytes:
-                return os.read(in_fd, size)
+        # The parent's end of the pipe closing (its exit, even by SIGKILL) ends this process
+        # at once: a thread waits for the hang-up with poll() (it reads nothing), so it sees
+        # it even while the module blocks the trio loop (in C, in time.sleep).
+        threading.Thread(
+            target=_exit_on_hangup, args=(in_fd,), name="nucleus-worker-eof", daemon=True
+        ).start()
 
+        async def reader() -> None:
+            stream = trio.lowlevel.FdStream(in_fd)
+            buffer = bytearray()
             while True:
-                try:
-                    message = read_frame(read)
-                except Exception:  # pragma: no cover - a torn frame: the parent is gone
-                    message = None
-                if message is None:
-                    os._exit(0)  # the parent closed the pipe or died: never outlive it
-                token.run_sync_soon(send.send_nowait, message)
+                chunk = await stream.receive_some(1 << 16)
+                if not chunk:
+                    os._exit(0)  # the parent closed the pipe: never outlive it
+                buffer += chunk
+                while len(buffer) >= 4:
+                    size = int.from_bytes(buffer[:4], "big")
+                    if len(buffer) < 4 + size:
+                        break
+                    message = pickle.loads(bytes(buffer[4 : 4 + size]))
+                    del buffer[: 4 + size]
+                    send.send_nowait(message)
 
-        threading.Thread(target=reader, name="nucleus-worker-reader", daemon=True).start()
         from ._context import ModuleContext
 
         try:
@@ -281,6 +300,7 @@ class _Worker:
             self._background = nursery
             ctx._nursery = nursery
             ctx._observe = self._observe
+            nursery.start_soon(reader)
             nursery.start_soon(self._serve, calls_receive)
             self.channel.send(("ready", os.getpid()))
             async for message in self._inbox:
