@@ -31,6 +31,7 @@ __all__ = [
     "chain_hash",
     "chain_step",
     "chain_step_leaf",
+    "chain_steps",
     "decode_entry",
     "genesis",
     "leaf_hash",
@@ -95,6 +96,31 @@ def chain_step_leaf(prev: bytes, seq: int, data: bytes) -> tuple[bytes, Hash]:
     """
     leaf = blake3(_LEAF + data).digest()
     return leaf, _new_hash(Hash, blake3(_CHAIN + prev + seq.to_bytes(8, "big") + leaf).digest())
+
+
+def chain_steps(
+    prev: bytes, seq: int, datas: Sequence[bytes], leaves: list[bytes] | None
+) -> list[Hash]:
+    """`CHAIN_seq .. CHAIN_seq+n-1` of consecutive entries' canonical bytes, from `CHAIN_seq-1`.
+
+    `chain_step` over a run of entries in one loop (the append path's group commit); their
+    `LEAF` hashes are appended to `leaves` unless it is None.
+    """
+    heads: list[Hash] = []
+    add_head = heads.append
+    add_leaf = leaves.append if leaves is not None else None
+    new_hash, hash_type, hasher, leaf_tag, chain_tag = _new_hash, Hash, blake3, _LEAF, _CHAIN
+    head = prev
+    for data in datas:
+        leaf = hasher(leaf_tag + data).digest()
+        if add_leaf is not None:
+            add_leaf(leaf)
+        head = new_hash(
+            hash_type, hasher(chain_tag + head + seq.to_bytes(8, "big") + leaf).digest()
+        )
+        add_head(head)
+        seq += 1
+    return heads
 
 
 def node_hash(left: bytes, right: bytes) -> Hash:
