@@ -13,7 +13,9 @@ median and best of the rounds.
 * `append_many(1000)` with no modules, vs the raw ceiling: psycopg `COPY ... FROM STDIN
   (FORMAT BINARY)` of 1000 rows of the same shape and size (seq, canonical bytes, hash) in one
   transaction, from the same thread layout (one `trio.to_thread.run_sync` hop under a
-  `CapacityLimiter(1)` per batch). Target: >= 0.5x. Also with three no-op modules (stated).
+  `CapacityLimiter(1)` per batch). Target: >= 0.5x. Also with three no-op modules (stated),
+  and the same 10 batches from 2 concurrent callers (one batch is hashed while the other is
+  being written: the pipeline's overlap; one caller never has a second batch queued).
 * failover time (kill -9 of the writer to the first append acknowledged by the new writer):
   read from the JSON the failover test writes (`NUCLEUS_FAILOVER_REPORT=FILE pytest
   tests/postgres/test_failover.py -k kill`), given as `--failover-report FILE`.
@@ -105,6 +107,20 @@ async def batches(engine: LedgerEngine) -> int:
     return sum(map(len, BATCHES))
 
 
+async def two_callers(engine: LedgerEngine) -> int:
+    """The same 10 batches from 2 tasks (5 each): one batch queues while the other is stored,
+    so the engine hashes it during that write (the pipeline's overlap)."""
+
+    async def caller(start: int) -> None:
+        for records in BATCHES[start::2]:
+            await engine.append_many(records)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(caller, 0)
+        nursery.start_soon(caller, 1)
+    return sum(map(len, BATCHES))
+
+
 async def memory_batches() -> float:
     """The engine's own ceiling: the same batches on MemoryStorage (no I/O at all)."""
     async with open_ledger(LedgerConfig(ledger_id="bench"), storage=MemoryStorage()) as led:
@@ -182,6 +198,11 @@ async def main(dsn: str, rounds: int, report: Path | None) -> None:
         ("PostgresStorage.append(1000 built)", lambda: storage_batches(dsn, fresh())),
         ("append_many(1000)", lambda: _engine_rate(dsn, fresh(), batches)),
         ("append_many(1000), 3 no-op modules", lambda: _engine_rate(dsn, fresh(), batches, True)),
+        ("append_many(1000), 2 callers", lambda: _engine_rate(dsn, fresh(), two_callers)),
+        (
+            "append_many(1000), 2 callers, 3 no-op",
+            lambda: _engine_rate(dsn, fresh(), two_callers, True),
+        ),
         ("append_many(1000) on MemoryStorage", memory_batches),
     ]
     try:
@@ -204,6 +225,9 @@ async def main(dsn: str, rounds: int, report: Path | None) -> None:
     print(f"append_many(1000) with 3 no-op modules / raw COPY: {mods:.2f}x")
     backend = med["PostgresStorage.append(1000 built)"] / med["raw COPY 1000/txn"]
     print(f"PostgresStorage.append of 1000 built entries / raw COPY: {backend:.2f}x")
+    two = med["append_many(1000), 2 callers"] / med["raw COPY 1000/txn"]
+    two_mods = med["append_many(1000), 2 callers, 3 no-op"] / med["raw COPY 1000/txn"]
+    print(f"append_many(1000) from 2 callers / raw COPY: {two:.2f}x (3 no-op: {two_mods:.2f}x)")
     memory = med["append_many(1000)"] / med["append_many(1000) on MemoryStorage"]
     print(f"append_many(1000) on PostgreSQL / on MemoryStorage (engine CPU bound): {memory:.2f}x")
     text = None if report is None else await trio.Path(report).read_text()

@@ -197,6 +197,7 @@ class Pipeline:
         self._scope: trio.CancelScope | None = None
         self._store_lock = trio.Lock()  # group commits and cursor-only batches, one at a time
         self._prepared: _Prepared | None = None  # the next batch, hashed during a store
+        self._arrival: trio.Event | None = None  # a store waits for the next append
 
     def submit(self, request: Request) -> None:
         if self._stopped:
@@ -211,6 +212,8 @@ class Pipeline:
             return
         self._queue.append(request)
         self._queued_records += len(request.records)
+        if self._arrival is not None:
+            self._arrival.set()  # a batch is being stored: prepare this one meanwhile
         self._idle = trio.Event() if self._idle.is_set() else self._idle
         if not self._wakeup.done:
             self._wakeup._resolve()
@@ -622,22 +625,30 @@ class Pipeline:
         """
         self._prepared = None
         engine = self._engine
-        if not self._queue or engine._supervisor.before_children():
-            # nothing to prepare; or before_append hooks that may still replace the records
+        if engine._supervisor.before_children():
+            # before_append hooks may still replace the records: nothing to prepare
             return await self._store(batch)
         outcome: list[tuple[BaseException, bool] | None] = []
+        arrival = self._arrival = trio.Event()  # set by submit(), and when the store ends
 
         async def store() -> None:
-            outcome.append(await self._store(batch))
+            try:
+                outcome.append(await self._store(batch))
+            finally:
+                arrival.set()
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(store)
             await trio.lowlevel.checkpoint()  # let the write start first
-            try:
-                await self._prepare(seq, head, ts, grown)
-            except Exception:  # pragma: no cover - defensive: a cache, never a failure
-                log.exception("could not prepare the next batch")
-                self._prepared = None
+            if not self._queue:
+                await arrival.wait()  # the next append, or the end of the store
+            self._arrival = None
+            if self._queue and not outcome:
+                try:
+                    await self._prepare(seq, head, ts, grown)
+                except Exception:  # pragma: no cover - defensive: a cache, never a failure
+                    log.exception("could not prepare the next batch")
+                    self._prepared = None
         error = outcome[0]
         if error is not None:
             self._prepared = None
@@ -648,12 +659,11 @@ class Pipeline:
         engine = self._engine
         limit = engine.config.max_batch
         requests: list[Request] = []
-        size = taken = 0
-        for request in self._queue:
+        size = 0
+        for taken, request in enumerate(self._queue):
             if taken and size + len(request.records) > limit:
                 break
             size += len(request.records)
-            taken += 1
             if request.live:
                 requests.append(request)
         if not requests:
