@@ -14,7 +14,8 @@ from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final, Protocol, TypeVar, cast, runtime_checkable
 
-from ..errors import StorageError
+from ..errors import IntegrityError, StorageError
+from ..hashing import ChainVerifier, genesis
 from ..record import Entry, Hash
 
 __all__ = [
@@ -414,3 +415,34 @@ def require_capability(storage: object, capability: Callable[..., _C], feature: 
         f"capability (missing {', '.join(methods)}); use a backend that implements it "
         f"(MemoryStorage and SQLiteStorage do; see {DOCS})"
     )
+
+
+_Row = TypeVar("_Row", bound=Sequence[object])
+
+
+def check_tail(
+    ledger_id: str, tail: Sequence[_Row], first: object, entry: Callable[[_Row], Entry]
+) -> tuple[int, Hash]:
+    """`(length, head)` after checking seqs run from 0 and the last entry's chain hash.
+
+    For a backend's open: `tail` is its newest two rows (newest first, `row[0]` the seq),
+    `first` its smallest stored seq, `entry` how it decodes a row.
+    """
+    if not tail:
+        return 0, genesis(ledger_id)
+    if first != 0:
+        raise IntegrityError(
+            f"entry 0 is missing from storage (first stored seq is {first})", seq=0
+        )
+    if len(tail) == 1:
+        verifier = ChainVerifier(genesis(ledger_id), 0)
+    else:
+        before = entry(tail[1])
+        if tail[0][0] != before.seq + 1:
+            raise IntegrityError(
+                f"entry {before.seq + 1} is missing from storage (next stored seq is {tail[0][0]})",
+                seq=before.seq + 1,
+            )
+        verifier = ChainVerifier(before.hash, before.seq + 1)
+    last = verifier.feed(entry(tail[0]))
+    return verifier.length, last

@@ -62,6 +62,7 @@ from ._base import (
     TreeTile,
     check_batch,
     check_range,
+    check_tail,
 )
 from .sqlite import HASH_SCHEME, _created_by, _Entries, _entry
 
@@ -1080,22 +1081,7 @@ def _check_tail(conn: Any, ledger_id: str) -> tuple[int, Hash]:
         return 0, genesis(ledger_id)
     tail = [(int(s), bytes(c), bytes(h)) for s, c, h in tail]
     first = conn.execute("SELECT min(seq) FROM entries").fetchone()[0]
-    if first != 0:
-        raise IntegrityError(
-            f"entry 0 is missing from storage (first stored seq is {first})", seq=0
-        )
-    if len(tail) == 1:
-        verifier = ChainVerifier(genesis(ledger_id), 0)
-    else:
-        before = _entry(tail[1])
-        if tail[0][0] != before.seq + 1:
-            raise IntegrityError(
-                f"entry {before.seq + 1} is missing from storage (next stored seq is {tail[0][0]})",
-                seq=before.seq + 1,
-            )
-        verifier = ChainVerifier(before.hash, before.seq + 1)
-    last = verifier.feed(_entry(tail[0]))
-    return verifier.length, last
+    return check_tail(ledger_id, tail, first, _entry)
 
 
 async def verify_schema(
