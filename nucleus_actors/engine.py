@@ -155,6 +155,28 @@ def _wrong_loop() -> Exception:
     )
 
 
+async def _wait_requests(slots: Sequence[object]) -> None:
+    """Wait until every `Request` among `slots` is answered. A checkpoint.
+
+    A batch answers all its requests at once, so this waits only for those not answered yet:
+    one wakeup per batch, not one per record. Cancellation: the requests not yet handed to
+    storage are withdrawn (never stored); those being stored still commit.
+    """
+    try:
+        waited = False
+        for slot in slots:
+            if isinstance(slot, Request) and not slot.done:
+                await slot._wait()
+                waited = True
+        if not waited:
+            await trio.lowlevel.checkpoint()
+    except BaseException:
+        for slot in slots:
+            if isinstance(slot, Request) and not slot.storing:
+                slot.withdrawn = True
+        raise
+
+
 class LedgerEngine:
     """One ledger: append-only chained storage, modules run as supervised actors.
 
@@ -776,19 +798,7 @@ class LedgerEngine:
             request = Request([record])
             self._pipeline.submit(request)
             slots.append(request)
-        try:
-            waited = False
-            for slot in slots:
-                if isinstance(slot, Request):
-                    await slot._wait()
-                    waited = True
-            if not waited:
-                await trio.lowlevel.checkpoint()
-        except BaseException:
-            for slot in slots:
-                if isinstance(slot, Request) and not slot.storing:
-                    slot.withdrawn = True
-            raise
+        await _wait_requests(slots)
         outcomes: list[Receipt | NucleusError] = []
         for slot in slots:
             if not isinstance(slot, Request):
@@ -912,19 +922,7 @@ class LedgerEngine:
                     request = Request([records[index]], pending.get(index))
                     self._pipeline.submit(request)
                     slots[index] = request
-            try:
-                waited = False
-                for slot in slots:
-                    if isinstance(slot, Request):
-                        await slot._wait()
-                        waited = True
-                if not waited:
-                    await trio.lowlevel.checkpoint()
-            except BaseException:
-                for slot in slots:
-                    if isinstance(slot, Request) and not slot.storing:
-                        slot.withdrawn = True
-                raise
+            await _wait_requests(slots)
         finally:
             storing = [s for s in slots if isinstance(s, Request) and s.storing and not s.done]
             if storing:

@@ -61,8 +61,9 @@ MEDIA_TYPE: Final = "application/x-ndjson"
 ACCEPTED_TYPES: Final = frozenset({MEDIA_TYPE, "application/jsonl"})
 GROUP: Final = 1024
 """Most records handed to one `append_each` (the pipeline's default batch)."""
-QUEUE: Final = 4096
-"""Parsed lines waiting for the appender (bounds memory together with `max_body_bytes`)."""
+QUEUE_CHUNKS: Final = 16
+"""Received chunks of parsed lines waiting for the appender (bounds memory together with
+the server's read size and `max_body_bytes`)."""
 
 
 def stream_path(path: str) -> bool:
@@ -164,7 +165,7 @@ class StreamResponse(Response):
                 ],
             }
         )
-        items_in, items_out = trio.open_memory_channel[_Item](QUEUE)
+        items_in, items_out = trio.open_memory_channel[list[_Item]](QUEUE_CHUNKS)
         done_in, done_out = trio.open_memory_channel[list[bytes]](4)
         counts = [0, 0, 0]  # appended, failed, replayed
         disconnected = trio.Event()
@@ -188,10 +189,12 @@ class StreamResponse(Response):
     async def _read(
         self,
         receive: Receive,
-        items: trio.MemorySendChannel[_Item],
+        items: trio.MemorySendChannel[list[_Item]],
         disconnected: trio.Event,
     ) -> None:
-        """Split the body into lines as it arrives; parse each into a record or a problem."""
+        """Split the body into lines as it arrives; parse each into a record or a problem.
+
+        The lines of one received chunk travel together (one channel send per chunk)."""
         limit = self.line_limit
         number = 0
         buffer = b""
@@ -204,6 +207,7 @@ class StreamResponse(Response):
                     return
                 chunk = message.get("body", b"")
                 more = message.get("more_body", False)
+                parsed: list[_Item] = []
                 if chunk:
                     lines = (buffer + chunk).split(b"\n")
                     buffer = lines.pop()
@@ -213,7 +217,7 @@ class StreamResponse(Response):
                             skipping = False
                             continue
                         if raw.strip():
-                            await items.send(self._parse(number, raw))
+                            parsed.append(self._parse(number, raw))
                     if skipping:
                         buffer = b""  # still inside the long line
                     elif len(buffer) > limit:
@@ -222,12 +226,14 @@ class StreamResponse(Response):
                             f"line {number + 1} is over max_body_bytes={limit} (skipped)",
                             limit=limit,
                         )
-                        await items.send(_Item(number + 1, None, problem))
+                        parsed.append(_Item(number + 1, None, problem))
                         buffer = b""
                         skipping = True
+                if not more and buffer.strip() and not skipping:
+                    parsed.append(self._parse(number + 1, buffer))
+                if parsed:
+                    await items.send(parsed)
                 if not more:
-                    if buffer.strip() and not skipping:
-                        await items.send(self._parse(number + 1, buffer))
                     return
 
     def _parse(self, number: int, raw: bytes) -> _Item:
@@ -266,7 +272,7 @@ class StreamResponse(Response):
     async def _append(
         self,
         engine: LedgerEngine,
-        items: trio.MemoryReceiveChannel[_Item],
+        items: trio.MemoryReceiveChannel[list[_Item]],
         done: trio.MemorySendChannel[list[bytes]],
         counts: list[int],
         disconnected: trio.Event,
@@ -275,11 +281,10 @@ class StreamResponse(Response):
         ledger = self.host.id
         instance = self.instance
         async with items, done:
-            async for first in items:
-                group = [first]
+            async for group in items:
                 while len(group) < GROUP:
                     try:
-                        group.append(items.receive_nowait())
+                        group.extend(items.receive_nowait())
                     except (trio.WouldBlock, trio.EndOfChannel):
                         break
                 appending = [item for item in group if item.record is not None]
