@@ -18,7 +18,7 @@ import logging
 import math
 import sys
 from collections.abc import Awaitable, Callable
-from typing import Any, Protocol
+from typing import Any, NoReturn, Protocol
 
 import trio
 from trio_util import AsyncValue
@@ -634,6 +634,36 @@ class Child:
             hook = observed_after
         return hook
 
+    def _hook_failed(self, exc: BaseException) -> NoReturn:
+        """Raise again what cut hook work short, first telling the supervisor of a crash.
+
+        An error from the work is a crash of the module and goes on as `_Crash` (one that
+        already is a `_Crash` goes on as it is). Anything else (cancellation) goes on as it
+        is, and is a crash too if the watchdog timed the hook out.
+        """
+        if isinstance(exc, Exception) and not isinstance(exc, _Crash):
+            self.host.crash_detected(self)
+            raise _Crash(exc) from exc
+        if self._hook_timeout is not None:
+            self.host.crash_detected(self)
+        raise exc
+
+    def _before_failed(self, msg: Before, exc: BaseException) -> NoReturn:
+        """`_hook_failed` for a before_append batch, whose caller gets the module's error.
+
+        A crash or a timeout is the batch's last result; the caller is woken only once the
+        supervisor knows (state first: the caller may look at it). With fewer results than
+        records, the rest waits for a restart (or fails).
+        """
+        if isinstance(exc, Exception):
+            msg.results.append(self.module_error("crashed in before_append", exc))
+        elif self._hook_timeout is not None:
+            msg.results.append(self.module_error("timed out in before_append", self._hook_timeout))
+        try:
+            self._hook_failed(exc)
+        finally:
+            msg.reply.set()
+
     # -- durable delivery --------------------------------------------------------------------
     async def _position(self, instance: Module, ctx: ModuleContext) -> BaseException | None:
         """Set where a durable module resumes (after init, before start); an error is a crash.
@@ -687,12 +717,7 @@ class Child:
         try:
             await work()
         except BaseException as exc:
-            if isinstance(exc, Exception) and not isinstance(exc, _Crash):
-                self.host.crash_detected(self)
-                raise _Crash(exc) from exc
-            if self._hook_timeout is not None:
-                self.host.crash_detected(self)
-            raise
+            self._hook_failed(exc)
         finally:
             self._hook_started = math.inf
             self.step = ""
@@ -800,12 +825,7 @@ class Child:
             self.processed += done
             mailbox.delivered(done)
             mailbox.give_back(run[done:])  # the failed one is redelivered first, then the rest
-            if isinstance(exc, Exception):
-                self.host.crash_detected(self)
-                raise _Crash(exc) from exc
-            if self._hook_timeout is not None:
-                self.host.crash_detected(self)
-            raise
+            self._hook_failed(exc)
         finally:
             self._hook_started = math.inf
             self.step = ""
@@ -846,17 +866,7 @@ class Child:
                         f"before_append must return a Record or None, got {type(out).__name__}"
                     )
         except BaseException as exc:
-            if isinstance(exc, Exception):
-                results.append(self.module_error("crashed in before_append", exc))
-                self.host.crash_detected(self)  # state first: the caller may look at it
-                msg.reply.set()
-                raise _Crash(exc) from exc
-            timeout = self._hook_timeout
-            if timeout is not None:
-                results.append(self.module_error("timed out in before_append", timeout))
-                self.host.crash_detected(self)
-            msg.reply.set()  # partial: the rest waits for a restart (or fails)
-            raise
+            self._before_failed(msg, exc)
         finally:
             self._hook_started = math.inf
             self.step = ""
@@ -1172,12 +1182,7 @@ class Child:
                 self.last_seq = run[done - 1][0].seq
             mailbox.delivered(done)
             mailbox.give_back(run[done:])  # the failed one is redelivered first, then the rest
-            if isinstance(exc, Exception):
-                self.host.crash_detected(self)
-                raise _Crash(exc) from exc
-            if self._hook_timeout is not None:
-                self.host.crash_detected(self)
-            raise
+            self._hook_failed(exc)
         finally:
             self._hook_started = math.inf
 
@@ -1201,17 +1206,7 @@ class Child:
         try:
             await self._remote_hook("before", records, on_result)
         except BaseException as exc:
-            if isinstance(exc, Exception):
-                results.append(self.module_error("crashed in before_append", exc))
-                self.host.crash_detected(self)  # state first: the caller may look at it
-                msg.reply.set()
-                raise _Crash(exc) from exc
-            timeout = self._hook_timeout
-            if timeout is not None:
-                results.append(self.module_error("timed out in before_append", timeout))
-                self.host.crash_detected(self)
-            msg.reply.set()  # partial: the rest waits for a restart (or fails)
-            raise
+            self._before_failed(msg, exc)
         finally:
             self._hook_started = math.inf
         msg.reply.set()
