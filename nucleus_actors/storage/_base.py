@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Final, Protocol, TypeVar, cast, runtime_checkable
+from typing import Any, Final, Protocol, TypeVar, cast, runtime_checkable
 
 from ..errors import IntegrityError, StorageError
 from ..hashing import ChainVerifier, genesis
@@ -302,6 +302,48 @@ def check_batch(
                 f"{after} entries"
             )
     return after
+
+
+BatchRows = tuple[
+    list[tuple[int, bytes, bytes]],
+    list[tuple[str, int]],
+    list[tuple[int, int, bytes]],
+    list[tuple[str, str, int, int, int]],
+]
+"""A batch as rows for a backend's tables: entries `(seq, canonical, hash)`, cursors
+`(module, seq)`, tiles `(level, index, hashes)` and keys `(key, fingerprint, first_seq, count,
+created)`."""
+
+
+def batch_rows(batch: StorageBatch) -> BatchRows:
+    """The rows a backend inserts or upserts to store `batch` (see `BatchRows`)."""
+    return (
+        [(entry.seq, entry.canonical, bytes(entry.hash)) for entry in batch.entries],
+        list(batch.cursors.items()),
+        [(tile.level, tile.index, tile.hashes) for tile in batch.tree],
+        [(r.key, r.fingerprint, r.first_seq, r.count, r.created) for r in batch.idempotency],
+    )
+
+
+def decode_tiles(
+    rows: Sequence[tuple[int, int, Any]], where: str
+) -> dict[tuple[int, int], TreeTile]:
+    """Stored tile rows `(level, index, hashes)` as `TreeTile`s by `(level, index)`.
+
+    Raises:
+        IntegrityError: a stored tile is not a valid tile (not a whole number of 32-byte
+            hashes, ...); the message starts with `where`, the store.
+    """
+    tiles: dict[tuple[int, int], TreeTile] = {}
+    for level, index, hashes in rows:
+        try:
+            tiles[level, index] = TreeTile(level=level, index=index, hashes=hashes)
+        except (TypeError, ValueError) as exc:
+            raise IntegrityError(
+                f"{where}: stored tree tile ({level}, {index}) is invalid: {exc}",
+                seq=(index * 256) << (8 * level),
+            ) from exc
+    return tiles
 
 
 @runtime_checkable

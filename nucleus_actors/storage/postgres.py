@@ -53,18 +53,20 @@ from typing import TYPE_CHECKING, Any, ClassVar, Final, TypeVar
 import trio
 
 from ..errors import CommitUnknown, Fenced, IntegrityError, StorageError
-from ..hashing import ChainVerifier, genesis
+from ..hashing import genesis
 from ..record import Entry, Hash
 from ._base import (
     STORAGE_CONTRACT,
     IdempotencyRecord,
     StorageBatch,
     TreeTile,
+    batch_rows,
     check_batch,
     check_range,
     check_tail,
+    decode_tiles,
 )
-from .sqlite import HASH_SCHEME, _created_by, _Entries, _entry
+from .sqlite import HASH_SCHEME, _created_by, _Entries, _entry, _verify_chain
 
 if TYPE_CHECKING:
     import psycopg
@@ -753,10 +755,7 @@ class PostgresStorage:
         if batch.empty:
             await trio.lowlevel.checkpoint()
             return
-        rows = [(entry.seq, entry.canonical, bytes(entry.hash)) for entry in batch.entries]
-        cursors = list(batch.cursors.items())
-        tiles = [(tile.level, tile.index, tile.hashes) for tile in batch.tree]
-        keys = [(r.key, r.fingerprint, r.first_seq, r.count, r.created) for r in batch.idempotency]
+        rows, cursors, tiles, keys = batch_rows(batch)
         tail = (expected - 1, bytes(self._head)) if expected else None
         state = {"committing": False}
         psycopg = _psycopg()
@@ -882,16 +881,7 @@ class PostgresStorage:
             )
             return [(int(a), int(b), bytes(c)) for a, b, c in rows]
 
-        tiles: dict[tuple[int, int], TreeTile] = {}
-        for level, index, hashes in await self._hop("read tree tiles", load, reader=True):
-            try:
-                tiles[level, index] = TreeTile(level=level, index=index, hashes=hashes)
-            except (TypeError, ValueError) as exc:
-                raise IntegrityError(
-                    f"{self._where()}: stored tree tile ({level}, {index}) is invalid: {exc}",
-                    seq=(index * 256) << (8 * level),
-                ) from exc
-        return tiles
+        return decode_tiles(await self._hop("read tree tiles", load, reader=True), self._where())
 
     async def get_idempotency(self, key: str) -> IdempotencyRecord | None:
         """The record stored under `key`, or None.
@@ -1126,7 +1116,6 @@ async def verify_schema(
             return str(rows.get("ledger_id")), count
 
         ledger_id, total = await hop("read the meta table", meta)
-        verifier = ChainVerifier(genesis(ledger_id))
 
         def chunk(first: int, last: int) -> list[_Row]:
             rows = conn.execute(_SELECT, (first, last, _CHUNK_ROWS)).fetchall()
@@ -1135,14 +1124,7 @@ async def verify_schema(
         async def fetch(first: int, last: int) -> list[_Row]:
             return await hop("read", chunk, first, last)
 
-        def on_chunk(done: int) -> None:
-            if progress is not None:
-                progress(done, total)
-
-        async for entry in _Entries(fetch, 0, total, on_chunk):
-            verifier.feed(entry)
-        if progress is not None and total == 0:
-            progress(0, 0)
+        verifier = await _verify_chain(ledger_id, total, fetch, progress)
     finally:
         with trio.CancelScope(shield=True):
             await trio.to_thread.run_sync(conn.close, limiter=limiter)

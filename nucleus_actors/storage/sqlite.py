@@ -70,9 +70,11 @@ from ._base import (
     IdempotencyRecord,
     StorageBatch,
     TreeTile,
+    batch_rows,
     check_batch,
     check_range,
     check_tail,
+    decode_tiles,
 )
 
 __all__ = ["SQLiteStorage", "verify_file"]
@@ -393,6 +395,33 @@ class _Entries:
             )
         self._next += 1
         return _entry(row)
+
+
+async def _verify_chain(
+    ledger_id: str,
+    total: int,
+    fetch: Callable[[int, int], Awaitable[list[_Row]]],
+    progress: Callable[[int, int], None] | None,
+) -> ChainVerifier:
+    """Entries 0 to `total - 1`, fetched a chunk at a time, fed through a `ChainVerifier` from
+    the genesis of `ledger_id` (what `verify_file` and PostgreSQL's `verify_schema` check).
+
+    `progress(done, total)` runs after each chunk, and once as `(0, 0)` for an empty ledger.
+
+    Raises:
+        IntegrityError: naming the seq of the first entry that does not verify.
+    """
+    verifier = ChainVerifier(genesis(ledger_id))
+
+    def on_chunk(done: int) -> None:
+        if progress is not None:
+            progress(done, total)
+
+    async for entry in _Entries(fetch, 0, total, on_chunk):
+        verifier.feed(entry)
+    if progress is not None and total == 0:
+        progress(0, 0)
+    return verifier
 
 
 _Key = tuple[int, int]  # (st_dev, st_ino) of a database file
@@ -773,16 +802,10 @@ class SQLiteStorage:
         if batch.empty:
             await trio.lowlevel.checkpoint()
             return
-        rows = [(entry.seq, entry.canonical, bytes(entry.hash)) for entry in batch.entries]
-        parts = (
-            rows,
-            list(batch.cursors.items()),
-            [(tile.level, tile.index, tile.hashes) for tile in batch.tree],
-            [(r.key, r.fingerprint, r.first_seq, r.count, r.created) for r in batch.idempotency],
-        )
+        rows, cursors, tiles, keys = batch_rows(batch)
         tail = (expected - 1, bytes(self._head)) if expected else None
         try:
-            await self._hop("append", self._append_sync, conn, tail, *parts)
+            await self._hop("append", self._append_sync, conn, tail, rows, cursors, tiles, keys)
         except StorageError:
             self._stale = True
             raise
@@ -862,17 +885,9 @@ class SQLiteStorage:
                     found.append((level, index, row[0]))
             return found
 
-        tiles: dict[tuple[int, int], TreeTile] = {}
-        for level, index, hashes in await self._read_hop("read tree tiles", load):
-            try:
-                tiles[level, index] = TreeTile(level=level, index=index, hashes=hashes)
-            except (TypeError, ValueError) as exc:
-                raise IntegrityError(
-                    f"ledger file {self.path}: stored tree tile ({level}, {index}) is invalid: "
-                    f"{exc}",
-                    seq=(index * 256) << (8 * level),
-                ) from exc
-        return tiles
+        return decode_tiles(
+            await self._read_hop("read tree tiles", load), f"ledger file {self.path}"
+        )
 
     async def get_idempotency(self, key: str) -> IdempotencyRecord | None:
         """The record stored under `key`, or None.
@@ -1074,19 +1089,11 @@ async def verify_file(
     with _INODES.reading(where):
         conn, ledger_id, total = await hop("open", open_sync)
         try:
-            verifier = ChainVerifier(genesis(ledger_id))
 
             async def fetch(first: int, last: int) -> list[_Row]:
                 return await hop("read", _fetch_chunk, conn, first, last)
 
-            def on_chunk(done: int) -> None:
-                if progress is not None:
-                    progress(done, total)
-
-            async for entry in _Entries(fetch, 0, total, on_chunk):
-                verifier.feed(entry)
-            if progress is not None and total == 0:
-                progress(0, 0)
+            verifier = await _verify_chain(ledger_id, total, fetch, progress)
         finally:
             with trio.CancelScope(shield=True):
                 await hop("close", conn.close)
