@@ -155,6 +155,23 @@ def _wrong_loop() -> Exception:
     )
 
 
+def _checked_record(record: object, suffix: int, limit: int, takes: str) -> Record | InvalidRecord:
+    """`record` if it may be appended, else the `InvalidRecord` that says why.
+
+    Args:
+        record: whatever the caller passed.
+        suffix: bytes its body gains at commit (`LedgerEngine._commit_suffix`).
+        limit: `max_record_bytes`.
+        takes: the start of the message for a non-Record ("append_each takes Records").
+    """
+    if not isinstance(record, Record):
+        return InvalidRecord(f"{takes}, got {type(record).__name__}")
+    size = len(record._body) + suffix
+    if size > limit:
+        return InvalidRecord(f"record is {size} canonical bytes, over max_record_bytes={limit}")
+    return record
+
+
 async def _wait_requests(slots: Sequence[object]) -> None:
     """Wait until every `Request` among `slots` is answered. A checkpoint.
 
@@ -684,21 +701,22 @@ class LedgerEngine:
         await self._supervisor.remove(module_id)
 
     # -- appends ---------------------------------------------------------------------------
+    def _commit_suffix(self) -> int:
+        """Bytes a record's body gains at commit, estimated now (see `_checked_record`)."""
+        # The committed bytes are the record's body plus `,"seq":N,"ts":T}`: estimate that
+        # suffix once per call with the current length and last timestamp.
+        return len(committed_bytes(b"", self._chain.length, self._chain.last_ts))
+
     def _check_records(self, records: Iterable[object], where: str) -> list[Record]:
         """Type and size checks before the hooks (the exact size is checked again at commit)."""
         limit = self.config.max_record_bytes
-        # The committed bytes are the record's body plus `,"seq":N,"ts":T}`: estimate that
-        # suffix once with the current length and last timestamp.
-        suffix = len(committed_bytes(b"", self._chain.length, self._chain.last_ts))
+        suffix = self._commit_suffix()
+        takes = f"{where} takes a Record"
         checked = []
-        for record in records:
-            if not isinstance(record, Record):
-                raise InvalidRecord(f"{where} takes a Record, got {type(record).__name__}")
-            size = len(record._body) + suffix
-            if size > limit:
-                raise InvalidRecord(
-                    f"record is {size} canonical bytes, over max_record_bytes={limit}"
-                )
+        for item in records:
+            record = _checked_record(item, suffix, limit, takes)
+            if isinstance(record, InvalidRecord):
+                raise record
             checked.append(record)
         return checked
 
@@ -779,21 +797,13 @@ class LedgerEngine:
         """
         self._require("append", Phase.RUNNING)
         limit = self.config.max_record_bytes
-        suffix = len(b',"seq":%d,"ts":%d}' % (self._chain.length, self._chain.last_ts))
+        suffix = self._commit_suffix()
         slots: list[Request | NucleusError] = []
         given: Iterable[object] = records  # callers may pass anything: check each item
-        for record in given:
-            if not isinstance(record, Record):
-                found = type(record).__name__
-                slots.append(InvalidRecord(f"append_each takes Records, got {found}"))
-                continue
-            size = len(record._body) + suffix
-            if size > limit:
-                slots.append(
-                    InvalidRecord(
-                        f"record is {size} canonical bytes, over max_record_bytes={limit}"
-                    )
-                )
+        for item in given:
+            record = _checked_record(item, suffix, limit, "append_each takes Records")
+            if isinstance(record, InvalidRecord):
+                slots.append(record)
                 continue
             request = Request([record])
             self._pipeline.submit(request)
@@ -857,25 +867,17 @@ class LedgerEngine:
             else None
         )
         limit = self.config.max_record_bytes
-        suffix = len(b',"seq":%d,"ts":%d}' % (self._chain.length, self._chain.last_ts))
+        suffix = self._commit_suffix()
         # Per record: an outcome already known, or (key, fingerprint) still to look up, or
         # None (no key): then a Request once submitted.
         slots: list[Request | NucleusError | tuple[Receipt, bool] | None] = []
         pending: dict[int, tuple[str, str]] = {}
         reserved: list[str] = []
         given: list[object] = list(records)  # callers may pass anything: check each item
-        for index, (record, key) in enumerate(zip(given, keys, strict=True)):
-            if not isinstance(record, Record):
-                name = type(record).__name__
-                slots.append(InvalidRecord(f"append_each_keyed takes Records, got {name}"))
-                continue
-            size = len(record._body) + suffix
-            if size > limit:
-                slots.append(
-                    InvalidRecord(
-                        f"record is {size} canonical bytes, over max_record_bytes={limit}"
-                    )
-                )
+        for index, (item, key) in enumerate(zip(given, keys, strict=True)):
+            record = _checked_record(item, suffix, limit, "append_each_keyed takes Records")
+            if isinstance(record, InvalidRecord):
+                slots.append(record)
                 continue
             if key is not None:
                 if key in self._keys_in_flight:
