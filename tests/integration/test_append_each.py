@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import trio
 import trio.testing
@@ -108,3 +110,20 @@ async def test_append_each_needs_a_running_ledger() -> None:
         await engine.stop_all()
         with pytest.raises(LifecycleError, match="cannot append"):
             await engine.append_each([Record("k", 1)])
+
+
+async def test_append_each_and_keyed_refuse_a_non_record_or_an_oversized_one_alone() -> None:
+    async with open_ledger(LedgerConfig(ledger_id="t", max_record_bytes=200)) as engine:
+        given: list[object] = [{"n": 0}, Record("k", {"text": "x" * 300}), Record("k", 2)]
+        each = await engine.append_each(given)  # type: ignore[arg-type]
+        keyed = await engine.append_each_keyed(given, [None] * 3)  # type: ignore[arg-type]
+        for outcomes, name in ((each, "append_each"), (keyed, "append_each_keyed")):
+            assert isinstance(outcomes[0], InvalidRecord)
+            assert str(outcomes[0]) == f"{name} takes Records, got dict"
+            assert isinstance(outcomes[1], InvalidRecord)
+            assert re.fullmatch(
+                r"record is \d+ canonical bytes, over max_record_bytes=200", str(outcomes[1])
+            )
+        assert isinstance(each[2], Receipt)
+        assert isinstance(keyed[2], tuple)
+        assert keyed[2][0].seq == 1
