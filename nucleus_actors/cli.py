@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Annotated, Any
+from typing import IO, TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 
@@ -139,6 +139,12 @@ class LogFormat(enum.StrEnum):
 
 def _error(message: str) -> None:
     _err.print(f"error: {message}", markup=False, style="bold red")
+
+
+def _integrity_failure(where: object, exc: IntegrityError) -> NoReturn:
+    """Exit 1: the entry at `exc.seq` of `where` (a file, a schema) does not verify."""
+    _error(f"{where}: integrity failure at seq {exc.seq}: {exc}")
+    raise typer.Exit(EXIT_FAILURE) from None
 
 
 def _version(value: bool) -> None:
@@ -361,8 +367,7 @@ def verify(
             length, head = trio.run(partial(verify_file, path, progress=report))
         except IntegrityError as exc:
             progress.stop()
-            _error(f"{path}: integrity failure at seq {exc.seq}: {exc}")
-            raise typer.Exit(EXIT_FAILURE) from None
+            _integrity_failure(path, exc)
         except StorageError as exc:
             progress.stop()
             _error(f"{path}: {exc}")
@@ -390,8 +395,7 @@ def _verify_postgres(dsn: str, schema: str) -> None:
             )
         )
     except IntegrityError as exc:
-        _error(f"{where}: integrity failure at seq {exc.seq}: {exc}")
-        raise typer.Exit(EXIT_FAILURE) from None
+        _integrity_failure(where, exc)
     except StorageError as exc:
         _error(f"{exc}")
         raise typer.Exit(EXIT_CONFIG) from None
@@ -588,8 +592,7 @@ def restore(
         _error(f"cannot read {export_file}: {exc.strerror or exc}")
         raise typer.Exit(EXIT_CONFIG) from None
     except IntegrityError as exc:
-        _error(f"{export_file}: integrity failure at seq {exc.seq}: {exc}")
-        raise typer.Exit(EXIT_FAILURE) from None
+        _integrity_failure(export_file, exc)
     except (BackupError, StorageError) as exc:
         _error(f"{export_file}: {exc}")
         raise typer.Exit(EXIT_CONFIG) from None

@@ -186,6 +186,15 @@ def _engine_factory(
     return factory
 
 
+def _ledger_ended(host: LedgerHost, task_status: trio.TaskStatus[None], *, started: bool) -> None:
+    """A ledger's task is ending (stopped, failed or cancelled): it no longer serves, waiters
+    are woken, and a startup not reported yet is reported now (the daemon goes on)."""
+    host.serving = False
+    host.notify()
+    if not started:
+        task_status.started()
+
+
 def _bind(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
 
@@ -468,14 +477,9 @@ class Daemon:
                 await engine.stop_all()
             log.info("ledger %r stopped: %d entries", host.id, engine.state.length)
         except Exception as exc:  # LedgerFailed, a startup ModuleError, StorageError, ...
-            host.serving = False
-            host.failure = exc
             self._ledger_failed(host, exc, started=started)
         finally:
-            host.serving = False
-            host.notify()
-            if not started:
-                task_status.started()
+            _ledger_ended(host, task_status, started=started)
 
     # -- PostgreSQL ledgers: writer, standby, failover --------------------------------------
     async def _run_pg_ledger(
@@ -511,14 +515,9 @@ class Daemon:
                 if not await self._pg_standby(host, serving):
                     return
         except Exception as exc:
-            host.serving = False
-            host.failure = exc
             self._ledger_failed(host, exc, started=started)
         finally:
-            host.serving = False
-            host.notify()
-            if not started:
-                task_status.started()
+            _ledger_ended(host, task_status, started=started)
 
     async def _pg_writer(
         self, host: LedgerHost, engine: LedgerEngine, serving: Callable[[], None], *, first: bool
@@ -687,7 +686,12 @@ class Daemon:
         except NucleusError as exc:  # the ledger went down meanwhile
             log.warning("ledger %r: background verification stopped: %s", host.id, exc)
 
-    def _ledger_failed(self, host: LedgerHost, exc: BaseException, *, started: bool) -> None:
+    def _ledger_failed(self, host: LedgerHost, exc: Exception, *, started: bool) -> None:
+        """A ledger's task ended with `exc`: record it on `host` (it stops serving), log it, and
+        stop the daemon if `on_ledger_failure` says so (always for a configuration error at
+        startup)."""
+        host.serving = False
+        host.failure = exc
         when = "failed" if started else "failed to start"
         cause = exc.__cause__
         because = f" (cause: {type(cause).__name__}: {cause})" if cause is not None else ""
