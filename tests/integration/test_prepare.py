@@ -83,13 +83,6 @@ async def _submit(ledger: Any, results: dict[str, Any], name: str, count: int) -
         results[name] = exc
 
 
-async def _submit(ledger: Any, results: dict[str, Any], name: str, count: int) -> None:
-    try:
-        results[name] = await ledger.append_many([Record(name, n) for n in range(count)])
-    except Exception as exc:
-        results[name] = exc
-
-
 async def _queue_behind_a_store(
     ledger: Any, storage: GatedStorage, nursery: trio.Nursery, results: dict[str, Any]
 ) -> None:
@@ -100,6 +93,17 @@ async def _queue_behind_a_store(
     await storage.entered[1].wait()
     nursery.start_soon(_submit, ledger, results, "b", 4)
     await trio.testing.wait_all_tasks_blocked()
+
+
+async def _commit_a_and_store_b(ledger: Any, storage: GatedStorage) -> Any:
+    """Let "a" commit and "b" reach storage (held there); the batch the pipeline prepared from
+    what queued behind "b" (hashed while "b" is being stored)."""
+    storage._release(1)
+    await storage.entered[4].wait()
+    await trio.testing.wait_all_tasks_blocked()
+    prepared = ledger._pipeline._prepared
+    assert prepared is not None
+    return prepared
 
 
 async def test_the_next_batch_is_hashed_during_the_store_and_used_after_the_commit(
@@ -118,11 +122,7 @@ async def test_the_next_batch_is_hashed_during_the_store_and_used_after_the_comm
             await _queue_behind_a_store(ledger, storage, nursery, results)
             nursery.start_soon(_submit, ledger, results, "c", 2)
             await trio.testing.wait_all_tasks_blocked()
-            storage._release(1)
-            await storage.entered[4].wait()  # "b" is in storage, "c" queued behind it
-            await trio.testing.wait_all_tasks_blocked()
-            prepared = ledger._pipeline._prepared
-            assert prepared is not None  # hashed while "b" is being stored
+            prepared = await _commit_a_and_store_b(ledger, storage)
             assert prepared.start[0] == 8  # on the head "b" will leave
             assert [e.seq for e in prepared.encoded.entries] == [8, 9]
             nursery.start_soon(_submit, ledger, results, "d", 2)  # arrives after: appended
@@ -158,11 +158,7 @@ async def test_a_batch_prepared_on_a_head_that_failed_is_never_stored(
             await _queue_behind_a_store(ledger, storage, nursery, results)
             nursery.start_soon(_submit, ledger, results, "c", 2)
             await trio.testing.wait_all_tasks_blocked()
-            storage._release(1)
-            await storage.entered[4].wait()
-            await trio.testing.wait_all_tasks_blocked()
-            prepared = ledger._pipeline._prepared
-            assert prepared is not None
+            prepared = await _commit_a_and_store_b(ledger, storage)
             assert [e.seq for e in prepared.encoded.entries] == [8, 9]  # after "b"
             storage._release(4)  # "b" fails: nothing stored
         assert isinstance(results["b"], StorageError)
@@ -198,11 +194,7 @@ async def test_a_prepared_caller_cancelled_before_storage_is_withdrawn(
             await trio.testing.wait_all_tasks_blocked()
             nursery.start_soon(_submit, ledger, results, "d", 2)
             await trio.testing.wait_all_tasks_blocked()
-            storage._release(1)
-            await storage.entered[4].wait()
-            await trio.testing.wait_all_tasks_blocked()
-            prepared = ledger._pipeline._prepared
-            assert prepared is not None
+            prepared = await _commit_a_and_store_b(ledger, storage)
             assert len(prepared.requests) == 2  # "c" and "d"
             scope.cancel()  # "c" withdraws while "b" is being stored
             await trio.testing.wait_all_tasks_blocked()
