@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -141,6 +142,20 @@ class DaemonProcess:
             self.proc.stderr.close()
 
 
+@contextlib.contextmanager
+def running_daemon(directory: Path, config: str, **env: str) -> Iterator[DaemonProcess]:
+    """A listening `nucleus run` of `config` (written to DIRECTORY/nucleus.toml), closed on
+    exit: the body of a module-scoped daemon fixture."""
+    path = directory / "nucleus.toml"
+    path.write_text(config)
+    daemon = DaemonProcess(path, **env)
+    try:
+        daemon.wait_listening()
+        yield daemon
+    finally:
+        daemon.close()
+
+
 @pytest.fixture
 def start_daemon() -> Iterator[Any]:
     """`start_daemon(config, *args, **env)` -> a listening `DaemonProcess`, killed at teardown."""
@@ -160,6 +175,25 @@ def start_daemon() -> Iterator[Any]:
 def client(url: str, token: str | None = None) -> httpx.Client:
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     return httpx.Client(base_url=url, headers=headers, timeout=20.0)
+
+
+def read_events(response: httpx.Response, count: int) -> list[dict[str, str]]:
+    """The next `count` events of an SSE response (comments skipped)."""
+    events: list[dict[str, str]] = []
+    current: dict[str, str] = {}
+    for line in response.iter_lines():
+        if line == "":
+            if current:
+                events.append(current)
+                current = {}
+                if len(events) == count:
+                    return events
+            continue
+        if line.startswith(":"):
+            continue
+        field, _, value = line.partition(":")
+        current[field] = value.removeprefix(" ")
+    raise AssertionError(f"stream ended after {len(events)} events")
 
 
 def toml_str(path: Path) -> str:

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from nucleus_actors import Hash, Record
 from nucleus_actors.hashing import canonical_bytes, chain_hash, genesis, leaf_hash
 
-from .conftest import DaemonProcess, client
+from .conftest import DaemonProcess, client, read_events, running_daemon
 
 TOKEN = "s3cret-token"
 PROBLEM = "application/problem+json"
@@ -48,15 +48,8 @@ max_record_bytes = 4096
 
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonProcess]:
-    directory = tmp_path_factory.mktemp("api")
-    config = directory / "nucleus.toml"
-    config.write_text(CONFIG)
-    process = DaemonProcess(config, NUCLEUS_TOKEN=TOKEN)
-    try:
-        process.wait_listening()
+    with running_daemon(tmp_path_factory.mktemp("api"), CONFIG, NUCLEUS_TOKEN=TOKEN) as process:
         yield process
-    finally:
-        process.close()
 
 
 @pytest.fixture
@@ -446,25 +439,6 @@ def test_health_readiness_and_openapi(anonymous: httpx.Client) -> None:
 
 
 # -- server-sent events ----------------------------------------------------------------------
-def read_events(response: httpx.Response, count: int) -> list[dict[str, str]]:
-    """The next `count` events of an SSE response (comments skipped)."""
-    events: list[dict[str, str]] = []
-    current: dict[str, str] = {}
-    for line in response.iter_lines():
-        if line == "":
-            if current:
-                events.append(current)
-                current = {}
-                if len(events) == count:
-                    return events
-            continue
-        if line.startswith(":"):
-            continue
-        field, _, value = line.partition(":")
-        current[field] = value.removeprefix(" ")
-    raise AssertionError(f"stream ended after {len(events)} events")
-
-
 def test_stream_receives_new_entries_and_resumes(api: httpx.Client, daemon: DaemonProcess) -> None:
     assert daemon.url is not None
     with client(daemon.url) as reader:

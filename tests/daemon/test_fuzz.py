@@ -21,7 +21,7 @@ from schemathesis.specs.openapi.checks import response_schema_conformance
 
 from nucleus_actors.daemon import DaemonState, create_app
 
-from .conftest import DaemonProcess
+from .conftest import DaemonProcess, running_daemon
 
 TOKEN = "fuzz-token"
 EXAMPLES = 25
@@ -64,14 +64,8 @@ STATUSES: collections.Counter[int] = collections.Counter()
 
 @pytest.fixture(scope="module")
 def fuzz_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonProcess]:
-    config = tmp_path_factory.mktemp("fuzz") / "nucleus.toml"
-    config.write_text(CONFIG)
-    daemon = DaemonProcess(config, NUCLEUS_TOKEN=TOKEN)
-    try:
-        daemon.wait_listening()
+    with running_daemon(tmp_path_factory.mktemp("fuzz"), CONFIG, NUCLEUS_TOKEN=TOKEN) as daemon:
         yield daemon
-    finally:
-        daemon.close()
 
 
 def openapi_document() -> dict[str, Any]:

@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from .conftest import STARTUP_TIMEOUT, DaemonProcess
+from .conftest import STARTUP_TIMEOUT, DaemonProcess, running_daemon
 
 CONFIG = """
 max_body_bytes = 65536
@@ -67,14 +67,8 @@ def parse(response: bytes) -> tuple[int, dict[str, str], bytes]:
 
 @pytest.fixture(scope="module")
 def corpus_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonProcess]:
-    config = tmp_path_factory.mktemp("corpus") / "nucleus.toml"
-    config.write_text(CONFIG)
-    daemon = DaemonProcess(config)
-    try:
-        daemon.wait_listening()
+    with running_daemon(tmp_path_factory.mktemp("corpus"), CONFIG) as daemon:
         yield daemon
-    finally:
-        daemon.close()
 
 
 def post(path: str, body: bytes, *, host: str = "127.0.0.1:PORT", extra: str = "") -> bytes:

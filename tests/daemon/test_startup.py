@@ -13,7 +13,7 @@ import pytest
 from nucleus_actors import cli
 from nucleus_actors.daemon import client, problems, server
 
-from .conftest import DaemonProcess, subprocess_env
+from .conftest import DaemonProcess, running_daemon, subprocess_env
 
 SERVER_SIDE = ("trio", "fastapi", "hypercorn", "starlette", "uvicorn", "pydantic")
 # pydantic is in the list although typer (0.2x) coerces command-line values through pydantic
@@ -50,14 +50,9 @@ def loaded_by(*args: str, stdin: str = "") -> list[str]:
 
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonProcess]:
-    config = tmp_path_factory.mktemp("startup") / "nucleus.toml"
-    config.write_text('[[ledgers]]\nid = "main"\nstorage = ":memory:"\n')
-    proc = DaemonProcess(config)
-    try:
-        proc.wait_listening()
+    config = '[[ledgers]]\nid = "main"\nstorage = ":memory:"\n'
+    with running_daemon(tmp_path_factory.mktemp("startup"), config) as proc:
         yield proc
-    finally:
-        proc.close()
 
 
 def test_version_imports_neither_the_server_nor_httpx_nor_rich() -> None:

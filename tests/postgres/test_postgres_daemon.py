@@ -8,7 +8,7 @@ import signal
 from pathlib import Path
 from typing import Any
 
-from tests.daemon.conftest import client, nucleus
+from tests.daemon.conftest import client, nucleus, read_events
 from tests.postgres.daemons import pg_config, role_of, wait_until
 
 
@@ -102,24 +102,6 @@ def test_startup_config_errors_exit_2(tmp_path: Path, pg_dsn: str, pg_schema: st
     assert "no_such_db_nucleus" in result.stderr
 
 
-def _events(response: Any, count: int) -> list[dict[str, str]]:
-    events: list[dict[str, str]] = []
-    current: dict[str, str] = {}
-    for line in response.iter_lines():
-        if line == "":
-            if current:
-                events.append(current)
-                current = {}
-                if len(events) == count:
-                    return events
-            continue
-        if line.startswith(":"):
-            continue
-        field, _, value = line.partition(":")
-        current[field] = value.removeprefix(" ")
-    raise AssertionError(f"stream ended after {len(events)} events")
-
-
 def test_standby_streams_and_proofs_follow_and_roles_are_kept(
     tmp_path: Path, pg_dsn: str, pg_schema: str, start_daemon: Any
 ) -> None:
@@ -145,7 +127,7 @@ def test_standby_streams_and_proofs_follow_and_roles_are_kept(
                 w.post("/v1/ledgers/main/records", json={"kind": "k", "payload": {"n": n}}).json()
                 for n in range(3)
             ]
-            events = _events(stream, 3)
+            events = read_events(stream, 3)
         assert [int(e["id"]) for e in events] == [0, 1, 2]
         assert [json.loads(e["data"])["hash"] for e in events] == [x["hash"] for x in receipts]
         wait_until(lambda: r.get("/v1/ledgers/main/head").json()["length"] == 3, what="follow")
