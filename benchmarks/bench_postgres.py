@@ -14,8 +14,8 @@ median and best of the rounds.
   (FORMAT BINARY)` of 1000 rows of the same shape and size (seq, canonical bytes, hash) in one
   transaction, from the same thread layout (one `trio.to_thread.run_sync` hop under a
   `CapacityLimiter(1)` per batch). Target: >= 0.5x. Also with three no-op modules (stated),
-  and the same 10 batches from 2 concurrent callers (one batch is hashed while the other is
-  being written: the pipeline's overlap; one caller never has a second batch queued).
+  and the same 10 batches from 2 concurrent callers (one batch queues while the other is
+  written; the pipeline still takes them one at a time: docs/performance.md says why).
 * failover time (kill -9 of the writer to the first append acknowledged by the new writer):
   read from the JSON the failover test writes (`NUCLEUS_FAILOVER_REPORT=FILE pytest
   tests/postgres/test_failover.py -k kill`), given as `--failover-report FILE`.
@@ -108,8 +108,7 @@ async def batches(engine: LedgerEngine) -> int:
 
 
 async def two_callers(engine: LedgerEngine) -> int:
-    """The same 10 batches from 2 tasks (5 each): one batch queues while the other is stored,
-    so the engine hashes it during that write (the pipeline's overlap)."""
+    """The same 10 batches from 2 tasks (5 each): one batch queues while the other is stored."""
 
     async def caller(start: int) -> None:
         for records in BATCHES[start::2]:

@@ -24,7 +24,6 @@ import trio
 
 from ._future import Future
 from ._transitions import PhaseEvent
-from ._tree import TreeEdge
 from .errors import (
     CommitUnknown,
     Fenced,
@@ -147,32 +146,6 @@ class _Encoded:
         self.yielded = False  # a checkpoint ran while encoding
 
 
-class _Prepared:
-    """The next batch, encoded (and its tree tiles grown) while the previous one was being
-    stored, on the head that batch would leave. Only a cache: `Pipeline._take_prepared` uses it
-    only if that head is the committed one and its requests and records are still the ones the
-    batch carries; otherwise it is dropped and the batch is encoded as usual."""
-
-    __slots__ = ("edge", "encoded", "grown", "records", "requests", "start", "tiles", "ts")
-
-    def __init__(
-        self,
-        requests: list[Request],
-        start: tuple[int, Hash],
-        edge: TreeEdge | None,
-        ts: int,
-        encoded: _Encoded,
-    ) -> None:
-        self.requests = requests
-        self.records = [list(request.records) for request in requests]  # as hashed
-        self.start = start  # (seq, head) it was built on
-        self.edge = edge  # the tree edge it grew from (None: no tree)
-        self.ts = ts
-        self.encoded = encoded
-        self.tiles: list[TreeTile] = []
-        self.grown: TreeEdge | None = None
-
-
 class Pipeline:
     """The sequencer task and its queue."""
 
@@ -196,7 +169,6 @@ class Pipeline:
         self._idle.set()
         self._scope: trio.CancelScope | None = None
         self._store_lock = trio.Lock()  # group commits and cursor-only batches, one at a time
-        self._prepared: _Prepared | None = None  # the next batch, hashed during a store
 
     def submit(self, request: Request) -> None:
         if self._stopped:
@@ -384,56 +356,30 @@ class Pipeline:
                     request.fail(unavailable)
                 return
         tree = engine._tree
-        prepared = self._take_prepared(live)
-        if prepared is not None:
-            ts, (tiles, grown) = prepared.ts, (prepared.tiles, prepared.grown)
-            entries, committing = prepared.encoded.entries, prepared.encoded.committing
-            seq, head = prepared.encoded.seq, prepared.encoded.head
-            if len(live) > len(committing):
-                # Appends that arrived after the batch was prepared: hash them on its end, in
-                # one step (no checkpoint: nothing can be withdrawn half-way).
-                more = await self._encode(
-                    live[len(committing) :], ts, tree is not None, 0, start=(seq, head), dry=False
-                )
-                assert more is not None
-                for request, first in more.committing:
-                    committing.append((request, first + len(entries)))
-                entries.extend(more.entries)
-                seq, head = more.seq, more.head
-                if tree is not None and more.leaves:
-                    assert grown is not None
-                    extra, grown = grown.extended(more.leaves)
-                    # a tile changed again replaces its earlier version (same key, more hashes)
-                    tiles = list({(t.level, t.index): t for t in [*tiles, *extra]}.values())
-            if not entries:
-                return
-        else:
-            try:
-                ts = self._timestamp()
-            except NucleusError as exc:
-                for request in live:
-                    failure = NucleusError(str(exc))
-                    failure.__cause__ = exc.__cause__
-                    request.fail(failure)
-                return
-            encoded = await self._encode(live, ts, tree is not None, HASH_SLICE)
-            assert encoded is not None
-            if encoded.yielded and not all(request.live for request, _ in encoded.committing):
-                # A caller withdrew while the batch was being hashed (at a checkpoint): encode
-                # the rest again, in one step, so that nothing withdrawn is stored.
-                rest = [request for request, _ in encoded.committing if request.live]
-                encoded = await self._encode(rest, ts, tree is not None, 0)
-                assert encoded is not None
-            entries, committing, seq, head, leaves = (
-                encoded.entries,
-                encoded.committing,
-                encoded.seq,
-                encoded.head,
-                encoded.leaves,
-            )
-            if not entries:
-                return
-            tiles, grown = tree.grow(leaves) if tree is not None and leaves else ([], None)
+        try:
+            ts = self._timestamp()
+        except NucleusError as exc:
+            for request in live:
+                failure = NucleusError(str(exc))
+                failure.__cause__ = exc.__cause__
+                request.fail(failure)
+            return
+        encoded = await self._encode(live, ts, tree is not None, HASH_SLICE)
+        if encoded.yielded and not all(request.live for request, _ in encoded.committing):
+            # A caller withdrew while the batch was being hashed (at a checkpoint): encode
+            # the rest again, in one step, so that nothing withdrawn is stored.
+            rest = [request for request, _ in encoded.committing if request.live]
+            encoded = await self._encode(rest, ts, tree is not None, 0)
+        entries, committing, seq, head, leaves = (
+            encoded.entries,
+            encoded.committing,
+            encoded.seq,
+            encoded.head,
+            encoded.leaves,
+        )
+        if not entries:
+            return
+        tiles, grown = tree.grow(leaves) if tree is not None and leaves else ([], None)
         for request, _ in committing:
             request.storing = True
         # Storage is never interrupted half-way: a batch is stored or not, and we learn which.
@@ -454,11 +400,11 @@ class Pipeline:
             lock = self._store_lock
             if lock.locked():  # a cursor-only batch is being stored: wait for it
                 async with lock:
-                    error = await self._store_and_prepare(batch, seq, head, ts, grown)
+                    error = await self._store(batch)
             else:  # the common case: no extra schedule point on the append path
                 lock.acquire_nowait()
                 try:
-                    error = await self._store_and_prepare(batch, seq, head, ts, grown)
+                    error = await self._store(batch)
                 finally:
                     lock.release()
             if error is None and batch.cursors:
@@ -536,9 +482,7 @@ class Pipeline:
         ts: int,
         with_leaves: bool,
         slice_records: int,
-        start: tuple[int, Hash] | None = None,
-        dry: bool = True,
-    ) -> _Encoded | None:
+    ) -> _Encoded:
         """Canonical bytes, LEAF and CHAIN hashes of the live requests' records, from the
         committed head. A request with a record over `max_record_bytes` fails here.
 
@@ -547,13 +491,9 @@ class Pipeline:
         a large batch (1,000 records of 4 KiB: ~10 ms) does not hold the event loop in one step;
         nothing is stored or adopted yet, and the sequencer's shield keeps outer cancellations
         out. A caller may withdraw at such a checkpoint: `yielded` tells `_commit` to look.
-
-        With `start` (seq, head) it encodes on a head not committed yet: with `dry` (preparing
-        the next batch, `_prepare`) it fails no request and returns None where a record is too
-        large.
         """
         max_bytes = self._engine.config.max_record_bytes
-        seq, head = start if start is not None else (self.chain.length, self.chain.head)
+        seq, head = self.chain.length, self.chain.head
         out = _Encoded(seq, head, with_leaves)
         entries, leaves = out.entries, out.leaves
         work = 0  # records encoded and hashed since the last checkpoint
@@ -567,8 +507,6 @@ class Pipeline:
                     await trio.lowlevel.checkpoint()
                 data = committed_bytes(record._body, seq + len(datas), ts)
                 if len(data) > max_bytes:
-                    if start is not None and dry:  # preparing: leave it to the real pass
-                        return None
                     where = f" (record {index} of the batch)" if len(request.records) > 1 else ""
                     request.fail(
                         InvalidRecord(
@@ -609,101 +547,6 @@ class Pipeline:
             tree=tiles,
             idempotency=keys or (),
         )
-
-    async def _store_and_prepare(
-        self, batch: StorageBatch, seq: int, head: Hash, ts: int, grown: TreeEdge | None
-    ) -> tuple[BaseException, bool] | None:
-        """`_store`, and while storage writes (in its worker thread, the event loop free),
-        encode the appends queued behind the batch on the head it will leave (`_prepare`).
-
-        Nothing prepared reaches storage before this batch has committed: the next batch is
-        handed to storage by the sequencer afterwards, and only if the head it was built on is
-        the committed one (`_take_prepared`). When the batch fails, the preparation is dropped.
-        """
-        self._prepared = None
-        engine = self._engine
-        if not self._queue or engine._supervisor.before_children():
-            # Nothing queued (a serial caller: waiting for an arrival costs it a task and a
-            # few schedule points per append, measured 40% of a one-record append on
-            # MemoryStorage); or before_append hooks that may still replace the records.
-            return await self._store(batch)
-        outcome: list[tuple[BaseException, bool] | None] = []
-
-        async def store() -> None:
-            outcome.append(await self._store(batch))
-
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(store)
-            await trio.lowlevel.checkpoint()  # let the write start first
-            if not outcome:
-                try:
-                    await self._prepare(seq, head, ts, grown)
-                except Exception:  # pragma: no cover - defensive: a cache, never a failure
-                    log.exception("could not prepare the next batch")
-                    self._prepared = None
-        error = outcome[0]
-        if error is not None:
-            self._prepared = None
-        return error
-
-    async def _prepare(self, seq: int, head: Hash, ts: int, grown: TreeEdge | None) -> None:
-        """Encode the requests `_take` would take next, on (seq, head) (see `_Prepared`)."""
-        engine = self._engine
-        limit = engine.config.max_batch
-        requests: list[Request] = []
-        size = 0
-        for taken, request in enumerate(self._queue):
-            if taken and size + len(request.records) > limit:
-                break
-            size += len(request.records)
-            if request.live:
-                requests.append(request)
-        if not requests:
-            return
-        try:
-            now = engine.config.wall_clock()
-        except Exception:
-            return  # the real pass reports it
-        if type(now) is not int or not 0 <= now <= _MAX_SAFE:
-            return
-        ts = max(now, ts)  # never before the batch being stored
-        tree = engine._tree
-        encoded = await self._encode(
-            requests, ts, tree is not None, HASH_SLICE, start=(seq, head), dry=True
-        )
-        if encoded is None or not encoded.entries:
-            return
-        prepared = _Prepared(requests, (seq, head), grown, ts, encoded)
-        if tree is not None and encoded.leaves:
-            assert grown is not None
-            prepared.tiles, prepared.grown = grown.extended(encoded.leaves)
-        self._prepared = prepared
-
-    def _take_prepared(self, live: list[Request]) -> _Prepared | None:
-        """The prepared batch if it still holds: built on the committed head and tree edge,
-        with the same live requests (a prefix of `live`: later arrivals are encoded on its
-        end) and the same records. Else None (and it is dropped)."""
-        prepared, self._prepared = self._prepared, None
-        if prepared is None or self._resync:
-            return None
-        chain = self.chain
-        tree = self._engine._tree
-        if (
-            prepared.start != (chain.length, chain.head)
-            or prepared.ts < chain.last_ts
-            or (tree.edge if tree is not None else None) is not prepared.edge
-            or len(prepared.requests) > len(live)
-        ):
-            return None
-        for request, mine, records in zip(live, prepared.requests, prepared.records, strict=False):
-            if (
-                request is not mine
-                or not request.live
-                or len(records) != len(request.records)
-                or any(a is not b for a, b in zip(records, request.records, strict=True))
-            ):
-                return None
-        return prepared
 
     async def _store(self, batch: StorageBatch) -> tuple[BaseException, bool] | None:
         """Append to storage. None if stored; else (error, known) where `known` says that
