@@ -15,15 +15,17 @@ Invariants:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Final
 
 import trio
 
 from ._future import Future
 from ._transitions import PhaseEvent
+from ._tree import TreeEdge
 from .errors import (
     CommitUnknown,
     Fenced,
@@ -40,7 +42,7 @@ from .hashing import ChainVerifier, chain_steps, genesis, leaf_hash
 from .lifecycle import Phase
 from .module._mailbox import Before
 from .record import Entry, Hash, Receipt, Record, committed_bytes
-from .storage import IdempotencyRecord, StorageBatch, TreeTile
+from .storage import AppendStream, AppendStreams, IdempotencyRecord, StorageBatch, TreeTile
 
 if TYPE_CHECKING:
     from .engine import LedgerEngine
@@ -54,6 +56,8 @@ _MAX_SAFE = 2**53 - 1
 
 HASH_SLICE: Final = 128
 """A group commit encodes and hashes this many records between checkpoints."""
+STREAM_MIN: Final = 2 * HASH_SLICE
+"""Smallest group commit handed to an `AppendStreams` backend slice by slice."""
 
 
 class Request(Future):
@@ -364,6 +368,8 @@ class Pipeline:
                 failure.__cause__ = exc.__cause__
                 request.fail(failure)
             return
+        if await self._commit_streamed(live, ts):
+            return
         encoded = await self._encode(live, ts, tree is not None, HASH_SLICE)
         if encoded.yielded and not all(request.live for request, _ in encoded.committing):
             # A caller withdrew while the batch was being hashed (at a checkpoint): encode
@@ -380,6 +386,94 @@ class Pipeline:
         if not entries:
             return
         tiles, grown = tree.grow(leaves) if tree is not None and leaves else ([], None)
+        await self._store_commit(entries, committing, seq, head, ts, tiles, grown)
+
+    async def _commit_streamed(self, live: list[Request], ts: int) -> bool:
+        """`_commit` through an `AppendStreams` backend: each slice of the batch is handed to
+        storage as soon as it is hashed, so the database works while the rest is hashed.
+        True when the batch was handled (stored or failed); False when it was not streamed
+        (a small batch, a backend without streams, a record over `max_record_bytes`, a caller
+        withdrawn at a checkpoint): nothing was stored and `_commit` goes on as usual."""
+        storage = self._engine.storage
+        if (
+            sum(len(request.records) for request in live) < STREAM_MIN
+            or not isinstance(storage, AppendStreams)
+            or self._store_lock.locked()
+        ):
+            return False
+        tree = self._engine._tree
+        async with contextlib.AsyncExitStack() as stack:
+            await stack.enter_async_context(self._store_lock)
+            try:
+                stream = await stack.enter_async_context(storage.append_stream())
+            except Exception:
+                return False  # the usual path meets the same error and reports it
+            encoded = await self._encode_streamed(live, ts, tree is not None, stream.feed)
+            if encoded is None:
+                return False  # leaving the block rolls the transaction back
+            leaves = encoded.leaves
+            tiles, grown = tree.grow(leaves) if tree is not None and leaves else ([], None)
+            await self._store_commit(
+                encoded.entries, encoded.committing, encoded.seq, encoded.head, ts, tiles, grown,
+                stream=stream,
+            )  # fmt: skip
+        return True
+
+    async def _encode_streamed(
+        self, live: list[Request], ts: int, with_leaves: bool, feed: Callable[[list[Entry]], None]
+    ) -> _Encoded | None:
+        """`_encode` that hands each slice of `HASH_SLICE` entries to `feed` before its
+        checkpoint. None (nothing more fed) when a record is over `max_record_bytes` (checked
+        first, before anything is fed) or a caller withdrew at a checkpoint."""
+        max_bytes = self._engine.config.max_record_bytes
+        seq, head = self.chain.length, self.chain.head
+        out = _Encoded(seq, head, with_leaves)
+        records: list[Record] = []
+        datas: list[bytes] = []
+        for request in live:
+            out.committing.append((request, len(records)))
+            for record in request.records:
+                data = committed_bytes(record._body, seq + len(datas), ts)
+                if len(data) > max_bytes:
+                    return None  # the usual pass fails that request
+                records.append(record)
+                datas.append(data)
+        entries, leaves = out.entries, out.leaves
+        for start in range(0, len(datas), HASH_SLICE):
+            part = datas[start : start + HASH_SLICE]
+            heads = chain_steps(head, seq, part, leaves)
+            made = [
+                Entry(seq + i, record._commit(seq + i, ts), chained, data)
+                for i, (record, data, chained) in enumerate(
+                    zip(records[start : start + HASH_SLICE], part, heads, strict=True)
+                )
+            ]
+            entries.extend(made)
+            feed(made)
+            seq, head = seq + len(part), heads[-1]
+            out.yielded = True
+            await trio.lowlevel.checkpoint()
+            if not all(request.live for request in live):
+                return None
+        out.seq, out.head = seq, head
+        return out
+
+    async def _store_commit(
+        self,
+        entries: list[Entry],
+        committing: list[tuple[Request, int]],
+        seq: int,
+        head: Hash,
+        ts: int,
+        tiles: Sequence[TreeTile],
+        grown: TreeEdge | None,
+        *,
+        stream: AppendStream | None = None,
+    ) -> None:
+        """Store an encoded group commit (through `stream` when given) and answer its
+        requests: receipts and delivery, or each request's failure."""
+        engine = self._engine
+        tree = engine._tree
         for request, _ in committing:
             request.storing = True
         # Storage is never interrupted half-way: a batch is stored or not, and we learn which.
@@ -398,7 +492,9 @@ class Pipeline:
             ]
             batch = self._batch(entries, tiles, keys)
             lock = self._store_lock
-            if lock.locked():  # a cursor-only batch is being stored: wait for it
+            if stream is not None:  # the caller holds the lock
+                error = await self._store(batch, stream)
+            elif lock.locked():  # a cursor-only batch is being stored: wait for it
                 async with lock:
                     error = await self._store(batch)
             else:  # the common case: no extra schedule point on the append path
@@ -548,14 +644,20 @@ class Pipeline:
             idempotency=keys or (),
         )
 
-    async def _store(self, batch: StorageBatch) -> tuple[BaseException, bool] | None:
-        """Append to storage. None if stored; else (error, known) where `known` says that
-        nothing of the batch was stored (False: the backend could not tell us)."""
+    async def _store(
+        self, batch: StorageBatch, stream: AppendStream | None = None
+    ) -> tuple[BaseException, bool] | None:
+        """Append to storage (commit `stream`, when given). None if stored; else (error,
+        known) where `known` says that nothing of the batch was stored (False: the backend
+        could not tell us)."""
         storage = self._engine.storage
         entries = batch.entries
         self._moved = False
         try:
-            await storage.append(batch)
+            if stream is not None:
+                await stream.commit(batch)
+            else:
+                await storage.append(batch)
         except Fenced as exc:
             return exc, True  # the fence refused the whole batch: nothing stored
         except Exception as exc:

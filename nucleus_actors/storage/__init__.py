@@ -7,6 +7,8 @@ from typing import TYPE_CHECKING, Any
 from ._base import (
     CAPABILITIES,
     STORAGE_CONTRACT,
+    AppendStream,
+    AppendStreams,
     CursorStore,
     IdempotencyRecord,
     IdempotencyStore,
@@ -28,6 +30,8 @@ if TYPE_CHECKING:
 __all__ = [
     "CAPABILITIES",
     "STORAGE_CONTRACT",
+    "AppendStream",
+    "AppendStreams",
     "CursorStore",
     "IdempotencyRecord",
     "IdempotencyStore",

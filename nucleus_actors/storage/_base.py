@@ -11,6 +11,7 @@ feature is used (`require_capability`). See docs/storage.md, "Writing a backend"
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Any, Final, Protocol, TypeVar, cast, runtime_checkable
 
@@ -21,6 +22,8 @@ from ..record import Entry, Hash
 __all__ = [
     "CAPABILITIES",
     "STORAGE_CONTRACT",
+    "AppendStream",
+    "AppendStreams",
     "CursorStore",
     "IdempotencyRecord",
     "IdempotencyStore",
@@ -379,6 +382,34 @@ class IdempotencyStore(Protocol):
 
 CAPABILITIES: Final = (CursorStore, TreeStore, IdempotencyStore)
 """Every capability protocol, in documentation order."""
+
+
+@runtime_checkable
+class AppendStream(Protocol):
+    """One batch on its way into storage, given entry by entry (`AppendStreams`)."""
+
+    def feed(self, entries: Sequence[Entry]) -> None:
+        """Hand the next entries of the batch, in order (no checkpoint)."""
+        ...
+
+    async def commit(self, batch: StorageBatch) -> None:
+        """Commit `batch`, whose entries are exactly those fed, in order, as `append(batch)`
+        would (same rules, same errors); a batch that is not is refused (`StorageError`,
+        nothing stored)."""
+        ...
+
+
+@runtime_checkable
+class AppendStreams(Protocol):
+    """Optional speed-up: the backend can write a batch while its entries are still being
+    hashed. The engine uses it for large group commits when the backend has it; nothing
+    requires it, and a backend without it gets the same batches through `append`."""
+
+    def append_stream(self) -> AbstractAsyncContextManager[AppendStream]:
+        """A block in which entries are `feed`-ed and the batch `commit`-ed; leaving it
+        without `commit` stores nothing."""
+        ...
+
 
 _C = TypeVar("_C")
 

@@ -43,12 +43,14 @@ import math
 import os
 import re
 import socket
+import struct
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING, Any, ClassVar, Final, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Final, NoReturn, TypeVar
 
 import trio
 
@@ -57,6 +59,7 @@ from ..hashing import genesis
 from ..record import Entry, Hash
 from ._base import (
     STORAGE_CONTRACT,
+    AppendStream,
     IdempotencyRecord,
     StorageBatch,
     TreeTile,
@@ -167,8 +170,296 @@ class _Fence(Exception):
         self.holder = holder
 
 
+_NO_TAIL_CHECK: Final = object()
+_COPY: Final = "COPY entries (seq, canonical, hash) FROM STDIN (FORMAT BINARY)"
+
+
+def _upsert_parts(
+    cur: Any,
+    cursors: list[tuple[str, int]],
+    tiles: list[tuple[int, int, bytes]],
+    keys: list[tuple[str, str, int, int, int]],
+) -> None:
+    """A batch's cursors, tiles and idempotency keys, in the write transaction."""
+    if cursors:
+        cur.executemany(_UPSERT_CURSOR, cursors)
+    if tiles:
+        cur.executemany(_UPSERT_TILE, tiles)
+    if keys:
+        cur.executemany(_UPSERT_KEY, keys)
+
+
 class _Moved(Exception):
     """The stored last entry is not the one this writer committed."""
+
+
+_COPY_HEADER: Final = b"PGCOPY\n\xff\r\n\x00" + bytes(8)  # signature, flags, no extension
+_COPY_TRAILER: Final = b"\xff\xff"
+_ROW_HEAD: Final = struct.Struct(">hiqi")  # 3 fields; int8 seq (8 bytes); canonical's length
+_HASH_FIELD: Final = struct.pack(">i", 32)
+
+
+def _copy_rows(entries: Sequence[Entry]) -> bytes:
+    """`entries` as binary COPY tuples of `(seq, canonical, hash)` (no header)."""
+    pack = _ROW_HEAD.pack
+    return b"".join(
+        [
+            b"%s%s%s%s" % (pack(3, 8, e.seq, len(e.canonical)), e.canonical, _HASH_FIELD, e.hash)
+            for e in entries
+        ]
+    )
+
+
+class _FenceLost(Exception):
+    """The stream's fence matched no lease row: another writer's epoch (details fetched on
+    the error path)."""
+
+
+class _Stream:
+    """One `PostgresStorage.append_stream` block, driven from the event loop.
+
+    The whole transaction runs on the writer connection in libpq's non-blocking mode, waiting
+    on its socket with trio: no worker thread while the caller hashes, so no GIL hand-off (a
+    worker thread wanting the GIL back from a busy event loop waits up to the switch
+    interval). One simple query opens it: BEGIN, the fence, the tail check, `COPY ... FROM
+    STDIN`; its answers are read whenever `feed` runs. Each fed slice is sent at once, so
+    PostgreSQL inserts rows while the next slice is hashed. `commit` ends the COPY, waits for
+    PostgreSQL's answer on the socket, then a worker thread (the event loop is idle by then)
+    writes the other parts and commits. Leaving the block without `commit` aborts the COPY and
+    rolls back.
+    """
+
+    def __init__(
+        self,
+        storage: PostgresStorage,
+        conn: Any,
+        epoch: int,
+        expected: int,
+        head: Hash,
+        release: Callable[[], None],
+    ) -> None:
+        self._storage = storage
+        self._release: Callable[[], None] | None = release  # the limiter: freed once done
+        self._conn = conn
+        self._pgconn = conn.pgconn
+        self._epoch = epoch
+        self._expected = expected
+        self._head = head
+        self._fed: list[Entry] = []
+        self._pending = bytearray(_COPY_HEADER)  # COPY data not handed to libpq yet
+        self._answers = 0  # answers of the opening query read so far
+        self._fenced_ok = False
+        self._copying = False  # COPY IN in progress on the connection
+        self._open = False  # a transaction (or its opening query) is on the connection
+        self._closed = False
+        self._error: Exception | None = None
+        self._committing = {"committing": False}
+
+    def begin(self) -> None:
+        """Send the opening query (no wait)."""
+        self._open = True
+        try:
+            self._pgconn.send_query(self._storage._opening(self._epoch))
+            self._pump()
+        except Exception as exc:
+            self._error = exc
+
+    def feed(self, entries: Sequence[Entry]) -> None:
+        """Hand the next entries of the batch, in order (sent at once when the COPY runs)."""
+        if self._closed:
+            raise StorageError("append_stream: feed after commit or after the block ended")
+        if not entries:
+            return
+        self._fed.extend(entries)
+        self._pending += _copy_rows(entries)
+        if self._error is None:
+            try:
+                self._pump()
+            except Exception as exc:  # commit raises it; the block's end rolls back
+                self._error = exc
+
+    def _pump(self) -> bool:
+        """Move the transaction on without waiting: send what is pending, read the opening
+        query's answers that arrived. True while it waits for more of them."""
+        pgconn = self._pgconn
+        if pgconn.flush() < 0:
+            raise _connection_error(self._storage, "could not send to PostgreSQL", pgconn)
+        while not self._copying:
+            pgconn.consume_input()
+            if pgconn.is_busy():
+                return True
+            result = pgconn.get_result()
+            if result is None:
+                raise StorageError(
+                    f"{self._storage._where()}: append failed, nothing stored: the COPY did "
+                    "not start"
+                )
+            self._answer(result)
+        if self._pending:
+            if pgconn.put_copy_data(bytes(self._pending)) != 1:
+                raise _connection_error(self._storage, "COPY data refused", pgconn)
+            self._pending.clear()
+            if pgconn.flush() < 0:
+                raise _connection_error(self._storage, "could not send COPY data", pgconn)
+        return False
+
+    def _answer(self, result: Any) -> None:
+        """One answer of the opening query: BEGIN, the fence, the tail, the COPY."""
+        psycopg = _psycopg()
+        status = psycopg.pq.ExecStatus
+        step = self._answers
+        self._answers += 1
+        if result.status == status.COPY_IN:
+            self._copying = True
+            if not self._fenced_ok:
+                raise _FenceLost
+            return
+        if result.status not in (status.COMMAND_OK, status.TUPLES_OK):
+            raise psycopg.errors.error_from_result(result, encoding="utf-8")
+        if step == 1:  # UPDATE lease ... RETURNING epoch
+            self._fenced_ok = result.ntuples == 1
+        elif step == 2 and self._fenced_ok:  # the stored last entry
+            found = None
+            if result.ntuples:
+                seq, hash_text = result.get_value(0, 0), result.get_value(0, 1)
+                found = (int(seq), bytes.fromhex(bytes(hash_text)[2:].decode()))
+            tail = self._storage._tail(self._expected)
+            if found != tail:
+                raise _Moved(
+                    f"the stored last entry is {found!r}, this writer committed {tail!r}: has "
+                    "another writer written to the schema?"
+                )
+
+    async def commit(self, batch: StorageBatch) -> None:
+        """Commit `batch`, whose entries are exactly those fed, in order (else nothing is
+        stored and StorageError); raises what `append` raises."""
+        storage = self._storage
+        if self._closed:
+            raise StorageError("append_stream: commit after commit or after the block ended")
+        fed = self._fed
+        after = check_batch(batch, self._expected, self._head, backend=storage)
+        if len(fed) != len(batch.entries) or any(
+            a is not b for a, b in zip(fed, batch.entries, strict=True)
+        ):
+            raise StorageError(
+                f"append_stream: the batch's {len(batch.entries)} entries are not the "
+                f"{len(fed)} fed, in order (nothing stored)"
+            )
+        self._closed = True
+        with trio.CancelScope(shield=True):  # the transaction runs: learn its outcome
+            try:
+                while self._error is None and self._pump():
+                    await trio.lowlevel.wait_readable(self._pgconn.socket)
+                if self._error is not None:
+                    raise self._error
+                await self._end_copy(None)
+                parts = batch_rows(batch)[1:]
+                self._open = False  # the thread commits or rolls back
+                await trio.to_thread.run_sync(
+                    storage._stream_commit, self._conn, *parts, self._committing
+                )
+            except Exception as exc:
+                await self._rollback()
+                self._ended()
+                if isinstance(exc, _FenceLost):
+                    exc = await storage._lost_fence(self._conn)
+                storage._raise_append_error(exc, self._committing["committing"])
+            self._ended()
+        storage._appended(batch, after)
+
+    def _ended(self) -> None:
+        """The transaction is over: the writer connection is free again (once)."""
+        release, self._release = self._release, None
+        if release is not None:
+            release()
+
+    async def _end_copy(self, error: bytes | None) -> None:
+        """End the COPY (`error`: abort it) and read the answers to the end, waiting on the
+        socket; raises a psycopg error if PostgreSQL refused the rows."""
+        self._copying = False
+        pgconn = self._pgconn
+        if error is None:
+            self._pending += _COPY_TRAILER
+            if pgconn.put_copy_data(bytes(self._pending)) != 1:
+                raise _connection_error(self._storage, "COPY data refused", pgconn)
+            self._pending.clear()
+        while (ended := pgconn.put_copy_end(error)) == 0:
+            await trio.lowlevel.wait_writable(pgconn.socket)
+        if ended < 0:
+            raise _connection_error(self._storage, "could not end the COPY", pgconn)
+        failure = await self._drain()
+        if failure is not None and error is None:
+            raise failure
+
+    async def _drain(self) -> Exception | None:
+        """Read the answers of the command in progress to the end (waiting on the socket);
+        the first error among them."""
+        psycopg = _psycopg()
+        ok = (psycopg.pq.ExecStatus.COMMAND_OK, psycopg.pq.ExecStatus.TUPLES_OK)
+        pgconn = self._pgconn
+        while (flushed := pgconn.flush()) == 1:
+            await trio.lowlevel.wait_writable(pgconn.socket)
+        if flushed < 0:
+            raise _connection_error(self._storage, "could not send to PostgreSQL", pgconn)
+        failure: Exception | None = None
+        while True:
+            pgconn.consume_input()
+            if pgconn.is_busy():
+                await trio.lowlevel.wait_readable(pgconn.socket)
+                continue
+            result = pgconn.get_result()
+            if result is None:
+                return failure
+            if result.status == psycopg.pq.ExecStatus.COPY_IN:  # the opening query's COPY
+                self._copying = True
+                pgconn.put_copy_end(b"append_stream: the batch was abandoned")
+            elif result.status not in ok and failure is None:
+                failure = psycopg.errors.error_from_result(result, encoding="utf-8")
+
+    async def _rollback(self) -> None:
+        """Abort the COPY or read the opening query's answers to the end, then roll back;
+        a connection that cannot is closed (and replaced before the next write)."""
+        if not self._open:
+            return
+        self._open = False
+        try:
+            if self._copying:
+                await self._end_copy(b"append_stream: the batch was abandoned")
+            else:
+                await self._drain()
+        except Exception:
+            log.warning("could not end an abandoned append; reconnecting", exc_info=True)
+            with contextlib.suppress(Exception):
+                self._conn.close()
+            return
+        await trio.to_thread.run_sync(self._storage._stream_rollback, self._conn)
+
+    async def close(self) -> None:
+        """Roll back unless committed (the block's end)."""
+        if self._closed:
+            return
+        self._closed = True
+        with trio.CancelScope(shield=True):
+            try:
+                await self._rollback()
+            finally:
+                self._ended()
+
+
+def _connection_error(storage: PostgresStorage, what: str, pgconn: Any) -> StorageError:
+    return StorageError(
+        f"{storage._where()}: append failed, nothing stored: {what} ({_message(pgconn)})"
+    )
+
+
+def _message(pgconn: Any) -> str:
+    return bytes(pgconn.error_message or b"").decode("utf-8", "replace").strip() or "no detail"
+
+
+def _psycopg_sql() -> Any:
+    from psycopg import sql
+
+    return sql
 
 
 def _psycopg() -> Any:
@@ -274,6 +565,7 @@ class PostgresStorage:
         self._limiter = trio.CapacityLimiter(1)
         self._read_limiter = trio.CapacityLimiter(1)
         self._conn: Any = None
+        self._opening_sql: tuple[int, bytes] | None = None  # append_stream's, per epoch
         self._reader: Any = None
         self._ledger_id: str | None = None
         self._open = False
@@ -740,13 +1032,7 @@ class PostgresStorage:
             StorageError: not open, a `check_batch` rule, or PostgreSQL failed (nothing
                 stored).
         """
-        self._require_open("append")
-        if self._epoch is None:
-            raise Fenced(
-                f"cannot append to ledger {self._ledger_id!r}: this PostgresStorage "
-                f"({self._where()}) is a standby (it holds no lease)"
-            )
-        self._check_fenced()
+        epoch = self._writing("append")
         if self._stale:
             await self.head()
         expected = self._length
@@ -756,22 +1042,130 @@ class PostgresStorage:
             await trio.lowlevel.checkpoint()
             return
         rows, cursors, tiles, keys = batch_rows(batch)
-        tail = (expected - 1, bytes(self._head)) if expected else None
         state = {"committing": False}
-        psycopg = _psycopg()
         try:
             await trio.to_thread.run_sync(
-                self._append_sync, self._epoch, tail, rows, cursors, tiles, keys, state,
+                self._append_sync, epoch, self._tail(expected), rows, cursors, tiles, keys, state,
                 limiter=self._limiter,
             )  # fmt: skip
-        except _Fence as exc:
+        except Exception as exc:
+            self._raise_append_error(exc, state["committing"])
+        self._appended(batch, after)
+
+    @asynccontextmanager
+    async def append_stream(self) -> AsyncIterator[AppendStream]:
+        """A batch written while its entries are still being made (`AppendStreams`).
+
+        The batch's transaction opens at once in a worker thread (the fence and the tail
+        check run while the caller hashes); entries given to `feed` are sent by binary COPY
+        as they come, from the event loop in non-blocking mode (PostgreSQL inserts them while
+        the next ones are hashed); `commit(batch)` ends the COPY, writes the other parts and
+        commits. Leaving the block without `commit` rolls back: nothing stored. Same
+        transaction, same rules and same errors as `append`. The writer connection is this
+        block's until it ends (other writes on it wait).
+
+        Cancellation: leaving the block (cancelled or not) rolls back, shielded; `commit`
+        behaves as `append`.
+
+        Raises:
+            Fenced, StorageError: as `append` (before the block: a standby, fenced, closed).
+        """
+        epoch = self._writing("append")
+        if self._stale:
+            await self.head()
+        assert self._head is not None
+        # The writer connection is the stream's until its transaction ends (commit, or the
+        # rollback at the block's end): then the limiter is released, so `head()` works on
+        # the error path inside the block.
+        await self._limiter.acquire()
+        try:
+            conn = self._conn
+            psycopg = _psycopg()
+            if (
+                conn is None
+                or conn.closed
+                or conn.broken
+                or conn.pgconn.transaction_status != psycopg.pq.TransactionStatus.IDLE
+            ):
+                conn = await trio.to_thread.run_sync(self._idle_writer)
+        except BaseException:
+            self._limiter.release()
+            raise
+        stream = _Stream(self, conn, epoch, self._length, self._head, self._limiter.release)
+        stream.begin()
+        try:
+            yield stream
+        finally:
+            await stream.close()
+
+    def _idle_writer(self) -> Any:
+        """The writer connection, reconnected if broken and idle (worker thread)."""
+        conn = self._writer()
+        psycopg = _psycopg()
+        if conn.pgconn.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+            self._stream_rollback(conn)
+            conn = self._writer()
+        return conn
+
+    def _opening(self, epoch: int) -> bytes:
+        """The simple query that opens an `append_stream` transaction: BEGIN, the fence, the
+        stored last entry, COPY (its values inlined as SQL literals; cached per epoch)."""
+        cached = self._opening_sql
+        if cached is not None and cached[0] == epoch:
+            return cached[1]
+        sql = _psycopg_sql()
+        fence = sql.SQL(_FENCE.replace("%s", "{}")).format(
+            sql.Literal(float(self.lease_timeout)),
+            sql.Literal(self._ledger_id),
+            sql.Literal(epoch),
+            sql.Literal(self.holder),
+        )
+        text = f"BEGIN; {fence.as_string(None)}; {_LAST}; {_COPY}".encode()
+        self._opening_sql = (epoch, text)
+        return text
+
+    async def _lost_fence(self, conn: Any) -> Exception:
+        """The `_Fence` for a stream whose fence matched no lease row (after its rollback)."""
+        ledger_id = self._ledger_id
+        try:
+            current = await trio.to_thread.run_sync(lambda: _current(self._writer(), ledger_id))
+        except Exception as exc:
+            return exc
+        return _Fence(*current)
+
+    def _writing(self, what: str) -> int:
+        """The epoch to write under; refuses a closed, standby or fenced storage."""
+        self._require_open(what)
+        if self._epoch is None:
+            raise Fenced(
+                f"cannot append to ledger {self._ledger_id!r}: this PostgresStorage "
+                f"({self._where()}) is a standby (it holds no lease)"
+            )
+        self._check_fenced()
+        return self._epoch
+
+    def _tail(self, expected: int) -> tuple[int, bytes] | None:
+        """`(seq, hash)` of the last entry this writer committed (None: empty)."""
+        assert self._head is not None
+        return (expected - 1, bytes(self._head)) if expected else None
+
+    def _appended(self, batch: StorageBatch, after: int) -> None:
+        if batch.entries:
+            self._length = after
+            self._head = batch.entries[-1].hash
+        self.renewed_at = time.monotonic()
+
+    def _raise_append_error(self, exc: Exception, committing: bool) -> NoReturn:
+        """Raise what `append` raises for what its transaction raised."""
+        if isinstance(exc, _Fence):
             raise self._lose(exc) from None
-        except _Moved as exc:
+        psycopg = _psycopg()
+        if isinstance(exc, (_Moved, psycopg.Error, StorageError)):
             self._stale = True
+        if isinstance(exc, _Moved):
             raise StorageError(f"{self._where()}: append refused: {exc}") from None
-        except psycopg.Error as exc:
-            self._stale = True
-            if state["committing"]:
+        if isinstance(exc, psycopg.Error):
+            if committing:
                 raise CommitUnknown(
                     f"{self._where()}: the connection failed during COMMIT, the batch may or "
                     f"may not be stored: {_reason(exc)}"
@@ -779,13 +1173,7 @@ class PostgresStorage:
             raise StorageError(
                 f"{self._where()}: append failed, nothing stored: {_reason(exc)}"
             ) from exc
-        except StorageError:
-            self._stale = True
-            raise
-        if rows:
-            self._length = after
-            self._head = batch.entries[-1].hash
-        self.renewed_at = time.monotonic()
+        raise exc
 
     def _append_sync(
         self,
@@ -803,36 +1191,63 @@ class PostgresStorage:
         tx.__enter__()
         try:
             cur = conn.cursor()
-            cur.execute(_FENCE, (self.lease_timeout, self._ledger_id, epoch, self.holder))
-            if cur.fetchone() is None:
-                raise _Fence(*_current(conn, self._ledger_id))
+            self._fence_sync(cur, epoch, tail if rows else _NO_TAIL_CHECK)
             if rows:
-                cur.execute(_LAST)
-                found = cur.fetchone()
-                found_tail = None if found is None else (int(found[0]), bytes(found[1]))
-                if found_tail != tail:
-                    raise _Moved(
-                        f"the stored last entry is {found_tail!r}, this writer committed "
-                        f"{tail!r}: has another writer written to the schema?"
-                    )
-                with cur.copy(
-                    "COPY entries (seq, canonical, hash) FROM STDIN (FORMAT BINARY)"
-                ) as copy:
+                with cur.copy(_COPY) as copy:
                     copy.set_types(["int8", "bytea", "bytea"])
                     for row in rows:
                         copy.write_row(row)
-            if cursors:
-                cur.executemany(_UPSERT_CURSOR, cursors)
-            if tiles:
-                cur.executemany(_UPSERT_TILE, tiles)
-            if keys:
-                cur.executemany(_UPSERT_KEY, keys)
+            _upsert_parts(cur, cursors, tiles, keys)
         except BaseException as exc:
             with contextlib.suppress(psycopg.Error):
                 tx.__exit__(type(exc), exc, exc.__traceback__)
             raise
         state["committing"] = True
         tx.__exit__(None, None, None)  # COMMIT
+
+    def _fence_sync(self, cur: Any, epoch: int, tail: object) -> None:
+        """In the write transaction: the fence (renews the lease and locks its row, or
+        `_Fence`), then, unless `tail` is `_NO_TAIL_CHECK`, the check that the stored last
+        entry is the one this writer committed (or `_Moved`)."""
+        cur.execute(_FENCE, (self.lease_timeout, self._ledger_id, epoch, self.holder))
+        if cur.fetchone() is None:
+            raise _Fence(*_current(cur.connection, self._ledger_id))
+        if tail is _NO_TAIL_CHECK:
+            return
+        cur.execute(_LAST)
+        found = cur.fetchone()
+        found_tail = None if found is None else (int(found[0]), bytes(found[1]))
+        if found_tail != tail:
+            raise _Moved(
+                f"the stored last entry is {found_tail!r}, this writer committed "
+                f"{tail!r}: has another writer written to the schema?"
+            )
+
+    def _stream_commit(
+        self,
+        conn: Any,
+        cursors: list[tuple[str, int]],
+        tiles: list[tuple[int, int, bytes]],
+        keys: list[tuple[str, str, int, int, int]],
+        state: dict[str, bool],
+    ) -> None:
+        """`append_stream`'s last step (worker thread): the other parts, then COMMIT."""
+        try:
+            _upsert_parts(conn.cursor(), cursors, tiles, keys)
+        except BaseException:
+            self._stream_rollback(conn)
+            raise
+        state["committing"] = True
+        conn.execute("COMMIT")
+
+    def _stream_rollback(self, conn: Any) -> None:
+        """ROLLBACK (worker thread); a connection that cannot is closed (replaced later)."""
+        try:
+            conn.execute("ROLLBACK")
+        except Exception:
+            log.warning("could not roll back an abandoned append; reconnecting", exc_info=True)
+            with contextlib.suppress(Exception):
+                conn.close()
 
     # -- capabilities ----------------------------------------------------------------------
     async def load_cursors(self) -> dict[str, int]:

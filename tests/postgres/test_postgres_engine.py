@@ -33,7 +33,8 @@ async def _sql(dsn: str, schema: str, query: str) -> list[tuple[Any, ...]]:
     return await trio.to_thread.run_sync(run)
 
 
-async def test_a_fenced_engine_stops_writing(pg_dsn: str, pg_schema: str) -> None:
+@pytest.mark.parametrize("size", [1, 1000], ids=["append", "streamed-append_many"])
+async def test_a_fenced_engine_stops_writing(pg_dsn: str, pg_schema: str, size: int) -> None:
     config = LedgerConfig(ledger_id=LEDGER)
     old = LedgerEngine(config, PostgresStorage(pg_dsn, schema=pg_schema, lease_timeout=30))
     written, taken_over = trio.Event(), trio.Event()
@@ -48,7 +49,7 @@ async def test_a_fenced_engine_stops_writing(pg_dsn: str, pg_schema: str) -> Non
                 written.set()
                 await taken_over.wait()
                 with pytest.raises(Fenced, match="no longer current"):
-                    await old.append(Record("k", {"n": 99}))
+                    await old.append_many([Record("k", {"n": 99 + i}) for i in range(size)])
                 await trio.sleep_forever()  # the failure ends the block
         except LedgerFailed as exc:
             failures.append(exc)
