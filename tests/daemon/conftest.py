@@ -9,12 +9,15 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+
+from nucleus_actors import LedgerEngine
+from nucleus_actors.daemon import DaemonState, LedgerHost, create_app, parse_config
 
 REPO = Path(__file__).resolve().parents[2]
 LISTENING = re.compile(r"listening on (https?://[^\s\"]+)")
@@ -194,6 +197,33 @@ def read_events(response: httpx.Response, count: int) -> list[dict[str, str]]:
         field, _, value = line.partition(":")
         current[field] = value.removeprefix(" ")
     raise AssertionError(f"stream ended after {len(events)} events")
+
+
+def serving_main(
+    engine: LedgerEngine,
+    *,
+    token: str | None = None,
+    max_body_bytes: int = 1 << 20,
+    **options: Any,
+) -> DaemonState:
+    """What the HTTP API sees of a daemon with one ledger, "main" (in memory), serving
+    `engine` (its host: `.hosts["main"]`); `options` go to `DaemonState`."""
+    settings = parse_config(
+        {"ledgers": [{"id": "main", "storage": ":memory:"}]}, base_dir=Path(".")
+    ).ledgers[0]
+    host = LedgerHost(settings, engine, None)
+    host.serving = True
+    return DaemonState({"main": host}, token=token, max_body_bytes=max_body_bytes, **options)
+
+
+@contextlib.asynccontextmanager
+async def app_client(
+    state: DaemonState, base_url: str = "http://test"
+) -> AsyncIterator[httpx.AsyncClient]:
+    """An HTTP client of the API app for `state`, in process (httpx's ASGI transport)."""
+    transport = httpx.ASGITransport(app=create_app(state))
+    async with httpx.AsyncClient(transport=transport, base_url=base_url) as client:
+        yield client
 
 
 def toml_str(path: Path) -> str:

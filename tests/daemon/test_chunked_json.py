@@ -4,16 +4,16 @@ whole-body parse, and other tasks (/healthz) run between the slices."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 import trio
 
 from nucleus_actors import LedgerConfig, _jcs, open_ledger
-from nucleus_actors.daemon import DaemonState, LedgerHost, chunked_json, create_app, parse_config
+from nucleus_actors.daemon import chunked_json
 from nucleus_actors.daemon.chunked_json import loads_chunked
+
+from .conftest import app_client, serving_main
 
 BIG = chunked_json.SMALL_BODY + 1
 
@@ -112,17 +112,11 @@ async def test_a_large_batch_lets_healthz_answer_while_it_is_parsed(
     """Through the app: a batch of 1,000 records, a /healthz request started with it answers
     before the batch does (the parse yields at every element here)."""
     monkeypatch.setattr(chunked_json, "SLICE_SECONDS", 0.0)
-    settings = parse_config(
-        {"ledgers": [{"id": "main", "storage": ":memory:"}]}, base_dir=Path(".")
-    ).ledgers[0]
     async with open_ledger(LedgerConfig(ledger_id="main")) as engine:
-        host = LedgerHost(settings, engine, None)
-        host.serving = True
-        app = create_app(DaemonState({"main": host}, token=None, max_body_bytes=4 << 20))
-        transport = httpx.ASGITransport(app=app)
+        state = serving_main(engine, max_body_bytes=4 << 20)
         order: list[str] = []
         records = _records(1000, pad="x" * 200)
-        async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as client:
+        async with app_client(state, base_url="http://localhost") as client:
 
             async def batch() -> None:
                 response = await client.post(

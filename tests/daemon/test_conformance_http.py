@@ -3,29 +3,24 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import httpx
 import pytest
 
 from nucleus_actors import LedgerConfig, open_ledger
-from nucleus_actors.daemon import DaemonState, LedgerHost, create_app, parse_config
+
+from .conftest import app_client, serving_main
 
 JSON = {"Content-Type": "application/json"}
 
 
 @pytest.fixture
 async def api() -> AsyncIterator[httpx.AsyncClient]:
-    settings = parse_config(
-        {"ledgers": [{"id": "main", "storage": ":memory:"}]}, base_dir=Path(".")
-    ).ledgers[0]
-    async with open_ledger(LedgerConfig(ledger_id="main")) as engine:
-        host = LedgerHost(settings, engine, None)
-        host.serving = True
-        app = create_app(DaemonState({"main": host}, token=None, max_body_bytes=1 << 20))
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
-            yield client
+    async with (
+        open_ledger(LedgerConfig(ledger_id="main")) as engine,
+        app_client(serving_main(engine)) as client,
+    ):
+        yield client
 
 
 @pytest.mark.parametrize(

@@ -7,15 +7,16 @@ import json
 from pathlib import Path
 from typing import Any, ClassVar
 
-import httpx
 import pytest
 import trio
 import trio.testing
 
 from nucleus_actors import Hash, LedgerConfig, Module, ModuleState, Record, open_ledger
-from nucleus_actors.daemon import DaemonState, LedgerHost, create_app, parse_config
+from nucleus_actors.daemon import DaemonState, LedgerHost
 from nucleus_actors.daemon import events as events_module
 from nucleus_actors.daemon.ui import ASSETS
+
+from .conftest import app_client, serving_main
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -37,12 +38,8 @@ class Quiet(Module):
 
 
 def serving(engine: Any) -> tuple[DaemonState, LedgerHost]:
-    settings = parse_config(
-        {"ledgers": [{"id": "main", "storage": ":memory:"}]}, base_dir=Path(".")
-    ).ledgers[0]
-    host = LedgerHost(settings, engine, None)
-    host.serving = True
-    return DaemonState({"main": host}, token=None, max_body_bytes=1 << 20), host
+    state = serving_main(engine)
+    return state, state.hosts["main"]
 
 
 def parse_sse(chunk: str) -> dict[str, Any]:
@@ -119,9 +116,7 @@ async def test_events_route_and_statistics_over_http() -> None:
         await engine.append_many([Record("k", n) for n in range(3)])
         state, host = serving(engine)
         events_module.lifecycle_log(host).add(engine.modules.get("boom").status, "state")
-        app = create_app(state)
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as api:
+        async with app_client(state) as api:
             response = await api.get("/v1/ledgers/main/statistics")
             assert response.status_code == 200, response.text
             body = response.json()
@@ -144,31 +139,31 @@ async def test_events_route_and_statistics_over_http() -> None:
 
 
 async def test_the_dashboard_is_served_without_anything_from_elsewhere() -> None:
-    async with open_ledger(LedgerConfig(ledger_id="main")) as engine:
-        state, _ = serving(engine)
-        transport = httpx.ASGITransport(app=create_app(state))
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as api:
-            redirect = await api.get("/ui")
-            assert redirect.status_code == 308
-            assert redirect.headers["location"] == "/ui/"
-            page = await api.get("/ui/")
-            assert page.status_code == 200
-            assert page.headers["content-type"].startswith("text/html")
-            assert "connect-src 'self'" in page.headers["content-security-policy"]
-            html = page.text
-            assert "http://" not in html
-            assert "https://" not in html
-            scripts = [part.split('"', 1)[0] for part in html.split('src="')[1:]]
-            assert scripts
-            for src in scripts:
-                assert src.startswith("/ui/assets/"), src
-                asset = await api.get(src)
-                assert asset.status_code == 200
-                assert asset.headers["content-type"].startswith("text/javascript")
-                assert "immutable" in asset.headers["cache-control"]
-            escape = await api.get("/ui/..%2F..%2Fapp.py")
-            assert escape.status_code == 404
-            assert (await api.get("/ui/nope.js")).status_code == 404
+    async with (
+        open_ledger(LedgerConfig(ledger_id="main")) as engine,
+        app_client(serving_main(engine)) as api,
+    ):
+        redirect = await api.get("/ui")
+        assert redirect.status_code == 308
+        assert redirect.headers["location"] == "/ui/"
+        page = await api.get("/ui/")
+        assert page.status_code == 200
+        assert page.headers["content-type"].startswith("text/html")
+        assert "connect-src 'self'" in page.headers["content-security-policy"]
+        html = page.text
+        assert "http://" not in html
+        assert "https://" not in html
+        scripts = [part.split('"', 1)[0] for part in html.split('src="')[1:]]
+        assert scripts
+        for src in scripts:
+            assert src.startswith("/ui/assets/"), src
+            asset = await api.get(src)
+            assert asset.status_code == 200
+            assert asset.headers["content-type"].startswith("text/javascript")
+            assert "immutable" in asset.headers["cache-control"]
+        escape = await api.get("/ui/..%2F..%2Fapp.py")
+        assert escape.status_code == 404
+        assert (await api.get("/ui/nope.js")).status_code == 404
 
 
 def _source_digest() -> str:

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
 from nucleus_actors import LedgerConfig, ModuleSpec, Record, open_ledger
-from nucleus_actors.daemon import DaemonState, LedgerHost, create_app, fastpath, parse_config
+from nucleus_actors.daemon import fastpath
 from nucleus_actors.daemon.modules import RequireFields
+
+from .conftest import app_client, serving_main
 
 DUPLICATE = b'{"kind": "x", "kind": "y", "payload": 1}'
 BODIES: list[Any] = [
@@ -47,24 +48,19 @@ def _comparable(response: httpx.Response) -> tuple[int, str | None, Any]:
 
 
 async def _answers(bodies: list[bytes], *, fast: bool) -> list[tuple[int, str | None, Any]]:
-    settings = parse_config(
-        {"ledgers": [{"id": "main", "storage": ":memory:"}]}, base_dir=Path(".")
-    ).ledgers[0]
     spec = ModuleSpec(RequireFields(), config={"kinds": ["order."], "fields": ["customer"]})
-    async with open_ledger(LedgerConfig(ledger_id="main"), modules=[spec]) as engine:
-        host = LedgerHost(settings, engine, None)
-        host.serving = True
-        app = create_app(DaemonState({"main": host}, token=None, max_body_bytes=1 << 20))
-        transport = httpx.ASGITransport(app=app)
-        out = []
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as api:
-            for body in bodies:
-                response = await api.post(
-                    "/v1/ledgers/main/records",
-                    content=body,
-                    headers={"Content-Type": "application/json"},
-                )
-                out.append(_comparable(response))
+    out = []
+    async with (
+        open_ledger(LedgerConfig(ledger_id="main"), modules=[spec]) as engine,
+        app_client(serving_main(engine)) as api,
+    ):
+        for body in bodies:
+            response = await api.post(
+                "/v1/ledgers/main/records",
+                content=body,
+                headers={"Content-Type": "application/json"},
+            )
+            out.append(_comparable(response))
     return out
 
 
@@ -97,21 +93,16 @@ async def test_unknown_ledger_and_idempotency_key_go_to_the_route(
 ) -> None:
     calls: list[bytes] = []
     monkeypatch.setattr(fastpath, "parse_record", lambda body: calls.append(body))
-    settings = parse_config(
-        {"ledgers": [{"id": "main", "storage": ":memory:"}]}, base_dir=Path(".")
-    ).ledgers[0]
-    async with open_ledger(LedgerConfig(ledger_id="main")) as engine:
-        host = LedgerHost(settings, engine, None)
-        host.serving = True
-        app = create_app(DaemonState({"main": host}, token=None, max_body_bytes=1 << 20))
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as api:
-            record = {"kind": "x", "payload": 1}
-            response = await api.post("/v1/ledgers/other/records", json=record)
-            assert response.status_code == 404
-            assert json.loads(response.content)["type"].endswith("/unknown-ledger")
-            response = await api.post(
-                "/v1/ledgers/main/records", json=record, headers={"Idempotency-Key": "k1"}
-            )
-            assert response.status_code in (201, 422)
+    async with (
+        open_ledger(LedgerConfig(ledger_id="main")) as engine,
+        app_client(serving_main(engine)) as api,
+    ):
+        record = {"kind": "x", "payload": 1}
+        response = await api.post("/v1/ledgers/other/records", json=record)
+        assert response.status_code == 404
+        assert json.loads(response.content)["type"].endswith("/unknown-ledger")
+        response = await api.post(
+            "/v1/ledgers/main/records", json=record, headers={"Idempotency-Key": "k1"}
+        )
+        assert response.status_code in (201, 422)
     assert calls == []

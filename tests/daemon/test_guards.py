@@ -16,7 +16,7 @@ import trio.lowlevel
 import trio.testing
 
 from nucleus_actors import Hash, LedgerConfig, Record, open_ledger
-from nucleus_actors.daemon import DaemonState, LedgerHost, create_app, parse_config
+from nucleus_actors.daemon import DaemonState, create_app, parse_config
 from nucleus_actors.daemon.guards import (
     ByteBudget,
     HostAllowList,
@@ -26,6 +26,8 @@ from nucleus_actors.daemon.guards import (
 )
 from nucleus_actors.module import Module, ModuleSpec, Overflow
 
+from .conftest import app_client, serving_main
+
 PROBLEM = "application/problem+json"
 
 
@@ -33,13 +35,8 @@ PROBLEM = "application/problem+json"
 async def api(
     limits: HttpLimits | None = None, *, allowed: HostAllowList | None = None
 ) -> AsyncIterator[tuple[httpx.AsyncClient, DaemonState, Any]]:
-    settings = parse_config(
-        {"ledgers": [{"id": "main", "storage": ":memory:"}]}, base_dir=Path(".")
-    ).ledgers[0]
     async with open_ledger(LedgerConfig(ledger_id="main")) as engine:
-        host = LedgerHost(settings, engine, None)
-        host.serving = True
-        state = DaemonState({"main": host}, token=None, max_body_bytes=1 << 20, limits=limits)
+        state = serving_main(engine, limits=limits)
         state.allowed_hosts = allowed
         app = create_app(state)
         transport = httpx.ASGITransport(app=app)
@@ -389,18 +386,10 @@ class Hang(Module):
 async def test_readyz_reports_a_ledger_whose_appends_are_stuck(
     mock_clock: trio.testing.MockClock,
 ) -> None:
-    settings = parse_config(
-        {"ledgers": [{"id": "main", "storage": ":memory:"}]}, base_dir=Path(".")
-    ).ledgers[0]
     spec = ModuleSpec(Hang, timeout=None, inbox=1, overflow=Overflow.BLOCK, shutdown=0)
     async with open_ledger(LedgerConfig(ledger_id="main"), modules=[spec]) as engine:
-        host = LedgerHost(settings, engine, None)
-        host.serving = True
-        state = DaemonState(
-            {"main": host}, token=None, max_body_bytes=1 << 20, limits=HttpLimits(stall_timeout=5)
-        )
-        transport = httpx.ASGITransport(app=create_app(state))
-        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        state = serving_main(engine, limits=HttpLimits(stall_timeout=5))
+        async with app_client(state, base_url="http://t") as client:
             assert (await client.get("/readyz")).status_code == 200
             async with trio.open_nursery() as nursery:
                 for n in range(4):  # one in the module, one in its inbox, then appends wait

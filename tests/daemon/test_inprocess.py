@@ -3,30 +3,23 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
-import httpx
 import pytest
 import trio
 import trio.testing
 
 from nucleus_actors import LedgerConfig, LedgerEngine, Record, open_ledger
-from nucleus_actors.daemon import DaemonState, LedgerHost, create_app, parse_config
+from nucleus_actors.daemon import DaemonState, LedgerHost
 from nucleus_actors.daemon import app as app_module
+
+from .conftest import app_client, serving_main
 
 
 async def test_range_reads_stop_at_the_page_byte_budget(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(app_module, "MAX_PAGE_BYTES", 300)
-    settings = parse_config(
-        {"ledgers": [{"id": "main", "storage": ":memory:"}]}, base_dir=Path(".")
-    ).ledgers[0]
     async with open_ledger(LedgerConfig(ledger_id="main")) as engine:
         await engine.append_many([Record("k", {"text": "x" * 100, "n": n}) for n in range(7)])
-        host = LedgerHost(settings, engine, None)
-        host.serving = True
-        app = create_app(DaemonState({"main": host}, token=None, max_body_bytes=1 << 20))
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as api:
+        async with app_client(serving_main(engine)) as api:
             pages = []
             start: int | None = 0
             while start is not None:
@@ -39,12 +32,8 @@ async def test_range_reads_stop_at_the_page_byte_budget(monkeypatch: pytest.Monk
 
 
 def serving_host(engine: LedgerEngine) -> tuple[DaemonState, LedgerHost]:
-    settings = parse_config(
-        {"ledgers": [{"id": "main", "storage": ":memory:"}]}, base_dir=Path(".")
-    ).ledgers[0]
-    host = LedgerHost(settings, engine, None)
-    host.serving = True
-    return DaemonState({"main": host}, token=None, max_body_bytes=1 << 20), host
+    state = serving_main(engine)
+    return state, state.hosts["main"]
 
 
 async def test_a_stream_follows_appends_made_outside_http_and_keeps_alive(
@@ -105,9 +94,7 @@ async def test_stalls_reach_the_modules_route_and_metrics() -> None:
         await engine.append(Record("k", 1))
         while engine.modules.get("sleepy").status.processed < 1:
             await trio.sleep(0.01)
-        state, _ = serving_host(engine)
-        transport = httpx.ASGITransport(app=create_app(state))
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as api:
+        async with app_client(serving_main(engine)) as api:
             modules = (await api.get("/v1/ledgers/main/modules")).json()["modules"]
             metrics = (await api.get("/metrics")).text
     assert [m["stalls"] for m in modules] == [1]

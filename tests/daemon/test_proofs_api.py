@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import AsyncIterator
 from pathlib import Path
 
-import httpx
 import pytest
 import trio
 import trio.testing
@@ -23,7 +21,7 @@ from nucleus_actors import (
     open_ledger,
 )
 from nucleus_actors.checkpoint import Checkpoint, SignerKey
-from nucleus_actors.daemon import DaemonState, LedgerHost, create_app, parse_config
+from nucleus_actors.daemon import DaemonState
 from nucleus_actors.daemon.checkpoints import (
     CheckpointSigner,
     load_signer_key,
@@ -33,23 +31,15 @@ from nucleus_actors.daemon.checkpoints import (
 from nucleus_actors.errors import ProofError
 from nucleus_actors.proofs import BLAKE3, root
 
+from .conftest import app_client, serving_main
+
 ORIGIN = "test.example/main"
 
 
 def _host(engine: LedgerEngine, signer: CheckpointSigner | None = None) -> DaemonState:
-    settings = parse_config(
-        {"ledgers": [{"id": "main", "storage": ":memory:"}]}, base_dir=Path(".")
-    ).ledgers[0]
-    host = LedgerHost(settings, engine, None)
-    host.serving = True
-    host.signer = signer
-    return DaemonState({"main": host}, token=None, max_body_bytes=1 << 20)
-
-
-async def _api(state: DaemonState) -> AsyncIterator[httpx.AsyncClient]:
-    transport = httpx.ASGITransport(app=create_app(state))
-    async with httpx.AsyncClient(transport=transport, base_url="http://test") as api:
-        yield api
+    state = serving_main(engine)
+    state.hosts["main"].signer = signer
+    return state
 
 
 def _signer(engine: LedgerEngine, tmp_path: Path, **options: bool) -> CheckpointSigner:
@@ -65,7 +55,7 @@ async def test_proof_endpoints_answer_json_that_verifies() -> None:
     async with open_ledger(LedgerConfig(ledger_id="main")) as engine:
         await engine.append_many([Record("k", {"n": n}) for n in range(10)])
         leaves = [BLAKE3.leaf(e.canonical) async for e in engine.read(0)]
-        async for api in _api(_host(engine)):
+        async with app_client(_host(engine)) as api:
             response = await api.get("/v1/ledgers/main/proof/inclusion", params={"seq": 3})
             assert response.status_code == 200
             body = response.json()
@@ -107,7 +97,7 @@ async def test_bad_proof_parameters_are_4xx_problems(
 ) -> None:
     async with open_ledger(LedgerConfig(ledger_id="main")) as engine:
         await engine.append_many([Record("k", {"n": n}) for n in range(10)])
-        async for api in _api(_host(engine)):
+        async with app_client(_host(engine)) as api:
             response = await api.get(f"/v1/ledgers/main/proof/{path}", params=params)
             assert response.status_code == status
             assert response.headers["content-type"] == "application/problem+json"
@@ -117,11 +107,13 @@ async def test_bad_proof_parameters_are_4xx_problems(
 
 
 async def test_no_checkpoint_key_is_a_404_problem() -> None:
-    async with open_ledger(LedgerConfig(ledger_id="main")) as engine:
-        async for api in _api(_host(engine)):
-            response = await api.get("/v1/ledgers/main/checkpoint")
-            assert response.status_code == 404
-            assert response.json()["type"].endswith("/no-checkpoint")
+    async with (
+        open_ledger(LedgerConfig(ledger_id="main")) as engine,
+        app_client(_host(engine)) as api,
+    ):
+        response = await api.get("/v1/ledgers/main/checkpoint")
+        assert response.status_code == 404
+        assert response.json()["type"].endswith("/no-checkpoint")
 
 
 async def test_checkpoint_endpoint_signs_when_the_ledger_grew(tmp_path: Path) -> None:
@@ -129,7 +121,7 @@ async def test_checkpoint_endpoint_signs_when_the_ledger_grew(tmp_path: Path) ->
         signer = _signer(engine, tmp_path)
         await signer.check()
         verifier = signer.key.verifier()
-        async for api in _api(_host(engine, signer)):
+        async with app_client(_host(engine, signer)) as api:
             empty = await api.get("/v1/ledgers/main/checkpoint")
             assert empty.status_code == 200
             assert empty.headers["content-type"].startswith("text/plain")
@@ -200,9 +192,11 @@ def test_key_files_must_be_private(tmp_path: Path) -> None:
 
 
 async def test_openapi_documents_the_proof_routes() -> None:
-    async with open_ledger(LedgerConfig(ledger_id="main")) as engine:
-        async for api in _api(_host(engine)):
-            spec = (await api.get("/openapi.json")).json()
+    async with (
+        open_ledger(LedgerConfig(ledger_id="main")) as engine,
+        app_client(_host(engine)) as api,
+    ):
+        spec = (await api.get("/openapi.json")).json()
     paths = spec["paths"]
     inclusion = paths["/v1/ledgers/{ledger}/proof/inclusion"]["get"]
     assert {p["name"] for p in inclusion["parameters"]} == {"ledger", "seq", "size"}
@@ -231,7 +225,7 @@ async def test_a_state_file_that_cannot_be_written_publishes_nothing(
         with pytest.raises(StorageError, match="cannot record the signed checkpoint"):
             await signer.latest()
         assert signer.last is None
-        async for api in _api(_host(engine, signer)):
+        async with app_client(_host(engine, signer)) as api:
             response = await api.get("/v1/ledgers/main/checkpoint")
             assert response.status_code == 503
         with trio.move_on_after(1):  # the periodic signer logs it and keeps going

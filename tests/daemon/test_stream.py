@@ -7,7 +7,6 @@ import socket
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -17,11 +16,10 @@ from typer.testing import CliRunner
 
 from nucleus_actors import LedgerConfig, ModuleSpec, Record, open_ledger
 from nucleus_actors.cli import app as cli_app
-from nucleus_actors.daemon import DaemonState, LedgerHost, create_app, parse_config
 from nucleus_actors.daemon import stream as stream_module
 from nucleus_actors.daemon.modules import RequireFields
 from nucleus_actors.storage import MemoryStorage
-from tests.daemon.conftest import DaemonProcess
+from tests.daemon.conftest import DaemonProcess, app_client, serving_main
 
 NDJSON = {"Content-Type": "application/x-ndjson"}
 
@@ -36,19 +34,12 @@ def lines_of(*records: Any) -> bytes:
 async def _app(
     storage: MemoryStorage | None = None, *, token: str | None = None, limit: int = 1 << 20
 ) -> AsyncIterator[tuple[httpx.AsyncClient, Any]]:
-    settings = parse_config(
-        {"ledgers": [{"id": "main", "storage": ":memory:"}]}, base_dir=Path(".")
-    ).ledgers[0]
     spec = ModuleSpec(RequireFields(), config={"kinds": ["order."], "fields": ["customer"]})
-    async with open_ledger(
-        LedgerConfig(ledger_id="main"), storage=storage, modules=[spec]
-    ) as engine:
-        host = LedgerHost(settings, engine, None)
-        host.serving = True
-        app = create_app(DaemonState({"main": host}, token=token, max_body_bytes=limit))
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as api:
-            yield api, engine
+    async with (
+        open_ledger(LedgerConfig(ledger_id="main"), storage=storage, modules=[spec]) as engine,
+        app_client(serving_main(engine, token=token, max_body_bytes=limit)) as api,
+    ):
+        yield api, engine
 
 
 @pytest.fixture
