@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import subprocess
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import pytest
@@ -87,6 +88,31 @@ class Gate(Recorder):
 def lifecycle(log: list[tuple[str, str, Any]]) -> list[tuple[str, str]]:
     """The init/start/stop events of a log, in order."""
     return [(m, e) for m, e, _ in log if e in ("init", "start", "stop")]
+
+
+async def kill_after_lines(command: Sequence[str], lines: int) -> list[str]:
+    """Run `command`, SIGKILL it once it printed `lines` lines; every line it printed.
+
+    Lines written before the kill are still in the pipe and count too (for a crash test they
+    were acknowledged); a torn last line (no newline) is left out.
+    """
+    proc = await trio.lowlevel.open_process(list(command), stdout=subprocess.PIPE)
+    assert proc.stdout is not None
+    out = bytearray()
+    try:
+        while out.count(b"\n") < lines:
+            chunk = await proc.stdout.receive_some()
+            assert chunk, f"the writer exited early (code {await proc.wait()})"
+            out += chunk
+        proc.kill()  # SIGKILL: no cleanup, no close, no checkpoint
+        while chunk := await proc.stdout.receive_some():
+            out += chunk
+    finally:
+        proc.kill()
+        await proc.wait()
+        await proc.stdout.aclose()
+    assert proc.returncode == -9
+    return out.decode().split("\n")[:-1]
 
 
 # The supervisor's transition tables are strict under test: a lifecycle transition they do not

@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import random
 import sqlite3
-import subprocess
 import sys
 from pathlib import Path
 
-import trio
-
 from nucleus_actors import LedgerConfig, open_ledger
 from nucleus_actors.storage import SQLiteStorage
+from tests.conftest import kill_after_lines
 from tests.integration.durable_crash_writer import modules
 
 WRITER = Path(__file__).with_name("durable_crash_writer.py")
@@ -25,26 +23,8 @@ ROUNDS = 6
 
 
 async def _run_and_kill(path: Path, directory: Path, run: int, after: int) -> set[int]:
-    proc = await trio.lowlevel.open_process(
-        [sys.executable, str(WRITER), str(path), str(directory), str(run)],
-        stdout=subprocess.PIPE,
-    )
-    assert proc.stdout is not None
-    out = bytearray()
-    try:
-        while out.count(b"\n") < after + 1:
-            chunk = await proc.stdout.receive_some()
-            assert chunk, f"the writer exited early (code {await proc.wait()})"
-            out += chunk
-        proc.kill()
-        while chunk := await proc.stdout.receive_some():
-            out += chunk
-    finally:
-        proc.kill()
-        await proc.wait()
-        await proc.stdout.aclose()
-    assert proc.returncode == -9
-    lines = out.decode().split("\n")[:-1]
+    command = [sys.executable, str(WRITER), str(path), str(directory), str(run)]
+    lines = await kill_after_lines(command, after + 1)
     return {int(line) for line in lines[1:]}
 
 

@@ -10,14 +10,12 @@ process); a few seconds in all.
 from __future__ import annotations
 
 import random
-import subprocess
 import sys
 from pathlib import Path
 
-import trio
-
 from nucleus_actors import Hash, LedgerConfig, LedgerEngine
 from nucleus_actors.storage import SQLiteStorage, verify_file
+from tests.conftest import kill_after_lines
 
 WRITER = Path(__file__).with_name("sqlite_crash_writer.py")
 KILLS = 4
@@ -25,26 +23,8 @@ KILLS = 4
 
 async def _run_and_kill(path: Path, after: int) -> tuple[int, dict[int, Hash]]:
     """Start the writer, SIGKILL it once it printed `after` receipts; return what it printed."""
-    proc = await trio.lowlevel.open_process(
-        [sys.executable, str(WRITER), str(path)], stdout=subprocess.PIPE
-    )
-    assert proc.stdout is not None
-    out = bytearray()
-    try:
-        while out.count(b"\n") < after + 1:  # the "open <length>" line, then receipts
-            chunk = await proc.stdout.receive_some()
-            assert chunk, f"the writer exited early (code {await proc.wait()})"
-            out += chunk
-        proc.kill()  # SIGKILL: no cleanup, no close, no checkpoint
-        # Lines written before the kill are still in the pipe: they were acknowledged too.
-        while chunk := await proc.stdout.receive_some():
-            out += chunk
-    finally:
-        proc.kill()
-        await proc.wait()
-        await proc.stdout.aclose()
-    assert proc.returncode == -9
-    lines = out.decode().split("\n")[:-1]  # a torn last line (no newline) is not a receipt
+    # the "open <length>" line, then receipts
+    lines = await kill_after_lines([sys.executable, str(WRITER), str(path)], after + 1)
     opened = int(lines[0].removeprefix("open "))
     receipts = {int(seq): Hash.from_hex(digest) for seq, digest in (x.split() for x in lines[1:])}
     return opened, receipts
