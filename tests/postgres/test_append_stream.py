@@ -52,9 +52,7 @@ async def test_a_streamed_batch_is_stored_as_append_stores_it(pg_dsn: str, pg_sc
     assert (await verify_schema(pg_dsn, schema=pg_schema))[1] == 1000
 
 
-async def test_leaving_the_block_without_commit_stores_nothing(
-    pg_dsn: str, pg_schema: str
-) -> None:
+async def test_leaving_the_block_without_commit_stores_nothing(pg_dsn: str, pg_schema: str) -> None:
     storage = await _writer(pg_dsn, pg_schema)
     entries = make_entries(LEDGER, 0, 300)
     async with storage.append_stream() as stream:
