@@ -823,6 +823,8 @@ class Child:
                 run, done = mailbox.take_deliveries(next_item, overflow), 0
         except BaseException as exc:
             self.processed += done
+            if done:
+                self.last_seq = run[done - 1][0].seq
             mailbox.delivered(done)
             mailbox.give_back(run[done:])  # the failed one is redelivered first, then the rest
             self._hook_failed(exc)

@@ -789,3 +789,29 @@ async def test_b4_a_stop_during_a_group_restart_drains_the_siblings(
         await engine.stop_all()
     assert engine.modules.get("sibling").status.stop_result == "clean"
     assert sibling.seen == [0, 1, 2]  # fails: [0]
+
+
+async def test_a_crash_mid_run_leaves_the_cursor_at_the_last_record_processed() -> None:
+    # Regression: a task module that crashed part-way through a run of deliveries counted
+    # the records it finished in `processed` but left `cursor` at the run before.
+    class Third(Module):
+        id = "third"
+
+        def __init__(self) -> None:
+            self.seen: list[int] = []
+
+        async def after_append(self, record: Record, hash: Hash) -> None:
+            if len(self.seen) == 2:
+                raise OSError("third record")
+            assert record.seq is not None
+            self.seen.append(record.seq)
+
+    async with open_ledger(config()) as engine:
+        module = Third()
+        handle = await engine.add(module, restart=Restart.TEMPORARY)
+        await engine.append_many([Record("k", n) for n in range(5)])
+        await settle()
+        assert handle.state is ModuleState.FAILED
+        assert module.seen == [0, 1]
+        assert handle.status.processed == 2
+        assert handle.status.cursor == 1
