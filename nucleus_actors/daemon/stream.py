@@ -60,7 +60,8 @@ MEDIA_TYPE: Final = "application/x-ndjson"
 """What the stream route reads and writes (`application/jsonl` is accepted too)."""
 ACCEPTED_TYPES: Final = frozenset({MEDIA_TYPE, "application/jsonl"})
 GROUP: Final = 1024
-"""Most records handed to one `append_each` (the pipeline's default batch)."""
+"""A group handed to one `append_each` stops growing at this many records (the pipeline's
+default batch; the lines of one received chunk stay together, so a group may hold more)."""
 QUEUE_CHUNKS: Final = 16
 """Received chunks of parsed lines waiting for the appender (bounds memory together with
 the server's read size and `max_body_bytes`)."""
