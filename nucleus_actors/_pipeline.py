@@ -58,6 +58,11 @@ HASH_SLICE: Final = 128
 """A group commit encodes and hashes this many records between checkpoints."""
 STREAM_MIN: Final = 2 * HASH_SLICE
 """Smallest group commit handed to an `AppendStreams` backend slice by slice."""
+STREAM_MAX: Final = 4096
+STREAM_MAX_BYTES: Final = 16 << 20
+"""Largest group commit streamed (records, record bytes): the backend's write statement stays
+open while the batch is hashed, so its statement timeout must not become a bound on hashing
+(a 100,000-record `append_many` is written the usual way, after it is hashed)."""
 
 
 class Request(Future):
@@ -395,11 +400,12 @@ class Pipeline:
         (a small batch, a backend without streams, a record over `max_record_bytes`, a caller
         withdrawn at a checkpoint): nothing was stored and `_commit` goes on as usual."""
         storage = self._engine.storage
-        if (
-            sum(len(request.records) for request in live) < STREAM_MIN
-            or not isinstance(storage, AppendStreams)
-            or self._store_lock.locked()
-        ):
+        if not isinstance(storage, AppendStreams) or self._store_lock.locked():
+            return False
+        records = sum(len(request.records) for request in live)
+        if not STREAM_MIN <= records <= STREAM_MAX:
+            return False
+        if sum(len(r._body) for request in live for r in request.records) > STREAM_MAX_BYTES:
             return False
         tree = self._engine._tree
         async with contextlib.AsyncExitStack() as stack:

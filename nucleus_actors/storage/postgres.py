@@ -138,6 +138,8 @@ _SELECT: Final = (
     "SELECT seq, canonical, hash FROM entries WHERE seq >= %s AND seq < %s ORDER BY seq LIMIT %s"
 )
 _LAST: Final = "SELECT seq, hash FROM entries ORDER BY seq DESC LIMIT 1"
+# The same in text form whatever `bytea_output` is (the stream reads it as a simple query).
+_LAST_HEX: Final = "SELECT seq, encode(hash, 'hex') FROM entries ORDER BY seq DESC LIMIT 1"
 # The fence: renews the lease and locks its row until the transaction ends.
 _FENCE: Final = (
     "UPDATE lease SET expires_at = clock_timestamp() + make_interval(secs => %s) "
@@ -259,7 +261,8 @@ class _Stream:
         """Send the opening query (no wait)."""
         self._open = True
         try:
-            self._pgconn.send_query(self._storage._opening(self._epoch))
+            opening = self._storage._opening(self._epoch, self._conn.info.encoding)
+            self._pgconn.send_query(opening)
             self._pump()
         except Exception as exc:
             self._error = exc
@@ -315,14 +318,14 @@ class _Stream:
                 raise _FenceLost
             return
         if result.status not in (status.COMMAND_OK, status.TUPLES_OK):
-            raise psycopg.errors.error_from_result(result, encoding="utf-8")
+            raise psycopg.errors.error_from_result(result, encoding=self._conn.info.encoding)
         if step == 1:  # UPDATE lease ... RETURNING epoch
             self._fenced_ok = result.ntuples == 1
         elif step == 2 and self._fenced_ok:  # the stored last entry
             found = None
             if result.ntuples:
                 seq, hash_text = result.get_value(0, 0), result.get_value(0, 1)
-                found = (int(seq), bytes.fromhex(bytes(hash_text)[2:].decode()))
+                found = (int(seq), bytes.fromhex(bytes(hash_text).decode("ascii")))
             tail = self._storage._tail(self._expected)
             if found != tail:
                 raise _Moved(
@@ -356,13 +359,14 @@ class _Stream:
                 parts = batch_rows(batch)[1:]
                 self._open = False  # the thread commits or rolls back
                 await trio.to_thread.run_sync(
-                    storage._stream_commit, self._conn, *parts, self._committing
-                )
+                    storage._stream_commit, self._conn, *parts, self._committing,
+                    limiter=storage._stream_hops,
+                )  # fmt: skip
             except Exception as exc:
                 await self._rollback()
-                self._ended()
                 if isinstance(exc, _FenceLost):
                     exc = await storage._lost_fence(self._conn)
+                self._ended()
                 storage._raise_append_error(exc, self._committing["committing"])
             self._ended()
         storage._appended(batch, after)
@@ -414,7 +418,9 @@ class _Stream:
                 self._copying = True
                 pgconn.put_copy_end(b"append_stream: the batch was abandoned")
             elif result.status not in ok and failure is None:
-                failure = psycopg.errors.error_from_result(result, encoding="utf-8")
+                failure = psycopg.errors.error_from_result(
+                    result, encoding=self._conn.info.encoding
+                )
 
     async def _rollback(self) -> None:
         """Abort the COPY or read the opening query's answers to the end, then roll back;
@@ -432,7 +438,10 @@ class _Stream:
             with contextlib.suppress(Exception):
                 self._conn.close()
             return
-        await trio.to_thread.run_sync(self._storage._stream_rollback, self._conn)
+        storage = self._storage
+        await trio.to_thread.run_sync(
+            storage._stream_rollback, self._conn, limiter=storage._stream_hops
+        )
 
     async def close(self) -> None:
         """Roll back unless committed (the block's end)."""
@@ -565,7 +574,10 @@ class PostgresStorage:
         self._limiter = trio.CapacityLimiter(1)
         self._read_limiter = trio.CapacityLimiter(1)
         self._conn: Any = None
-        self._opening_sql: tuple[int, bytes] | None = None  # append_stream's, per epoch
+        self._opening_sql: tuple[tuple[int, str], bytes] | None = None  # append_stream's
+        # The stream's own thread hops (never behind the application's threads on trio's
+        # default limiter while its transaction is open).
+        self._stream_hops = trio.CapacityLimiter(1)
         self._reader: Any = None
         self._ledger_id: str | None = None
         self._open = False
@@ -1087,7 +1099,7 @@ class PostgresStorage:
                 or conn.broken
                 or conn.pgconn.transaction_status != psycopg.pq.TransactionStatus.IDLE
             ):
-                conn = await trio.to_thread.run_sync(self._idle_writer)
+                conn = await trio.to_thread.run_sync(self._idle_writer, limiter=self._stream_hops)
         except BaseException:
             self._limiter.release()
             raise
@@ -1107,11 +1119,12 @@ class PostgresStorage:
             conn = self._writer()
         return conn
 
-    def _opening(self, epoch: int) -> bytes:
+    def _opening(self, epoch: int, encoding: str) -> bytes:
         """The simple query that opens an `append_stream` transaction: BEGIN, the fence, the
-        stored last entry, COPY (its values inlined as SQL literals; cached per epoch)."""
+        stored last entry, COPY (its values inlined as SQL literals, encoded in the
+        connection's client `encoding`; cached per epoch and encoding)."""
         cached = self._opening_sql
-        if cached is not None and cached[0] == epoch:
+        if cached is not None and cached[0] == (epoch, encoding):
             return cached[1]
         sql = _psycopg_sql()
         fence = sql.SQL(_FENCE.replace("%s", "{}")).format(
@@ -1120,15 +1133,17 @@ class PostgresStorage:
             sql.Literal(epoch),
             sql.Literal(self.holder),
         )
-        text = f"BEGIN; {fence.as_string(None)}; {_LAST}; {_COPY}".encode()
-        self._opening_sql = (epoch, text)
+        text = f"BEGIN; {fence.as_string(None)}; {_LAST_HEX}; {_COPY}".encode(encoding)
+        self._opening_sql = ((epoch, encoding), text)
         return text
 
     async def _lost_fence(self, conn: Any) -> Exception:
         """The `_Fence` for a stream whose fence matched no lease row (after its rollback)."""
         ledger_id = self._ledger_id
         try:
-            current = await trio.to_thread.run_sync(lambda: _current(self._writer(), ledger_id))
+            current = await trio.to_thread.run_sync(
+                lambda: _current(self._writer(), ledger_id), limiter=self._stream_hops
+            )
         except Exception as exc:
             return exc
         return _Fence(*current)
@@ -1159,21 +1174,21 @@ class PostgresStorage:
         """Raise what `append` raises for what its transaction raised."""
         if isinstance(exc, _Fence):
             raise self._lose(exc) from None
-        psycopg = _psycopg()
-        if isinstance(exc, (_Moved, psycopg.Error, StorageError)):
-            self._stale = True
+        self._stale = True
         if isinstance(exc, _Moved):
             raise StorageError(f"{self._where()}: append refused: {exc}") from None
-        if isinstance(exc, psycopg.Error):
-            if committing:
-                raise CommitUnknown(
-                    f"{self._where()}: the connection failed during COMMIT, the batch may or "
-                    f"may not be stored: {_reason(exc)}"
-                ) from exc
-            raise StorageError(
-                f"{self._where()}: append failed, nothing stored: {_reason(exc)}"
+        if isinstance(exc, StorageError):
+            raise exc
+        # PostgreSQL or the driver failed (or something unexpected did: still a storage error,
+        # with the cause chained)
+        if committing:
+            raise CommitUnknown(
+                f"{self._where()}: the connection failed during COMMIT, the batch may or "
+                f"may not be stored: {_reason(exc)}"
             ) from exc
-        raise exc
+        raise StorageError(
+            f"{self._where()}: append failed, nothing stored: {_reason(exc)}"
+        ) from exc
 
     def _append_sync(
         self,
