@@ -41,7 +41,15 @@ from .errors import (
 from .hashing import ChainVerifier, chain_steps, genesis, leaf_hash
 from .lifecycle import Phase
 from .module._mailbox import Before
-from .record import Entry, Hash, Receipt, Record, committed_bytes
+from .record import (
+    Entry,
+    Hash,
+    Receipt,
+    Record,
+    committed_bytes,
+    committed_entries,
+    receipts_of,
+)
 from .storage import AppendStream, AppendStreams, IdempotencyRecord, StorageBatch, TreeTile
 
 if TYPE_CHECKING:
@@ -448,12 +456,7 @@ class Pipeline:
         for start in range(0, len(datas), HASH_SLICE):
             part = datas[start : start + HASH_SLICE]
             heads = chain_steps(head, seq, part, leaves)
-            made = [
-                Entry(seq + i, record._commit(seq + i, ts), chained, data)
-                for i, (record, data, chained) in enumerate(
-                    zip(records[start : start + HASH_SLICE], part, heads, strict=True)
-                )
-            ]
+            made = committed_entries(records[start : start + HASH_SLICE], seq, ts, heads, part)
             entries.extend(made)
             feed(made)
             seq, head = seq + len(part), heads[-1]
@@ -555,9 +558,7 @@ class Pipeline:
         self.chain.advance(seq, head, ts)
         self.appends += len(entries)
         for request, start in committing:
-            request.receipts = [
-                Receipt(e.seq, e.hash, ts) for e in entries[start : start + len(request.records)]
-            ]
+            request.receipts = receipts_of(entries[start : start + len(request.records)], ts)
         await self._deliver([(e.record, e.hash) for e in entries])
 
     async def _deliver(self, items: list[tuple[Record, Hash]]) -> None:
@@ -621,10 +622,10 @@ class Pipeline:
             else:
                 first = len(entries)
                 heads = chain_steps(head, seq, datas, leaves)
-                add = entries.append
-                for record, data, head in zip(request.records, datas, heads, strict=True):
-                    add(Entry(seq, record._commit(seq, ts), head, data))
-                    seq += 1
+                entries.extend(committed_entries(request.records, seq, ts, heads, datas))
+                seq += len(heads)
+                if heads:
+                    head = heads[-1]
                 out.committing.append((request, first))
         out.seq, out.head = seq, head
         if slice_records and len(entries) >= slice_records and work:

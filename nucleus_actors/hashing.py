@@ -109,15 +109,19 @@ def chain_steps(
     heads: list[Hash] = []
     add_head = heads.append
     add_leaf = leaves.append if leaves is not None else None
-    new_hash, hash_type, hasher, leaf_tag, chain_tag = _new_hash, Hash, blake3, _LEAF, _CHAIN
+    new_hash, hash_type, leaf_tag, chain_tag = _new_hash, Hash, _LEAF, _CHAIN
+    hasher = blake3()  # one hasher, reset per hash: cheaper than a new one each time
+    reset, update, digest = hasher.reset, hasher.update, hasher.digest
     head = prev
     for data in datas:
-        leaf = hasher(leaf_tag + data).digest()
+        reset()
+        update(leaf_tag + data)
+        leaf = digest()
         if add_leaf is not None:
             add_leaf(leaf)
-        head = new_hash(
-            hash_type, hasher(chain_tag + head + seq.to_bytes(8, "big") + leaf).digest()
-        )
+        reset()
+        update(chain_tag + head + seq.to_bytes(8, "big") + leaf)
+        head = new_hash(hash_type, digest())
         add_head(head)
         seq += 1
     return heads

@@ -9,7 +9,7 @@ payload must not be mutated once it is in a record (build a new one with `replac
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Final, NoReturn
@@ -376,3 +376,65 @@ class Entry:
     def receipt(self) -> Receipt:
         """The receipt the appender got for this entry."""
         return Receipt(self.seq, self.hash, self.timestamp)
+
+
+# -- the append path's constructors ---------------------------------------------------------
+# The frozen dataclasses' generated __init__ sets each field through object.__setattr__; the
+# append path builds a Record copy, an Entry and a Receipt per record, so it sets the slots
+# through their descriptors instead (same objects, about half the cost). Internal.
+_new = object.__new__
+_RECORD_SLOTS = tuple(
+    Record.__dict__[name].__set__
+    for name in ("kind", "payload", "meta", "seq", "timestamp", "_body")
+)
+_ENTRY_SLOTS = tuple(
+    Entry.__dict__[name].__set__ for name in ("seq", "record", "hash", "canonical")
+)
+_RECEIPT_SLOTS = tuple(Receipt.__dict__[name].__set__ for name in ("seq", "hash", "timestamp"))
+
+
+def committed_entries(
+    records: Sequence[Record],
+    seq: int,
+    timestamp: int,
+    heads: Sequence[Hash],
+    datas: Sequence[bytes],
+) -> list[Entry]:
+    """`Entry(seq + i, records[i]._commit(seq + i, timestamp), heads[i], datas[i])` for each
+    record (internal: the append path)."""
+    set_kind, set_payload, set_meta, set_seq, set_ts, set_body = _RECORD_SLOTS
+    set_eseq, set_record, set_hash, set_canonical = _ENTRY_SLOTS
+    new = _new
+    out: list[Entry] = []
+    add = out.append
+    for record, head, data in zip(records, heads, datas, strict=True):
+        copy = new(Record)
+        set_kind(copy, record.kind)
+        set_payload(copy, record.payload)
+        set_meta(copy, record.meta)
+        set_seq(copy, seq)
+        set_ts(copy, timestamp)
+        set_body(copy, record._body)
+        entry = new(Entry)
+        set_eseq(entry, seq)
+        set_record(entry, copy)
+        set_hash(entry, head)
+        set_canonical(entry, data)
+        add(entry)
+        seq += 1
+    return out
+
+
+def receipts_of(entries: Sequence[Entry], timestamp: int) -> list[Receipt]:
+    """`Receipt(e.seq, e.hash, timestamp)` for each entry (internal: the append path)."""
+    set_seq, set_hash, set_ts = _RECEIPT_SLOTS
+    new = _new
+    out: list[Receipt] = []
+    add = out.append
+    for entry in entries:
+        receipt = new(Receipt)
+        set_seq(receipt, entry.seq)
+        set_hash(receipt, entry.hash)
+        set_ts(receipt, timestamp)
+        add(receipt)
+    return out

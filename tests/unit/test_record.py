@@ -286,3 +286,20 @@ def test_records_pickle_and_copy_as_values() -> None:
         assert clone.meta == {"trace": "t"}
         with pytest.raises(TypeError):
             clone.meta["x"] = "y"  # type: ignore[index]
+
+
+def test_the_append_paths_constructors_build_what_the_dataclasses_build() -> None:
+    from nucleus_actors.record import Entry, Receipt, committed_entries, receipts_of
+
+    records = [Record("k", {"n": n}, meta={"m": "v"}) for n in range(3)]
+    heads = [Hash(bytes([n]) * 32) for n in range(3)]
+    datas = [b"d%d" % n for n in range(3)]
+    fast = committed_entries(records, 7, 1234, heads, datas)
+    slow = [Entry(7 + n, records[n]._commit(7 + n, 1234), heads[n], datas[n]) for n in range(3)]
+    for a, b in zip(fast, slow, strict=True):
+        assert type(a) is Entry
+        assert (a.seq, a.hash, a.canonical, a.timestamp) == (b.seq, b.hash, b.canonical, 1234)
+        for name in ("kind", "payload", "meta", "seq", "timestamp", "_body"):
+            assert getattr(a.record, name) == getattr(b.record, name)
+        assert a.record.committed
+    assert receipts_of(fast, 1234) == [Receipt(7 + n, heads[n], 1234) for n in range(3)]
