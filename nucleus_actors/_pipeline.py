@@ -413,8 +413,6 @@ class Pipeline:
         records = sum(len(request.records) for request in live)
         if not STREAM_MIN <= records <= STREAM_MAX:
             return False
-        if sum(len(r._body) for request in live for r in request.records) > STREAM_MAX_BYTES:
-            return False
         tree = self._engine._tree
         async with contextlib.AsyncExitStack() as stack:
             await stack.enter_async_context(self._store_lock)
@@ -437,21 +435,26 @@ class Pipeline:
         self, live: list[Request], ts: int, with_leaves: bool, feed: Callable[[list[Entry]], None]
     ) -> _Encoded | None:
         """`_encode` that hands each slice of `HASH_SLICE` entries to `feed` before its
-        checkpoint. None (nothing more fed) when a record is over `max_record_bytes` (checked
-        first, before anything is fed) or a caller withdrew at a checkpoint."""
+        checkpoint. None (nothing more fed) when a record is over `max_record_bytes` or the
+        batch over `STREAM_MAX_BYTES` (checked first, before anything is fed), or a caller
+        withdrew at a checkpoint."""
         max_bytes = self._engine.config.max_record_bytes
         seq, head = self.chain.length, self.chain.head
         out = _Encoded(seq, head, with_leaves)
         records: list[Record] = []
         datas: list[bytes] = []
+        size = 0
         for request in live:
             out.committing.append((request, len(records)))
             for record in request.records:
                 data = committed_bytes(record._body, seq + len(datas), ts)
                 if len(data) > max_bytes:
                     return None  # the usual pass fails that request
+                size += len(data)
                 records.append(record)
                 datas.append(data)
+        if size > STREAM_MAX_BYTES:
+            return None  # too long to hash with the write statement open
         entries, leaves = out.entries, out.leaves
         for start in range(0, len(datas), HASH_SLICE):
             part = datas[start : start + HASH_SLICE]

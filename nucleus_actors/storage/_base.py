@@ -318,10 +318,13 @@ BatchRows = tuple[
 created)`."""
 
 
-def batch_rows(batch: StorageBatch) -> BatchRows:
-    """The rows a backend inserts or upserts to store `batch` (see `BatchRows`)."""
+def batch_rows(batch: StorageBatch, *, entries: bool = True) -> BatchRows:
+    """The rows a backend inserts or upserts to store `batch` (see `BatchRows`); with
+    `entries=False` no entry rows (a backend that wrote them already)."""
     return (
-        [(entry.seq, entry.canonical, bytes(entry.hash)) for entry in batch.entries],
+        [(entry.seq, entry.canonical, bytes(entry.hash)) for entry in batch.entries]
+        if entries
+        else [],
         list(batch.cursors.items()),
         [(tile.level, tile.index, tile.hashes) for tile in batch.tree],
         [(r.key, r.fingerprint, r.first_seq, r.count, r.created) for r in batch.idempotency],

@@ -40,6 +40,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import operator
 import os
 import re
 import socket
@@ -341,9 +342,7 @@ class _Stream:
             raise StorageError("append_stream: commit after commit or after the block ended")
         fed = self._fed
         after = check_batch(batch, self._expected, self._head, backend=storage)
-        if len(fed) != len(batch.entries) or any(
-            a is not b for a, b in zip(fed, batch.entries, strict=True)
-        ):
+        if len(fed) != len(batch.entries) or any(map(operator.is_not, fed, batch.entries)):
             raise StorageError(
                 f"append_stream: the batch's {len(batch.entries)} entries are not the "
                 f"{len(fed)} fed, in order (nothing stored)"
@@ -356,7 +355,7 @@ class _Stream:
                 if self._error is not None:
                     raise self._error
                 await self._end_copy(None)
-                parts = batch_rows(batch)[1:]
+                parts = batch_rows(batch, entries=False)[1:]
                 self._open = False  # the thread commits or rolls back
                 await trio.to_thread.run_sync(
                     storage._stream_commit, self._conn, *parts, self._committing,
