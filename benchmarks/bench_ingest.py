@@ -346,7 +346,7 @@ async def app_cpu(which: str, requests: int) -> float:
     ).ledgers[0]
     modules = [
         ModuleSpec(RequireFields(), config={"kinds": ["order."], "fields": ["customer"]}),
-        KindCounter(),
+        ModuleSpec(KindCounter(), durable=True),
     ]
     async with open_ledger(LedgerConfig(ledger_id="main"), modules=modules) as engine:
         host = LedgerHost(settings, engine, None)

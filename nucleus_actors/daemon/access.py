@@ -25,6 +25,7 @@ from typing import Any, Final
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import logs
+from .guards import REQUEST_ID_SET
 
 __all__ = ["REQUEST_ID", "AccessLog", "request_id_from"]
 
@@ -72,7 +73,13 @@ class AccessLog:
         rid = request_id_from(scope["headers"])
         # inner layers (the app's RequestId) see the same id
         headers = [(k, v) for k, v in scope["headers"] if k != _HEADER]
-        scope = {**scope, "headers": [*headers, (_HEADER, rid.encode("ascii"))]}
+        state = {**scope.get("state", {}), "request_id": rid}
+        scope = {
+            **scope,
+            "headers": [*headers, (_HEADER, rid.encode("ascii"))],
+            "state": state,
+            REQUEST_ID_SET: True,  # the app's RequestId layer has nothing left to do
+        }
         token = REQUEST_ID.set(rid)
         header = (_HEADER, rid.encode("ascii"))
         status = 0

@@ -319,6 +319,9 @@ def _is_json(content_type: str | None) -> bool:
     )
 
 
+_ROUTED_CACHE: Final = 4096
+
+
 class _Guard:
     """ASGI middleware in front of every write (POST): token, then body size, then media type.
 
@@ -331,12 +334,25 @@ class _Guard:
         self.app = app
         self.state = state
         self.routes = routes
+        self._routed_paths: dict[str, bool] = {}  # POST path -> routed (bounded cache)
 
     def _routed(self, scope: Scope) -> bool:
-        """True when some route takes this POST (else routing answers 404/405 itself)."""
+        """True when some route takes this POST (else routing answers 404/405 itself).
+
+        Routing a POST depends only on its path: the answer is cached per path (at most
+        `_ROUTED_CACHE` of them, then the cache starts again), so the common paths skip the
+        walk over every route."""
         if self.routes is None:
             return True
-        return any(route.matches(scope)[0] is Match.FULL for route in self.routes)
+        path = scope["path"]
+        known = self._routed_paths.get(path)
+        if known is not None:
+            return known
+        routed = any(route.matches(scope)[0] is Match.FULL for route in self.routes)
+        if len(self._routed_paths) >= _ROUTED_CACHE:
+            self._routed_paths.clear()
+        self._routed_paths[path] = routed
+        return routed
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] != "POST" or not self._routed(scope):

@@ -49,6 +49,7 @@ __all__ = [
     "RateLimitedLog",
     "RequestId",
     "valid_request_id",
+    "REQUEST_ID_SET",
 ]
 
 log = logging.getLogger("nucleus_actors.daemon.http")
@@ -170,7 +171,8 @@ def valid_request_id(value: str | None) -> bool:
     return (
         value is not None
         and 0 < len(value) <= REQUEST_ID_MAX
-        and all(" " <= ch <= "~" for ch in value)
+        and value.isascii()
+        and value.isprintable()  # for ASCII: space to "~"
     )
 
 
@@ -297,6 +299,11 @@ class HostCheck:
 
 
 # -- request ids -----------------------------------------------------------------------------
+REQUEST_ID_SET: Final = "nucleus.request_id_set"
+"""Scope key an outer layer sets once it gave the request its id (in the scope's headers and
+`state`) and adds it to the response: `RequestId` then has nothing to do."""
+
+
 class RequestId:
     """ASGI middleware: every response carries `X-Request-Id`: the client's when valid
     (`valid_request_id`), else a fresh one. The id is also in `scope["state"]["request_id"]`."""
@@ -306,6 +313,9 @@ class RequestId:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if scope.get(REQUEST_ID_SET):  # the daemon's AccessLog did all of this already
             await self.app(scope, receive, send)
             return
         given = Headers(scope=scope).get("x-request-id")
