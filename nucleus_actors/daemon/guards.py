@@ -432,7 +432,8 @@ class _BodyReader:
                 if acquired is None:
                     return self._refuse(_busy(self.state))
                 self.held = acquired
-        message = await self._wait(self.inner(), deadline)
+        ready = self._ready()
+        message = ready if ready is not None else await self._wait(self.inner(), deadline)
         if not isinstance(message, dict):
             return self._refuse(_too_slow(self.timeout))
         if message["type"] == "http.request" and not message.get("more_body", False):
@@ -445,6 +446,21 @@ class _BodyReader:
             if not self.admit():
                 return self._refuse(_closed())
         return message
+
+    def _ready(self) -> Message | None:
+        """The next body message if the server has it already (no deadline needed), else
+        None. hypercorn's `receive` is a memory channel's; a `receive` without
+        `receive_nowait` always goes through `_wait`."""
+        if self.streaming or self.state.stopping:
+            return None
+        nowait = getattr(getattr(self.inner, "__self__", None), "receive_nowait", None)
+        if nowait is None:
+            return None
+        try:
+            message = nowait()
+        except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+            return None  # `_wait` waits, or meets the same end
+        return message if isinstance(message, dict) else None
 
     def _refuse(self, problem: Problem) -> Message:
         if self.refusal is None:  # the first reason wins (stopping, seen by the watcher)
