@@ -860,9 +860,15 @@ class PostgresStorage:
                 new = cur.fetchone()
                 assert new is not None
         except psycopg.errors.LockNotAvailable as exc:
+            stuck = self._end_stuck_writer(conn, ledger_id)
             raise Fenced(
                 f"ledger {ledger_id!r} in {self._where()}: its lease row is locked by a writer's "
-                "transaction in progress (the lease is in use)"
+                + (
+                    f"transaction although its lease expired: ended {stuck}'s sessions, the "
+                    "next attempt takes over"
+                    if stuck
+                    else "transaction in progress (the lease is in use)"
+                )
             ) from exc
         self.renewed_at = time.monotonic()
         log.info(
@@ -870,6 +876,50 @@ class PostgresStorage:
             ledger_id, self.holder, new[0], epoch, holder,
         )  # fmt: skip
         return int(new[0])
+
+    def _end_stuck_writer(self, conn: Any, ledger_id: str) -> str | None:
+        """After a lock timeout on the lease row: if the lease has expired by PostgreSQL's
+        clock, its holder's transaction is stuck (a writer frozen while PostgreSQL waits for
+        its client inside `COPY FROM STDIN`: neither `statement_timeout` nor
+        `idle_in_transaction_session_timeout` ends that). Terminate the holder's sessions whose
+        transaction is older than a write's `statement_timeout` (its lease is over: whatever it
+        had not committed is rolled back) and return the holder; None when the lease is still
+        valid, no transaction is that old (a renewal in flight), or nothing could be done
+        (logged)."""
+        psycopg = _psycopg()
+        try:
+            row = conn.execute(
+                "SELECT holder, extract(epoch FROM expires_at - clock_timestamp())::float8 "
+                "FROM lease WHERE ledger_id = %s",
+                (ledger_id,),
+            ).fetchone()
+            if row is None or float(row[1]) > 0 or not row[0] or row[0] == self.holder:
+                return None
+            holder = str(row[0])
+            # Only transactions older than a write's statement_timeout: a healthy one (a late
+            # renewal of the lease in flight) commits or fails well within it.
+            ended = conn.execute(
+                "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity "
+                "WHERE application_name = left(%s, 63) AND pid <> pg_backend_pid() "
+                "AND xact_start < clock_timestamp() - make_interval(secs => %s)",
+                (f"nucleus_actors {holder}", self.lease_timeout / 2),
+            ).fetchone()
+            if not ended or not ended[0]:
+                return None
+        except psycopg.Error as exc:
+            log.warning(
+                "ledger %r: the expired lease's holder still locks its row, and its sessions "
+                "could not be ended (the role needs pg_signal_backend or to be the same role): "
+                "%s",
+                ledger_id, _reason(exc),
+            )  # fmt: skip
+            return None
+        log.warning(
+            "ledger %r: %s's lease expired but its transaction still locks the lease row; "
+            "ended %d of its sessions",
+            ledger_id, holder, int(ended[0]) if ended else 0,
+        )  # fmt: skip
+        return holder
 
     async def lease(self) -> LeaseInfo:
         """The ledger's lease as PostgreSQL sees it now (read connection).

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +53,19 @@ def wait_until(check: Callable[[], Any], timeout: float = 30.0, what: str = "") 
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what or check}")
         time.sleep(0.05)
+
+
+@contextlib.contextmanager
+def logs_on_failure(**daemons: DaemonProcess) -> Iterator[None]:
+    """A failed assertion in the block also shows the end of each daemon's log."""
+    try:
+        yield
+    except AssertionError as exc:
+        tails = "".join(
+            f"\n--- {name}'s log (last 60 lines) ---\n" + "\n".join(daemon.lines[-60:])
+            for name, daemon in daemons.items()
+        )
+        raise AssertionError(f"{exc}{tails}") from exc
 
 
 def role_of(daemon: DaemonProcess, ledger: str = "main") -> str | None:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.daemon.conftest import DaemonProcess, client, nucleus
-from tests.postgres.daemons import pg_config, role_of, wait_until
+from tests.postgres.daemons import logs_on_failure, pg_config, role_of, wait_until
 from tests.postgres.load import Load, check_acks, stored
 
 LEASE = 1.5
@@ -113,7 +113,8 @@ def test_a_frozen_writer_is_fenced(tmp_path: Path, pg_dsn: str, pg_schema: str) 
         wait_until(lambda: len(load_a.acks) > 20, what="appends through a")
         a.send(signal.SIGSTOP)
         stopped_at = time.monotonic()
-        wait_until(lambda: role_of(b) == "writer", timeout=LEASE + 30, what="b's takeover")
+        with logs_on_failure(a=a, b=b):
+            wait_until(lambda: role_of(b) == "writer", timeout=LEASE + 30, what="b's takeover")
         assert time.monotonic() - stopped_at > LEASE * 0.5  # b waited for the lease
         load_b = Load([b.url], threads=4, tag="via-b")  # type: ignore[list-item]
         load_b.start()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import psycopg
 import pytest
 import trio
@@ -160,6 +162,63 @@ async def test_a_frozen_transaction_does_not_block_the_takeover(
     assert (await new.head())[0] == 2
     await writer.close()
     await new.close()
+
+
+@pytest.mark.parametrize("how", ["append_stream", "copy"])
+async def test_a_writer_frozen_inside_its_copy_does_not_block_the_takeover(
+    pg_dsn: str, pg_schema: str, how: str
+) -> None:
+    """PostgreSQL waiting for a client's COPY data is neither idle in transaction nor subject
+    to statement_timeout: a writer frozen there would hold the lease row forever. The new
+    writer ends the expired holder's sessions, then takes over."""
+    writer = PostgresStorage(pg_dsn, schema=pg_schema, lease_timeout=1.0)
+    await writer.open(LEDGER)
+    entries = make_entries(LEDGER, 0, 300)
+    await writer.append(StorageBatch(entries=entries[:1]))
+    if writer._renewer is not None:
+        writer._renewer.cancel()  # the frozen process renews nothing
+    held: list[object] = []  # the frozen COPY's objects, kept (not garbage-collected)
+    if how == "append_stream":
+        stream_cm = writer.append_stream()
+        stream = await stream_cm.__aenter__()
+        stream.feed(entries[1:100])  # the COPY runs; the writer freezes here
+    else:
+
+        def frozen_copy() -> None:  # what a SIGSTOP inside copy.write_row leaves behind
+            conn = writer._writer()
+            conn.execute("BEGIN")
+            conn.execute("UPDATE lease SET expires_at = expires_at WHERE ledger_id = %s", (LEDGER,))
+            copy_cm = conn.cursor().copy("COPY entries (seq, canonical, hash) FROM STDIN")
+            held.extend([copy_cm, copy_cm.__enter__()])
+
+        await trio.to_thread.run_sync(frozen_copy, limiter=writer._limiter)
+    new = PostgresStorage(pg_dsn, schema=pg_schema, lease_timeout=1.0)
+    with trio.fail_after(15):
+        while True:
+            try:
+                await new.open(LEDGER)
+                break
+            except Fenced:
+                await trio.sleep(0.2)
+    assert new.epoch == 2
+    head = await new.head()
+    assert head[0] == 1  # nothing of the frozen batch
+    await new.append(StorageBatch(entries=make_entries(LEDGER, 1, 5, head[1])))
+    assert (await new.head())[0] == 6
+    if how == "append_stream":
+        with pytest.raises(StorageError):  # its session was ended: never stored
+            await stream.commit(StorageBatch(entries=entries[1:100], prev=entries[0].hash))
+        await stream_cm.__aexit__(None, None, None)
+    else:  # the frozen thread "wakes up": its COPY fails (the session was ended)
+
+        def wake() -> None:
+            with contextlib.suppress(Exception):
+                held[0].__exit__(None, None, None)  # type: ignore[attr-defined]
+
+        await trio.to_thread.run_sync(wake)
+    await new.close()
+    with contextlib.suppress(Exception):
+        await writer.close()
 
 
 async def test_a_format_1_schema_is_migrated(pg_dsn: str, pg_schema: str) -> None:
