@@ -17,8 +17,8 @@ from .test_postgres_storage import _expire, _rows
 LEDGER = "orders"
 
 
-async def _writer(dsn: str, schema: str) -> PostgresStorage:
-    storage = PostgresStorage(dsn, schema=schema, lease_timeout=30)
+async def _writer(dsn: str, schema: str, lease_timeout: float = 30) -> PostgresStorage:
+    storage = PostgresStorage(dsn, schema=schema, lease_timeout=lease_timeout)
     await storage.open(LEDGER)
     return storage
 

@@ -29,26 +29,17 @@ from nucleus_actors.storage import PostgresStorage, StorageBatch
 from nucleus_actors.storage.postgres import verify_schema
 from nucleus_actors.testing import make_entries
 
+from .test_append_stream import _writer
 from .test_postgres_storage import _expire, _rows
 
 LEDGER = "orders"
 
 
 # -- helpers -------------------------------------------------------------------------------
-async def _writer(dsn: str, schema: str, lease_timeout: float = 30) -> PostgresStorage:
-    storage = PostgresStorage(dsn, schema=schema, lease_timeout=lease_timeout)
-    await storage.open(LEDGER)
-    return storage
-
-
 async def _count(dsn: str, schema: str) -> int:
     (count,) = (await _rows(dsn, schema, "SELECT count(*) FROM entries"))[0]
     assert isinstance(count, int)
     return count
-
-
-async def _stored(dsn: str, schema: str) -> list[tuple[object, ...]]:
-    return await _rows(dsn, schema, "SELECT seq, hash FROM entries ORDER BY seq")
 
 
 async def _exec(dsn: str, schema: str, *statements: str) -> None:

@@ -31,6 +31,18 @@ async def _expire(dsn: str, schema: str) -> None:
     await _rows(dsn, schema, "UPDATE lease SET expires_at = clock_timestamp() RETURNING 1")
 
 
+async def _take_over(dsn: str, schema: str) -> PostgresStorage:
+    """A new writer (lease 1 s), opened as soon as it can take the lease (within 15 s)."""
+    new = PostgresStorage(dsn, schema=schema, lease_timeout=1.0)
+    with trio.fail_after(15):
+        while True:
+            try:
+                await new.open(LEDGER)
+                return new
+            except Fenced:
+                await trio.sleep(0.2)
+
+
 async def test_a_second_writer_cannot_take_a_valid_lease(pg_dsn: str, pg_schema: str) -> None:
     first = PostgresStorage(pg_dsn, schema=pg_schema, lease_timeout=30)
     await first.open(LEDGER)
@@ -147,14 +159,7 @@ async def test_a_frozen_transaction_does_not_block_the_takeover(
     await trio.to_thread.run_sync(freeze, limiter=writer._limiter)
     if writer._renewer is not None:
         writer._renewer.cancel()  # the frozen process renews nothing
-    new = PostgresStorage(pg_dsn, schema=pg_schema, lease_timeout=1.0)
-    with trio.fail_after(15):
-        while True:
-            try:
-                await new.open(LEDGER)
-                break
-            except Fenced:
-                await trio.sleep(0.2)
+    new = await _take_over(pg_dsn, pg_schema)
     assert new.epoch == 2
     with pytest.raises(StorageError):  # its session was terminated, or fenced: never stored
         await writer.append(StorageBatch(entries=make_entries(LEDGER, 1, 1, (await new.head())[1])))
@@ -192,14 +197,7 @@ async def test_a_writer_frozen_inside_its_copy_does_not_block_the_takeover(
             held.extend([copy_cm, copy_cm.__enter__()])
 
         await trio.to_thread.run_sync(frozen_copy, limiter=writer._limiter)
-    new = PostgresStorage(pg_dsn, schema=pg_schema, lease_timeout=1.0)
-    with trio.fail_after(15):
-        while True:
-            try:
-                await new.open(LEDGER)
-                break
-            except Fenced:
-                await trio.sleep(0.2)
+    new = await _take_over(pg_dsn, pg_schema)
     assert new.epoch == 2
     head = await new.head()
     assert head[0] == 1  # nothing of the frozen batch
