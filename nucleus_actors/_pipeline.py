@@ -186,6 +186,12 @@ class Pipeline:
         self._idle.set()
         self._scope: trio.CancelScope | None = None
         self._store_lock = trio.Lock()  # group commits and cursor-only batches, one at a time
+        # The storage is the engine's for its whole life: ask the (slow, runtime-checkable)
+        # protocol once, not per batch.
+        storage = engine.storage
+        self._streams: AppendStreams | None = (
+            storage if isinstance(storage, AppendStreams) else None
+        )
 
     def submit(self, request: Request) -> None:
         if self._stopped:
@@ -381,7 +387,7 @@ class Pipeline:
                 failure.__cause__ = exc.__cause__
                 request.fail(failure)
             return
-        if await self._commit_streamed(live, ts):
+        if self._streams is not None and await self._commit_streamed(self._streams, live, ts):
             return
         encoded = await self._encode(live, ts, tree is not None, HASH_SLICE)
         if encoded.yielded and not all(request.live for request, _ in encoded.committing):
@@ -401,14 +407,13 @@ class Pipeline:
         tiles, grown = tree.grow(leaves) if tree is not None and leaves else ([], None)
         await self._store_commit(entries, committing, seq, head, ts, tiles, grown)
 
-    async def _commit_streamed(self, live: list[Request], ts: int) -> bool:
+    async def _commit_streamed(self, storage: AppendStreams, live: list[Request], ts: int) -> bool:
         """`_commit` through an `AppendStreams` backend: each slice of the batch is handed to
         storage as soon as it is hashed, so the database works while the rest is hashed.
         True when the batch was handled (stored or failed); False when it was not streamed
-        (a small batch, a backend without streams, a record over `max_record_bytes`, a caller
+        (a small or huge batch, a record over `max_record_bytes`, a caller
         withdrawn at a checkpoint): nothing was stored and `_commit` goes on as usual."""
-        storage = self._engine.storage
-        if not isinstance(storage, AppendStreams) or self._store_lock.locked():
+        if self._store_lock.locked():
             return False
         records = sum(len(request.records) for request in live)
         if not STREAM_MIN <= records <= STREAM_MAX:

@@ -308,23 +308,16 @@ class Record:
         return self.seq is not None and self.timestamp is not None
 
     def _commit(self, seq: int, timestamp: int) -> Record:
-        """The committed copy (internal: skips re-validation; fields were checked already)."""
-        new = object.__new__(Record)
-        set_ = object.__setattr__
-        set_(new, "kind", self.kind)
-        set_(new, "payload", self.payload)
-        set_(new, "meta", self.meta)
-        set_(new, "seq", seq)
-        set_(new, "timestamp", timestamp)
-        set_(new, "_body", self._body)
-        return new
+        """The committed copy (internal: skips re-validation; fields were checked already;
+        the append path builds many at once with `committed_entries`)."""
+        return Record._trusted(self.kind, self.payload, self.meta, seq, timestamp, self._body)
 
     @classmethod
     def _trusted(
         cls,
         kind: str,
         payload: Any,
-        meta: dict[str, str],
+        meta: Mapping[str, str],
         seq: int | None,
         timestamp: int | None,
         body: bytes,

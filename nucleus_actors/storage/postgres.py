@@ -173,7 +173,6 @@ class _Fence(Exception):
         self.holder = holder
 
 
-_NO_TAIL_CHECK: Final = object()
 _COPY: Final = "COPY entries (seq, canonical, hash) FROM STDIN (FORMAT BINARY)"
 
 
@@ -193,7 +192,13 @@ def _upsert_parts(
 
 
 class _Moved(Exception):
-    """The stored last entry is not the one this writer committed."""
+    """The stored last entry (`found`) is not the one this writer committed (`tail`)."""
+
+    def __init__(self, found: tuple[int, bytes] | None, tail: tuple[int, bytes] | None) -> None:
+        super().__init__(
+            f"the stored last entry is {found!r}, this writer committed {tail!r}: has another "
+            "writer written to the schema?"
+        )
 
 
 _COPY_HEADER: Final = b"PGCOPY\n\xff\r\n\x00" + bytes(8)  # signature, flags, no extension
@@ -264,9 +269,9 @@ class _Stream:
         try:
             opening = self._storage._opening(self._epoch, self._conn.info.encoding)
             self._pgconn.send_query(opening)
-            self._pump()
         except Exception as exc:
             self._error = exc
+        self._advance()
 
     def feed(self, entries: Sequence[Entry]) -> None:
         """Hand the next entries of the batch, in order (sent at once when the COPY runs)."""
@@ -276,10 +281,15 @@ class _Stream:
             return
         self._fed.extend(entries)
         self._pending += _copy_rows(entries)
+        self._advance()
+
+    def _advance(self) -> None:
+        """`_pump` unless something failed already; a failure is kept for `commit` to raise
+        (the block's end rolls back)."""
         if self._error is None:
             try:
                 self._pump()
-            except Exception as exc:  # commit raises it; the block's end rolls back
+            except Exception as exc:
                 self._error = exc
 
     def _pump(self) -> bool:
@@ -329,10 +339,7 @@ class _Stream:
                 found = (int(seq), bytes.fromhex(bytes(hash_text).decode("ascii")))
             tail = self._storage._tail(self._expected)
             if found != tail:
-                raise _Moved(
-                    f"the stored last entry is {found!r}, this writer committed {tail!r}: has "
-                    "another writer written to the schema?"
-                )
+                raise _Moved(found, tail)
 
     async def commit(self, batch: StorageBatch) -> None:
         """Commit `batch`, whose entries are exactly those fed, in order (else nothing is
@@ -1255,8 +1262,15 @@ class PostgresStorage:
         tx.__enter__()
         try:
             cur = conn.cursor()
-            self._fence_sync(cur, epoch, tail if rows else _NO_TAIL_CHECK)
+            cur.execute(_FENCE, (self.lease_timeout, self._ledger_id, epoch, self.holder))
+            if cur.fetchone() is None:
+                raise _Fence(*_current(conn, self._ledger_id))
             if rows:
+                cur.execute(_LAST)
+                found = cur.fetchone()
+                found_tail = None if found is None else (int(found[0]), bytes(found[1]))
+                if found_tail != tail:
+                    raise _Moved(found_tail, tail)
                 with cur.copy(_COPY) as copy:
                     copy.set_types(["int8", "bytea", "bytea"])
                     for row in rows:
@@ -1268,24 +1282,6 @@ class PostgresStorage:
             raise
         state["committing"] = True
         tx.__exit__(None, None, None)  # COMMIT
-
-    def _fence_sync(self, cur: Any, epoch: int, tail: object) -> None:
-        """In the write transaction: the fence (renews the lease and locks its row, or
-        `_Fence`), then, unless `tail` is `_NO_TAIL_CHECK`, the check that the stored last
-        entry is the one this writer committed (or `_Moved`)."""
-        cur.execute(_FENCE, (self.lease_timeout, self._ledger_id, epoch, self.holder))
-        if cur.fetchone() is None:
-            raise _Fence(*_current(cur.connection, self._ledger_id))
-        if tail is _NO_TAIL_CHECK:
-            return
-        cur.execute(_LAST)
-        found = cur.fetchone()
-        found_tail = None if found is None else (int(found[0]), bytes(found[1]))
-        if found_tail != tail:
-            raise _Moved(
-                f"the stored last entry is {found_tail!r}, this writer committed "
-                f"{tail!r}: has another writer written to the schema?"
-            )
 
     def _stream_commit(
         self,
